@@ -1,0 +1,51 @@
+// Host-side helpers shared by the CPU and CUDA bindings of the LoR2C residual op.
+#pragma once
+#include <ATen/ATen.h>
+#include <cmath>
+#include <limits>
+
+#include "philox.h"
+
+namespace lor2c {
+
+// Decodes the op's seed tensor (int64[2] = seed, offset) and p into kernel parameters.
+// Reading the seed needs it on the CPU; the CUDA binding passes the pointer to the kernel instead.
+inline DropoutParams dropout_params(double p, int64_t seed, int64_t offset) {
+  DropoutParams dp{};
+  dp.enabled = p > 0.0;
+  const auto s = static_cast<uint64_t>(seed);
+  const auto o = static_cast<uint64_t>(offset);
+  dp.key0 = static_cast<uint32_t>(s);
+  dp.key1 = static_cast<uint32_t>(s >> 32);
+  dp.off0 = static_cast<uint32_t>(o);
+  dp.off1 = static_cast<uint32_t>(o >> 32);
+  const double thr = std::floor(p * 4294967296.0);
+  dp.threshold = thr >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(thr);
+  dp.inv_keep = dp.enabled ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
+  return dp;
+}
+
+inline void check_rows(const at::Tensor& t, const char* name, int64_t n, int64_t d) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == d, name, ": expected shape (", n,
+              ", ", d, "), got ", t.sizes());
+  TORCH_CHECK(d <= 1 || t.stride(1) == 1, name, ": expected unit stride along the last dimension");
+}
+
+inline void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& seed, double p) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D (n, d_in) tensor, got ", x.sizes());
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == x.size(1), "A: expected shape (r, ", x.size(1),
+              "), got ", A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == A.size(0), "B: expected shape (d_out, ", A.size(0),
+              "), got ", B.sizes());
+  TORCH_CHECK(A.scalar_type() == B.scalar_type(), "A and B: expected one dtype, got ",
+              A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK(A.scalar_type() == x.scalar_type() || A.scalar_type() == at::kFloat,
+              "A: expected dtype ", x.scalar_type(), " (as x) or float32, got ", A.scalar_type());
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2,
+              "seed: expected an int64 tensor of 2 elements (seed, offset)");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected 0 <= p < 1, got ", p);
+  TORCH_CHECK(x.size(0) < (int64_t{1} << 32), "x: more than 2^32 rows is not supported");
+}
+
+}  // namespace lor2c
