@@ -1,0 +1,15 @@
+"""lor2c_ops: fused kernels for low-rank residual adapters (LoR2C and its variants, DCFT).
+
+    import lor2c_ops as lo
+    y = lo.lor2c_residual(x, layer_out, A, B, scale=2.0, dropout_p=0.1)
+    adapter = lo.FusedLoR2C(768, r=8, alpha=16)
+
+`python -m lor2c_ops.info` lists the backends available here and why the others are not.
+"""
+from ._version import __version__
+from . import _ext  # noqa: F401  (loads the compiled kernels when they were built)
+from .backends import available as available_backends
+from .modules import FusedLoR2C
+from .ops.lor2c import lor2c_residual
+
+__all__ = ["__version__", "available_backends", "FusedLoR2C", "lor2c_residual"]

@@ -1,0 +1,405 @@
+"""The LoR2C residual op on every backend: values and gradients against the fp64 oracle,
+dropout, registration (opcheck, torch.compile), memory saved for backward, and bad input."""
+import math
+
+import pytest
+import torch
+
+import lor2c_ops as lo
+from lor2c_ops.ops import lor2c as op
+from lor2c_ops.ref.philox import dropout_mask
+
+from conftest import skip_unless_runnable
+from oracle import assert_within_twice_torch, expected, seed_for
+
+# (leading dims, d_in, d_out, r): d not a multiple of any block size, r = 1 and 7, 3-D input,
+# d_in != d_out both ways, and the ranks the issue names (8, 16, 64).
+SHAPES = [
+    ((37,), 100, 77, 7),
+    ((2, 3, 5), 64, 64, 1),
+    ((17,), 33, 129, 8),
+    ((40,), 96, 48, 16),
+    ((5,), 40, 70, 64),
+]
+# (activation dtype, weight dtype): plain, and fp32 weights with half activations.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+
+
+def make(lead, d_in, d_out, r, dtype, wdtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=gen).to(device, dtype)
+    layer_out = torch.randn(*lead, d_out, generator=gen).to(device, dtype)
+    A = (torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)).to(device, wdtype)
+    B = torch.randn(d_out, r, generator=gen).to(device, wdtype)
+    g = torch.randn(*lead, d_out, generator=gen).to(device, dtype)
+    return x, layer_out, A, B, g
+
+
+def run(backend, x, layer_out, A, B, g, scale, p, generator_seed):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
+    out = lo.lor2c_residual(*leaves, scale=scale, dropout_p=p,
+                            generator=torch.Generator().manual_seed(generator_seed),
+                            backend=backend)
+    out.backward(g)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+def test_matches_fp64_oracle(backend, shape, dtypes, p):
+    device = skip_unless_runnable(backend)
+    lead, d_in, d_out, r = shape
+    x, layer_out, A, B, g = make(lead, d_in, d_out, r, *dtypes, device)
+    out, grads = run(backend, x, layer_out, A, B, g, 0.75, p, generator_seed=123)
+    (o64, g64), (o_plain, g_plain) = expected(x, layer_out, A, B, 0.75, p, 123, g)
+    assert out.dtype == x.dtype and out.shape == layer_out.shape
+    assert_within_twice_torch("out", out, o64, o_plain)
+    for name, got, want, plain in zip(("dx", "dlayer_out", "dA", "dB"), grads, g64, g_plain):
+        assert_within_twice_torch(name, got, want, plain)
+    assert grads[0].dtype == x.dtype and grads[1].dtype == x.dtype
+    assert grads[2].dtype == dtypes[1] and grads[3].dtype == dtypes[1], "weight grads keep the weights' dtype"
+    assert torch.equal(grads[1], g), "d layer_out is the output gradient itself"
+
+
+def test_noncontiguous_inputs(backend):
+    device = skip_unless_runnable(backend)
+    x_full, lo_full, A, B, g = make((24,), 150, 90, 7, torch.float32, torch.float32, device)
+    x = x_full[:, 10:110]                      # row stride 150, a view
+    xt = torch.randn(100, 24, device=device).t()  # column stride 24: must be handled too
+    layer_out = lo_full[::2].repeat(2, 1)      # ordinary
+    A = A[:, :100].t().contiguous().t()        # a transposed (column-major) weight
+    for xin in (x, xt):
+        out, grads = run(backend, xin, layer_out, A, B, g, 1.5, 0.1, generator_seed=7)
+        (o64, g64), (o_plain, g_plain) = expected(xin, layer_out, A, B, 1.5, 0.1, 7, g)
+        assert_within_twice_torch("out", out, o64, o_plain)
+        for name, got, want, plain in zip(("dx", "dlayer_out", "dA", "dB"), grads, g64, g_plain):
+            assert_within_twice_torch(name, got, want, plain)
+
+
+def test_empty_batch(backend):
+    device = skip_unless_runnable(backend)
+    x, layer_out, A, B, g = make((0,), 20, 30, 4, torch.float32, torch.float32, device)
+    out, grads = run(backend, x, layer_out, A, B, g, 1.0, 0.5, generator_seed=1)
+    assert out.shape == (0, 30)
+    assert torch.count_nonzero(grads[2]) == 0 and torch.count_nonzero(grads[3]) == 0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_fp64(p):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    layer_out = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    A = torch.randn(3, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def f(x, layer_out, A, B):  # a fixed generator seed: the same mask at every evaluation
+        return lo.lor2c_residual(x, layer_out, A, B, scale=0.5, dropout_p=p,
+                                 generator=torch.Generator().manual_seed(3), backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, layer_out, A, B))
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+def _dropped(backend, device, p, generator_seed, n=64, d=96):
+    """The forward's mask and the backward's mask of one call, read through identity weights."""
+    x = torch.ones(n, d, device=device, requires_grad=True)
+    eye = torch.eye(d, device=device)
+    layer_out = torch.zeros(n, d, device=device)
+    out = lo.lor2c_residual(x, layer_out, eye, eye, dropout_p=p, backend=backend,
+                            generator=torch.Generator().manual_seed(generator_seed))
+    out.backward(torch.ones_like(out))
+    return out.detach() == 0, x.grad == 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_rate(backend, p):
+    device = skip_unless_runnable(backend)
+    x = torch.ones(4096, 64, device=device)
+    eye = torch.eye(64, device=device)
+    out = lo.lor2c_residual(x, torch.zeros_like(x), eye, eye, dropout_p=p, backend=backend)
+    rate = (out == 0).float().mean().item()
+    assert abs(rate - p) <= 0.02 * p, f"drop rate {rate:.4f} not within 2% of p = {p}"
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p))), "kept values scale by 1/(1-p)"
+
+
+def test_forward_and_backward_masks_agree(backend):
+    device = skip_unless_runnable(backend)
+    fwd, bwd = _dropped(backend, device, 0.3, generator_seed=11)
+    assert 0 < fwd.sum() < fwd.numel()
+    assert torch.equal(fwd, bwd)
+
+
+def test_same_seed_same_mask_other_seed_other_mask(backend):
+    device = skip_unless_runnable(backend)
+    a, _ = _dropped(backend, device, 0.3, generator_seed=5)
+    b, _ = _dropped(backend, device, 0.3, generator_seed=5)
+    c, _ = _dropped(backend, device, 0.3, generator_seed=6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_default_generator_follows_manual_seed(backend):
+    device = skip_unless_runnable(backend)
+    x = torch.ones(32, 64, device=device)
+    eye = torch.eye(64, device=device)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        masks.append(lo.lor2c_residual(x, torch.zeros_like(x), eye, eye, dropout_p=0.4,
+                                       backend=backend) == 0)
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_masks_equal_across_backends():
+    from lor2c_ops import backends
+    masks = {}
+    for name in backends.NAMES:
+        device = torch.device("cpu") if name != "cuda" else torch.device("cuda")
+        if backends.BACKENDS[name].refuses(device, torch.float32) is not None:
+            continue
+        masks[name] = _dropped(name, device, 0.3, generator_seed=99)[0].cpu()
+    assert {"reference", "cpu", "triton"} <= set(masks), f"compared only {sorted(masks)}"
+    expect = dropout_mask(seed_for(99, "cpu"), 64, 96, 0.3) == 0
+    for name, mask in masks.items():
+        assert torch.equal(mask, expect), f"{name} mask differs from the Philox reference"
+
+
+def test_eval_mode_and_p_zero_need_no_mask(backend):
+    device = skip_unless_runnable(backend)
+    x, layer_out, A, B, _ = make((9,), 20, 20, 2, torch.float32, torch.float32, device)
+    off = lo.lor2c_residual(x, layer_out, A, B, dropout_p=0.9, training=False, backend=backend)
+    zero = lo.lor2c_residual(x, layer_out, A, B, dropout_p=0.0, backend=backend)
+    assert torch.equal(off, zero)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+def test_saved_for_backward_is_x_and_t_only(backend):
+    device = skip_unless_runnable(backend)
+    n, d, r = 256, 96, 8
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    layer_out = torch.randn(n, d, device=device, requires_grad=True)
+    adapter = lo.FusedLoR2C(d, r=r, dropout=0.2, device=device, backend=backend)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = adapter(x, layer_out)
+    params = {adapter.lora_A.data_ptr(), adapter.lora_B.data_ptr()}
+    activation_bytes = 0
+    for t in saved:
+        if t.data_ptr() in params:
+            continue
+        if t.data_ptr() == x.data_ptr():
+            assert t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            continue  # x itself, by reference
+        activation_bytes += t.numel() * t.element_size()
+    seed_bytes = 16
+    assert activation_bytes <= n * r * 4 + seed_bytes, f"saved {activation_bytes} bytes besides x"
+    assert not any(t.data_ptr() == layer_out.data_ptr() for t in saved), "layer_out is not saved"
+    out.sum().backward()
+
+
+# --- registration ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(backend, p):
+    device = skip_unless_runnable(backend)
+    x, layer_out, A, B, g = make((13,), 24, 40, 3, torch.float32, torch.float32, device)
+    seed = seed_for(4, device)
+    for t in (x, layer_out, A, B):
+        t.requires_grad_()
+    torch.library.opcheck(op.lor2c_fwd, (x, layer_out, A, B, 0.5, p, seed, backend))
+    _, t = op.lor2c_fwd(x.detach(), layer_out.detach(), A.detach(), B.detach(), 0.5, p, seed,
+                        backend)
+    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), 0.5, p, seed,
+                                         backend, True, True, True))
+    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), 0.5, p, seed,
+                                         backend, False, True, False))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d, backend):
+        super().__init__()
+        self.linear = torch.nn.Linear(d, d)
+        self.adapter = lo.FusedLoR2C(d, r=4, backend=backend)
+        torch.nn.init.normal_(self.adapter.lora_B)
+
+    def forward(self, h):
+        return self.adapter(h, torch.tanh(self.linear(h)))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compiler):
+    device = skip_unless_runnable(backend)
+    if compiler == "inductor" and backend not in ("cpu", "cuda"):
+        pytest.skip("inductor codegen is exercised once per compiled backend; tracing is the same")
+    torch.manual_seed(0)
+    model = _Block(24, backend).to(device)
+    h = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)
+    y_c = compiled(h)
+    y_c.square().sum().backward()
+    grads_c = [p.grad.clone() for p in model.parameters()] + [h.grad.clone()]
+    model.zero_grad()
+    h.grad = None
+    y = model(h)
+    y.square().sum().backward()
+    grads = [p.grad for p in model.parameters()] + [h.grad]
+    torch.testing.assert_close(y_c, y)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_with_dropout_traces_without_graph_break(backend):
+    device = skip_unless_runnable(backend)
+    model = lo.FusedLoR2C(16, r=2, dropout=0.5, backend=backend).to(device)
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x, torch.zeros_like(x))
+    out.sum().backward()
+    assert x.grad is not None and out.shape == x.shape
+
+
+# --- autocast and mixed precision --------------------------------------------------------------
+
+def test_autocast_matches_expression(backend):
+    device = skip_unless_runnable(backend)
+    x, layer_out, A, B, g = make((30,), 48, 40, 4, torch.float32, torch.float32, device)
+    cases = [(x, layer_out), (x.to(torch.bfloat16), layer_out),
+             (x, layer_out.to(torch.bfloat16)), (x.to(torch.bfloat16), layer_out.to(torch.bfloat16))]
+    for xi, li in cases:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            want = li + 0.5 * (xi @ A.T @ B.T)
+            got = lo.lor2c_residual(xi, li, A, B, scale=0.5, backend=backend)
+        assert got.dtype == want.dtype, (xi.dtype, li.dtype)
+        exact = (li.double() + 0.5 * (xi.double() @ A.double().T @ B.double().T))
+        assert (got.double() - exact).abs().max() <= 2 * (want.double() - exact).abs().max() + 1e-6
+
+
+def test_mixed_precision_weight_grads_in_weight_dtype(backend):
+    device = skip_unless_runnable(backend)
+    adapter = lo.FusedLoR2C(32, 48, r=4, backend=backend).to(device)
+    torch.nn.init.normal_(adapter.lora_B)
+    x = torch.randn(10, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = adapter(x, torch.zeros(10, 48, device=device, dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert adapter.lora_A.grad.dtype == torch.float32 and adapter.lora_B.grad.dtype == torch.float32
+
+
+# --- the module --------------------------------------------------------------------------------
+
+def test_fresh_module_is_identity_and_reset():
+    adapter = lo.FusedLoR2C(20, 30, r=5, alpha=10)
+    assert adapter.lora_A.shape == (5, 20) and adapter.lora_B.shape == (30, 5)
+    assert adapter.scaling == 2.0
+    x, layer_out = torch.randn(4, 20), torch.randn(4, 30)
+    assert torch.equal(adapter(x, layer_out), layer_out)
+    bound = 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) on fan_in 20
+    assert adapter.lora_A.abs().max() <= bound and adapter.lora_A.std() > 0.3 * bound
+    torch.nn.init.ones_(adapter.lora_B)
+    adapter.reset_parameters()
+    assert torch.count_nonzero(adapter.lora_B) == 0
+    text = repr(adapter)
+    assert "in_features=20" in text and "out_features=30" in text and "r=5" in text
+    assert lo.FusedLoR2C(8).lora_B.shape == (8, 8)
+    half = lo.FusedLoR2C(8, dtype=torch.float16)
+    assert half.lora_A.dtype == torch.float16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"in_features": 0}, "in_features"), ({"in_features": 4, "r": 0}, "r"),
+    ({"in_features": 4, "dropout": 1.0}, "dropout"), ({"in_features": 4, "out_features": -1}, "out_features"),
+])
+def test_module_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lo.FusedLoR2C(**kwargs)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Fails the test if any kernel is reached: errors must come before any kernel runs."""
+    def forbidden(backend):
+        raise AssertionError("a kernel ran before the bad input was rejected")
+    monkeypatch.setattr(op, "_kernels", forbidden)
+
+
+def _good():
+    return torch.randn(6, 10), torch.randn(6, 12), torch.randn(3, 10), torch.randn(12, 3)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: {"x": torch.randn(6, 11)}, ValueError, r"x: expected last dimension 10"),
+    (lambda a: {"A": torch.randn(3, 10, 1)}, ValueError, r"A: expected a 2-D tensor"),
+    (lambda a: {"B": torch.randn(12, 4)}, ValueError, r"B: expected shape \(d_out, 3\)"),
+    (lambda a: {"layer_out": torch.randn(5, 12)}, ValueError, r"layer_out: expected shape \(6, 12\)"),
+    (lambda a: {"layer_out": torch.randn(6, 13)}, ValueError, r"layer_out: expected shape \(6, 12\)"),
+    (lambda a: {"layer_out": torch.randn(1, 12)}, ValueError, r"layer_out: expected shape"),
+    (lambda a: {"layer_out": torch.randn(6, 12, dtype=torch.float64)}, ValueError, r"layer_out: expected dtype float32"),
+    (lambda a: {"A": torch.randn(3, 10, dtype=torch.float16), "B": torch.randn(12, 3, dtype=torch.float16)}, ValueError, r"A: expected dtype float32"),
+    (lambda a: {"B": torch.randn(12, 3, dtype=torch.float64)}, ValueError, r"B: expected dtype float32"),
+    (lambda a: {"x": torch.randint(0, 3, (6, 10))}, ValueError, r"x: expected a floating-point"),
+    (lambda a: {"x": [[1.0]]}, TypeError, r"x: expected a torch.Tensor"),
+    (lambda a: {"A": torch.randn(0, 10), "B": torch.randn(12, 0)}, ValueError, r"A: expected rank r >= 1"),
+    (lambda a: {"dropout_p": 1.0}, ValueError, r"dropout_p: expected a probability in \[0, 1\)"),
+    (lambda a: {"dropout_p": -0.1}, ValueError, r"dropout_p"),
+    (lambda a: {"dropout_p": "x"}, TypeError, r"dropout_p"),
+    (lambda a: {"scale": float("nan")}, ValueError, r"scale: expected a finite number"),
+    (lambda a: {"backend": "fastest"}, ValueError, r"backend: expected one of reference, cpu, triton, cuda"),
+    (lambda a: {"backend": "cuda"}, RuntimeError, r"backend='cuda' cannot run here: "),
+    (lambda a: {"generator": 5}, TypeError, r"generator: expected a torch.Generator"),
+    (lambda a: {"A": torch.randn(3, 10, device="meta")}, ValueError, r"A: expected a tensor on cpu"),
+])
+def test_bad_input_raises_before_any_kernel(no_kernel, mutate, error, match):
+    x, layer_out, A, B = _good()
+    args = {"x": x, "layer_out": layer_out, "A": A, "B": B, "dropout_p": 0.1}
+    args.update(mutate(args))
+    with pytest.raises(error, match=match):
+        lo.lor2c_residual(**args)
+
+
+def test_triton_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    import lor2c_ops.triton
+    monkeypatch.setattr(lor2c_ops.triton, "INTERPRET", False)
+    x, layer_out, A, B = _good()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lo.lor2c_residual(x, layer_out, A, B, backend="triton")
+
+
+def test_default_backend_on_cpu_is_the_compiled_one():
+    from lor2c_ops import backends
+    assert backends.select(None, torch.device("cpu"), torch.float32) == "cpu"
+    assert backends.select(None, torch.device("cpu"), torch.float64) == "reference"
+
+
+# --- 64-bit offsets ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    """Row offsets past 2^31 elements: the output and layer_out rows past the boundary."""
+    n, d_in, d_out, r = (2**31) // 16 + 3, 4, 16, 1
+    x = torch.ones(1, d_in, dtype=torch.bfloat16).expand(n, d_in)     # stride-0 rows: no memory
+    layer_out = torch.arange(16, dtype=torch.bfloat16).expand(n, d_out)
+    A = torch.ones(r, d_in)
+    B = torch.ones(d_out, r)
+    out = lo.lor2c_residual(x, layer_out, A, B, scale=0.5, backend="cpu")
+    assert out.numel() > 2**31
+    tail = out[-3:].float()
+    assert torch.equal(tail, (torch.arange(16.0) + 2.0).expand(3, 16))
+    assert torch.equal(out[:2].float(), (torch.arange(16.0) + 2.0).expand(2, 16))
