@@ -17,6 +17,7 @@
 
 #include "../lor2c_common.h"
 #include "dropout.h"
+#include "memory.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LOR2C_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -27,7 +28,7 @@
 namespace lor2c {
 namespace {
 
-constexpr int kRows = 4;     // rows per block: each weight element loaded is used kRows times
+constexpr int kRows = 8;     // rows per block: each weight element loaded is used kRows times
 constexpr int kLanes = 16;   // floats per vector: one AVX-512 register, two AVX2 ones
 
 // GCC/Clang vector extensions: each target clone lowers them to its own instruction set.
@@ -52,62 +53,20 @@ LOR2C_INLINE float hsum(vfloat v) {
 // out[b * r + k] = dot(M[k, :], rows[b]) for the kRows rows.
 LOR2C_CLONES void dot_rows(const float* __restrict M, int64_t r, int64_t d,
                            const float* const* rows, float* __restrict out) {
-  const float* __restrict x0 = rows[0];
-  const float* __restrict x1 = rows[1];
-  const float* __restrict x2 = rows[2];
-  const float* __restrict x3 = rows[3];
   const int64_t dv = d / kLanes * kLanes;
-  int64_t k = 0;
-  for (; k + 2 <= r; k += 2) {  // two weight rows at a time: 8 FMAs per 6 loads
+  for (int64_t k = 0; k < r; ++k) {
     const float* __restrict m = M + k * d;
-    const float* __restrict n = m + d;
-    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
-    for (int64_t j = 0; j < dv; j += kLanes) {
-      const vfloat w = load(m + j), v = load(n + j);
-      const vfloat y0 = load(x0 + j), y1 = load(x1 + j), y2 = load(x2 + j), y3 = load(x3 + j);
-      a0 += w * y0;
-      a1 += w * y1;
-      a2 += w * y2;
-      a3 += w * y3;
-      b0 += v * y0;
-      b1 += v * y1;
-      b2 += v * y2;
-      b3 += v * y3;
-    }
-    float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(b0), hsum(b1), hsum(b2), hsum(b3)};
-    for (int64_t j = dv; j < d; ++j) {
-      s[0] += m[j] * x0[j];
-      s[1] += m[j] * x1[j];
-      s[2] += m[j] * x2[j];
-      s[3] += m[j] * x3[j];
-      s[4] += n[j] * x0[j];
-      s[5] += n[j] * x1[j];
-      s[6] += n[j] * x2[j];
-      s[7] += n[j] * x3[j];
-    }
-    for (int b = 0; b < kRows; ++b) {
-      out[b * r + k] = s[b];
-      out[b * r + k + 1] = s[4 + b];
-    }
-  }
-  for (; k < r; ++k) {
-    const float* __restrict m = M + k * d;
-    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    vfloat acc[kRows] = {};
     for (int64_t j = 0; j < dv; j += kLanes) {
       const vfloat w = load(m + j);
-      a0 += w * load(x0 + j);
-      a1 += w * load(x1 + j);
-      a2 += w * load(x2 + j);
-      a3 += w * load(x3 + j);
+#pragma GCC unroll 8
+      for (int b = 0; b < kRows; ++b) acc[b] += w * load(rows[b] + j);
     }
-    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (int64_t j = dv; j < d; ++j) {
-      s[0] += m[j] * x0[j];
-      s[1] += m[j] * x1[j];
-      s[2] += m[j] * x2[j];
-      s[3] += m[j] * x3[j];
+    for (int b = 0; b < kRows; ++b) {
+      float s = hsum(acc[b]);
+      for (int64_t j = dv; j < d; ++j) s += m[j] * rows[b][j];
+      out[b * r + k] = s;
     }
-    for (int b = 0; b < kRows; ++b) out[b * r + k] = s[b];
   }
 }
 
@@ -117,24 +76,18 @@ LOR2C_CLONES void combine_rows(const float* __restrict M, int64_t r, int64_t d,
                                float* const* out) {
   const int64_t dv = d / kLanes * kLanes;
   for (int64_t j = 0; j < dv; j += kLanes) {
-    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    vfloat acc[kRows] = {};
     if (base) {
-      a0 = load(base[0] + j);
-      a1 = load(base[1] + j);
-      a2 = load(base[2] + j);
-      a3 = load(base[3] + j);
+#pragma GCC unroll 8
+      for (int b = 0; b < kRows; ++b) acc[b] = load(base[b] + j);
     }
     for (int64_t k = 0; k < r; ++k) {
       const vfloat m = load(M + k * d + j);
-      a0 += coef[k] * m;
-      a1 += coef[r + k] * m;
-      a2 += coef[2 * r + k] * m;
-      a3 += coef[3 * r + k] * m;
+#pragma GCC unroll 8
+      for (int b = 0; b < kRows; ++b) acc[b] += coef[b * r + k] * m;
     }
-    store(out[0] + j, a0);
-    store(out[1] + j, a1);
-    store(out[2] + j, a2);
-    store(out[3] + j, a3);
+#pragma GCC unroll 8
+    for (int b = 0; b < kRows; ++b) store(out[b] + j, acc[b]);
   }
   for (int64_t j = dv; j < d; ++j) {
     for (int b = 0; b < kRows; ++b) {
@@ -148,19 +101,22 @@ LOR2C_CLONES void combine_rows(const float* __restrict M, int64_t r, int64_t d,
 // P[k, j] += sum_b coef[b * r + k] * rows[b][j]: a rank-kRows update of the r x d partial sum.
 LOR2C_CLONES void accumulate_outer(float* __restrict P, int64_t r, int64_t d,
                                    const float* __restrict coef, const float* const* rows) {
-  const float* __restrict x0 = rows[0];
-  const float* __restrict x1 = rows[1];
-  const float* __restrict x2 = rows[2];
-  const float* __restrict x3 = rows[3];
   const int64_t dv = d / kLanes * kLanes;
   for (int64_t k = 0; k < r; ++k) {
     float* __restrict p = P + k * d;
-    const float c0 = coef[k], c1 = coef[r + k], c2 = coef[2 * r + k], c3 = coef[3 * r + k];
+    float c[kRows];
+    for (int b = 0; b < kRows; ++b) c[b] = coef[b * r + k];
     for (int64_t j = 0; j < dv; j += kLanes) {
-      store(p + j, load(p + j) + c0 * load(x0 + j) + c1 * load(x1 + j) + c2 * load(x2 + j) +
-                       c3 * load(x3 + j));
+      vfloat acc = load(p + j);
+#pragma GCC unroll 8
+      for (int b = 0; b < kRows; ++b) acc += c[b] * load(rows[b] + j);
+      store(p + j, acc);
     }
-    for (int64_t j = dv; j < d; ++j) p[j] += c0 * x0[j] + c1 * x1[j] + c2 * x2[j] + c3 * x3[j];
+    for (int64_t j = dv; j < d; ++j) {
+      float acc = p[j];
+      for (int b = 0; b < kRows; ++b) acc += c[b] * rows[b][j];
+      p[j] = acc;
+    }
   }
 }
 
@@ -226,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A.size(0);
   const at::Tensor Af = A.to(at::kFloat).contiguous();
   const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
-  at::Tensor out = at::empty({n, d_out}, layer_out.options());
+  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
   at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
   const T* xp = x.data_ptr<T>();
   const T* lop = layer_out.data_ptr<T>();
@@ -277,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1), r = A.size(0);
   const at::Tensor Af = A.to(at::kFloat).contiguous();
   const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
-  at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
   const T* gp = grad.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;

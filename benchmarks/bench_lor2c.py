@@ -1,0 +1,186 @@
+"""Benchmark of the fused LoR2C residual op against the reference expression.
+
+    python benchmarks/bench_lor2c.py                 # CPU: n=8192, d=1024, r=8, fp32
+    python benchmarks/bench_lor2c.py --device cuda   # GPU: n=16384, d=4096, r=16, bf16
+
+Providers: `eager` (the published code's expression, `layer_out + (dropout(x) @ A.T @ B.T) * s`),
+`compiled` (the same under torch.compile), and each fused backend that runs on the device.
+For forward, backward and both: median time, spread, speedups against eager and compiled
+measured in the same run, achieved bandwidth and the fraction of the memory-bound limit
+(DESIGN.md 2.1: 3 n*d elements moved each way, timed as out-of-place adds in the same run),
+and the bytes each provider keeps for backward.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import lor2c_ops as lo  # noqa: E402
+from lor2c_ops import backends  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def reference_expression(x, layer_out, A, B, scale, p):
+    return layer_out + (F.dropout(x, p, training=True) @ A.T @ B.T) * scale
+
+
+def providers(device: torch.device, dtype: torch.dtype, include_reference: bool):
+    """name -> f(x, layer_out, A, B, scale, p)."""
+    result = {"eager": reference_expression,
+              "compiled": torch.compile(reference_expression, dynamic=False)}
+    for name in backends.NAMES:
+        if name == "reference" and not include_reference:
+            continue
+        if name == "triton" and device.type == "cpu":
+            continue  # the interpreter is for testing, not timing
+        if backends.BACKENDS[name].refuses(device, dtype) is None:
+            result[name] = (lambda b: lambda x, lo_, A, B, s, p: lo.lor2c_residual(
+                x, lo_, A, B, scale=s, dropout_p=p, backend=b))(name)
+    return result
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    n, d, r = args.n, args.d, args.r
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    layer_out = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    A = (torch.randn(r, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_()
+    B = (torch.randn(d, r, generator=gen) * 0.01).to(device, dtype).requires_grad_()
+    g = torch.randn(n, d, generator=gen).to(device, dtype)
+    inputs = [x, layer_out, A, B]
+    scale = 2.0
+
+    limits = common.memory_bound_ms(n * d, dtype, device, 3 * n * d, repeat=args.repeat)
+    bandwidth = limits["bandwidth"]
+    rows = []
+    for p in args.p:
+        fns = providers(device, dtype, args.include_reference)
+        results = {}
+        for name, f in fns.items():
+            def forward(f=f):
+                return f(x, layer_out, A, B, scale, p)
+
+            def both(forward=forward):
+                return torch.autograd.grad(forward(), inputs, g)
+
+            state = {}
+
+            def setup(forward=forward):
+                state["out"] = forward()
+
+            def backward():
+                return torch.autograd.grad(state["out"], inputs, g)
+
+            both()  # compile / warm up before timing
+            entry = {}
+            for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
+                                  ("fwd+bwd", both, None)):
+                entry[mode] = common.bench(fn, device, repeat=args.repeat, setup=pre)
+            state.clear()
+            entry["saved"] = common.saved_bytes(forward, exclude=tuple(inputs))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                both()
+                entry["peak"] = torch.cuda.max_memory_allocated(device) - base
+            results[name] = entry
+            print(f"  p={p} {name:<9} fwd+bwd {entry['fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
+
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            factor = 2 if mode == "fwd+bwd" else 1  # 3 n*d elements each way
+            limit = limits["out_of_place_ms"] * factor
+            pure = limits["bandwidth_ms"] * factor
+            for name, entry in results.items():
+                ms, spread = entry[mode]
+                rows.append({
+                    "p": p, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
+                    "vs_eager": results["eager"][mode][0] / ms,
+                    "vs_compiled": results["compiled"][mode][0] / ms,
+                    "gbps": (pure / 1e3 * bandwidth) / (ms / 1e3) / 1e9,
+                    "of_limit": limit / ms,
+                    "of_bandwidth": pure / ms,
+                    "saved_mb": entry["saved"] / 2**20,
+                    "peak_mb": entry.get("peak", 0) / 2**20 if "peak" in entry else None,
+                    "limit_ms": limit,
+                })
+    return rows, bandwidth
+
+
+def check_targets(rows, device_type) -> list[str]:
+    lines = []
+    fused = [r for r in rows if r["mode"] == "fwd+bwd" and r["provider"] not in ("eager", "compiled", "reference")]
+    for r in fused:
+        if device_type == "cpu":
+            goals = [("2x faster than eager", r["vs_eager"] >= 2.0),
+                     ("1.2x faster than compiled", r["vs_compiled"] >= 1.2),
+                     ("within 2x of the memory-bound limit", r["of_limit"] >= 0.5)]
+        else:
+            goals = [("80% of the memory-bound limit", r["of_limit"] >= 0.8),
+                     ("faster than compiled", r["vs_compiled"] > 1.0)]
+        for goal, ok in goals:
+            lines.append(f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
+                         f"(x{r['vs_eager']:.2f} eager, x{r['vs_compiled']:.2f} compiled, "
+                         f"{100 * r['of_limit']:.0f}% of limit)")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--d", type=int)
+    parser.add_argument("--r", type=int)
+    parser.add_argument("--dtype", choices=DTYPES)
+    parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--include-reference", action="store_true",
+                        help="also time the pure-PyTorch fallback backend")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    defaults = (16384, 4096, 16, "bf16") if gpu else (8192, 1024, 8, "fp32")
+    if args.quick:
+        defaults = (512, 256, 8, defaults[3])
+        args.repeat = min(args.repeat, 5)
+    for key, value in zip(("n", "d", "r", "dtype"), defaults):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    device = torch.device(args.device)
+    rows, bandwidth = run(args)
+    meta = {"bench": "lor2c", "device": common.device_name(device), "device_type": device.type,
+            "commit": common.commit(), **common.versions(), "n": args.n, "d": args.d,
+            "r": args.r, "dtype": args.dtype, "add_bandwidth_gbps": bandwidth / 1e9}
+    table = common.format_table(rows, [
+        ("p", "p", ""), ("mode", "mode", ""), ("provider", "provider", ""),
+        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("vs_eager", "vs eager", ".2f"),
+        ("vs_compiled", "vs compiled", ".2f"), ("gbps", "GB/s", ".1f"),
+        ("of_limit", "of limit", ".0%"), ("of_bandwidth", "of bandwidth", ".0%"),
+        ("saved_mb", "saved MB", ".1f")]
+        + ([("peak_mb", "peak MB", ".1f")] if device.type == "cuda" else []))
+    print(f"LoR2C residual, n={args.n} d={args.d} r={args.r} {args.dtype} on {meta['device']}; "
+          f"add bandwidth {bandwidth / 1e9:.1f} GB/s; commit {meta['commit']}")
+    print("limit: 3 n*d elements moved each way, timed as out-of-place adds (fresh outputs, as the"
+          " op returns); bandwidth: the same adds into preallocated outputs\n")
+    print(table)
+    print()
+    for line in check_targets(rows, device.type):
+        print(line)
+    if not args.quick:
+        path = common.write_results("lor2c", rows, meta, args.out)
+        print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Timing, memory and result-writing helpers shared by the benchmark scripts.
+
+Times are medians over repeated runs (triton.testing.do_bench on a GPU; a perf_counter loop
+on the CPU), with the interquartile range as the spread. The memory-bound limit of an op is
+measured in the same run as the op: the time of out-of-place adds moving the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    info = {"torch": torch.__version__}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 15,
+          setup: Callable[[], object] | None = None) -> tuple[float, float]:
+    """(median, interquartile range) of fn's run time in milliseconds.
+
+    `setup`, when given, runs untimed before each call (e.g. a forward before a timed backward).
+    """
+    if device.type == "cuda" and setup is None:
+        import triton.testing
+        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+        return q[1], q[2] - q[0]
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    quartiles = statistics.quantiles(times, n=4)
+    return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+def memory_bound_ms(numel: int, dtype: torch.dtype, device: torch.device, elements_moved: int,
+                    repeat: int = 15) -> dict:
+    """The time to move `elements_moved` elements, measured with adds of `numel` elements.
+
+    Two figures: `out_of_place` adds (`a + b`: a fresh output, as the op must return one; on a
+    CPU that includes first-touch page faults of the new memory) and `bandwidth`, adds into a
+    preallocated output (pure memory bandwidth). Each add reads two and writes one tensor.
+    """
+    a = torch.randn(numel, device=device).to(dtype)
+    b = torch.randn(numel, device=device).to(dtype)
+    out = torch.empty_like(a)
+    bytes_per_add = 3 * numel * a.element_size()
+    moved = elements_moved * a.element_size()
+    fresh_ms, _ = bench(lambda: torch.add(a, b), device, repeat=repeat)
+    into_ms, _ = bench(lambda: torch.add(a, b, out=out), device, repeat=repeat)
+    return {"out_of_place_ms": moved / bytes_per_add * fresh_ms,
+            "bandwidth_ms": moved / bytes_per_add * into_ms,
+            "bandwidth": bytes_per_add / (into_ms * 1e-3)}
+
+
+def saved_bytes(run_forward: Callable[[], torch.Tensor], exclude: tuple) -> int:
+    """Bytes the autograd graph of one forward keeps for backward, besides `exclude` tensors."""
+    seen, total = set(), 0
+    keep = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in keep and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_forward()
+    return total
+
+
+def write_results(name: str, rows: list[dict], meta: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out_dir, f"{name}-{meta['device_type']}-{meta['commit']}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows as a Markdown table; columns are (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("" if value is None else format(value, spec) if spec else str(value))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep] + body)
