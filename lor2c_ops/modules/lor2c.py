@@ -1,4 +1,4 @@
-"""nn.Module front ends of the fused ops."""
+"""FusedLoR2C: the LoR2C adapter module."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops.lor2c import lor2c_residual
+from ..ops.lor2c import lor2c_residual
 
 
 class FusedLoR2C(nn.Module):
