@@ -10,4 +10,11 @@ TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // Returns (dx, dA, dB); an output not asked for is an empty tensor.
   m.def("lor2c_bwd(Tensor grad, Tensor x, Tensor t, Tensor A, Tensor B, float scale, float p, "
         "Tensor seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+  // Multi-adapter batches: row i uses A_bank[ids[i]] (r, d_in) and B_bank[ids[i]] (d_out, r);
+  // ids[i] == -1 gives out = layer_out and no gradient. dA, dB come back bank-shaped.
+  m.def("lor2c_multi_fwd(Tensor x, Tensor layer_out, Tensor A_bank, Tensor B_bank, Tensor ids, "
+        "float scale, float p, Tensor seed) -> (Tensor, Tensor)");
+  m.def("lor2c_multi_bwd(Tensor grad, Tensor x, Tensor t, Tensor A_bank, Tensor B_bank, "
+        "Tensor ids, float scale, float p, Tensor seed, bool need_dx, bool need_dA, "
+        "bool need_dB) -> (Tensor, Tensor, Tensor)");
 }

@@ -18,6 +18,7 @@ def loaded() -> bool:
     return LOAD_ERROR is None
 
 
+@torch.compiler.assume_constant_result  # fixed once the library is loaded: no graph break
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether lor2c_ops_ext::<op> has a kernel for dispatch_key ("CPU" or "CUDA")."""
     if not loaded():

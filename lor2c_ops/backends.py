@@ -13,6 +13,7 @@ import torch
 from . import _ext
 
 NAMES = ("reference", "cpu", "triton", "cuda")
+_COMPILED = {"cpu": "CPU", "cuda": "CUDA"}  # backends served by the extension: dispatch key
 _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 # Fastest first, per device type; the reference backend runs anywhere and closes each list.
@@ -40,10 +41,16 @@ class Backend:
     unavailable: Callable[[], Optional[str]]
     device_refusal: Callable[[torch.device], Optional[str]]
 
-    def refuses(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def refuses(self, device: torch.device, dtype: torch.dtype,
+                op: Optional[str] = None) -> Optional[str]:
+        """Why this backend cannot run `op` ("lor2c", "lor2c_multi", ...) on these inputs."""
         reason = self.unavailable()
         if reason is None:
             reason = self.device_refusal(device)
+        if reason is None and op is not None and self.name in _COMPILED:
+            key = _COMPILED[self.name]
+            if not _ext.has_kernel(f"{op}_fwd", key):
+                reason = f"the compiled extension has no {key} kernel for {op}"
         if reason is None and dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reason = f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
@@ -96,17 +103,18 @@ BACKENDS = {
 }
 
 
-def select(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend to run on (device, dtype): `backend` if it can, else the fastest that can."""
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+           op: Optional[str] = None) -> str:
+    """The backend to run `op` on (device, dtype): `backend` if it can, else the fastest that can."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {', '.join(NAMES)} or None, got {backend!r}")
-        reason = BACKENDS[backend].refuses(device, dtype)
+        reason = BACKENDS[backend].refuses(device, dtype, op)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
         return backend
     for name in _PREFERENCE.get(device.type, ("reference",)):
-        if BACKENDS[name].refuses(device, dtype) is None:
+        if BACKENDS[name].refuses(device, dtype, op) is None:
             return name
     return "reference"
 

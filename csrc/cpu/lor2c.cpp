@@ -135,8 +135,6 @@ void narrow(const float* src, T* dst, int64_t d) {
   for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-
-
 // Per-thread scratch of a few rows; a row of it is handed out as the float view of a tensor row.
 struct Scratch {
   int64_t stride;
@@ -145,80 +143,149 @@ struct Scratch {
   float* row(int64_t i) { return data.data() + i * stride; }
 };
 
-// Float view of rows i0..i0+kRows of a (n, d) tensor with row stride `ld`: the tensor's own
-// memory for fp32 (rows past n point at `zero`), else widened into `scratch`.
+// Blocks of up to kRows rows that share an adapter (a row of the weight banks), in the order the
+// kernels visit them. The plain op is one adapter over rows 0..n-1; a multi-adapter batch is
+// grouped by adapter id with a counting sort, so unsorted ids still give full blocks.
+struct RowPlan {
+  std::vector<int64_t> order;    // row visiting order; empty means 0, 1, ..., n-1
+  struct Block {
+    int64_t start;    // position in `order` of the block's first row
+    int32_t rows;     // 1..kRows
+    int64_t adapter;  // bank row, or -1: these rows get no adapter
+  };
+  std::vector<Block> blocks;
+
+  int64_t row(int64_t pos) const { return order.empty() ? pos : order[pos]; }
+
+  void add_segment(int64_t begin, int64_t end, int64_t adapter) {
+    for (int64_t i = begin; i < end; i += kRows)
+      blocks.push_back({i, static_cast<int32_t>(std::min<int64_t>(kRows, end - i)), adapter});
+  }
+
+  static RowPlan single(int64_t n) {
+    RowPlan plan;
+    plan.add_segment(0, n, 0);
+    return plan;
+  }
+
+  static RowPlan grouped(const at::Tensor& ids, int64_t adapters) {
+    const at::Tensor ids64 = ids.to(at::kLong).contiguous();
+    const int64_t* id = ids64.data_ptr<int64_t>();
+    const int64_t n = ids64.numel();
+    std::vector<int64_t> start(adapters + 2, 0);  // slot 0: id -1
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(id[i] >= -1 && id[i] < adapters, "adapter_ids: expected values in [-1, ",
+                  adapters, "), got ", id[i]);
+      ++start[id[i] + 2];
+    }
+    for (int64_t g = 1; g < adapters + 2; ++g) start[g] += start[g - 1];
+    RowPlan plan;
+    plan.order.resize(n);
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < n; ++i) plan.order[next[id[i] + 1]++] = i;
+    for (int64_t g = -1; g < adapters; ++g) plan.add_segment(start[g + 1], start[g + 2], g);
+    return plan;
+  }
+};
+
+// Float view of rows idx[0..nb) of a tensor with row stride `ld`: the tensor's own memory for
+// fp32 (missing rows point at `zero`), else widened into `scratch`.
 template <typename T>
-void float_rows(const T* base, int64_t ld, int64_t i0, int nb, int64_t d, Scratch& scratch,
-                const float* zero, const float* rows[kRows]) {
+void float_rows(const T* base, int64_t ld, const int64_t* idx, int nb, int64_t d,
+                Scratch& scratch, const float* zero, const float* rows[kRows]) {
   for (int b = 0; b < kRows; ++b) {
     if (b >= nb) {
       rows[b] = zero;
     } else if constexpr (std::is_same_v<T, float>) {
-      rows[b] = base + (i0 + b) * ld;
+      rows[b] = base + idx[b] * ld;
     } else {
-      widen(base + (i0 + b) * ld, scratch.row(b), d);
+      widen(base + idx[b] * ld, scratch.row(b), d);
       rows[b] = scratch.row(b);
     }
   }
 }
 
-// Rows of dropout(x) as floats; with dropout the mask rows are left in `mask`.
+// Rows of dropout(x) as floats; with dropout the mask rows are left in `mask`. The mask is a
+// function of the row's index in x, whatever order the rows are visited in.
 template <typename T>
-void dropped_rows(const T* x, int64_t ld, int64_t i0, int nb, int64_t d, const DropoutParams& dp,
-                  Scratch& xs, Scratch& mask, const float* zero, const float* rows[kRows]) {
-  float_rows(x, ld, i0, nb, d, xs, zero, rows);
+void dropped_rows(const T* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
+                  const DropoutParams& dp, Scratch& xs, Scratch& mask, const float* zero,
+                  const float* rows[kRows]) {
+  float_rows(x, ld, idx, nb, d, xs, zero, rows);
   if (!dp.enabled) return;
   for (int b = 0; b < nb; ++b) {
-    cpu::draw_dropout_row(i0 + b, d, dp, mask.row(b));
+    cpu::draw_dropout_row(idx[b], d, dp, mask.row(b));
     multiply_into(xs.row(b), rows[b], mask.row(b), d);
     rows[b] = xs.row(b);
   }
 }
 
+// The weight banks widened to fp32 once per call: A as (G, r, d_in), B transposed to
+// (G, r, d_out) so that every hot loop runs along d with unit stride.
+struct PackedWeights {
+  at::Tensor a, bt;
+  const float* A(int64_t g, int64_t r, int64_t d_in) const {
+    return a.data_ptr<float>() + g * r * d_in;
+  }
+  const float* Bt(int64_t g, int64_t r, int64_t d_out) const {
+    return bt.data_ptr<float>() + g * r * d_out;
+  }
+  PackedWeights(const at::Tensor& A_bank, const at::Tensor& B_bank)
+      : a(A_bank.to(at::kFloat).contiguous()),
+        bt(B_bank.to(at::kFloat).transpose(1, 2).contiguous()) {}
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& layer_out,
-                                                const at::Tensor& A, const at::Tensor& B,
+                                                const at::Tensor& A_bank,
+                                                const at::Tensor& B_bank, const RowPlan& plan,
                                                 double scale, const DropoutParams& dp) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A.size(0);
-  const at::Tensor Af = A.to(at::kFloat).contiguous();
-  const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(1);
+  const PackedWeights w(A_bank, B_bank);
   at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
   at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
   const T* xp = x.data_ptr<T>();
   const T* lop = layer_out.data_ptr<T>();
   T* outp = out.data_ptr<T>();
   float* tp = t.data_ptr<float>();
-  const float* ap = Af.data_ptr<float>();
-  const float* btp = Btf.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
   const float s = static_cast<float>(scale);
-  const int64_t blocks = (n + kRows - 1) / kRows;
+  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
 
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     Scratch xs(d_in, kRows), mask(d_in, kRows), ys(d_out, kRows), zero(std::max(d_in, d_out), 1);
-    std::vector<float> tbuf(kRows * r), coef(kRows * r);
+    std::vector<float> tbuf(kRows * r, 0.f), coef(kRows * r, 0.f);
     const float* xrows[kRows];
     const float* lrows[kRows];
     float* orows[kRows];
+    int64_t idx[kRows];
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t i0 = blk * kRows;
-      const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-      dot_rows(ap, r, d_in, xrows, tbuf.data());
+      const RowPlan::Block& block = plan.blocks[blk];
+      const int nb = block.rows;
+      for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+      float_rows(lop, ldl, idx, nb, d_out, ys, zero.row(0), lrows);
+      if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
+        for (int b = 0; b < nb; ++b) {
+          narrow(lrows[b], outp + idx[b] * d_out, d_out);
+          std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
+        }
+        continue;
+      }
+      dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+      dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, tbuf.data());
       for (int b = 0; b < nb; ++b)
-        for (int64_t k = 0; k < r; ++k) tp[(i0 + b) * r + k] = tbuf[b * r + k];
+        for (int64_t k = 0; k < r; ++k) tp[idx[b] * r + k] = tbuf[b * r + k];
       for (int64_t q = 0; q < kRows * r; ++q) coef[q] = s * tbuf[q];
-      float_rows(lop, ldl, i0, nb, d_out, ys, zero.row(0), lrows);
       for (int b = 0; b < kRows; ++b) {
         if constexpr (std::is_same_v<T, float>) {
-          orows[b] = b < nb ? outp + (i0 + b) * d_out : ys.row(b);
+          orows[b] = b < nb ? outp + idx[b] * d_out : ys.row(b);
         } else {
           orows[b] = ys.row(b);
         }
       }
-      combine_rows(btp, r, d_out, coef.data(), lrows, orows);
+      combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, orows);
       if constexpr (!std::is_same_v<T, float>) {
-        for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + (i0 + b) * d_out, d_out);
+        for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + idx[b] * d_out, d_out);
       }
     }
   });
@@ -227,71 +294,81 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, const DropoutParams& dp, bool need_dx, bool need_dA,
-    bool need_dB) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1), r = A.size(0);
-  const at::Tensor Af = A.to(at::kFloat).contiguous();
-  const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
+    bool need_dx, bool need_dA, bool need_dB) {
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1);
+  const int64_t G = A_bank.size(0), r = A_bank.size(1);
+  const PackedWeights w(A_bank, B_bank);
   at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
   const T* gp = grad.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
   const float* tp = t.data_ptr<float>();
-  const float* ap = Af.data_ptr<float>();
-  const float* btp = Btf.data_ptr<float>();
   const int64_t ldg = grad.stride(0), ldx = x.stride(0);
   const float s = static_cast<float>(scale);
-  const int64_t blocks = (n + kRows - 1) / kRows;
+  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
 
+  // Per thread, per adapter: dA (r x d_in) then dB transposed (r x d_out), reduced at the end.
   const int threads = at::get_num_threads();
   const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
-  std::vector<float> partials(static_cast<size_t>(threads) * (part_a + part_b), 0.f);
+  const int64_t per_thread = G * (part_a + part_b);
+  std::vector<float> partials(static_cast<size_t>(threads) * per_thread, 0.f);
 
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
-    float* pa = partials.data() + at::get_thread_num() * (part_a + part_b);
-    float* pb = pa + part_a;
+    float* mine = partials.data() + at::get_thread_num() * per_thread;
     Scratch gs(d_out, kRows), xs(d_in, kRows), mask(d_in, kRows), dxs(d_in, kRows);
     Scratch zero(std::max(d_in, d_out), 1);
     std::vector<float> u(kRows * r), tcoef(kRows * r), ucoef(kRows * r);
     const float* grows[kRows];
     const float* xrows[kRows];
     float* dxrows[kRows];
+    int64_t idx[kRows];
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t i0 = blk * kRows;
-      const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      float_rows(gp, ldg, i0, nb, d_out, gs, zero.row(0), grows);
-      dot_rows(btp, r, d_out, grows, u.data());  // u = g @ B
+      const RowPlan::Block& block = plan.blocks[blk];
+      const int nb = block.rows;
+      for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+      if (block.adapter < 0) {  // no adapter: no gradient through x
+        if (need_dx)
+          for (int b = 0; b < nb; ++b) std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
+        continue;
+      }
+      float* pa = mine + block.adapter * (part_a + part_b);
+      float* pb = pa + part_a;
+      float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
+      dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, grows, u.data());  // u = g @ B
       for (int b = 0; b < kRows; ++b)
         for (int64_t k = 0; k < r; ++k) {
-          tcoef[b * r + k] = b < nb ? tp[(i0 + b) * r + k] : 0.f;
+          tcoef[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
           ucoef[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
         }
       if (need_dB) accumulate_outer(pb, r, d_out, tcoef.data(), grows);  // dB.T += t.T g
       if (!need_dA && !need_dx) continue;
-      dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+      dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
       if (need_dA) accumulate_outer(pa, r, d_in, ucoef.data(), xrows);  // dA += s u.T xd
       if (need_dx) {
         for (int b = 0; b < kRows; ++b) dxrows[b] = dxs.row(b);
-        combine_rows(ap, r, d_in, ucoef.data(), nullptr, dxrows);  // s u @ A
+        combine_rows(w.A(block.adapter, r, d_in), r, d_in, ucoef.data(), nullptr, dxrows);
         for (int b = 0; b < nb; ++b) {
           float* row = dxs.row(b);
           if (dp.enabled) multiply_into(row, row, mask.row(b), d_in);
-          narrow(row, dxp + (i0 + b) * d_in, d_in);
+          narrow(row, dxp + idx[b] * d_in, d_in);
         }
       }
     }
   });
 
-  at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, B.options());
+  at::Tensor dA = at::empty({0}, A_bank.options()), dB = at::empty({0}, B_bank.options());
   if (need_dA || need_dB) {
-    at::Tensor all = at::from_blob(partials.data(), {threads, part_a + part_b},
-                                   at::TensorOptions().dtype(at::kFloat))
-                         .sum(0);
-    if (need_dA) dA = all.narrow(0, 0, part_a).view({r, d_in}).to(A.scalar_type());
+    const at::Tensor all = at::from_blob(partials.data(), {threads, G, part_a + part_b},
+                                         at::TensorOptions().dtype(at::kFloat))
+                               .sum(0);
+    if (need_dA) dA = all.narrow(1, 0, part_a).reshape({G, r, d_in}).to(A_bank.scalar_type());
     if (need_dB)
-      dB = (all.narrow(0, part_a, part_b).view({r, d_out}) * s).t().contiguous().to(
-          B.scalar_type());
+      dB = (all.narrow(1, part_a, part_b).reshape({G, r, d_out}) * s)
+               .transpose(1, 2)
+               .contiguous()
+               .to(B_bank.scalar_type());
   }
   return {dx, dA, dB};
 }
@@ -316,24 +393,17 @@ DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
   return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
 }
 
-std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
-                                                 const at::Tensor& A, const at::Tensor& B,
-                                                 double scale, double p, const at::Tensor& seed) {
+void check_forward(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
+                   const at::Tensor& B, const at::Tensor& seed, double p) {
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
   check_rows(layer_out, "layer_out", x.size(0), B.size(0));
   TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
               x.scalar_type(), ", got ", layer_out.scalar_type());
-  const DropoutParams dp = cpu_dropout_params(seed, p);
-  return dispatch_activation(x, [&](auto tag) {
-    return forward_impl<decltype(tag)>(x, layer_out, A, B, scale, dp);
-  });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
-    bool need_dA, bool need_dB) {
+void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& seed, double p) {
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
   check_rows(grad, "grad", x.size(0), B.size(0));
@@ -342,9 +412,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
                   t.size(0) == x.size(0) && t.size(1) == A.size(0),
               "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
+}
+
+void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& ids,
+                 int64_t n) {
+  TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
+              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
+              A_bank.sizes(), " and ", B_bank.sizes());
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
+                  (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
+              "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
+                                                 const at::Tensor& A, const at::Tensor& B,
+                                                 double scale, double p, const at::Tensor& seed) {
+  check_forward(x, layer_out, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
+  const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {
-    return backward_impl<decltype(tag)>(grad, x, t, A, B, scale, dp, need_dx, need_dA, need_dB);
+    return forward_impl<decltype(tag)>(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), plan, scale,
+                                       dp);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
+    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
+    bool need_dA, bool need_dB) {
+  check_backward(grad, x, t, A, B, seed, p);
+  const DropoutParams dp = cpu_dropout_params(seed, p);
+  const RowPlan plan = RowPlan::single(x.size(0));
+  auto [dx, dA, dB] = dispatch_activation(x, [&](auto tag) {
+    return backward_impl<decltype(tag)>(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), plan, scale,
+                                        dp, need_dx, need_dA, need_dB);
+  });
+  return {dx, need_dA ? dA.squeeze(0) : dA, need_dB ? dB.squeeze(0) : dB};
+}
+
+std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
+    const at::Tensor& seed) {
+  check_banks(A_bank, B_bank, ids, x.size(0));
+  check_forward(x, layer_out, A_bank[0], B_bank[0], seed, p);
+  const DropoutParams dp = cpu_dropout_params(seed, p);
+  const RowPlan plan = RowPlan::grouped(ids, A_bank.size(0));
+  return dispatch_activation(x, [&](auto tag) {
+    return forward_impl<decltype(tag)>(x, layer_out, A_bank, B_bank, plan, scale, dp);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
+    const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
+  check_banks(A_bank, B_bank, ids, x.size(0));
+  check_backward(grad, x, t, A_bank[0], B_bank[0], seed, p);
+  const DropoutParams dp = cpu_dropout_params(seed, p);
+  const RowPlan plan = RowPlan::grouped(ids, A_bank.size(0));
+  return dispatch_activation(x, [&](auto tag) {
+    return backward_impl<decltype(tag)>(grad, x, t, A_bank, B_bank, plan, scale, dp, need_dx,
+                                        need_dA, need_dB);
   });
 }
 
@@ -353,6 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
 TORCH_LIBRARY_IMPL(lor2c_ops_ext, CPU, m) {
   m.impl("lor2c_fwd", &lor2c_fwd_cpu);
   m.impl("lor2c_bwd", &lor2c_bwd_cpu);
+  m.impl("lor2c_multi_fwd", &lor2c_multi_fwd_cpu);
+  m.impl("lor2c_multi_bwd", &lor2c_multi_bwd_cpu);
 }
 
 }  // namespace lor2c
