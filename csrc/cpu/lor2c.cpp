@@ -363,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor all = at::from_blob(partials.data(), {threads, G, part_a + part_b},
                                          at::TensorOptions().dtype(at::kFloat))
                                .sum(0);
-    if (need_dA) dA = all.narrow(1, 0, part_a).reshape({G, r, d_in}).to(A_bank.scalar_type());
+    if (need_dA)
+      dA = all.narrow(1, 0, part_a).reshape({G, r, d_in}).contiguous().to(A_bank.scalar_type());
     if (need_dB)
       dB = (all.narrow(1, part_a, part_b).reshape({G, r, d_out}) * s)
                .transpose(1, 2)

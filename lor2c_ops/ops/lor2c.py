@@ -230,11 +230,13 @@ def _row_ids(adapter_ids, x: Tensor, adapters: int) -> Tensor:
         per_seq = f" or {lead[:1]} (one per sequence)" if x.dim() >= 3 else ""
         raise ValueError(f"adapter_ids: expected shape {lead} (one per row){per_seq}, got {shape}")
     ids = ids.to(torch.int64)
-    if ids.numel():
+    expected = f"adapter_ids: expected values in [-1, {adapters}) (-1: no adapter)"
+    if torch.compiler.is_compiling():  # a traced graph checks on the device instead
+        torch._assert_async(((ids >= -1) & (ids < adapters)).all(), expected)
+    elif ids.numel():
         low, high = int(ids.min()), int(ids.max())  # one device sync: bad ids must not reach a kernel
         if low < -1 or high >= adapters:
-            raise ValueError(f"adapter_ids: expected values in [-1, {adapters}) (-1: no adapter; "
-                             f"the banks hold {adapters}), got values in [{low}, {high}]")
+            raise ValueError(f"{expected}, got values in [{low}, {high}]")
     return ids
 
 
