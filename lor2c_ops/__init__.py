@@ -9,7 +9,9 @@
 from ._version import __version__
 from . import _ext  # noqa: F401  (loads the compiled kernels when they were built)
 from .backends import available as available_backends
-from .modules import FusedLoR2C
+from .modules import DCFTLinear, FusedLoR2C, ShareLoR2C
+from .ops.dcft import dcft_delta, dcft_linear
 from .ops.lor2c import lor2c_residual
 
-__all__ = ["__version__", "available_backends", "FusedLoR2C", "lor2c_residual"]
+__all__ = ["__version__", "available_backends", "DCFTLinear", "FusedLoR2C", "ShareLoR2C",
+           "dcft_delta", "dcft_linear", "lor2c_residual"]

@@ -1,0 +1,254 @@
+"""Benchmark of one DCFT-adapted linear layer: a training step of the fused op against the published
+approach and against the frozen linear alone.
+
+    python benchmarks/bench_dcft.py                  # CPU: n=4096, d=1024, k=2, r=1, fp32
+    python benchmarks/bench_dcft.py --device cuda    # GPU: n=8192, d=4096, k=2, r=1, bf16
+
+Providers:
+  `linear`     the frozen F.linear alone (no adapter): the floor an adapter adds cost to;
+  `published`  the published code's approach: D = conv_transpose2d(A.T @ B.T, C, stride) every
+               step, then F.linear(x, W, b) + s * dropout(x) @ D (eager);
+  `compiled`   the same under torch.compile;
+  and each fused backend that runs on the device (dcft_linear, which never forms D).
+The base weight and bias are frozen; x requires grad (a layer inside a network), so every
+provider's backward computes dx. For forward, backward and both: median time and spread (on a
+CPU the providers are timed round-robin, so that load from other processes hits them alike),
+speedups against published and compiled, the overhead against the frozen linear measured in the
+same run, the bytes kept for backward, the peak memory of the step and the number of
+allocations of D's size (d_in x d_out; the published approach makes D and dD every step).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import lor2c_ops as lo  # noqa: E402
+from lor2c_ops import backends  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frozen_linear(x, W, b, A, B, C, scale, stride, p):
+    return F.linear(x, W, b)
+
+
+def published(x, W, b, A, B, C, scale, stride, p):
+    D = F.conv_transpose2d((A.T @ B.T)[None, None], C[None, None], stride=stride)[0, 0]
+    return F.linear(x, W, b) + scale * (F.dropout(x, p, training=True) @ D)
+
+
+def providers(device: torch.device, dtype: torch.dtype, include_reference: bool):
+    """name -> f(x, W, b, A, B, C, scale, stride, p)."""
+    result = {"linear": frozen_linear, "published": published,
+              "compiled": torch.compile(published, dynamic=False)}
+    for name in backends.NAMES:
+        if name == "reference" and not include_reference:
+            continue
+        if name == "triton" and device.type == "cpu":
+            continue  # the interpreter is for testing, not timing
+        if backends.BACKENDS[name].refuses(device, dtype) is None:
+            result[name] = (lambda be: lambda x, W, b, A, B, C, s, st, p: lo.dcft_linear(
+                x, W, b, A, B, C, scale=s, stride=st, dropout_p=p, backend=be))(name)
+    return result
+
+
+def memory_of_step(step, device: torch.device, d_bytes: int) -> tuple[int, int]:
+    """(peak bytes above the start, number of allocations of d_bytes) of one call of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None:
+            events.append((node.start_time_ns, size))
+    d_sized = sum(1 for _, size in events if size == d_bytes)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - base, d_sized
+    peak = live = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak, d_sized
+
+
+def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> dict:
+    """{key: (median ms, IQR ms)} for cases {key: (fn, setup or None)}.
+
+    On a GPU each case is timed on its own (common.bench). On a CPU, which in CI is small and
+    shared, the cases are timed round-robin, each repetition running every case once, so that a
+    change of load slows every provider alike instead of whichever happened to be running.
+    """
+    if device.type == "cuda":
+        return {key: common.bench(fn, device, repeat=repeat, setup=pre)
+                for key, (fn, pre) in cases.items()}
+    samples = {key: [] for key in cases}
+    for it in range(warmup + repeat):
+        for key, (fn, pre) in cases.items():
+            if pre is not None:
+                pre()
+            t0 = time.perf_counter()
+            fn()
+            if it >= warmup:
+                samples[key].append((time.perf_counter() - t0) * 1e3)
+    result = {}
+    for key, values in samples.items():
+        quartiles = statistics.quantiles(values, n=4)
+        result[key] = (statistics.median(values), quartiles[2] - quartiles[0])
+    return result
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    n, d, k, r = args.n, args.d, args.k, args.r
+    stride = args.stride or k
+    m = lo.ops.dcft.subspace_size(d, k, stride, "d")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    W = (torch.randn(d, d, generator=gen) / d**0.5).to(device, dtype)   # frozen
+    b = (torch.randn(d, generator=gen) * 0.1).to(device, dtype)         # frozen
+    A = (torch.randn(r, m, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    B = (torch.randn(m, r, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    C = (torch.randn(k, k, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+    g = torch.randn(n, d, generator=gen).to(device, dtype)
+    scale = 1.0 / r
+    d_bytes = d * d * x.element_size()  # D, d_in x d_out (also dD in the published backward)
+
+    rows = []
+    for p in args.p:
+        cases, memory = {}, {}
+        for name, f in providers(device, dtype, args.include_reference).items():
+            inputs = [x] if name == "linear" else [x, A, B, C]
+
+            def forward(f=f):
+                return f(x, W, b, A, B, C, scale, stride, p)
+
+            def both(forward=forward, inputs=inputs):
+                return torch.autograd.grad(forward(), inputs, g)
+
+            state = {}
+
+            def setup(forward=forward, state=state):
+                state["out"] = forward()
+
+            def backward(inputs=inputs, state=state):
+                return torch.autograd.grad(state.pop("out"), inputs, g)
+
+            both()  # compile / warm up before timing
+            for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
+                                  ("fwd+bwd", both, None)):
+                cases[name, mode] = (fn, pre)
+            memory[name] = (common.saved_bytes(forward, exclude=(x, W, b, A, B, C)),
+                            *memory_of_step(both, device, d_bytes))
+        times = timed(cases, device, args.repeat)
+        results = {}
+        for name, (saved, peak, d_allocs) in memory.items():
+            results[name] = {mode: times[name, mode] for mode in ("fwd", "bwd", "fwd+bwd")}
+            results[name].update(saved=saved, peak=peak, d_allocs=d_allocs)
+            print(f"  p={p} {name:<10} fwd+bwd {results[name]['fwd+bwd'][0]:8.2f} ms",
+                  file=sys.stderr)
+
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            for name, entry in results.items():
+                ms, spread = entry[mode]
+                rows.append({
+                    "p": p, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
+                    "vs_published": results["published"][mode][0] / ms,
+                    "vs_compiled": results["compiled"][mode][0] / ms,
+                    "over_linear": ms / results["linear"][mode][0] - 1.0,
+                    "saved_mb": entry["saved"] / 2**20,
+                    "peak_mb": entry["peak"] / 2**20,
+                    "d_allocs": entry["d_allocs"],
+                })
+    return rows
+
+
+def check_targets(rows, ambiguous: bool) -> list[str]:
+    lines = []
+    fused = [r for r in rows if r["mode"] == "fwd+bwd"
+             and r["provider"] not in ("linear", "published", "compiled", "reference")]
+    for r in fused:
+        goals = [("2x faster than the published approach", r["vs_published"] >= 2.0),
+                 ("at most 15% slower than the frozen linear alone", r["over_linear"] <= 0.15),
+                 ("no allocation of a d_in x d_out tensor", r["d_allocs"] == 0)]
+        if ambiguous:  # n == d_in: an (n, d_out) activation has D's size too
+            goals = goals[:2]
+        for goal, ok in goals:
+            lines.append(f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
+                         f"(x{r['vs_published']:.2f} published, x{r['vs_compiled']:.2f} compiled, "
+                         f"{100 * r['over_linear']:+.1f}% vs linear, {r['d_allocs']} D-sized "
+                         f"allocations, peak {r['peak_mb']:.1f} MB)")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--d", type=int)
+    parser.add_argument("--k", type=int, default=2, help="kernel size")
+    parser.add_argument("--stride", type=int, default=None, help="default: the kernel size")
+    parser.add_argument("--r", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES)
+    parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--include-reference", action="store_true",
+                        help="also time the pure-PyTorch fallback backend")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    # n = 8192 on the GPU keeps n != d, so that an allocation of D's size can only be D
+    defaults = (8192, 4096, "bf16") if gpu else (4096, 1024, "fp32")
+    if args.quick:
+        defaults = (256, 128, defaults[2])
+        args.repeat = min(args.repeat, 5)
+    for key, value in zip(("n", "d", "dtype"), defaults):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    device = torch.device(args.device)
+    rows = run(args)
+    stride = args.stride or args.k
+    meta = {"bench": "dcft", "device": common.device_name(device), "device_type": device.type,
+            "commit": common.commit(), **common.versions(), "n": args.n, "d": args.d,
+            "k": args.k, "stride": stride, "r": args.r, "dtype": args.dtype}
+    table = common.format_table(rows, [
+        ("p", "p", ""), ("mode", "mode", ""), ("provider", "provider", ""),
+        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
+        ("vs_published", "vs published", ".2f"), ("vs_compiled", "vs compiled", ".2f"),
+        ("over_linear", "vs frozen linear", "+.1%"), ("saved_mb", "saved MB", ".2f"),
+        ("peak_mb", "peak MB", ".1f"), ("d_allocs", "D-sized allocs", "d")])
+    print(f"DCFT linear layer, n={args.n} d_in=d_out={args.d} k={args.k} stride={stride} "
+          f"r={args.r} {args.dtype} on {meta['device']}; commit {meta['commit']}")
+    print("vs published / vs compiled: speedup against the published approach (eager / "
+          "torch.compile); vs frozen linear: extra time over F.linear alone; memory of one "
+          "forward + backward (peak above the inputs; D-sized allocs: allocations of d_in * d_out elements)\n")
+    print(table)
+    print()
+    for line in check_targets(rows, ambiguous=args.n == args.d):
+        print(line)
+    if not args.quick:
+        path = common.write_results("dcft", rows, meta, args.out)
+        print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()

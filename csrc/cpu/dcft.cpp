@@ -1,0 +1,504 @@
+// DCFT on the CPU (DESIGN.md 2.4): out = x @ W.T + b + s * dropout(x) @ D and its backward,
+// with D = conv_transpose2d(A.T @ B.T, C, stride) never formed.
+//
+// Per row x (length d_in = (m_in - 1) * st + k), with windows X[p, a] = x[p * st + a]:
+//   T = A @ X (r x k),   U = T @ C (r x k),   y[q * st + b] += s * (B @ U)[q, b].
+// Element x[c] lies in window p = c / st - e at offset a = c % st + st * e, for every e >= 0
+// with a < k and p in range: E = ceil(k / st) windows (one when st == k, the fast path). So with
+// the "shifted" factor rows S_A[(j, e), c] = A[j, c / st - e] (zero where invalid),
+//   T[j, c0 + st * e] = sum over c = c0 (mod st) of S_A[(j, e), c] * x[c]
+// is r * E dot products over the row, each binned by column residue c % st; and the output is
+//   y[c] += sum_(j, e) S_B[(j, e), c] * s * U[j, c % st + st * e]
+// with S_B[(j, e), c] = B[c / st - e, j]: r * E rows combined with coefficients periodic in c.
+// When st == k that is exactly "view x as (m_in, k), T = A X, U = T C, Y = B U": r * (d_in +
+// d_out) + r * k^2 multiply-adds per row, the minimum; with st < k, E = ceil(k / st) times the
+// projections, as the k * k shifted products require. Nothing of size d_in x d_out, nor n x d,
+// is allocated besides the outputs.
+//
+// The base linear is fused by accumulation: the kernel writes b + s * dropout(x) @ D into the
+// output rows and the GEMM adds x @ W.T onto them (addmm_, beta = 1), as F.linear itself writes
+// the bias first and accumulates onto it. Backward likewise writes the adapter's dx and the GEMM
+// adds g @ W. dA, dB, dC are per-thread partial sums (shifted layout), reduced and folded at the
+// end; T (n x r*k, fp32) is saved by the forward, the dropout mask regenerated from the seed.
+//
+// Vector loops run over contiguous columns in chunks of kLanes; chunk t holds columns whose
+// residues mod st repeat with period nacc = st / gcd(kLanes, st) in t, so the loops visit the
+// chunks of one residue class u = t mod nacc at a time, with per-class lane patterns.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../dcft_common.h"
+#include "../lor2c_common.h"
+#include "dropout.h"
+#include "memory.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DCFT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DCFT_CLONES
+#endif
+#define DCFT_INLINE inline __attribute__((always_inline))
+
+namespace lor2c {
+namespace {
+
+constexpr int kRows = 8;     // rows per block: each factor element loaded serves kRows rows
+constexpr int kLanes = 16;   // floats per vector: one AVX-512 register, two AVX2 ones
+
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+
+DCFT_INLINE vfloat vload(const float* p) {
+  vfloat v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+DCFT_INLINE void vstore(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// Sizes of one call. R = r * E shifted factor rows, indexed j * E + e.
+struct Geometry {
+  int64_t n, d_in, d_out, r, k, st, E, R, m_in, m_out, nacc;
+};
+
+Geometry geometry(int64_t n, int64_t d_in, int64_t d_out, int64_t r, int64_t k, int64_t st,
+                  int64_t m_in, int64_t m_out) {
+  Geometry g{};
+  g.n = n;
+  g.d_in = d_in;
+  g.d_out = d_out;
+  g.r = r;
+  g.k = k;
+  g.st = st;
+  g.E = (k + st - 1) / st;
+  g.R = r * g.E;
+  g.m_in = m_in;
+  g.m_out = m_out;
+  g.nacc = st / std::gcd<int64_t>(kLanes, st);
+  return g;
+}
+
+// S[(j * E + e) * d + (p + e) * st + c0] = F[j * m + p] for c0 + st * e < k, zero elsewhere.
+at::Tensor shifted(const at::Tensor& F, const Geometry& g, int64_t m, int64_t d) {
+  at::Tensor S = at::zeros({g.R, d}, at::TensorOptions().dtype(at::kFloat));
+  float* s = S.data_ptr<float>();
+  const float* f = F.data_ptr<float>();
+  for (int64_t j = 0; j < g.r; ++j)
+    for (int64_t e = 0; e < g.E; ++e)
+      for (int64_t p = 0; p < m; ++p)
+        for (int64_t c0 = 0; c0 < g.st && c0 + g.st * e < g.k; ++c0)
+          s[(j * g.E + e) * d + (p + e) * g.st + c0] = f[j * m + p];
+  return S;
+}
+
+// The adjoint of `shifted`: F[j * m + p] = sum over (e, c0) of P[(j * E + e) * d + (p+e)*st + c0].
+at::Tensor fold(const float* P, const Geometry& g, int64_t m, int64_t d) {
+  at::Tensor F = at::zeros({g.r, m}, at::TensorOptions().dtype(at::kFloat));
+  float* f = F.data_ptr<float>();
+  for (int64_t j = 0; j < g.r; ++j)
+    for (int64_t e = 0; e < g.E; ++e)
+      for (int64_t p = 0; p < m; ++p)
+        for (int64_t c0 = 0; c0 < g.st && c0 + g.st * e < g.k; ++c0)
+          f[j * m + p] += P[(j * g.E + e) * d + (p + e) * g.st + c0];
+  return F;
+}
+
+// bins[(b * R + q) * st + c % st] = sum over columns c of W[q, c] * rows[b][c], b < kRows.
+DCFT_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d, int64_t st,
+                                 int64_t nacc, const float* const* rows, float* __restrict bins) {
+  const int64_t chunks = d / kLanes;
+  std::fill(bins, bins + kRows * R * st, 0.f);
+  for (int64_t q = 0; q < R; ++q) {
+    const float* __restrict w = W + q * d;
+    for (int64_t u = 0; u < nacc; ++u) {
+      vfloat acc[kRows] = {};
+      for (int64_t t = u; t < chunks; t += nacc) {
+        const vfloat wv = vload(w + t * kLanes);
+#pragma GCC unroll 8
+        for (int b = 0; b < kRows; ++b) acc[b] += wv * vload(rows[b] + t * kLanes);
+      }
+      for (int b = 0; b < kRows; ++b) {
+        float* out = bins + (b * R + q) * st;
+        for (int l = 0; l < kLanes; ++l) out[(kLanes * u + l) % st] += acc[b][l];
+      }
+    }
+    for (int64_t c = chunks * kLanes; c < d; ++c)
+      for (int b = 0; b < kRows; ++b) bins[(b * R + q) * st + c % st] += w[c] * rows[b][c];
+  }
+}
+
+// out[b][c] = (base ? base[b][c] : 0) + sum_q W[q, c] * pat[(b * R + q) * st + c % st].
+// pv: scratch of kRows * R * kLanes floats (the patterns laid out as lanes).
+DCFT_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int64_t d,
+                                       int64_t st, int64_t nacc, const float* __restrict pat,
+                                       const float* const* base, float* const* out,
+                                       float* __restrict pv) {
+  const int64_t chunks = d / kLanes;
+  for (int64_t u = 0; u < nacc; ++u) {
+    for (int64_t bq = 0; bq < kRows * R; ++bq)
+      for (int l = 0; l < kLanes; ++l) pv[bq * kLanes + l] = pat[bq * st + (kLanes * u + l) % st];
+    for (int64_t t = u; t < chunks; t += nacc) {
+      vfloat acc[kRows] = {};
+      if (base) {
+#pragma GCC unroll 8
+        for (int b = 0; b < kRows; ++b) acc[b] = vload(base[b] + t * kLanes);
+      }
+      for (int64_t q = 0; q < R; ++q) {
+        const vfloat wv = vload(W + q * d + t * kLanes);
+#pragma GCC unroll 8
+        for (int b = 0; b < kRows; ++b) acc[b] += wv * vload(pv + (b * R + q) * kLanes);
+      }
+#pragma GCC unroll 8
+      for (int b = 0; b < kRows; ++b) vstore(out[b] + t * kLanes, acc[b]);
+    }
+  }
+  for (int64_t c = chunks * kLanes; c < d; ++c) {
+    for (int b = 0; b < kRows; ++b) {
+      float acc = base ? base[b][c] : 0.f;
+      for (int64_t q = 0; q < R; ++q) acc += W[q * d + c] * pat[(b * R + q) * st + c % st];
+      out[b][c] = acc;
+    }
+  }
+}
+
+// P[q, c] += sum_b pat[(b * R + q) * st + c % st] * rows[b][c]: the weight-gradient update.
+DCFT_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64_t d, int64_t st,
+                                           int64_t nacc, const float* __restrict pat,
+                                           const float* const* rows) {
+  const int64_t chunks = d / kLanes;
+  for (int64_t q = 0; q < R; ++q) {
+    float* __restrict p = P + q * d;
+    for (int64_t u = 0; u < nacc; ++u) {
+      vfloat coef[kRows];
+      for (int b = 0; b < kRows; ++b)
+        for (int l = 0; l < kLanes; ++l) coef[b][l] = pat[(b * R + q) * st + (kLanes * u + l) % st];
+      for (int64_t t = u; t < chunks; t += nacc) {
+        vfloat acc = vload(p + t * kLanes);
+#pragma GCC unroll 8
+        for (int b = 0; b < kRows; ++b) acc += coef[b] * vload(rows[b] + t * kLanes);
+        vstore(p + t * kLanes, acc);
+      }
+    }
+    for (int64_t c = chunks * kLanes; c < d; ++c) {
+      float acc = p[c];
+      for (int b = 0; b < kRows; ++b) acc += pat[(b * R + q) * st + c % st] * rows[b][c];
+      p[c] = acc;
+    }
+  }
+}
+
+DCFT_CLONES void multiply_into(float* out, const float* a, const float* __restrict b, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = a[j] * b[j];
+}
+
+template <typename T>
+void widen(const T* src, float* dst, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+void narrow(const float* src, T* dst, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// Per-thread scratch rows, padded for the dropout generator's 64-column steps.
+struct Scratch {
+  int64_t stride;
+  std::vector<float> data;
+  Scratch(int64_t d, int64_t count) : stride(cpu::mask_padded(d)), data(stride * count, 0.f) {}
+  float* row(int64_t i) { return data.data() + i * stride; }
+};
+
+// Float views of rows i0..i0+kRows of a (n, d) tensor with row stride ld: the tensor's own
+// memory for fp32 (rows past n point at `zero`), else widened into `scratch`.
+template <typename T>
+void float_rows(const T* base, int64_t ld, int64_t i0, int nb, int64_t d, Scratch& scratch,
+                const float* zero, const float* rows[kRows]) {
+  for (int b = 0; b < kRows; ++b) {
+    if (b >= nb) {
+      rows[b] = zero;
+    } else if constexpr (std::is_same_v<T, float>) {
+      rows[b] = base + (i0 + b) * ld;
+    } else {
+      widen(base + (i0 + b) * ld, scratch.row(b), d);
+      rows[b] = scratch.row(b);
+    }
+  }
+}
+
+// Rows of dropout(x) as floats; with dropout, the mask rows are left in `mask`.
+template <typename T>
+void dropped_rows(const T* x, int64_t ld, int64_t i0, int nb, int64_t d, const DropoutParams& dp,
+                  Scratch& xs, Scratch& mask, const float* zero, const float* rows[kRows]) {
+  float_rows(x, ld, i0, nb, d, xs, zero, rows);
+  if (!dp.enabled) return;
+  for (int b = 0; b < nb; ++b) {
+    cpu::draw_dropout_row(i0 + b, d, dp, mask.row(b));
+    multiply_into(xs.row(b), rows[b], mask.row(b), d);
+    rows[b] = xs.row(b);
+  }
+}
+
+// Lays out a per-row (r x k) matrix Q as the periodic coefficients of the R shifted rows:
+// pat[(b * R + j * E + a / st) * st + a % st] = factor * Q[(b * r + j) * k + a]. Entries with
+// c0 + st * e >= k are never written (they stay zero).
+void to_pattern(const float* Q, const Geometry& g, float factor, float* pat) {
+  for (int b = 0; b < kRows; ++b)
+    for (int64_t j = 0; j < g.r; ++j)
+      for (int64_t a = 0; a < g.k; ++a)
+        pat[(b * g.R + j * g.E + a / g.st) * g.st + a % g.st] = factor * Q[(b * g.r + j) * g.k + a];
+}
+
+// The inverse: Q[(b * r + j) * k + a] = bins[(b * R + j * E + a / st) * st + a % st].
+void from_bins(const float* bins, const Geometry& g, float* Q) {
+  for (int b = 0; b < kRows; ++b)
+    for (int64_t j = 0; j < g.r; ++j)
+      for (int64_t a = 0; a < g.k; ++a)
+        Q[(b * g.r + j) * g.k + a] = bins[(b * g.R + j * g.E + a / g.st) * g.st + a % g.st];
+}
+
+// out[(b * r + j) * k + c] = sum_a in[(b * r + j) * k + a] * M[a, c] (or M[c, a] if transposed).
+void times_kernel(const float* in, const float* M, const Geometry& g, bool transposed,
+                  float* out) {
+  const int64_t k = g.k;
+  for (int64_t row = 0; row < kRows * g.r; ++row)
+    for (int64_t c = 0; c < k; ++c) {
+      float acc = 0.f;
+      for (int64_t a = 0; a < k; ++a) acc += in[row * k + a] * (transposed ? M[c * k + a] : M[a * k + c]);
+      out[row * k + c] = acc;
+    }
+}
+
+struct Factors {
+  at::Tensor As, Bs, Cf;  // shifted A (R x d_in), shifted B (R x d_out), C (k x k), all fp32
+};
+
+Factors factors(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const Geometry& g) {
+  const at::Tensor Af = A.to(at::kFloat).contiguous();
+  const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
+  return {shifted(Af, g, g.m_in, g.d_in), shifted(Btf, g, g.m_out, g.d_out),
+          C.to(at::kFloat).contiguous()};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const Factors& f, double scale, const Geometry& g,
+                                                const DropoutParams& dp) {
+  const int64_t n = g.n, d_in = g.d_in, d_out = g.d_out, rk = g.r * g.k;
+  const at::Tensor biasf = bias.has_value() && bias->defined()
+                               ? bias->to(at::kFloat).contiguous()
+                               : at::zeros({d_out}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor out = cpu::empty_output({n, d_out}, x.options());
+  at::Tensor t = at::empty({n, rk}, x.options().dtype(at::kFloat));
+  const T* xp = x.data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  float* tp = t.data_ptr<float>();
+  const float* asp = f.As.data_ptr<float>();
+  const float* bsp = f.Bs.data_ptr<float>();
+  const float* cp = f.Cf.data_ptr<float>();
+  const float* biasp = biasf.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const float s = static_cast<float>(scale);
+  const int64_t blocks = (n + kRows - 1) / kRows;
+
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    Scratch xs(d_in, kRows), mask(d_in, kRows), ys(d_out, kRows), zero(std::max(d_in, d_out), 1);
+    std::vector<float> bins(kRows * g.R * g.st), tb(kRows * rk), ub(kRows * rk);
+    std::vector<float> pat(kRows * g.R * g.st, 0.f), pv(kRows * g.R * kLanes);
+    const float* xrows[kRows];
+    const float* brows[kRows];
+    float* orows[kRows];
+    for (int b = 0; b < kRows; ++b) brows[b] = biasp;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kRows;
+      const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
+      dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+      binned_dot_rows(asp, g.R, d_in, g.st, g.nacc, xrows, bins.data());  // T = A X
+      from_bins(bins.data(), g, tb.data());
+      std::copy(tb.begin(), tb.begin() + nb * rk, tp + i0 * rk);
+      times_kernel(tb.data(), cp, g, false, ub.data());  // U = T C
+      to_pattern(ub.data(), g, s, pat.data());
+      for (int b = 0; b < kRows; ++b) {
+        if constexpr (std::is_same_v<T, float>) {
+          orows[b] = b < nb ? outp + (i0 + b) * d_out : ys.row(b);
+        } else {
+          orows[b] = ys.row(b);
+        }
+      }
+      // out = b + s * B U, overlap-added through the shifted rows of B
+      periodic_combine_rows(bsp, g.R, d_out, g.st, g.nacc, pat.data(), brows, orows, pv.data());
+      if constexpr (!std::is_same_v<T, float>) {
+        for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + (i0 + b) * d_out, d_out);
+      }
+    }
+  });
+  if (n > 0) out.addmm_(x, weight.t());  // + x @ W.T, accumulated onto b + s * dropout(x) @ D
+  return {out, t};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const Factors& f,
+    double scale, const Geometry& g, const DropoutParams& dp, bool need_dx, bool need_dA,
+    bool need_dB, bool need_dC) {
+  const int64_t n = g.n, d_in = g.d_in, d_out = g.d_out, rk = g.r * g.k, k = g.k;
+  at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
+  const T* gp = grad.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+  const float* tp = t.data_ptr<float>();
+  const float* asp = f.As.data_ptr<float>();
+  const float* bsp = f.Bs.data_ptr<float>();
+  const float* cp = f.Cf.data_ptr<float>();
+  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
+  const float s = static_cast<float>(scale);
+  const int64_t blocks = (n + kRows - 1) / kRows;
+
+  const int threads = at::get_num_threads();
+  const int64_t part_a = need_dA ? g.R * d_in : 0, part_b = need_dB ? g.R * d_out : 0;
+  const int64_t part_c = need_dC ? k * k : 0, part = part_a + part_b + part_c;
+  std::vector<float> partials(static_cast<size_t>(threads) * part, 0.f);
+
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    float* pa = partials.data() + at::get_thread_num() * part;
+    float* pb = pa + part_a;
+    float* pc = pb + part_b;
+    Scratch gs(d_out, kRows), xs(d_in, kRows), mask(d_in, kRows), dxs(d_in, kRows);
+    Scratch zero(std::max(d_in, d_out), 1);
+    std::vector<float> bins(kRows * g.R * g.st), tb(kRows * rk), vb(kRows * rk), wb(kRows * rk);
+    std::vector<float> pat(kRows * g.R * g.st, 0.f), pv(kRows * g.R * kLanes);
+    const float* grows[kRows];
+    const float* xrows[kRows];
+    float* dxrows[kRows];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kRows;
+      const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
+      float_rows(gp, ldg, i0, nb, d_out, gs, zero.row(0), grows);
+      binned_dot_rows(bsp, g.R, d_out, g.st, g.nacc, grows, bins.data());  // V = B.T G
+      from_bins(bins.data(), g, vb.data());
+      std::fill(tb.begin(), tb.end(), 0.f);
+      std::copy(tp + i0 * rk, tp + (i0 + nb) * rk, tb.begin());
+      if (need_dB) {  // dB (shifted) += U (x) g, U = T C
+        times_kernel(tb.data(), cp, g, false, wb.data());
+        to_pattern(wb.data(), g, 1.f, pat.data());
+        periodic_accumulate_outer(pb, g.R, d_out, g.st, g.nacc, pat.data(), grows);
+      }
+      if (need_dC) {  // dC += T.T V, summed over the rank
+        for (int b = 0; b < nb; ++b)
+          for (int64_t j = 0; j < g.r; ++j) {
+            const float* tr = tb.data() + (b * g.r + j) * k;
+            const float* vr = vb.data() + (b * g.r + j) * k;
+            for (int64_t a = 0; a < k; ++a)
+              for (int64_t c = 0; c < k; ++c) pc[a * k + c] += tr[a] * vr[c];
+          }
+      }
+      if (!need_dA && !need_dx) continue;
+      times_kernel(vb.data(), cp, g, true, wb.data());  // dT = s V C.T
+      to_pattern(wb.data(), g, s, pat.data());
+      if (need_dA) {  // dA (shifted) += dT (x) dropout(x)
+        dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+        periodic_accumulate_outer(pa, g.R, d_in, g.st, g.nacc, pat.data(), xrows);
+      } else if (dp.enabled) {
+        for (int b = 0; b < nb; ++b) cpu::draw_dropout_row(i0 + b, d_in, dp, mask.row(b));
+      }
+      if (need_dx) {  // dx = (A.T dT, overlap-added) * mask; the GEMM adds g @ W afterwards
+        for (int b = 0; b < kRows; ++b) {
+          if constexpr (std::is_same_v<T, float>) {
+            dxrows[b] = b < nb ? dxp + (i0 + b) * d_in : dxs.row(b);
+          } else {
+            dxrows[b] = dxs.row(b);
+          }
+        }
+        periodic_combine_rows(asp, g.R, d_in, g.st, g.nacc, pat.data(), nullptr, dxrows,
+                              pv.data());
+        for (int b = 0; b < nb; ++b) {
+          if (dp.enabled) multiply_into(dxrows[b], dxrows[b], mask.row(b), d_in);
+          if constexpr (!std::is_same_v<T, float>) narrow(dxrows[b], dxp + (i0 + b) * d_in, d_in);
+        }
+      }
+    }
+  });
+
+  at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, B.options());
+  at::Tensor dC = at::empty({0}, C.options());
+  if (part > 0) {
+    const at::Tensor all = at::from_blob(partials.data(), {threads, part},
+                                         at::TensorOptions().dtype(at::kFloat))
+                               .sum(0);
+    const float* sum = all.data_ptr<float>();
+    if (need_dA) dA = fold(sum, g, g.m_in, d_in).to(A.scalar_type());
+    if (need_dB) dB = (fold(sum + part_a, g, g.m_out, d_out) * s).t().contiguous().to(B.scalar_type());
+    if (need_dC) dC = (all.narrow(0, part_a + part_b, part_c).view({k, k}) * s).to(C.scalar_type());
+  }
+  if (need_dx && n > 0) dx.addmm_(grad, weight);  // + g @ W, accumulated onto the adapter's dx
+  return {dx, dA, dB, dC};
+}
+
+template <typename F>
+auto dispatch_activation(const at::Tensor& x, F&& body) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return body(float{});
+    case at::kHalf:
+      return body(at::Half{});
+    case at::kBFloat16:
+      return body(at::BFloat16{});
+    default:
+      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+Geometry geometry_of(const DcftSizes& z) {
+  return geometry(z.n, z.d_in, z.d_out, z.r, z.k, z.stride, z.m_in, z.m_out);
+}
+
+DropoutParams seed_params(const at::Tensor& seed, double p) {
+  const at::Tensor s = seed.to(at::kCPU);
+  return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
+}
+
+std::tuple<at::Tensor, at::Tensor> dcft_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& A, const at::Tensor& B,
+                                                const at::Tensor& C, double scale, int64_t stride,
+                                                double p, const at::Tensor& seed) {
+  const Geometry g = geometry_of(check_dcft(x, weight, bias, A, B, C, stride, seed, p));
+  const DropoutParams dp = seed_params(seed, p);
+  const Factors f = factors(A, B, C, g);
+  return dispatch_activation(x, [&](auto tag) {
+    return forward_impl<decltype(tag)>(x, weight, bias, f, scale, g, dp);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, double scale, int64_t stride,
+    double p, const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB, bool need_dC) {
+  const DcftSizes z = check_dcft(x, weight, std::nullopt, A, B, C, stride, seed, p);
+  check_grad(grad, x, z);
+  check_saved_t(t, z);
+  const Geometry g = geometry_of(z);
+  const DropoutParams dp = seed_params(seed, p);
+  const Factors f = factors(A, B, C, g);
+  return dispatch_activation(x, [&](auto tag) {
+    return backward_impl<decltype(tag)>(grad, x, t, weight, A, B, C, f, scale, g, dp, need_dx,
+                                        need_dA, need_dB, need_dC);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lor2c_ops_ext, CPU, m) {
+  m.impl("dcft_fwd", &dcft_fwd_cpu);
+  m.impl("dcft_bwd", &dcft_bwd_cpu);
+}
+
+}  // namespace lor2c

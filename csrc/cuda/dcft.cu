@@ -1,0 +1,360 @@
+// DCFT CUDA kernels (DESIGN.md 2.4), raw pointers only; see dcft_kernels.h for the decomposition.
+//
+// Row kernels: each warp owns kWarpRows rows. Lanes stride over the columns in groups of four
+// (one Philox call gives the dropout draws of four adjacent columns, csrc/philox.h), each lane
+// accumulating RCH rank components for every row it owns; a warp reduction finishes the dot
+// products. The small per-row products (T @ Ck, V @ Ck.T) go through shared memory, then lanes
+// stride over the columns again to expand with Be or Ae. The weight-gradient kernel gives each
+// thread four adjacent columns and a range of rows (a split), and accumulates rank x 4 sums in
+// registers; partials per split are reduced by the binding. Everything accumulates in fp32;
+// row offsets are 64-bit.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../philox.h"
+#include "dcft_kernels.h"
+
+namespace lor2c {
+namespace dcft_cuda {
+namespace {
+
+constexpr int kWarpRows = 4;     // rows per warp in the row kernels
+constexpr int kMaxWarps = 8;     // warps per block in the row kernels
+constexpr int kOuterThreads = 128;
+constexpr size_t kSharedLimit = 48 * 1024;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The key and counter words of one call's dropout, read once per thread.
+struct Keys {
+  uint32_t k0, k1, o0, o1;
+};
+
+__device__ __forceinline__ Keys load_keys(const Dropout& dp) {
+  Keys keys{0u, 0u, 0u, 0u};
+  if (dp.enabled) {
+    const uint64_t s = static_cast<uint64_t>(dp.seed[0]);
+    const uint64_t o = static_cast<uint64_t>(dp.seed[1]);
+    keys = {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32), static_cast<uint32_t>(o),
+            static_cast<uint32_t>(o >> 32)};
+  }
+  return keys;
+}
+
+// m[q] = the dropout multiplier of (row, column 4 * group + q); 1 without dropout.
+__device__ __forceinline__ void mask4(const Dropout& dp, const Keys& keys, int64_t row,
+                                      int64_t group, float m[4]) {
+  if (!dp.enabled) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) m[q] = 1.f;
+    return;
+  }
+  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(row), keys.o0, keys.o1};
+  philox4x32_10(c, keys.k0, keys.k1);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) m[q] = c[q] >= dp.threshold ? dp.inv_keep : 0.f;
+}
+
+// sums[rr * rk + R0 + R] = sum over columns c of W[(R0 + R) * d + c] * v(rr, c), R < RCH, for the
+// warp's rows; v(rr, c) = rows[(row0 + rr) * ld + c] * mask. Result in shared memory `sums`.
+template <typename T, int RCH>
+__device__ __forceinline__ void warp_project(const T* __restrict__ rows, int64_t ld, int64_t row0,
+                                             int nr, const float* __restrict__ W, int64_t d,
+                                             int rk, const Dropout& dp, const Keys& keys,
+                                             int lane, float* sums) {
+  for (int R0 = 0; R0 < rk; R0 += RCH) {
+    float acc[kWarpRows][RCH];
+#pragma unroll
+    for (int rr = 0; rr < kWarpRows; ++rr)
+#pragma unroll
+      for (int R = 0; R < RCH; ++R) acc[rr][R] = 0.f;
+    for (int64_t grp = lane; grp * 4 < d; grp += 32) {
+      float v[kWarpRows][4];
+#pragma unroll
+      for (int rr = 0; rr < kWarpRows; ++rr) {
+        float m[4];
+        mask4(dp, keys, row0 + rr, grp, m);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t c = grp * 4 + q;
+          v[rr][q] = (rr < nr && c < d) ? to_float(rows[(row0 + rr) * ld + c]) * m[q] : 0.f;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t c = grp * 4 + q;
+        if (c >= d) break;
+#pragma unroll
+        for (int R = 0; R < RCH; ++R) {
+          if (R0 + R < rk) {
+            const float w = W[(R0 + R) * d + c];
+#pragma unroll
+            for (int rr = 0; rr < kWarpRows; ++rr) acc[rr][R] += w * v[rr][q];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < kWarpRows; ++rr)
+#pragma unroll
+      for (int R = 0; R < RCH; ++R) {
+        const float total = warp_sum(acc[rr][R]);
+        if (lane == 0 && R0 + R < rk) sums[rr * rk + R0 + R] = total;
+      }
+  }
+}
+
+template <typename T, int RCH>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    forward_rows_kernel(const T* __restrict__ x, int64_t ldx, const float* __restrict__ bias,
+                        const float* __restrict__ Ae, const float* __restrict__ Ck,
+                        const float* __restrict__ Be, T* __restrict__ out,
+                        float* __restrict__ Tsave, int64_t n, int64_t d_in, int64_t d_out, int rk,
+                        float scale, Dropout dp) {
+  extern __shared__ float smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* sT = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
+  float* sU = sT + kWarpRows * rk;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
+  if (row0 >= n) return;  // the whole warp leaves together; the kernel has no block barriers
+  const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
+  const Keys keys = load_keys(dp);
+
+  warp_project<T, RCH>(x, ldx, row0, nr, Ae, d_in, rk, dp, keys, lane, sT);  // T = xd @ Ae.T
+  __syncwarp();
+  for (int idx = lane; idx < kWarpRows * rk; idx += 32) {  // U = s * T @ Ck
+    const int rr = idx / rk, R = idx % rk;
+    float u = 0.f;
+    for (int Q = 0; Q < rk; ++Q) u += sT[rr * rk + Q] * Ck[Q * rk + R];
+    sU[idx] = scale * u;
+    if (rr < nr) Tsave[(row0 + rr) * rk + R] = sT[idx];
+  }
+  __syncwarp();
+  for (int64_t c = lane; c < d_out; c += 32) {  // out = bias + U @ Be
+    const float b = bias ? bias[c] : 0.f;
+    float y[kWarpRows];
+#pragma unroll
+    for (int rr = 0; rr < kWarpRows; ++rr) y[rr] = b;
+    for (int R = 0; R < rk; ++R) {
+      const float w = Be[R * d_out + c];
+#pragma unroll
+      for (int rr = 0; rr < kWarpRows; ++rr) y[rr] += sU[rr * rk + R] * w;
+    }
+#pragma unroll
+    for (int rr = 0; rr < kWarpRows; ++rr)
+      if (rr < nr) out[(row0 + rr) * d_out + c] = from_float<T>(y[rr]);
+  }
+}
+
+template <typename T, int RCH>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    backward_rows_kernel(const T* __restrict__ g, int64_t ldg, const float* __restrict__ Ae,
+                         const float* __restrict__ Ck, const float* __restrict__ Be,
+                         float* __restrict__ Vsave, float* __restrict__ dTsave,
+                         T* __restrict__ dx, int64_t n, int64_t d_in, int64_t d_out, int rk,
+                         float scale, Dropout dp) {
+  extern __shared__ float smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* sV = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
+  float* sD = sV + kWarpRows * rk;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
+  if (row0 >= n) return;
+  const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
+  const Keys keys = load_keys(dp);
+  const Dropout none{dp.seed, 0u, 1.f, false};
+
+  warp_project<T, RCH>(g, ldg, row0, nr, Be, d_out, rk, none, keys, lane, sV);  // V = g @ Be.T
+  __syncwarp();
+  for (int idx = lane; idx < kWarpRows * rk; idx += 32) {  // dT = s * V @ Ck.T
+    const int rr = idx / rk, R = idx % rk;
+    float v = 0.f;
+    for (int Q = 0; Q < rk; ++Q) v += sV[rr * rk + Q] * Ck[R * rk + Q];
+    sD[idx] = scale * v;
+    if (rr < nr) {
+      Vsave[(row0 + rr) * rk + R] = sV[idx];
+      dTsave[(row0 + rr) * rk + R] = scale * v;
+    }
+  }
+  __syncwarp();
+  if (dx == nullptr) return;
+  for (int64_t grp = lane; grp * 4 < d_in; grp += 32) {  // dx = (dT @ Ae) * mask
+#pragma unroll
+    for (int rr = 0; rr < kWarpRows; ++rr) {
+      if (rr >= nr) break;
+      float m[4];
+      mask4(dp, keys, row0 + rr, grp, m);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t c = grp * 4 + q;
+        if (c >= d_in) break;
+        float acc = 0.f;
+        for (int R = 0; R < rk; ++R) acc += sD[rr * rk + R] * Ae[R * d_in + c];
+        dx[(row0 + rr) * d_in + c] = from_float<T>(acc * m[q]);
+      }
+    }
+  }
+}
+
+template <typename T, int RCH>
+__global__ void __launch_bounds__(kOuterThreads)
+    outer_partials_kernel(const T* __restrict__ rows, int64_t ld, const float* __restrict__ coef,
+                          float* __restrict__ P, int64_t n, int64_t d, int rk,
+                          int64_t rows_per_split, Dropout dp) {
+  const int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t begin = split * rows_per_split;
+  const int64_t end = begin + rows_per_split < n ? begin + rows_per_split : n;
+  if (grp * 4 >= d) return;  // no barriers below
+  const Keys keys = load_keys(dp);
+  for (int R0 = 0; R0 < rk; R0 += RCH) {
+    float acc[RCH][4];
+#pragma unroll
+    for (int R = 0; R < RCH; ++R)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[R][q] = 0.f;
+    for (int64_t i = begin; i < end; ++i) {
+      float m[4], v[4];
+      mask4(dp, keys, i, grp, m);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t c = grp * 4 + q;
+        v[q] = c < d ? to_float(rows[i * ld + c]) * m[q] : 0.f;
+      }
+#pragma unroll
+      for (int R = 0; R < RCH; ++R) {
+        const float cf = R0 + R < rk ? coef[i * rk + R0 + R] : 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[R][q] += cf * v[q];
+      }
+    }
+#pragma unroll
+    for (int R = 0; R < RCH; ++R) {
+      if (R0 + R >= rk) break;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t c = grp * 4 + q;
+        if (c < d) P[(split * rk + R0 + R) * d + c] = acc[R][q];
+      }
+    }
+  }
+}
+
+// Warps per block of the row kernels: as many as fit the shared memory, at most kMaxWarps.
+int row_warps(int64_t rk) {
+  const size_t per_warp = 2 * kWarpRows * static_cast<size_t>(rk) * sizeof(float);
+  int warps = static_cast<int>(kSharedLimit / per_warp);
+  return warps > kMaxWarps ? kMaxWarps : (warps < 1 ? 1 : warps);
+}
+
+// Calls body(T{}, RCH) with the activation type and the rank chunk for rk.
+template <typename F>
+cudaError_t dispatch(Act act, int64_t rk, F&& body) {
+  auto by_rank = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (rk <= 2) return body(T{}, std::integral_constant<int, 2>{});
+    if (rk <= 4) return body(T{}, std::integral_constant<int, 4>{});
+    if (rk <= 8) return body(T{}, std::integral_constant<int, 8>{});
+    return body(T{}, std::integral_constant<int, 16>{});
+  };
+  switch (act) {
+    case Act::kFloat32:
+      return by_rank(float{});
+    case Act::kFloat16:
+      return by_rank(__half{});
+    case Act::kBFloat16:
+      return by_rank(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int64_t outer_column_blocks(int64_t d) {
+  const int64_t groups = (d + 3) / 4;
+  return (groups + kOuterThreads - 1) / kOuterThreads;
+}
+
+cudaError_t forward_rows(Act act, const void* x, int64_t ldx, const float* bias, const float* Ae,
+                         const float* Ck, const float* Be, void* out, float* T, int64_t n,
+                         int64_t d_in, int64_t d_out, int64_t rk, float scale, Dropout dp,
+                         cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (rk < 1 || rk > kMaxRank) return cudaErrorInvalidValue;
+  const int warps = row_warps(rk);
+  const int64_t rows_per_block = static_cast<int64_t>(warps) * kWarpRows;
+  const dim3 grid(static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block));
+  const size_t shared = static_cast<size_t>(warps) * 2 * kWarpRows * rk * sizeof(float);
+  return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
+    using Tp = decltype(tag);
+    forward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
+        static_cast<const Tp*>(x), ldx, bias, Ae, Ck, Be, static_cast<Tp*>(out), T, n, d_in,
+        d_out, static_cast<int>(rk), scale, dp);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t backward_rows(Act act, const void* g, int64_t ldg, const float* Ae, const float* Ck,
+                          const float* Be, float* V, float* dT, void* dx, int64_t n, int64_t d_in,
+                          int64_t d_out, int64_t rk, float scale, Dropout dp, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (rk < 1 || rk > kMaxRank) return cudaErrorInvalidValue;
+  const int warps = row_warps(rk);
+  const int64_t rows_per_block = static_cast<int64_t>(warps) * kWarpRows;
+  const dim3 grid(static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block));
+  const size_t shared = static_cast<size_t>(warps) * 2 * kWarpRows * rk * sizeof(float);
+  return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
+    using Tp = decltype(tag);
+    backward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
+        static_cast<const Tp*>(g), ldg, Ae, Ck, Be, V, dT, static_cast<Tp*>(dx), n, d_in, d_out,
+        static_cast<int>(rk), scale, dp);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t outer_partials(Act act, const void* rows, int64_t ld, const float* coef, float* P,
+                           int64_t n, int64_t d, int64_t rk, int64_t splits,
+                           int64_t rows_per_split, Dropout dp, cudaStream_t stream) {
+  if (n == 0 || d == 0) return cudaSuccess;
+  if (rk < 1 || splits < 1 || splits > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(outer_column_blocks(d)), static_cast<unsigned>(splits));
+  return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
+    using Tp = decltype(tag);
+    outer_partials_kernel<Tp, decltype(rch)::value><<<grid, kOuterThreads, 0, stream>>>(
+        static_cast<const Tp*>(rows), ld, coef, P, n, d, static_cast<int>(rk), rows_per_split,
+        dp);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace dcft_cuda
+}  // namespace lor2c

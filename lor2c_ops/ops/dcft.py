@@ -1,0 +1,278 @@
+"""The DCFT op (DESIGN.md 2.4): registration (schemas, fake kernels, autograd) and public functions.
+
+    dcft_linear(x, W, b, A, B, C, s, stride, p) = F.linear(x, W, b) + s * dropout(x) @ D,
+    D = conv_transpose2d(A.T @ B.T, C, stride)                      (d_in x d_out, never formed)
+
+Two custom ops, `lor2c_ops::dcft_fwd` and `lor2c_ops::dcft_bwd`, each taking the backend by name
+(the pattern of ops/lor2c.py). The forward returns the layer's whole output: the kernels write
+b + s * dropout(x) @ D into the output buffer and the base linear's GEMM accumulates x @ W.T onto
+it (beta = 1), so there is no separate n x d_out delta tensor. The backward likewise returns dx
+with g @ W accumulated onto the adapter's part, plus dA, dB, dC; dW = g.T @ x and db = sum(g)
+are computed here when the frozen weight or bias do require grad.
+
+Saved for backward: x and the weights by reference, T = A @ windows(dropout(x)) (n x r*k, fp32)
+and the 2-element seed; the dropout mask is regenerated from the seed with the convention of
+csrc/philox.h on x viewed as (n, d_in), so a seed gives the same mask as lor2c_residual's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _ext, backends
+from ..ref import dcft as ref
+from .lor2c import _rows, draw_seed
+
+
+def _kernels(backend: str):
+    if backend == "reference":
+        return ref
+    if backend == "triton":
+        from ..triton import dcft as triton_kernels
+        return triton_kernels
+    return _Compiled  # "cpu" and "cuda": the extension's dispatcher picks by device
+
+
+class _Compiled:
+    @staticmethod
+    def forward(x, weight, bias, A, B, C, scale, stride, p, seed):
+        return torch.ops.lor2c_ops_ext.dcft_fwd(x, weight, bias, A, B, C, scale, stride, p, seed)
+
+    @staticmethod
+    def backward(grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB,
+                 need_dC):
+        return torch.ops.lor2c_ops_ext.dcft_bwd(grad, x, t, weight, A, B, C, scale, stride, p,
+                                                seed, need_dx, need_dA, need_dB, need_dC)
+
+
+def _t_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.library.custom_op("lor2c_ops::dcft_fwd", mutates_args=())
+def dcft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+             scale: float, stride: int, p: float, seed: Tensor,
+             backend: str) -> tuple[Tensor, Tensor]:
+    """(out, T) for 2-D x (n, d_in): out = x @ W.T + b + s * dropout(x) @ D, T (n, r * k)."""
+    return tuple(_kernels(backend).forward(x, weight, bias, A, B, C, scale, stride, p, seed))
+
+
+@dcft_fwd.register_fake
+def _(x, weight, bias, A, B, C, scale, stride, p, seed, backend):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], A.shape[0] * C.shape[0]), dtype=_t_dtype(x)))
+
+
+@torch.library.custom_op("lor2c_ops::dcft_bwd", mutates_args=())
+def dcft_bwd(grad: Tensor, x: Tensor, t: Tensor, weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             scale: float, stride: int, p: float, seed: Tensor, backend: str, need_dx: bool,
+             need_dA: bool, need_dB: bool, need_dC: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dC), dx including g @ W; a gradient not asked for is an empty tensor."""
+    return tuple(_kernels(backend).backward(grad, x, t, weight, A, B, C, scale, stride, p, seed,
+                                            need_dx, need_dA, need_dB, need_dC))
+
+
+@dcft_bwd.register_fake
+def _(grad, x, t, weight, A, B, C, scale, stride, p, seed, backend, need_dx, need_dA, need_dB,
+      need_dC):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            A.new_empty(A.shape if need_dA else (0,)),
+            B.new_empty(B.shape if need_dB else (0,)),
+            C.new_empty(C.shape if need_dC else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, C, scale, stride, p, seed, backend = inputs
+    ctx.save_for_backward(x, output[1], weight, A, B, C, seed)
+    ctx.scale, ctx.stride, ctx.p, ctx.backend = scale, stride, p, backend
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_t):
+    need_x, need_w, need_b, need_A, need_B, need_C = ctx.needs_input_grad[:6]
+    none = (None,) * 11
+    if grad_out is None:
+        return none
+    x, t, weight, A, B, C, seed = ctx.saved_tensors
+    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    dx = dA = dB = dC = dW = db = None
+    if need_x or need_A or need_B or need_C:
+        dx, dA, dB, dC = dcft_bwd(g, x, t, weight, A, B, C, ctx.scale, ctx.stride, ctx.p, seed,
+                                  ctx.backend, need_x, need_A, need_B, need_C)
+    if need_w:  # the base weight and bias get gradients only when they require them
+        dW = g.t().mm(x).to(weight.dtype)
+    if need_b:
+        db = g.sum(0, dtype=_t_dtype(g)).to(g.dtype)
+    return (dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
+            dC if need_C else None, None, None, None, None, None)
+
+
+dcft_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- argument checks -----------------------------------------------------------------------------
+
+def _stride(stride, k: int) -> int:
+    if stride is None:
+        return k
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        raise TypeError(f"stride: expected an int in 1..{k} (the kernel size) or None, got "
+                        f"{stride!r}")
+    if not 1 <= stride <= k:
+        raise ValueError(f"stride: expected an int in 1..{k} (C is {k} x {k}), got {stride}")
+    return stride
+
+
+def fitting_sizes(d: int, k: int, stride: int) -> str:
+    """The sizes next to d that satisfy d = (m - 1) * stride + k, as 'd (m = ...)' phrases."""
+    if d >= k and (d - k) % stride == 0:
+        return f"{d} (m = {(d - k) // stride + 1})"
+    below = (d - k) // stride + 1 if d >= k else None  # the largest m whose size is below d
+    above = below + 1 if below is not None else 1
+    sizes = []
+    if below is not None:
+        sizes.append(f"{(below - 1) * stride + k} (m = {below})")
+    sizes.append(f"{(above - 1) * stride + k} (m = {above})")
+    return " or ".join(sizes)
+
+
+def subspace_size(d: int, k: int, stride: int, name: str) -> int:
+    """m with d = (m - 1) * stride + k, or a ValueError naming the sizes that would fit."""
+    if d < k or (d - k) % stride != 0:
+        raise ValueError(
+            f"{name} = {d} does not fit kernel size k = {k} and stride = {stride}: DCFT needs "
+            f"{name} = (m - 1) * stride + k for a whole number m >= 1; sizes that fit: "
+            f"{fitting_sizes(d, k, stride)}")
+    return (d - k) // stride + 1
+
+
+def _check_factors(A, B, C, stride, d_in: Optional[int] = None, d_out: Optional[int] = None):
+    """(stride, m_in, m_out) after checking A (r, m_in), B (m_out, r), C (k, k) and the sizes."""
+    _checks.tensor(A, "A", dim=2)
+    _checks.tensor(B, "B", dim=2)
+    _checks.tensor(C, "C", dim=2)
+    r = A.shape[0]
+    if r < 1:
+        raise ValueError(f"A: expected rank r >= 1, got A of shape {tuple(A.shape)}")
+    if B.shape[1] != r:
+        raise ValueError(f"B: expected shape (m_out, {r}) to match the rank of A "
+                         f"{tuple(A.shape)}, got {tuple(B.shape)}")
+    k = C.shape[0]
+    if C.shape[1] != k or k < 1:
+        raise ValueError(f"C: expected a square (k, k) kernel with k >= 1, got shape "
+                         f"{tuple(C.shape)}")
+    stride = _stride(stride, k)
+    for name, d, factor, dim, what in (("d_in", d_in, A, 1, "A"), ("d_out", d_out, B, 0, "B")):
+        m = factor.shape[dim]
+        form = "(r, m_in)" if what == "A" else "(m_out, r)"
+        if m < 1:
+            raise ValueError(f"{what}: expected shape {form} with m >= 1, got {tuple(factor.shape)}")
+        if d is None:
+            continue
+        want = subspace_size(d, k, stride, name)
+        if m != want:
+            shape = (r, want) if what == "A" else (want, r)
+            raise ValueError(f"{what}: expected shape {shape} for {name} = {d} = ({want} - 1) * "
+                             f"{stride} + {k} (stride {stride}, kernel size {k}), got "
+                             f"{tuple(factor.shape)}")
+    return stride, A.shape[1], B.shape[0]
+
+
+def _check(x, weight, bias, A, B, C, stride):
+    _checks.tensor(x, "x", min_dim=1)
+    _checks.tensor(weight, "weight", dim=2)
+    if bias is not None:
+        _checks.tensor(bias, "bias", dim=1)
+    named = {"x": x, "weight": weight}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in (("A", A), ("B", B), ("C", C)):
+        _checks.tensor(t, name, dim=2)
+        named[name] = t
+    _checks.same_device(named)
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x: expected last dimension {d_in} (weight is (d_out, d_in) = "
+                         f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias: expected shape ({d_out},) (d_out of weight "
+                         f"{tuple(weight.shape)}), got {tuple(bias.shape)}")
+    return _check_factors(A, B, C, stride, d_in, d_out)[0]
+
+
+def _pick_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    name = backends.select(backend, device, dtype)
+    if name in ("cpu", "cuda"):
+        key = "CPU" if name == "cpu" else "CUDA"
+        if not _ext.has_kernel("dcft_fwd", key):
+            reason = ("the compiled extension lor2c_ops._C was built without the DCFT kernels "
+                      "(rebuild: python setup.py build_ext --inplace)")
+            if backend is not None:
+                raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+            return "triton" if name == "cuda" else "reference"
+    return name
+
+
+# --- public functions ----------------------------------------------------------------------------
+
+def dcft_delta(A: Tensor, B: Tensor, C: Tensor, stride: Optional[int] = None) -> Tensor:
+    """The materialised DCFT delta weight D = conv_transpose2d(A.T @ B.T, C, stride): (d_in, d_out).
+
+    For merging into a base weight (W.T + s * D, i.e. W + s * D.T) and for tests; training goes
+    through dcft_linear, which never forms D. Differentiable. A (r, m_in), B (m_out, r), C (k, k)
+    of one dtype and device; stride in 1..k, default k; d = (m - 1) * stride + k.
+    """
+    stride, _, _ = _check_factors(A, B, C, stride)
+    _checks.same_device({"A": A, "B": B, "C": C})
+    _checks.same_dtype(A, "A", B, "B")
+    _checks.same_dtype(A, "A", C, "C")
+    return ref.dcft_delta(A, B, C, stride)
+
+
+def dcft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                C: Tensor, scale: float = 1.0, stride: Optional[int] = None,
+                dropout_p: float = 0.0, training: bool = True,
+                generator: Optional[torch.Generator] = None,
+                backend: Optional[str] = None) -> Tensor:
+    """F.linear(x, weight, bias) + scale * dropout(x) @ D, fused, without ever forming D.
+
+    x: (..., d_in); weight (d_out, d_in) and bias (d_out,) or None in x's dtype (they get
+    gradients when they require grad); A (r, m_in), B (m_out, r), C (k, k) in x's dtype or
+    float32 (mixed precision), with d_in = (m_in - 1) * stride + k and d_out = (m_out - 1) *
+    stride + k; stride in 1..k, default k (the paper's setting, and the fast path). Dropout
+    applies to x on the adapter path only, when training and dropout_p > 0; its mask is drawn
+    from `generator` (or the default generator of x's device), with the convention of
+    lor2c_residual, and never stored. backend: None picks the fastest for the inputs; "reference",
+    "cpu", "triton" or "cuda" forces one, and raises if it cannot run here, saying why.
+    """
+    stride = _check(x, weight, bias, A, B, C, stride)
+    p = _checks.probability(dropout_p, "dropout_p") if training else 0.0
+    scale = _checks.finite(scale, "scale")
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        # What the expression does under autocast: the linear and the matmul with D in the
+        # autocast dtype. The adapter factors stay as they are (float32 is allowed).
+        low = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        if A.dtype not in (low, torch.float32):
+            A, B, C = A.float(), B.float(), C.float()
+    _checks.same_dtype(x, "x", weight, "weight")
+    if bias is not None:
+        _checks.same_dtype(x, "x", bias, "bias")
+    _checks.same_dtype(A, "A", B, "B")
+    _checks.same_dtype(A, "A", C, "C")
+    _checks.weight_dtype(A, "A", x.dtype)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    name = _pick_backend(backend, x.device, x.dtype)
+    d_out, d_in = weight.shape
+    if x.numel() // max(d_in, 1) >= 2**32:
+        raise ValueError(f"x: at most 2^32 - 1 rows are supported, got {x.numel() // d_in}")
+    seed = (draw_seed(generator, x.device) if p > 0.0
+            else torch.zeros(2, dtype=torch.int64, device=x.device))
+    with torch.autocast(x.device.type, enabled=False):
+        out, _ = dcft_fwd(_rows(x, d_in), weight, bias, A, B, C, scale, stride, p, seed, name)
+    return out.view(*x.shape[:-1], d_out)
