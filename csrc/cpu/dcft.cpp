@@ -39,28 +39,20 @@
 #include "dropout.h"
 #include "memory.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCFT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DCFT_CLONES
-#endif
-#define DCFT_INLINE inline __attribute__((always_inline))
+#include "rows.h"
 
 namespace lor2c {
 namespace {
 
-constexpr int kRows = 8;     // rows per block: each factor element loaded serves kRows rows
-constexpr int kLanes = 16;   // floats per vector: one AVX-512 register, two AVX2 ones
-
-typedef float vfloat __attribute__((vector_size(4 * kLanes)));
-
-DCFT_INLINE vfloat vload(const float* p) {
-  vfloat v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-DCFT_INLINE void vstore(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
+using cpu::dispatch_activation;
+using cpu::dropped_rows;
+using cpu::float_rows;
+using cpu::kLanes;
+using cpu::kRows;
+using cpu::multiply_into;
+using cpu::narrow;
+using cpu::Scratch;
+using cpu::vfloat;
 
 // Sizes of one call. R = r * E shifted factor rows, indexed j * E + e.
 struct Geometry {
@@ -110,7 +102,7 @@ at::Tensor fold(const float* P, const Geometry& g, int64_t m, int64_t d) {
 }
 
 // bins[(b * R + q) * st + c % st] = sum over columns c of W[q, c] * rows[b][c], b < kRows.
-DCFT_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d, int64_t st,
+LOR2C_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d, int64_t st,
                                  int64_t nacc, const float* const* rows, float* __restrict bins) {
   const int64_t chunks = d / kLanes;
   std::fill(bins, bins + kRows * R * st, 0.f);
@@ -119,9 +111,9 @@ DCFT_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d
     for (int64_t u = 0; u < nacc; ++u) {
       vfloat acc[kRows] = {};
       for (int64_t t = u; t < chunks; t += nacc) {
-        const vfloat wv = vload(w + t * kLanes);
+        const vfloat wv = cpu::load(w + t * kLanes);
 #pragma GCC unroll 8
-        for (int b = 0; b < kRows; ++b) acc[b] += wv * vload(rows[b] + t * kLanes);
+        for (int b = 0; b < kRows; ++b) acc[b] += wv * cpu::load(rows[b] + t * kLanes);
       }
       for (int b = 0; b < kRows; ++b) {
         float* out = bins + (b * R + q) * st;
@@ -135,7 +127,7 @@ DCFT_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d
 
 // out[b][c] = (base ? base[b][c] : 0) + sum_q W[q, c] * pat[(b * R + q) * st + c % st].
 // pv: scratch of kRows * R * kLanes floats (the patterns laid out as lanes).
-DCFT_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int64_t d,
+LOR2C_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int64_t d,
                                        int64_t st, int64_t nacc, const float* __restrict pat,
                                        const float* const* base, float* const* out,
                                        float* __restrict pv) {
@@ -147,15 +139,15 @@ DCFT_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int
       vfloat acc[kRows] = {};
       if (base) {
 #pragma GCC unroll 8
-        for (int b = 0; b < kRows; ++b) acc[b] = vload(base[b] + t * kLanes);
+        for (int b = 0; b < kRows; ++b) acc[b] = cpu::load(base[b] + t * kLanes);
       }
       for (int64_t q = 0; q < R; ++q) {
-        const vfloat wv = vload(W + q * d + t * kLanes);
+        const vfloat wv = cpu::load(W + q * d + t * kLanes);
 #pragma GCC unroll 8
-        for (int b = 0; b < kRows; ++b) acc[b] += wv * vload(pv + (b * R + q) * kLanes);
+        for (int b = 0; b < kRows; ++b) acc[b] += wv * cpu::load(pv + (b * R + q) * kLanes);
       }
 #pragma GCC unroll 8
-      for (int b = 0; b < kRows; ++b) vstore(out[b] + t * kLanes, acc[b]);
+      for (int b = 0; b < kRows; ++b) cpu::store(out[b] + t * kLanes, acc[b]);
     }
   }
   for (int64_t c = chunks * kLanes; c < d; ++c) {
@@ -168,7 +160,7 @@ DCFT_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int
 }
 
 // P[q, c] += sum_b pat[(b * R + q) * st + c % st] * rows[b][c]: the weight-gradient update.
-DCFT_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64_t d, int64_t st,
+LOR2C_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64_t d, int64_t st,
                                            int64_t nacc, const float* __restrict pat,
                                            const float* const* rows) {
   const int64_t chunks = d / kLanes;
@@ -179,10 +171,10 @@ DCFT_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64
       for (int b = 0; b < kRows; ++b)
         for (int l = 0; l < kLanes; ++l) coef[b][l] = pat[(b * R + q) * st + (kLanes * u + l) % st];
       for (int64_t t = u; t < chunks; t += nacc) {
-        vfloat acc = vload(p + t * kLanes);
+        vfloat acc = cpu::load(p + t * kLanes);
 #pragma GCC unroll 8
-        for (int b = 0; b < kRows; ++b) acc += coef[b] * vload(rows[b] + t * kLanes);
-        vstore(p + t * kLanes, acc);
+        for (int b = 0; b < kRows; ++b) acc += coef[b] * cpu::load(rows[b] + t * kLanes);
+        cpu::store(p + t * kLanes, acc);
       }
     }
     for (int64_t c = chunks * kLanes; c < d; ++c) {
@@ -190,58 +182,6 @@ DCFT_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64
       for (int b = 0; b < kRows; ++b) acc += pat[(b * R + q) * st + c % st] * rows[b][c];
       p[c] = acc;
     }
-  }
-}
-
-DCFT_CLONES void multiply_into(float* out, const float* a, const float* __restrict b, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) out[j] = a[j] * b[j];
-}
-
-template <typename T>
-void widen(const T* src, float* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename T>
-void narrow(const float* src, T* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-// Per-thread scratch rows, padded for the dropout generator's 64-column steps.
-struct Scratch {
-  int64_t stride;
-  std::vector<float> data;
-  Scratch(int64_t d, int64_t count) : stride(cpu::mask_padded(d)), data(stride * count, 0.f) {}
-  float* row(int64_t i) { return data.data() + i * stride; }
-};
-
-// Float views of rows i0..i0+kRows of a (n, d) tensor with row stride ld: the tensor's own
-// memory for fp32 (rows past n point at `zero`), else widened into `scratch`.
-template <typename T>
-void float_rows(const T* base, int64_t ld, int64_t i0, int nb, int64_t d, Scratch& scratch,
-                const float* zero, const float* rows[kRows]) {
-  for (int b = 0; b < kRows; ++b) {
-    if (b >= nb) {
-      rows[b] = zero;
-    } else if constexpr (std::is_same_v<T, float>) {
-      rows[b] = base + (i0 + b) * ld;
-    } else {
-      widen(base + (i0 + b) * ld, scratch.row(b), d);
-      rows[b] = scratch.row(b);
-    }
-  }
-}
-
-// Rows of dropout(x) as floats; with dropout, the mask rows are left in `mask`.
-template <typename T>
-void dropped_rows(const T* x, int64_t ld, int64_t i0, int nb, int64_t d, const DropoutParams& dp,
-                  Scratch& xs, Scratch& mask, const float* zero, const float* rows[kRows]) {
-  float_rows(x, ld, i0, nb, d, xs, zero, rows);
-  if (!dp.enabled) return;
-  for (int b = 0; b < nb; ++b) {
-    cpu::draw_dropout_row(i0 + b, d, dp, mask.row(b));
-    multiply_into(xs.row(b), rows[b], mask.row(b), d);
-    rows[b] = xs.row(b);
   }
 }
 
@@ -315,11 +255,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     const float* xrows[kRows];
     const float* brows[kRows];
     float* orows[kRows];
+    int64_t idx[kRows];
     for (int b = 0; b < kRows; ++b) brows[b] = biasp;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+      cpu::consecutive(i0, nb, idx);
+      dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
       binned_dot_rows(asp, g.R, d_in, g.st, g.nacc, xrows, bins.data());  // T = A X
       from_bins(bins.data(), g, tb.data());
       std::copy(tb.begin(), tb.begin() + nb * rk, tp + i0 * rk);
@@ -378,10 +320,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const float* grows[kRows];
     const float* xrows[kRows];
     float* dxrows[kRows];
+    int64_t idx[kRows];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-      float_rows(gp, ldg, i0, nb, d_out, gs, zero.row(0), grows);
+      cpu::consecutive(i0, nb, idx);
+      float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
       binned_dot_rows(bsp, g.R, d_out, g.st, g.nacc, grows, bins.data());  // V = B.T G
       from_bins(bins.data(), g, vb.data());
       std::fill(tb.begin(), tb.end(), 0.f);
@@ -404,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       times_kernel(vb.data(), cp, g, true, wb.data());  // dT = s V C.T
       to_pattern(wb.data(), g, s, pat.data());
       if (need_dA) {  // dA (shifted) += dT (x) dropout(x)
-        dropped_rows(xp, ldx, i0, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+        dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
         periodic_accumulate_outer(pa, g.R, d_in, g.st, g.nacc, pat.data(), xrows);
       } else if (dp.enabled) {
         for (int b = 0; b < nb; ++b) cpu::draw_dropout_row(i0 + b, d_in, dp, mask.row(b));
@@ -442,19 +386,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, dA, dB, dC};
 }
 
-template <typename F>
-auto dispatch_activation(const at::Tensor& x, F&& body) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return body(float{});
-    case at::kHalf:
-      return body(at::Half{});
-    case at::kBFloat16:
-      return body(at::BFloat16{});
-    default:
-      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
 
 Geometry geometry_of(const DcftSizes& z) {
   return geometry(z.n, z.d_in, z.d_out, z.r, z.k, z.stride, z.m_in, z.m_out);

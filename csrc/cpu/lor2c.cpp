@@ -18,37 +18,23 @@
 #include "../lor2c_common.h"
 #include "dropout.h"
 #include "memory.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOR2C_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOR2C_CLONES
-#endif
+#include "rows.h"
 
 namespace lor2c {
 namespace {
 
-constexpr int kRows = 8;     // rows per block: each weight element loaded is used kRows times
-constexpr int kLanes = 16;   // floats per vector: one AVX-512 register, two AVX2 ones
-
-// GCC/Clang vector extensions: each target clone lowers them to its own instruction set.
-typedef float vfloat __attribute__((vector_size(4 * kLanes)));
-
-#define LOR2C_INLINE inline __attribute__((always_inline))
-
-LOR2C_INLINE vfloat load(const float* p) {
-  vfloat v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-LOR2C_INLINE void store(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-LOR2C_INLINE float hsum(vfloat v) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
+using cpu::dispatch_activation;
+using cpu::dropped_rows;
+using cpu::float_rows;
+using cpu::hsum;
+using cpu::kLanes;
+using cpu::kRows;
+using cpu::load;
+using cpu::multiply_into;
+using cpu::narrow;
+using cpu::Scratch;
+using cpu::store;
+using cpu::vfloat;
 
 // out[b * r + k] = dot(M[k, :], rows[b]) for the kRows rows.
 LOR2C_CLONES void dot_rows(const float* __restrict M, int64_t r, int64_t d,
@@ -120,29 +106,6 @@ LOR2C_CLONES void accumulate_outer(float* __restrict P, int64_t r, int64_t d,
   }
 }
 
-LOR2C_CLONES void multiply_into(float* out, const float* a, const float* __restrict b,
-                                int64_t d) {
-  for (int64_t j = 0; j < d; ++j) out[j] = a[j] * b[j];
-}
-
-template <typename T>
-void widen(const T* src, float* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-template <typename T>
-void narrow(const float* src, T* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-// Per-thread scratch of a few rows; a row of it is handed out as the float view of a tensor row.
-struct Scratch {
-  int64_t stride;
-  std::vector<float> data;
-  Scratch(int64_t d, int64_t count) : stride(cpu::mask_padded(d)), data(stride * count, 0.f) {}
-  float* row(int64_t i) { return data.data() + i * stride; }
-};
-
 // Blocks of up to kRows rows that share an adapter (a row of the weight banks), in the order the
 // kernels visit them. The plain op is one adapter over rows 0..n-1; a multi-adapter batch is
 // grouped by adapter id with a counting sort, so unsorted ids still give full blocks.
@@ -187,38 +150,6 @@ struct RowPlan {
     return plan;
   }
 };
-
-// Float view of rows idx[0..nb) of a tensor with row stride `ld`: the tensor's own memory for
-// fp32 (missing rows point at `zero`), else widened into `scratch`.
-template <typename T>
-void float_rows(const T* base, int64_t ld, const int64_t* idx, int nb, int64_t d,
-                Scratch& scratch, const float* zero, const float* rows[kRows]) {
-  for (int b = 0; b < kRows; ++b) {
-    if (b >= nb) {
-      rows[b] = zero;
-    } else if constexpr (std::is_same_v<T, float>) {
-      rows[b] = base + idx[b] * ld;
-    } else {
-      widen(base + idx[b] * ld, scratch.row(b), d);
-      rows[b] = scratch.row(b);
-    }
-  }
-}
-
-// Rows of dropout(x) as floats; with dropout the mask rows are left in `mask`. The mask is a
-// function of the row's index in x, whatever order the rows are visited in.
-template <typename T>
-void dropped_rows(const T* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
-                  const DropoutParams& dp, Scratch& xs, Scratch& mask, const float* zero,
-                  const float* rows[kRows]) {
-  float_rows(x, ld, idx, nb, d, xs, zero, rows);
-  if (!dp.enabled) return;
-  for (int b = 0; b < nb; ++b) {
-    cpu::draw_dropout_row(idx[b], d, dp, mask.row(b));
-    multiply_into(xs.row(b), rows[b], mask.row(b), d);
-    rows[b] = xs.row(b);
-  }
-}
 
 // The weight banks widened to fp32 once per call: A as (G, r, d_in), B transposed to
 // (G, r, d_out) so that every hot loop runs along d with unit stride.
@@ -374,20 +305,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, dA, dB};
 }
 
-// Weights of either dtype are widened to fp32 once per call, so only x's dtype picks a kernel.
-template <typename F>
-auto dispatch_activation(const at::Tensor& x, F&& body) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return body(float{});
-    case at::kHalf:
-      return body(at::Half{});
-    case at::kBFloat16:
-      return body(at::BFloat16{});
-    default:
-      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
 
 DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
   const at::Tensor s = seed.to(at::kCPU);
