@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -88,32 +86,6 @@ def memory_of_step(step, device: torch.device, d_bytes: int) -> tuple[int, int]:
     return peak, d_sized
 
 
-def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> dict:
-    """{key: (median ms, IQR ms)} for cases {key: (fn, setup or None)}.
-
-    On a GPU each case is timed on its own (common.bench). On a CPU, which in CI is small and
-    shared, the cases are timed round-robin, each repetition running every case once, so that a
-    change of load slows every provider alike instead of whichever happened to be running.
-    """
-    if device.type == "cuda":
-        return {key: common.bench(fn, device, repeat=repeat, setup=pre)
-                for key, (fn, pre) in cases.items()}
-    samples = {key: [] for key in cases}
-    for it in range(warmup + repeat):
-        for key, (fn, pre) in cases.items():
-            if pre is not None:
-                pre()
-            t0 = time.perf_counter()
-            fn()
-            if it >= warmup:
-                samples[key].append((time.perf_counter() - t0) * 1e3)
-    result = {}
-    for key, values in samples.items():
-        quartiles = statistics.quantiles(values, n=4)
-        result[key] = (statistics.median(values), quartiles[2] - quartiles[0])
-    return result
-
-
 def run(args):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -157,7 +129,7 @@ def run(args):
                 cases[name, mode] = (fn, pre)
             memory[name] = (common.saved_bytes(forward, exclude=(x, W, b, A, B, C)),
                             *memory_of_step(both, device, d_bytes))
-        times = timed(cases, device, args.repeat)
+        times = common.timed(cases, device, args.repeat)
         results = {}
         for name, (saved, peak, d_allocs) in memory.items():
             results[name] = {mode: times[name, mode] for mode in ("fwd", "bwd", "fwd+bwd")}

@@ -1,7 +1,8 @@
 """Timing, memory and result-writing helpers shared by the benchmark scripts.
 
-Times are medians over repeated runs (triton.testing.do_bench on a GPU; a perf_counter loop
-on the CPU), with the interquartile range as the spread. The memory-bound limit of an op is
+Times are medians over repeated runs (triton.testing.do_bench on a GPU; on the CPU a
+perf_counter loop, round-robin over the providers so that load from other processes hits them
+alike), with the interquartile range as the spread. The memory-bound limit of an op is
 measured in the same run as the op: the time of out-of-place adds moving the same bytes.
 """
 from __future__ import annotations
@@ -81,6 +82,32 @@ def bench(fn: Callable[[], object], device: torch.device, warmup: int = 3, repea
         times.append((time.perf_counter() - t0) * 1e3)
     quartiles = statistics.quantiles(times, n=4)
     return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> dict:
+    """{key: (median ms, IQR ms)} for cases {key: (fn, setup or None)}.
+
+    On a GPU each case is timed on its own (common.bench). On a CPU, which in CI is small and
+    shared, the cases are timed round-robin, each repetition running every case once, so that a
+    change of load slows every provider alike instead of whichever happened to be running.
+    """
+    if device.type == "cuda":
+        return {key: bench(fn, device, repeat=repeat, setup=pre)
+                for key, (fn, pre) in cases.items()}
+    samples = {key: [] for key in cases}
+    for it in range(warmup + repeat):
+        for key, (fn, pre) in cases.items():
+            if pre is not None:
+                pre()
+            t0 = time.perf_counter()
+            fn()
+            if it >= warmup:
+                samples[key].append((time.perf_counter() - t0) * 1e3)
+    result = {}
+    for key, values in samples.items():
+        quartiles = statistics.quantiles(values, n=4)
+        result[key] = (statistics.median(values), quartiles[2] - quartiles[0])
+    return result
 
 
 def memory_bound_ms(numel: int, dtype: torch.dtype, device: torch.device, elements_moved: int,
