@@ -15,3 +15,8 @@ from .ops.lor2c import lor2c_residual
 
 __all__ = ["__version__", "available_backends", "DCFTLinear", "FusedLoR2C", "ShareLoR2C",
            "dcft_delta", "dcft_linear", "lor2c_residual"]
+from .adapters import (IMLoR2CSchedule, LoR2CConfig, apply_dcft, apply_lor2c,  # noqa: E402
+                       load_adapters, save_adapters)
+
+__all__ += ["IMLoR2CSchedule", "LoR2CConfig", "apply_dcft", "apply_lor2c", "load_adapters",
+            "save_adapters"]

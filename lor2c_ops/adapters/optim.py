@@ -1,0 +1,50 @@
+"""Keeping an optimizer in step with structural edits: removed parameters leave it (with their
+state), new ones join the param group the removed ones were in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StructuralEdit:
+    """What a merge or injection changed. `removed` left the model, `added` joined it (trainable).
+    When an optimizer was passed it has already been updated; otherwise call
+    `apply_to(optimizer)` (or add `added` / drop `removed` yourself)."""
+
+    kind: str
+    detail: dict
+    removed: List[nn.Parameter] = field(default_factory=list)
+    added: List[nn.Parameter] = field(default_factory=list)
+
+    def apply_to(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        if optimizer is not None:
+            update_optimizer(optimizer, self.removed, self.added)
+
+
+def update_optimizer(optimizer: torch.optim.Optimizer, removed, added) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    removed_ids = {id(p) for p in removed}
+    target = None
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in removed_ids]
+        if len(kept) != len(group["params"]) and target is None:
+            target = group
+        group["params"] = kept
+    for p in removed:
+        optimizer.state.pop(p, None)
+    if added:
+        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        new = [p for p in added if id(p) not in present]
+        if target is None:
+            target = optimizer.param_groups[0]
+        target["params"].extend(new)
+
+
+def optimizer_params(optimizer) -> List[nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]

