@@ -322,6 +322,7 @@ def test_fresh_module_is_identity_and_reset():
 @pytest.mark.parametrize("kwargs, match", [
     ({"in_features": 0}, "in_features"), ({"in_features": 4, "r": 0}, "r"),
     ({"in_features": 4, "dropout": 1.0}, "dropout"), ({"in_features": 4, "out_features": -1}, "out_features"),
+    ({"in_features": True}, "in_features"),
 ])
 def test_module_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

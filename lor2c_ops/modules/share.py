@@ -44,7 +44,7 @@ class ShareLoR2C(nn.Module):
         out_features = in_features if out_features is None else out_features
         for name, value in (("num_adapters", num_adapters), ("in_features", in_features),
                             ("out_features", out_features), ("r", r)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
