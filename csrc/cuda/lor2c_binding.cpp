@@ -1,0 +1,163 @@
+// ATen glue of the LoR2C residual CUDA kernels: the CUDA implementations of the private ops
+// lor2c_ops_ext::lor2c_fwd / lor2c_bwd (schemas in csrc/extension.cpp). Same checks, outputs
+// and dtypes as csrc/cpu/lor2c.cpp, plus device checks; allocation through ATen (the caching
+// allocator), work enqueued on the current stream, no host synchronisation.
+// Compiled only into CUDA builds (setup.py).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../lor2c_common.h"
+#include "lor2c_kernels.h"
+
+namespace lor2c {
+namespace {
+
+cuda::DType activation_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, ": expected a tensor on ", device,
+              " (the device of x), got ", t.device());
+}
+
+cuda::DeviceInfo device_info() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return {prop->multiProcessorCount, static_cast<int64_t>(prop->sharedMemPerBlockOptin)};
+}
+
+// The seed stays on the device: the kernels read (seed, offset) themselves.
+cuda::DropoutArgs dropout_args(const at::Tensor& seed, double p) {
+  const DropoutParams dp = dropout_params(p, 0, 0);  // threshold and 1/(1-p) only
+  return {seed.data_ptr<int64_t>(), dp.threshold, dp.inv_keep, dp.enabled};
+}
+
+std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at::Tensor& layer_out,
+                                                  const at::Tensor& A, const at::Tensor& B,
+                                                  double scale, double p,
+                                                  const at::Tensor& seed) {
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_common(x, A, B, seed, p);
+  check_rows(x, "x", x.size(0), x.size(1));
+  check_rows(layer_out, "layer_out", x.size(0), B.size(0));
+  TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
+              x.scalar_type(), ", got ", layer_out.scalar_type());
+  const cuda::DType act = activation_dtype(x);
+  const at::Device device = x.device();
+  check_device(layer_out, "layer_out", device);
+  check_device(A, "A", device);
+  check_device(B, "B", device);
+  check_device(seed, "seed", device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = B.size(0), r = A.size(0);
+  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
+  at::Tensor out = at::empty({n, d_out}, layer_out.options());
+  at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
+  if (n == 0) return {out, t};
+
+  cuda::FwdArgs args{};
+  args.act = act;
+  args.weights_fp32 = A.scalar_type() == at::kFloat;
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.layer_out = layer_out.data_ptr();
+  args.ldl = layer_out.stride(0);
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.out = out.data_ptr();
+  args.t = t.data_ptr<float>();
+  args.n = n;
+  args.d_in = d_in;
+  args.d_out = d_out;
+  args.r = r;
+  args.scale = static_cast<float>(scale);
+  args.dropout = dropout_args(seedc, p);
+  C10_CUDA_CHECK(cuda::lor2c_fwd_launch(args, device_info(), at::cuda::getCurrentCUDAStream()));
+  return {out, t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
+    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
+    bool need_dA, bool need_dB) {
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_common(x, A, B, seed, p);
+  check_rows(x, "x", x.size(0), x.size(1));
+  check_rows(grad, "grad", x.size(0), B.size(0));
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(),
+              ", got ", grad.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(0) == x.size(0) && t.size(1) == A.size(0),
+              "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
+  const cuda::DType act = activation_dtype(x);
+  const at::Device device = x.device();
+  check_device(grad, "grad", device);
+  check_device(t, "t", device);
+  check_device(A, "A", device);
+  check_device(B, "B", device);
+  check_device(seed, "seed", device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = B.size(0), r = A.size(0);
+  at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dA = need_dA ? at::empty({r, d_in}, A.options()) : at::empty({0}, A.options());
+  at::Tensor dB = need_dB ? at::empty({d_out, r}, B.options()) : at::empty({0}, B.options());
+  if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
+
+  const cuda::DeviceInfo info = device_info();
+  const cuda::BwdPlan plan =
+      cuda::lor2c_bwd_plan(n, d_in, d_out, r, need_dx, need_dA, need_dB, info);
+  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
+  at::Tensor workspace = at::empty({plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems},
+                                   x.options().dtype(at::kFloat));
+
+  cuda::BwdArgs args{};
+  args.act = act;
+  args.weights_fp32 = A.scalar_type() == at::kFloat;
+  args.grad = grad.data_ptr();
+  args.ldg = grad.stride(0);
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.t = t.data_ptr<float>();
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.dx = need_dx ? dx.data_ptr() : nullptr;
+  args.dA = need_dA ? dA.data_ptr() : nullptr;
+  args.dB = need_dB ? dB.data_ptr() : nullptr;
+  args.workspace = workspace.data_ptr<float>();
+  args.n = n;
+  args.d_in = d_in;
+  args.d_out = d_out;
+  args.r = r;
+  args.scale = static_cast<float>(scale);
+  args.need_dx = need_dx;
+  args.need_dA = need_dA;
+  args.need_dB = need_dB;
+  args.dropout = dropout_args(seedc, p);
+  C10_CUDA_CHECK(cuda::lor2c_bwd_launch(args, plan, info, at::cuda::getCurrentCUDAStream()));
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lor2c_ops_ext, CUDA, m) {
+  m.impl("lor2c_fwd", &lor2c_fwd_cuda);
+  m.impl("lor2c_bwd", &lor2c_bwd_cuda);
+}
+
+}  // namespace lor2c

@@ -1,0 +1,92 @@
+// Host launchers of the LoR2C residual CUDA kernels (csrc/cuda/lor2c.cu). Plain C++: raw
+// pointers and sizes only, no torch types, so the kernels compile and can be checked with nvcc
+// alone; csrc/cuda/lor2c_binding.cpp is the ATen glue that allocates and calls these.
+//
+// Conventions: x, layer_out and grad are (n, d) with a row stride `ld*` (elements) and unit
+// column stride; A (r, d_in) and B (d_out, r) are contiguous; t and u are contiguous fp32
+// (n, r); every output is contiguous. All launchers only enqueue work on `stream` (no host
+// synchronisation: the dropout seed is read on the device) and return the launch status.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lor2c {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// What the launch configuration depends on; the binding fills it from cudaDeviceProp
+// (multiProcessorCount, sharedMemPerBlockOptin).
+struct DeviceInfo {
+  int num_sms;
+  int64_t max_smem_per_block;  // bytes of dynamic shared memory one block may opt in to
+};
+
+struct DropoutArgs {
+  const int64_t* seed;  // device pointer to int64[2] = (seed, offset); read by the kernels
+  uint32_t threshold;   // floor(p * 2^32): an element is kept iff its draw >= threshold
+  float inv_keep;       // 1 / (1 - p)
+  bool enabled;         // p > 0 (when false, seed is not read)
+};
+
+struct FwdArgs {
+  DType act;          // dtype of x, layer_out and out
+  bool weights_fp32;  // A and B are fp32 (else they have dtype `act`)
+  const void* x;
+  int64_t ldx;
+  const void* layer_out;
+  int64_t ldl;
+  const void* A;  // (r, d_in) contiguous
+  const void* B;  // (d_out, r) contiguous
+  void* out;      // (n, d_out) contiguous, dtype act
+  float* t;       // (n, r) contiguous fp32: dropout(x) @ A.T
+  int64_t n, d_in, d_out, r;
+  float scale;
+  DropoutArgs dropout;
+};
+
+// out = layer_out + scale * dropout(x) @ A.T @ B.T and t = dropout(x) @ A.T, in one kernel.
+cudaError_t lor2c_fwd_launch(const FwdArgs& args, const DeviceInfo& dev, cudaStream_t stream);
+
+// Launch configuration and fp32 workspace layout of the backward pass. The workspace is one
+// buffer of u_elems + dB_ws_elems + dA_ws_elems floats: u (n, r), then the per-split partial
+// sums of dB (g_splits, r, d_out), then those of dA (x_splits, r, d_in).
+struct BwdPlan {
+  int64_t g_rows, g_splits;  // kernel 1 (reads grad): rows per block, blocks per launch
+  int64_t x_rows, x_splits;  // kernel 2 (reads x): rows per block, blocks along the rows
+  int64_t u_elems, dB_ws_elems, dA_ws_elems;
+  size_t g_smem, x_smem;  // dynamic shared memory of kernels 1 and 2, bytes
+};
+
+BwdPlan lor2c_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, bool need_dx,
+                       bool need_dA, bool need_dB, const DeviceInfo& dev);
+
+struct BwdArgs {
+  DType act;
+  bool weights_fp32;
+  const void* grad;  // (n, d_out), row stride ldg
+  int64_t ldg;
+  const void* x;  // (n, d_in), row stride ldx
+  int64_t ldx;
+  const float* t;  // (n, r) contiguous fp32, as returned by the forward
+  const void* A;   // (r, d_in) contiguous
+  const void* B;   // (d_out, r) contiguous
+  void* dx;        // (n, d_in) contiguous, dtype act; may be null when !need_dx
+  void* dA;        // (r, d_in) contiguous, dtype of A; may be null when !need_dA
+  void* dB;        // (d_out, r) contiguous, dtype of B; may be null when !need_dB
+  float* workspace;  // plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems floats
+  int64_t n, d_in, d_out, r;
+  float scale;
+  bool need_dx, need_dA, need_dB;
+  DropoutArgs dropout;
+};
+
+// dx = scale * (grad @ B) @ A * mask, dA = scale * (grad @ B).T @ (x * mask),
+// dB = scale * grad.T @ t; results are deterministic (fixed reduction order).
+cudaError_t lor2c_bwd_launch(const BwdArgs& args, const BwdPlan& plan, const DeviceInfo& dev,
+                             cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lor2c
