@@ -505,10 +505,11 @@ class LoR2CHandle:
             mods = list(c.lor2c)
             del mods[i]
             c.lor2c = nn.ModuleList(mods)
+            added = []
         else:
-            removed, _ = self._drop_bank_row(i)
-            # the shared A stays while other adapters use it
-        added = []
+            # B_bank is rebuilt without row i: the old Parameter leaves, the new one joins (the
+            # shared A stays while other adapters use it)
+            removed, added = self._drop_bank_row(i)
         for key, (lora, name) in new_modules.items():
             c.injected[key] = lora
             c.injected_meta[key] = (block, name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import torch
+
 from .apply import LoR2CHandle
 from .optim import StructuralEdit
 
@@ -84,20 +86,70 @@ class IMLoR2CSchedule:
                                                     state["injections"])
 
 
-def trainer_callback(schedule: IMLoR2CSchedule):
-    """A transformers.TrainerCallback running `schedule` inside a Trainer (the Trainer's optimizer
-    is updated at each edit). Untested against transformers.Trainer so far."""
+def _unwrap_optimizer(optimizer):
+    """The torch.optim.Optimizer inside the Trainer's (accelerate's AcceleratedOptimizer wraps it
+    as `.optimizer`; its param_groups and state are the inner optimizer's)."""
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def trainer_callback(schedule: IMLoR2CSchedule, infer_total: bool = True):
+    """`schedule` as a transformers.TrainerCallback:
+
+        sched = IMLoR2CSchedule(handle, max_merges=2, max_injections=1, interval=10)
+        trainer = Trainer(model=model, ..., callbacks=[trainer_callback(sched)])
+
+    Events run in on_step_end (unit "step": after the optimizer step, the scheduler step and
+    zero_grad, so the next step trains the new parameters) or on_epoch_end (unit "epoch"). At
+    each edit the Trainer's optimizer (unwrapped from accelerate's AcceleratedOptimizer) is
+    updated in place: the removed parameters and their state leave it, the new ones join the
+    param group the removed ones were in (so they keep its learning rate and weight decay, and
+    the LR scheduler drives them). With unit "step" the schedule counts the Trainer's global
+    steps. With `infer_total` and no `schedule.total`, the total is the Trainer's max_steps (or
+    number of epochs), so events happen in the first `window` (a quarter) of training.
+
+    Structural edits under a multi-process Trainer (DDP/FSDP) are refused: the wrapper would not
+    know the new parameters and their gradients would not be synchronised.
+    """
     from transformers import TrainerCallback
 
     class IMLoR2CCallback(TrainerCallback):
+        def __init__(self):
+            self.schedule = schedule
+
+        def _attach(self, optimizer):
+            inner = _unwrap_optimizer(optimizer)
+            if inner is not None:
+                schedule.optimizer = inner
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if (schedule.max_merges or schedule.max_injections) and args.world_size > 1:
+                raise RuntimeError(
+                    f"IMLoR2C schedule: structural edits (max_merges={schedule.max_merges}, "
+                    f"max_injections={schedule.max_injections}) are not supported with "
+                    f"{args.world_size} processes: the DDP/FSDP wrapper would not see the new "
+                    f"parameters; run the schedule in a single process")
+            if infer_total and schedule.total is None:
+                total = state.max_steps if schedule.unit == "step" else state.num_train_epochs
+                if total:
+                    schedule.total = int(total)
+            self._attach(optimizer)
+
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            if optimizer is not None:
-                schedule.optimizer = getattr(optimizer, "optimizer", optimizer)
+            if schedule.unit != "step":
+                return
+            self._attach(optimizer)
+            schedule.count = state.global_step - 1  # step() counts this one
             schedule.step()
 
         def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
-            if optimizer is not None:
-                schedule.optimizer = getattr(optimizer, "optimizer", optimizer)
+            if schedule.unit != "epoch":
+                return
+            self._attach(optimizer)
             schedule.epoch_end()
 
     return IMLoR2CCallback()
