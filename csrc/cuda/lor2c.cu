@@ -69,10 +69,6 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
-__device__ __forceinline__ float comp(const float4& v, int c) {
-  return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
-}
-
 // Loads columns j..j+3 of one row (p points at column j), zero past column d; one vector
 // access when the caller vouched for the alignment and the group is whole.
 template <typename T>
