@@ -1,14 +1,17 @@
 import os
 
-# Triton picks interpreter or GPU compiler when a kernel is defined: set this before anything
-# imports lor2c_ops, so the Triton backend is tested on CPU tensors when there is no GPU.
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LOR2C_TEST_GPU") else "1")
 # OpenMP threads that spin while waiting make every parallel region crawl when another process
 # holds a core (seen: a MiniLM step from 0.045 s to 2 s); CI machines are small and shared.
+# OpenMP reads this when torch loads it, so it is set first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton picks interpreter or GPU compiler when a kernel is defined (torch does not read this):
+# set it before anything imports lor2c_ops, so that without a GPU the Triton backend is tested
+# on CPU tensors through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import lor2c_ops  # noqa: E402,F401
 from lor2c_ops import backends  # noqa: E402

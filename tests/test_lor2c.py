@@ -9,7 +9,7 @@ import lor2c_ops as lo
 from lor2c_ops.ops import lor2c as op
 from lor2c_ops.ref.philox import dropout_mask
 
-from conftest import skip_unless_runnable
+from conftest import backend_device, skip_unless_runnable
 from oracle import assert_within_twice_torch, expected, seed_for
 
 # (leading dims, d_in, d_out, r): d not a multiple of any block size, r = 1 and 7, 3-D input,
@@ -163,7 +163,7 @@ def test_masks_equal_across_backends():
     from lor2c_ops import backends
     masks = {}
     for name in backends.NAMES:
-        device = torch.device("cpu") if name != "cuda" else torch.device("cuda")
+        device = backend_device(name)
         if backends.BACKENDS[name].refuses(device, torch.float32) is not None:
             continue
         masks[name] = _dropped(name, device, 0.3, generator_seed=99)[0].cpu()
