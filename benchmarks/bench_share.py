@@ -58,20 +58,23 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
     rows = []
     params = {"banked": [share.A_bank, share.B_bank], "separate": [A, *Bs],
               "gather-ref": [share.A_bank, share.B_bank]}
-    for name, fn in (("gather-ref", gather_ref), ("separate", separate), ("banked", banked)):
-        inputs = xs + params[name]
-
-        def step(fn=fn, inputs=inputs):
+    fns = {"gather-ref": gather_ref, "separate": separate, "banked": banked}
+    cases = {}
+    for name, fn in fns.items():
+        def step(fn=fn, inputs=xs + params[name]):
             return torch.autograd.grad(fn(), inputs, gs)
 
         step()
-        ms, spread = common.bench(step, device, repeat=repeat)
+        cases[name] = (step, None)
+    times = common.timed(cases, device, repeat)  # round-robin: load hits every provider alike
+    for name, fn in fns.items():
+        ms, spread = times[name]
         saved = common.saved_bytes(lambda fn=fn: fn(), exclude=tuple(xs + los + params[name]))
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            step()
+            cases[name][0]()
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         rows.append({"case": f"{layers}-layer stack", "provider": name, "ms": ms,
                      "iqr_ms": spread, "saved_mb": saved / 2**20, "peak_mb": peak})
@@ -103,13 +106,17 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
             out = out.index_copy(0, rows, part)
         return out
 
-    rows = []
+    cases = {}
     for name, fn in (("python loop", python_loop), ("one launch", one_launch)):
         def step(fn=fn):
             return torch.autograd.grad(fn(), [x, layer_out, A, B], g)
 
         step()
-        ms, spread = common.bench(step, device, repeat=repeat)
+        cases[name] = (step, None)
+    times = common.timed(cases, device, repeat)
+    rows = []
+    for name in cases:
+        ms, spread = times[name]
         rows.append({"case": f"{adapters} adapters in one batch", "provider": name, "ms": ms,
                      "iqr_ms": spread})
         print(f"  multi {name:<11} {ms:8.2f} ms", file=sys.stderr)
