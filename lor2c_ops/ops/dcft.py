@@ -21,18 +21,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._dispatch import kernels
 from .. import _checks, _ext, backends
 from ..ref import dcft as ref
 from .lor2c import _rows, draw_seed
 
 
 def _kernels(backend: str):
-    if backend == "reference":
-        return ref
-    if backend == "triton":
-        from ..triton import dcft as triton_kernels
-        return triton_kernels
-    return _Compiled  # "cpu" and "cuda": the extension's dispatcher picks by device
+    return kernels(backend, "dcft", _Compiled)
 
 
 class _Compiled:

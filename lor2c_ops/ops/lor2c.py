@@ -14,17 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._dispatch import kernels
 from .. import _checks, backends
-from ..ref import lor2c as ref
 
 
 def _kernels(backend: str):
-    if backend == "reference":
-        return ref
-    if backend == "triton":
-        from ..triton import lor2c as triton_kernels
-        return triton_kernels
-    return _Compiled  # "cpu" and "cuda": the extension's dispatcher picks by device
+    return kernels(backend, "lor2c", _Compiled)
 
 
 class _Compiled:
