@@ -185,6 +185,8 @@ def main(argv=None):
                         help="also time the pure-PyTorch fallback backend")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     # n = 8192 on the GPU keeps n != d, so that an allocation of D's size can only be D
@@ -219,9 +221,10 @@ def main(argv=None):
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
     for line in ([] if args.quick else check_targets(rows, ambiguous=args.n == args.d)):
         print(line)
-    if not args.quick:
+    if not (args.quick or args.no_save):
         path = common.write_results("dcft", rows, meta, args.out)
         print(f"\nresults: {path}")
+    return {"name": "dcft", "meta": meta, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -153,6 +153,8 @@ def main(argv=None):
                         help="also time the pure-PyTorch fallback backend")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = (16384, 4096, 16, "bf16") if gpu else (8192, 1024, 8, "fp32")
@@ -185,9 +187,10 @@ def main(argv=None):
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
     for line in ([] if args.quick else check_targets(rows, device.type)):
         print(line)
-    if not args.quick:
+    if not (args.quick or args.no_save):
         path = common.write_results("lor2c", rows, meta, args.out)
         print(f"\nresults: {path}")
+    return {"name": "lor2c", "meta": meta, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def main(argv=None):
                         help="repeats of the dense SVD (seconds each on a CPU)")
     parser.add_argument("--quick", action="store_true", help="d=512: a smoke test")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
     args = parser.parse_args(argv)
     if args.quick:
         args.d, args.repeat, args.dense_repeat = 512, 10, 3
@@ -105,9 +107,10 @@ def main(argv=None):
           f"the largest; dense values past r: {accuracy['dense_tail_rel']:.1e} of the largest")
     for line in check_targets(rows, args):
         print(line)
-    if not args.quick:
+    if not (args.quick or args.no_save):
         path = common.write_results("sfs", rows, meta, args.out)
         print(f"\nresults: {path}")
+    return {"name": "sfs", "meta": meta, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = [(d, "fp32") for d in (args.d or [768])]
@@ -181,8 +183,9 @@ def main(argv=None):
                   f"separate parameters (x{r['vs_separate']:.2f})")
             print(f"{'PASS' if ok_a else 'MISS'}  d={r['d']} {r['dtype']}: banked faster than "
                   f"gather + reference (x{r['vs_gather_ref']:.2f})")
-    if not args.quick:
+    if not (args.quick or args.no_save):
         print(f"\nresults: {common.write_results('share', rows, meta, args.out)}")
+    return {"name": "share", "meta": meta, "rows": rows}
 
 
 def rows_by(rows, like, provider):

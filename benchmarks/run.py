@@ -1,0 +1,188 @@
+"""The benchmark suite: every op and the end-to-end training step, on the default device.
+
+    python benchmarks/run.py            # CUDA when present, else the CPU (< 10 min on 2 cores)
+    python benchmarks/run.py --quick    # small sizes, a smoke test (< 2 min; what CI runs)
+    python benchmarks/run.py --only lor2c e2e
+
+Runs the per-op scripts (bench_lor2c, bench_share, bench_dcft, bench_sfs) over sweeps of
+tokens n, hidden size d and rank r with shapes named after real models, then bench_e2e, with a
+progress bar. Prints each script's table as it finishes and a summary table at the end; writes
+benchmarks/results/suite-<device>-<commit>-<time>.{json,csv,md} (keyed by device name, torch
+and triton versions and commit) and PNG plots (speedup per op and shape, memory per provider),
+also copied to results/latest-<device>-*.png for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import inspect
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+import summary  # noqa: E402
+
+MODELS = {384: "MiniLM-L6", 768: "BERT-base", 1024: "BERT-large", 4096: "LLaMA-2-7B"}
+
+
+@dataclass
+class Job:
+    bench: str           # benchmarks/bench_<bench>.py
+    argv: list
+    label: str
+    seconds: float       # expected run time on the machine the suite targets (the bar's weight)
+
+
+def lor2c(n, d, r, p, seconds, extra=()):
+    return Job("lor2c", ["--n", str(n), "--d", str(d), "--r", str(r), "--p", *map(str, p), *extra],
+               f"LoR2C {MODELS.get(d, f'd={d}')} n={n} d={d} r={r}", seconds)
+
+
+def cpu_jobs() -> list[Job]:
+    return [
+        lor2c(8192, 1024, 8, (0.0, 0.1), 60),
+        lor2c(2048, 1024, 8, (0.1,), 15),                     # tokens sweep
+        *(lor2c(8192, 768, r, (0.1,), 35) for r in (8, 16, 64)),  # rank sweep
+        lor2c(2048, 4096, 16, (0.1,), 45),                    # hidden-size sweep
+        Job("share", [], "ShareLoR2C 12 layers BERT-base + 8-adapter batch", 60),
+        Job("dcft", ["--n", "4096", "--d", "1024"], "DCFT linear BERT-large n=4096 k=2 r=1", 90),
+        Job("dcft", ["--n", "4096", "--d", "768", "--p", "0.1"],
+            "DCFT linear BERT-base n=4096 k=2 r=1", 45),
+        Job("sfs", ["--dense-repeat", "2"], "SFS d=4096 r=8", 70),
+        Job("e2e", [], "training step MiniLM-L6", 180),
+    ]
+
+
+def gpu_jobs() -> list[Job]:
+    return [
+        lor2c(16384, 4096, 16, (0.0, 0.1), 40),
+        lor2c(4096, 4096, 16, (0.1,), 20),
+        *(lor2c(16384, 4096, r, (0.1,), 25) for r in (8, 64)),
+        *(lor2c(16384, d, 8, (0.1,), 20) for d in (768, 1024)),
+        Job("share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + 8-adapter batch", 60),
+        Job("dcft", [], "DCFT linear LLaMA-2-7B n=8192 k=2 r=1", 60),
+        Job("sfs", ["--dense-repeat", "3"], "SFS d=4096 r=8", 30),
+        Job("e2e", [], "training step MiniLM-L6 and LLaMA-shaped", 240),
+    ]
+
+
+def quick_jobs() -> list[Job]:
+    return [Job(name, ["--quick"], f"{name} (quick)", seconds)
+            for name, seconds in (("lor2c", 15), ("share", 10), ("dcft", 15), ("sfs", 5),
+                                  ("e2e", 30))]
+
+
+def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
+    module = importlib.import_module(f"bench_{job.bench}")
+    argv = [*job.argv, "--device", device, "--no-save"]
+    kwargs = {}
+    if "progress" in inspect.signature(module.main).parameters:
+        kwargs["progress"] = bar.note
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        result = module.main(argv, **kwargs)
+    return result, printed.getvalue()
+
+
+def write(out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict],
+          logs: list[str]) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"suite-{meta['device_type']}-{meta['commit']}-{stamp}")
+    paths = {"json": base + ".json", "csv": base + ".csv", "md": base + ".md"}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "summary": entries, "jobs": jobs}, f, indent=1)
+    flat = [{"job": job["label"], "bench": job["name"], **row} for job in jobs
+            for row in job["rows"]]
+    keys = list(dict.fromkeys(k for row in flat for k in row))
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(flat)
+    with open(paths["md"], "w") as f:
+        f.write(summary.header(meta) + "\n\n" + summary.table(entries) + "\n\n")
+        f.write("\n\n".join(logs))
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--only", nargs="+", choices=["lor2c", "share", "dcft", "sfs", "e2e"],
+                        help="run these scripts only")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    jobs = (quick_jobs() if args.quick
+            else gpu_jobs() if device.type == "cuda" else cpu_jobs())
+    if args.only:
+        jobs = [job for job in jobs if job.bench in args.only]
+
+    meta = {"device": common.device_name(device), "device_type": device.type,
+            "commit": common.commit(), **common.versions(), "quick": args.quick,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"lor2c_ops benchmark suite on {meta['device']} (torch {meta['torch']}, triton "
+          f"{meta['triton']}, commit {meta['commit']}): {len(jobs)} jobs\n", flush=True)
+    bar = common.Progress([job.seconds for job in jobs])
+    results, logs, failed = [], [], []
+    t0 = time.perf_counter()
+    for job in jobs:
+        bar.start(job.label)
+        start = time.perf_counter()
+        try:
+            result, printed = run_job(job, args.device, bar)
+        except Exception as error:  # one broken script must not hide the others' results
+            bar.clear()
+            print(f"FAILED {job.label}: {type(error).__name__}: {error}\n", flush=True)
+            failed.append(job.label)
+            bar.finish()
+            continue
+        seconds = time.perf_counter() - start
+        bar.clear()
+        log = f"## {job.label} ({seconds:.0f} s)\n\n{printed.strip()}\n"
+        print(log, flush=True)
+        logs.append(log)
+        targets = [line for line in printed.splitlines() if line.startswith(("PASS", "MISS"))]
+        results.append({"label": job.label, "argv": job.argv, "seconds": seconds,
+                        "targets": targets, **result})
+        bar.finish()
+    bar.clear()
+    meta["seconds"] = time.perf_counter() - t0
+
+    entries = summary.entries(results)
+    print(summary.header(meta))
+    print()
+    print(summary.table(entries))
+    for line in summary.targets(results):
+        print(line)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = write(args.out, stamp, meta, results, entries, logs)
+    if not args.no_plots and entries:
+        import plots
+        base = paths["json"][:-len(".json")]
+        for kind, path in plots.draw(entries, meta, base).items():
+            paths[kind] = path
+            if not args.quick:
+                shutil.copyfile(path, os.path.join(args.out, f"latest-{device.type}-{kind}.png"))
+    print("\nresults: " + ", ".join(paths[k] for k in sorted(paths)))
+    print(f"suite time: {meta['seconds'] / 60:.1f} min")
+    if failed:
+        print(f"FAILED jobs: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
