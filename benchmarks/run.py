@@ -89,10 +89,19 @@ def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
     kwargs = {}
     if "progress" in inspect.signature(module.main).parameters:
         kwargs["progress"] = bar.note
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
-        result = module.main(argv, **kwargs)
+    printed, errors = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+            result = module.main(argv, **kwargs)
+    except (Exception, SystemExit) as error:
+        detail = errors.getvalue().strip().splitlines()[-3:]
+        raise JobFailed(f"{type(error).__name__}: {error}" + "".join(
+            f"\n    {line}" for line in detail)) from error
     return result, printed.getvalue()
+
+
+class JobFailed(RuntimeError):
+    pass
 
 
 def write(out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict],
@@ -143,9 +152,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             result, printed = run_job(job, args.device, bar)
-        except Exception as error:  # one broken script must not hide the others' results
+        except JobFailed as error:  # one broken script must not hide the others' results
             bar.clear()
-            print(f"FAILED {job.label}: {type(error).__name__}: {error}\n", flush=True)
+            print(f"FAILED {job.label}: {error}\n", flush=True)
             failed.append(job.label)
             bar.finish()
             continue
