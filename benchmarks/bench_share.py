@@ -59,7 +59,7 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
     params = {"banked": [share.A_bank, share.B_bank], "separate": [A, *Bs],
               "gather-ref": [share.A_bank, share.B_bank]}
     fns = {"gather-ref": gather_ref, "separate": separate, "banked": banked}
-    cases = {}
+    cases = {"limit": limit_case(xs[0], los[0])}
     for name, fn in fns.items():
         def step(fn=fn, inputs=xs + params[name]):
             return torch.autograd.grad(fn(), inputs, gs)
@@ -67,6 +67,7 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
         step()
         cases[name] = (step, None)
     times = common.timed(cases, device, repeat)  # round-robin: load hits every provider alike
+    limit_ms = 2 * layers * times.pop("limit")[0]  # 3 n*d elements each way, per layer
     for name, fn in fns.items():
         ms, spread = times[name]
         saved = common.saved_bytes(lambda fn=fn: fn(), exclude=tuple(xs + los + params[name]))
@@ -77,13 +78,25 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
             cases[name][0]()
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         rows.append({"case": f"{layers}-layer stack", "provider": name, "ms": ms,
-                     "iqr_ms": spread, "saved_mb": saved / 2**20, "peak_mb": peak})
+                     "iqr_ms": spread, "saved_mb": saved / 2**20, "peak_mb": peak,
+                     **limit_fields(limit_ms, ms, 2 * layers * 3 * n * d * xs[0].element_size())})
         print(f"  stack {name:<10} {ms:8.2f} ms", file=sys.stderr)
     base = {r["provider"]: r["ms"] for r in rows}
     for r in rows:
         r["vs_gather_ref"] = base["gather-ref"] / r["ms"]
         r["vs_separate"] = base["separate"] / r["ms"]
     return rows
+
+
+def limit_case(x, layer_out):
+    """The memory-bound limit of one layer's adapter, one way (DESIGN.md 2.1: 3 n*d elements),
+    timed as an out-of-place add in the same round-robin as the providers."""
+    a, b = x.detach().clone(), layer_out.detach().clone()
+    return (lambda: torch.add(a, b), None)
+
+
+def limit_fields(limit_ms, ms, bytes_moved):
+    return {"gbps": bytes_moved / (ms * 1e-3) / 1e9, "of_limit": limit_ms / ms}
 
 
 def multi_case(device, dtype, adapters, n, d, r, p, repeat):
@@ -106,7 +119,7 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
             out = out.index_copy(0, rows, part)
         return out
 
-    cases = {}
+    cases = {"limit": limit_case(x, layer_out)}
     for name, fn in (("python loop", python_loop), ("one launch", one_launch)):
         def step(fn=fn):
             return torch.autograd.grad(fn(), [x, layer_out, A, B], g)
@@ -114,11 +127,13 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
         step()
         cases[name] = (step, None)
     times = common.timed(cases, device, repeat)
+    limit_ms = 2 * times.pop("limit")[0]
     rows = []
-    for name in cases:
+    for name in times:
         ms, spread = times[name]
         rows.append({"case": f"{adapters} adapters in one batch", "provider": name, "ms": ms,
-                     "iqr_ms": spread})
+                     "iqr_ms": spread,
+                     **limit_fields(limit_ms, ms, 2 * 3 * n * d * x.element_size())})
         print(f"  multi {name:<11} {ms:8.2f} ms", file=sys.stderr)
     for r in rows:
         r["vs_loop"] = rows[0]["ms"] / r["ms"]
@@ -165,12 +180,14 @@ def main(argv=None):
         ("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("provider", "provider", ""),
         ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
         ("vs_gather_ref", "vs gather-ref", ".2f"), ("vs_separate", "vs separate", ".2f"),
+        ("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%"),
         ("saved_mb", "saved MB", ".1f")] + ([("peak_mb", "peak MB", ".1f")]
                                             if device.type == "cuda" else [])))
     print()
     print(common.format_table(multi, [
         ("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("provider", "provider", ""),
-        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("vs_loop", "speedup", ".2f")]))
+        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("vs_loop", "speedup", ".2f"),
+        ("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%")]))
     print()
     if args.quick:
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")

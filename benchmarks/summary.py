@@ -77,12 +77,14 @@ def _share(job):
             out.append(_entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
                               f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
                               _pick(mine, provider="gather-ref"),
-                              vs_separate=banked.get("vs_separate")))
+                              vs_separate=banked.get("vs_separate"),
+                              of_limit=banked.get("of_limit")))
         launch = _pick(mine, provider="one launch")
         if launch:
             out.append(_entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
                               f"{dtype}", launch["case"], launch,
-                              _pick(mine, provider="python loop")))
+                              _pick(mine, provider="python loop"),
+                              of_limit=launch.get("of_limit")))
     return out
 
 
