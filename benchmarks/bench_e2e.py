@@ -525,6 +525,8 @@ def main(argv=None, progress=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke test")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -617,7 +619,7 @@ def main(argv=None, progress=None):
     meta["targets"] = targets
     meta["checks"] = checks
     meta["seconds"] = time.perf_counter() - t0
-    if not args.quick:
+    if not (args.quick or args.no_save):
         path = common.write_results("e2e", rows, meta, args.out)
         print(f"\nresults: {path}")
     return {"name": "e2e", "meta": meta, "rows": rows}

@@ -91,7 +91,8 @@ def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
         kwargs["progress"] = bar.note
     printed, errors = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors), \
+                _native_stderr_to_null():
             result = module.main(argv, **kwargs)
     except (Exception, SystemExit) as error:
         detail = errors.getvalue().strip().splitlines()[-3:]
@@ -102,6 +103,23 @@ def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
 
 class JobFailed(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _native_stderr_to_null():
+    """Native libraries (the profiler's kineto, OpenMP) write to file descriptor 2 directly,
+    past redirect_stderr; their lines would break the progress bar, which writes to a copy of
+    the original descriptor (main)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def write(out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict],
@@ -144,7 +162,8 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"lor2c_ops benchmark suite on {meta['device']} (torch {meta['torch']}, triton "
           f"{meta['triton']}, commit {meta['commit']}): {len(jobs)} jobs\n", flush=True)
-    bar = common.Progress([job.seconds for job in jobs])
+    bar = common.Progress([job.seconds for job in jobs],
+                          stream=os.fdopen(os.dup(2), "w", buffering=1))
     results, logs, failed = [], [], []
     t0 = time.perf_counter()
     for job in jobs:

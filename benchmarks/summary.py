@@ -95,11 +95,13 @@ def _sfs(job):
 
 
 def _e2e(job):
-    rows = job["rows"]
+    rows, shapes = job["rows"], job["meta"].get("models", {})
     out = []
     for model in dict.fromkeys(r.get("model") for r in rows):
         mine = [r for r in rows if r.get("model") == model]
-        shape = next((r["shape"] for r in mine if r.get("shape")), model)
+        s = shapes.get(model)
+        shape = (f"hidden {s['hidden']}, {s['layers']} layers, {s['batch']} x {s['seq']} tokens "
+                 f"{s['dtype']}" if s else model)
         for provider, baseline in (("lor2c-fused", "lor2c-reference"),
                                    ("lora-peft", "lor2c-reference"),
                                    ("dcft-fused", "dcft-published")):
