@@ -48,9 +48,14 @@ class Backend:
         if reason is None:
             reason = self.device_refusal(device)
         if reason is None and op is not None and self.name in _COMPILED:
+            # The extension registers lor2c_ops_ext::<op>_fwd / _bwd per dispatch key; a build
+            # from older sources may lack some (e.g. no CUDA lor2c_multi kernels): say which.
             key = _COMPILED[self.name]
-            if not _ext.has_kernel(f"{op}_fwd", key):
-                reason = f"the compiled extension has no {key} kernel for {op}"
+            missing = [f"{op}_{part}" for part in ("fwd", "bwd")
+                       if not _ext.has_kernel(f"{op}_{part}", key)]
+            if missing:
+                reason = (f"the compiled extension has no {key} kernel for {op} "
+                          f"(lor2c_ops_ext::{' and '.join(missing)}): rebuild it from these sources")
         if reason is None and dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reason = f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}"

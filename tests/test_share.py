@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lor2c_ops as lo
+from lor2c_ops import backends
 from lor2c_ops.modules.share import ShareLoR2C
 from lor2c_ops.ops import lor2c as op
 
@@ -140,6 +141,42 @@ def test_multi_adapter_matches_loop(backend, dtypes, p):
     assert leaves[2].grad.dtype == dtypes[1]
 
 
+@pytest.mark.parametrize("n, d_in, d_out, r, G, ids", [
+    (150, 70, 37, 70, 3, [2, 2, 0, -1, 2, 0, 2]),  # r > 64: rank chunks; one adapter absent
+    (70, 33, 20, 8, 1, [0, 0, -1]),                # G = 1, more rows than a block
+    (9, 12, 10, 4, 4, [-1]),                       # no row has an adapter
+], ids=["r70", "G1", "all-none"])
+def test_multi_adapter_shapes(backend, n, d_in, d_out, r, G, ids):
+    device = skip_unless_runnable(backend)
+    gen = torch.Generator().manual_seed(5)
+    # rows of x and layer_out with a stride larger than their width
+    x = torch.randn(n, d_in + 3, generator=gen).to(device)[:, :d_in]
+    layer_out = torch.randn(n, d_out + 1, generator=gen).to(device)[:, :d_out]
+    A = (torch.randn(G, r, d_in, generator=gen) / math.sqrt(d_in)).to(device)
+    B = torch.randn(G, d_out, r, generator=gen).to(device)
+    g = torch.randn(n, d_out, generator=gen).to(device)
+    ids = torch.tensor(ids, device=device).repeat(n)[:n]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
+    out = lo.lor2c_residual(*leaves, scale=0.7, dropout_p=0.2, adapter_ids=ids, backend=backend,
+                            generator=torch.Generator().manual_seed(4))
+    out.backward(g)
+    mask = dropout_mask(seed_for(4, device), n, d_in, 0.2, dtype=torch.float64)
+    o64, g64 = _loop_over_adapters(x, layer_out, A, B, ids, 0.7, mask, g, torch.float64)
+    o32, g32 = _loop_over_adapters(x, layer_out, A, B, ids, 0.7, mask, g, torch.float32)
+    # without any adapter row, autograd leaves x, A and B without a gradient: zeros
+    g64 = [torch.zeros_like(t, dtype=torch.float64) if gr is None else gr
+           for t, gr in zip((x, layer_out, A, B), g64)]
+    g32 = [torch.zeros_like(t) if gr is None else gr for t, gr in zip((x, layer_out, A, B), g32)]
+    assert_within_twice_torch("out", out, o64, o32)
+    for name, got, want, plain in zip(("dx", "dlayer_out", "dA_bank", "dB_bank"),
+                                      [t.grad for t in leaves], g64, g32):
+        assert_within_twice_torch(name, got, want, plain)
+    used = torch.zeros(G, dtype=torch.bool, device=device)
+    used[ids[ids >= 0]] = True
+    assert torch.count_nonzero(leaves[2].grad[~used]) == 0
+    assert torch.count_nonzero(leaves[3].grad[~used]) == 0
+
+
 def test_multi_adapter_per_sequence_ids(backend):
     device = skip_unless_runnable(backend)
     gen = torch.Generator().manual_seed(1)
@@ -213,6 +250,24 @@ def test_compile_fullgraph_banked_and_multi(backend):
     torch.testing.assert_close(y_c, y)
     for a, b in zip(grads_c, (x.grad, share.A_bank.grad, share.B_bank.grad)):
         torch.testing.assert_close(a, b)
+
+
+def test_cuda_backend_has_the_multi_kernels():
+    """A CUDA build registers the multi-adapter kernels: the cuda backend accepts the op."""
+    device = skip_unless_runnable("cuda")
+    assert backends.BACKENDS["cuda"].refuses(device, torch.float32, "lor2c_multi") is None
+
+
+def test_compiled_backend_names_missing_kernels(monkeypatch):
+    """An extension without one op's kernels for a device is refused for that op, saying so."""
+    present = {("lor2c_fwd", "CUDA"), ("lor2c_bwd", "CUDA"), ("lor2c_multi_fwd", "CUDA")}
+    monkeypatch.setattr(backends._ext, "has_kernel", lambda op, key: (op, key) in present)
+    cuda = backends.Backend("cuda", (torch.float32,), lambda: None, lambda device: None)
+    device = torch.device("cuda")
+    assert cuda.refuses(device, torch.float32, "lor2c") is None
+    reason = cuda.refuses(device, torch.float32, "lor2c_multi")
+    assert reason is not None and "no CUDA kernel for lor2c_multi" in reason
+    assert "lor2c_multi_bwd" in reason and "lor2c_multi_fwd" not in reason
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -14,6 +14,10 @@
 //                                once (mask regenerated), dx = s * (u @ A) * mask and the
 //                                block's partial dA = u.T @ (x * mask).
 //             lor2c_reduce_kernel sums the partials in a fixed order, scales, casts.
+// Multi-adapter batches (lor2c_multi_*) run the same kernels with MULTI = true: rows are visited
+// grouped by adapter through a device-side sorted order (lor2c_multi_plan_kernel builds the
+// per-adapter tables), each block works on rows of one adapter, lor2c_multi_none_kernel handles
+// rows without an adapter, and the reduction sums each adapter's partials into its bank row.
 // Accumulation is fp32 throughout; every global index is 64-bit; the dropout mask follows
 // csrc/philox.h and is never stored. README.md in this folder has the sizes and what was verified.
 #include <cuda_runtime.h>
@@ -36,6 +40,7 @@ constexpr int kTile = 128;  // columns per tile: forward phase 2 and both backwa
 constexpr int kSub = 64;    // rows per pipeline step of backward kernel 1
 constexpr int kSubX = 32;   // rows per pipeline step of backward kernel 2
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxGridY = 65535;  // grid.y (and grid.z) limit
 
 // ---- element conversion: explicit intrinsics only (torch builds with __CUDA_NO_HALF_*) ----
 template <typename T>
@@ -138,6 +143,68 @@ __device__ __forceinline__ unsigned draw4(const Dropout& d, int64_t row, int64_t
   return bits;
 }
 
+// ---- row maps ------------------------------------------------------------------------------
+// Which tensor rows a block works on: rows(l) is the index in x / layer_out / grad (and in t, u,
+// out, dx) of the block's l-th row, or -1 past the block's `count` rows. The plain op uses
+// consecutive rows (Rows<false>: pos0 + l); a multi-adapter batch visits the rows grouped by
+// adapter, through the sorted order (Rows<true>: order[pos0 + l]). Either way the dropout mask
+// of a row is drawn with its index in the tensor, so visiting order never changes it.
+template <bool GATHER>
+struct Rows {
+  const int64_t* order;  // GATHER only: row indices, sorted by adapter id
+  int64_t pos0, count;
+
+  __device__ __forceinline__ int64_t operator()(int64_t l) const {
+    if (l >= count) return -1;
+    if constexpr (GATHER) {
+      return order[pos0 + l];
+    } else {
+      return pos0 + l;
+    }
+  }
+};
+
+// ---- multi-adapter batches: which rows a block works on ---------------------------------------
+// lor2c_multi_plan_kernel cuts the sorted row positions 0..n-1 into S = G + 2 slots: slot 0 holds
+// the ids < 0 (-1: no adapter), slot 1 + a adapter a, slot G + 1 the ids >= G (out of range:
+// treated like -1, so a bad id can never index past the banks). seg[s] .. seg[s+1] are slot s's
+// positions. A table for units of `rows` rows holds bp[s], the number of units before slot s; a
+// unit is up to `rows` consecutive positions of one adapter slot (slots 0 and G + 1 get none:
+// lor2c_multi_none_kernel handles their rows). Grids are sized by an upper bound on the number
+// of units, ceil(n / rows) + G, and the blocks past the last unit return at once.
+struct MultiTable {
+  const int64_t* order;  // (n,) row indices sorted by adapter id
+  const int64_t* seg;    // S + 1 positions
+  const int64_t* bp;     // S + 1 unit counts (exclusive prefix sums)
+  int64_t slots;         // S = G + 2
+  int64_t rows;          // rows per unit
+};
+
+struct Unit {
+  int64_t adapter;  // bank row
+  int64_t pos0;     // first position in `order`
+  int64_t count;    // 1 .. rows
+};
+
+// Unit b, or false when b is past the last unit. Every thread of a block computes the same.
+__device__ __forceinline__ bool find_unit(const MultiTable& m, int64_t b, Unit& u) {
+  if (b >= m.bp[m.slots]) return false;
+  int64_t lo = 0, hi = m.slots;  // bp[lo] <= b < bp[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (m.bp[mid] <= b) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  u.adapter = lo - 1;
+  u.pos0 = m.seg[lo] + (b - m.bp[lo]) * m.rows;
+  const int64_t left = m.seg[lo + 1] - u.pos0;
+  u.count = left < m.rows ? left : m.rows;
+  return true;
+}
+
 // ---- activation tile staging -------------------------------------------------------------
 // A ROWS x COLS tile of a row-major (n, d) activation, moved global -> registers -> shared
 // memory (fp32, dropout applied). Columns go in groups of four aligned to multiples of 4,
@@ -152,15 +219,17 @@ struct TileIO {
   static_assert(kGroups * kThreads == ROWS * kGroupsPerRow, "tile must split evenly");
   Vec4<T> reg[kGroups];
 
-  // Rows row0.. (< n), columns col0.. (< d) of base (row stride ld); zeros outside.
-  __device__ __forceinline__ void load(const T* base, int64_t ld, int64_t row0, int64_t n,
+  // Rows rows(l0), rows(l0 + 1), ... (see Rows), columns col0.. (< d) of base (row stride ld);
+  // zeros outside.
+  template <typename RowMap>
+  __device__ __forceinline__ void load(const T* base, int64_t ld, const RowMap& rows, int64_t l0,
                                        int64_t col0, int64_t d, bool vec) {
 #pragma unroll
     for (int q = 0; q < kGroups; ++q) {
       const int g = static_cast<int>(threadIdx.x) + q * kThreads;
-      const int64_t i = row0 + g / kGroupsPerRow;
+      const int64_t i = rows(l0 + g / kGroupsPerRow);
       const int64_t j = col0 + 4 * (g % kGroupsPerRow);
-      if (i < n && j < d) {
+      if (i >= 0 && j < d) {
         reg[q] = load4(base + i * ld + j, j, d, vec);
       } else {
 #pragma unroll
@@ -171,23 +240,28 @@ struct TileIO {
 
   // Writes the tile to S (row stride lds) as fp32 times the dropout multipliers; when `bits`
   // is not null, bits[row * COLS/4 + group] receives the group's keep flags.
-  __device__ __forceinline__ void store(float* S, int lds, int64_t row0, int64_t n, int64_t col0,
-                                        int64_t d, const Dropout& dp, uint8_t* bits) const {
+  // The mask of element (i, j) uses i = rows(l0 + row), the row's index in the tensor.
+  template <typename RowMap>
+  __device__ __forceinline__ void store(float* S, int lds, const RowMap& rows, int64_t l0,
+                                        int64_t col0, int64_t d, const Dropout& dp,
+                                        uint8_t* bits) const {
 #pragma unroll
     for (int q = 0; q < kGroups; ++q) {
       const int g = static_cast<int>(threadIdx.x) + q * kThreads;
       const int row = g / kGroupsPerRow, grp = g % kGroupsPerRow;
-      const int64_t i = row0 + row;
       const int64_t j = col0 + 4 * grp;
       float v[4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) v[c] = to_f(reg[q].v[c]);
       unsigned keep = 0xFu;
-      if (dp.enabled && i < n && j < d) {
-        float m[4];
-        keep = draw4(dp, i, j >> 2, m);
+      if (dp.enabled && j < d) {
+        const int64_t i = rows(l0 + row);
+        if (i >= 0) {
+          float m[4];
+          keep = draw4(dp, i, j >> 2, m);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) v[c] *= m[c];  // x * 0 (not 0) keeps NaN/inf as the CPU does
+          for (int c = 0; c < 4; ++c) v[c] *= m[c];  // x * 0 (not 0) keeps NaN/inf as the CPU does
+        }
       }
       *reinterpret_cast<float4*>(S + row * lds + 4 * grp) = make_float4(v[0], v[1], v[2], v[3]);
       if (bits != nullptr) bits[g] = static_cast<uint8_t>(keep);
@@ -383,6 +457,7 @@ struct FwdParams {
   float scale;
   DropoutArgs dropout;
   bool vec_x, vec_lo, vec_out;
+  MultiTable multi;  // MULTI only: A and B are the banks (G, r, d_in) and (G, d_out, r)
 };
 
 // Shared memory of the forward kernel, in floats: ts [BM][RT+4] for the whole kernel, then
@@ -395,7 +470,8 @@ struct FwdSmem {
   static constexpr size_t kBytes = sizeof(float) * (kTs + (kPhase1 > kPhase2 ? kPhase1 : kPhase2));
 };
 
-template <typename T, typename W, int RT, int BM>
+// MULTI: block b is unit b of p.multi (rows of one adapter, BM rows per unit).
+template <typename T, typename W, int RT, int BM, bool MULTI>
 __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<T, W> p) {
   using Q1 = P1<RT, BM, kChunk>;
   using Q2 = P2<RT, BM>;
@@ -406,30 +482,46 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
   float* const Xs = work;
   float* const Ws = work + BM * Q1::kLdx;
   float* const Bs = work;
+  __shared__ int64_t ridx[MULTI ? BM : 1];  // MULTI: the block's row indices
 
   const int64_t n = p.n, d_in = p.d_in, d_out = p.d_out, r = p.r;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const W* A = p.A;
+  const W* B = p.B;
+  Rows<MULTI> rows;
+  if constexpr (MULTI) {
+    Unit u;
+    if (!find_unit(p.multi, blockIdx.x, u)) return;  // uniform over the block
+    A += u.adapter * r * d_in;
+    B += u.adapter * d_out * r;
+    for (int l = threadIdx.x; l < BM; l += kThreads)
+      ridx[l] = l < u.count ? p.multi.order[u.pos0 + l] : -1;
+    __syncthreads();
+    rows = {ridx, 0, u.count};
+  } else {
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+    rows = {nullptr, row0, n - row0 < BM ? n - row0 : BM};
+  }
   const int64_t nrc = (r + RT - 1) / RT;  // rank chunks (1 unless r > 64)
   const int64_t nk = (d_in + kChunk - 1) / kChunk;
   const Dropout dp = load_dropout(p.dropout);
 
-  // Phase 1: t = dropout(x) @ A.T for rows row0 .. row0+BM-1, RT ranks per pass over x.
+  // Phase 1: t = dropout(x) @ A.T for the block's rows, RT ranks per pass over x.
   TileIO<T, BM, kChunk> xt;
   for (int64_t rc = 0; rc < nrc; ++rc) {
     Q1 q1;
     q1.zero();
-    if (nk > 0) xt.load(p.x, p.ldx, row0, n, 0, d_in, p.vec_x);
+    if (nk > 0) xt.load(p.x, p.ldx, rows, 0, 0, d_in, p.vec_x);
     for (int64_t kc = 0; kc < nk; ++kc) {
       const int64_t col0 = kc * kChunk;
-      xt.store(Xs, Q1::kLdx, row0, n, col0, d_in, dp, nullptr);
+      xt.store(Xs, Q1::kLdx, rows, 0, col0, d_in, dp, nullptr);
       // Ws[kk][k] = A[rc*RT + k, col0 + kk]; consecutive threads read consecutive columns.
       for (int e = threadIdx.x; e < kChunk * RT; e += kThreads) {
         const int kk = e % kChunk, k = e / kChunk;
         const int64_t rank = rc * RT + k, col = col0 + kk;
-        Ws[kk * Q1::kLdw + k] = rank < r && col < d_in ? to_f(p.A[rank * d_in + col]) : 0.f;
+        Ws[kk * Q1::kLdw + k] = rank < r && col < d_in ? to_f(A[rank * d_in + col]) : 0.f;
       }
       __syncthreads();
-      if (kc + 1 < nk) xt.load(p.x, p.ldx, row0, n, col0 + kChunk, d_in, p.vec_x);
+      if (kc + 1 < nk) xt.load(p.x, p.ldx, rows, 0, col0 + kChunk, d_in, p.vec_x);
       q1.run(Xs, Ws);
       __syncthreads();  // Xs / Ws are rewritten by the next step
     }
@@ -440,8 +532,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
 #pragma unroll
         for (int q = 0; q < Q1::TN; ++q) {
           const int row = Q1::row(m), k = Q1::rank(q);
-          const int64_t i = row0 + row, rank = rc * RT + k;
-          if (i < n && rank < r) p.t[i * r + rank] = q1.acc[m][q];
+          const int64_t i = rows(row), rank = rc * RT + k;
+          if (i >= 0 && rank < r) p.t[i * r + rank] = q1.acc[m][q];
           if (nrc == 1) ts[row * kLdt + k] = q1.acc[m][q];  // zero for padded ranks / rows
         }
     }
@@ -455,8 +547,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
     Vec4<T> lo[Q2::TM];  // issued first: in flight while B is staged and multiplied
 #pragma unroll
     for (int m = 0; m < Q2::TM; ++m) {
-      const int64_t i = row0 + Q2::row(m);
-      if (i < n && j < d_out) lo[m] = load4(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
+      const int64_t i = rows(Q2::row(m));
+      if (i >= 0 && j < d_out) lo[m] = load4(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
     }
     Q2 q2;
     q2.zero();
@@ -464,15 +556,15 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
       if (nrc > 1) {  // r > 64: this chunk of t back from global memory (written above)
         for (int e = threadIdx.x; e < BM * RT; e += kThreads) {
           const int row = e / RT, k = e % RT;
-          const int64_t i = row0 + row, rank = rc * RT + k;
-          ts[row * kLdt + k] = i < n && rank < r ? p.t[i * r + rank] : 0.f;
+          const int64_t i = rows(row), rank = rc * RT + k;
+          ts[row * kLdt + k] = i >= 0 && rank < r ? p.t[i * r + rank] : 0.f;
         }
       }
       // Bs[k][jj] = B[jt*128 + jj, rc*RT + k]; consecutive threads read consecutive ranks.
       for (int e = threadIdx.x; e < RT * kTile; e += kThreads) {
         const int k = e % RT, jj = e / RT;
         const int64_t rank = rc * RT + k, col = jt * kTile + jj;
-        Bs[k * Q2::kLdw + jj] = rank < r && col < d_out ? to_f(p.B[col * r + rank]) : 0.f;
+        Bs[k * Q2::kLdw + jj] = rank < r && col < d_out ? to_f(B[col * r + rank]) : 0.f;
       }
       __syncthreads();
       q2.run(ts, Bs);
@@ -480,8 +572,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
     }
 #pragma unroll
     for (int m = 0; m < Q2::TM; ++m) {
-      const int64_t i = row0 + Q2::row(m);
-      if (i < n && j < d_out) {
+      const int64_t i = rows(Q2::row(m));
+      if (i >= 0 && j < d_out) {
         float v[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) v[c] = to_f(lo[m].v[c]) + p.scale * q2.acc[m][c];
@@ -496,7 +588,7 @@ template <typename T, typename W>
 struct BwdGParams {
   const T* g;
   int64_t ldg;
-  const W* B;
+  const W* B;  // MULTI: the bank (G, d_out, r)
   const float* t;
   float* u;      // (n, r) fp32; null when !need_u
   float* ws_dB;  // (g_splits, r, d_out) fp32 partial sums of dB.T; null when !need_dB
@@ -505,6 +597,7 @@ struct BwdGParams {
   int64_t range0;  // block b handles row range range0 + b
   bool accumulate;  // add the dB.T partials to ws_dB (waves after the first) instead of storing
   bool need_u, need_dB, vec_g;
+  MultiTable multi;  // MULTI only: units of p.multi.rows rows (a multiple of `rows`)
 };
 
 // Shared memory of kernel 1, in floats: us and tr [rows][RT+4], Gs [kSub][kTile+4] (also P3's
@@ -515,42 +608,44 @@ size_t g_smem_bytes(int64_t rows) {
                                              kTile * P1<RT, kSub, kTile>::kLdw);
 }
 
-// Block (b, rc): rows of range range0 + b, ranks rc*RT .. rc*RT+RT-1, all d_out columns.
-// u of the rows is accumulated in shared memory over the column tiles and written once; the
-// range's dB.T partial goes to workspace slice b. When n needs more ranges than there are
-// slices, the launcher runs waves of at most g_splits blocks that add into the same slices
-// (fixed order: deterministic, and no two blocks of a wave share a slice).
-template <typename T, typename W, int RT>
-__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_kernel(const BwdGParams<T, W> p) {
+// One range of `nrows` (<= p.rows) rows, given by `rows`, for ranks rc*RT .. rc*RT+RT-1
+// (rc = blockIdx.y), all d_out columns: u of the rows is accumulated in shared memory over the
+// column tiles and written once; the range's dB.T partial goes to (or, with `accumulate`, is
+// added to) workspace slice blockIdx.x.
+template <typename T, typename W, int RT, typename RowMap>
+__device__ __forceinline__ void g_range(const BwdGParams<T, W>& p, float* smem, const W* B,
+                                        const RowMap& rows, int64_t nrows, bool accumulate) {
   using Q1 = P1<RT, kSub, kTile>;
   using Q3 = P3<RT, kSub>;
   constexpr int kLdr = RT + 4;
   constexpr int kLdg = kTile + 4;
   static_assert(Q3::kRedFloats <= kSub * kLdg, "P3 reduction buffer must fit in the grad tile");
-  extern __shared__ float4 smem4[];
-  float* const us = reinterpret_cast<float*>(smem4);  // u of the block's rows, accumulated
-  float* const tr = us + p.rows * kLdr;               // t of the block's rows
-  float* const Gs = tr + p.rows * kLdr;               // grad tile, fp32
-  float* const Bc = Gs + kSub * kLdg;                 // Bc[kk][k] = B[col0 + kk, rc*RT + k]
+  float* const us = smem;                // u of the block's rows, accumulated
+  float* const tr = us + p.rows * kLdr;  // t of the block's rows
+  float* const Gs = tr + p.rows * kLdr;  // grad tile, fp32
+  float* const Bc = Gs + kSub * kLdg;    // Bc[kk][k] = B[col0 + kk, rc*RT + k]
 
-  const int64_t n = p.n, d_out = p.d_out, r = p.r;
+  const int64_t d_out = p.d_out, r = p.r;
   const int64_t rc = blockIdx.y;  // rank chunk: ranks rc*RT .. rc*RT+RT-1
-  const int64_t row0 = (p.range0 + blockIdx.x) * p.rows;
-  const int64_t nrows = p.rows < n - row0 ? p.rows : n - row0;
   const int nsub = static_cast<int>((nrows + kSub - 1) / kSub);
   const int64_t nj = (d_out + kTile - 1) / kTile;
   const int64_t steps = nj * nsub;  // pipeline steps: column tile major, row step minor
 
   for (int e = threadIdx.x; e < nsub * kSub * RT; e += kThreads) {
     const int row = e / RT, k = e % RT;
-    const int64_t i = row0 + row, rank = rc * RT + k;
+    const int64_t rank = rc * RT + k;
     us[row * kLdr + k] = 0.f;
-    tr[row * kLdr + k] = p.need_dB && i < n && rank < r ? p.t[i * r + rank] : 0.f;
+    float tv = 0.f;
+    if (p.need_dB && rank < r) {
+      const int64_t i = rows(row);
+      if (i >= 0) tv = p.t[i * r + rank];
+    }
+    tr[row * kLdr + k] = tv;
   }
 
   const Dropout none{};
   TileIO<T, kSub, kTile> gt;
-  if (steps > 0) gt.load(p.g, p.ldg, row0, n, 0, d_out, p.vec_g);
+  if (steps > 0) gt.load(p.g, p.ldg, rows, 0, 0, d_out, p.vec_g);
   int64_t step = 0;
   for (int64_t jc = 0; jc < nj; ++jc) {
     const int64_t col0 = jc * kTile;
@@ -558,17 +653,17 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_kernel(const BwdGPara
       for (int e = threadIdx.x; e < kTile * RT; e += kThreads) {
         const int k = e % RT, kk = e / RT;
         const int64_t rank = rc * RT + k, col = col0 + kk;
-        Bc[kk * Q1::kLdw + k] = rank < r && col < d_out ? to_f(p.B[col * r + rank]) : 0.f;
+        Bc[kk * Q1::kLdw + k] = rank < r && col < d_out ? to_f(B[col * r + rank]) : 0.f;
       }
     }
     Q3 q3;
     q3.zero();
     for (int sb = 0; sb < nsub; ++sb, ++step) {
-      gt.store(Gs, kLdg, row0 + sb * kSub, n, col0, d_out, none, nullptr);
+      gt.store(Gs, kLdg, rows, sb * kSub, col0, d_out, none, nullptr);
       __syncthreads();
       if (step + 1 < steps) {  // next tile in flight during this one's products
         const int64_t nx = step + 1;
-        gt.load(p.g, p.ldg, row0 + (nx % nsub) * kSub, n, (nx / nsub) * kTile, d_out, p.vec_g);
+        gt.load(p.g, p.ldg, rows, (nx % nsub) * kSub, (nx / nsub) * kTile, d_out, p.vec_g);
       }
       if (p.need_u) {  // u[rows] += grad tile @ B[col0 .. col0+127, ranks]
         Q1 q1;
@@ -588,16 +683,41 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_kernel(const BwdGPara
     }
     if (p.need_dB) {
       float* out = p.ws_dB + (static_cast<int64_t>(blockIdx.x) * r + rc * RT) * d_out + col0;
-      q3.finish(Gs, out, d_out, r - rc * RT, d_out - col0, p.accumulate);
+      q3.finish(Gs, out, d_out, r - rc * RT, d_out - col0, accumulate);
     }
   }
   __syncthreads();
   if (p.need_u) {
     for (int e = threadIdx.x; e < nsub * kSub * RT; e += kThreads) {
       const int row = e / RT, k = e % RT;
-      const int64_t i = row0 + row, rank = rc * RT + k;
-      if (row < nrows && rank < r) p.u[i * r + rank] = us[row * kLdr + k];
+      const int64_t rank = rc * RT + k;
+      if (row < nrows && rank < r) p.u[rows(row) * r + rank] = us[row * kLdr + k];
     }
+  }
+}
+
+// Plain op: block (b, rc) handles row range range0 + b. When n needs more ranges than there are
+// workspace slices, the launcher runs waves of at most g_splits blocks that add into the same
+// slices (fixed order: deterministic, and no two blocks of a wave share a slice).
+// MULTI: block (b, rc) handles unit b of p.multi (up to p.multi.rows rows of one adapter) as
+// consecutive ranges of p.rows rows, adding them into its own slice b in order.
+template <typename T, typename W, int RT, bool MULTI>
+__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_kernel(const BwdGParams<T, W> p) {
+  extern __shared__ float4 smem4[];
+  float* const smem = reinterpret_cast<float*>(smem4);
+  if constexpr (MULTI) {
+    Unit u;
+    if (!find_unit(p.multi, blockIdx.x, u)) return;  // uniform over the block
+    const W* B = p.B + u.adapter * p.d_out * p.r;
+    for (int64_t off = 0; off < u.count; off += p.rows) {
+      if (off > 0) __syncthreads();  // the previous range's last reads of us are done
+      const int64_t cnt = u.count - off < p.rows ? u.count - off : p.rows;
+      g_range<T, W, RT>(p, smem, B, Rows<true>{p.multi.order, u.pos0 + off, cnt}, cnt, off > 0);
+    }
+  } else {
+    const int64_t row0 = (p.range0 + blockIdx.x) * p.rows;
+    const int64_t nrows = p.rows < p.n - row0 ? p.rows : p.n - row0;
+    g_range<T, W, RT>(p, smem, p.B, Rows<false>{nullptr, row0, nrows}, nrows, p.accumulate);
   }
 }
 
@@ -606,7 +726,7 @@ template <typename T, typename W>
 struct BwdXParams {
   const T* x;
   int64_t ldx;
-  const W* A;
+  const W* A;  // MULTI: the bank (G, r, d_in)
   const float* u;
   T* dx;         // (n, d_in) contiguous; null when !do_dx
   float* ws_dA;  // (splits, r, d_in) fp32 partial sums of dA; null when !do_dA
@@ -615,6 +735,7 @@ struct BwdXParams {
   float scale;
   DropoutArgs dropout;
   bool do_dx, do_dA, vec_x, vec_dx;
+  MultiTable multi;  // MULTI only: units of `rows` rows
 };
 
 // Shared memory of kernel 2, in floats: Xs [kSubX][kTile+4], Us [kSubX][RT+4], As [RT][kTile+4],
@@ -639,24 +760,24 @@ __device__ __forceinline__ void stage_A(float* As, const W* A, int64_t rc, int64
   }
 }
 
-template <typename T, typename W, int RT>
-__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXParams<T, W> p) {
+// The 128 columns from blockIdx.x * 128 of `nrows` rows given by `rows`, with weights A: dx of
+// those rows and the dA partial of ranks chunk blockIdx.z, written to workspace slice `slice`.
+template <typename T, typename W, int RT, typename RowMap>
+__device__ __forceinline__ void x_split(const BwdXParams<T, W>& p, float* smem, const W* A,
+                                        const RowMap& rows, int64_t nrows, int64_t slice) {
   using Q2 = P2<RT, kSubX>;
   using Q3 = P3<RT, kSubX>;
   constexpr int kLdx = kTile + 4;
   constexpr int kLdr = RT + 4;
-  extern __shared__ float4 smem4[];
-  float* const Xs = reinterpret_cast<float*>(smem4);  // x * mask, fp32
-  float* const Us = Xs + kSubX * kLdx;                // u rows of the step, ranks of the chunk
-  float* const As = Us + kSubX * kLdr;                // A[ranks of the chunk, col0 ..]
-  float* const red = Xs;                              // P3's reduction buffer, after the loop
+  float* const Xs = smem;               // x * mask, fp32
+  float* const Us = Xs + kSubX * kLdx;  // u rows of the step, ranks of the chunk
+  float* const As = Us + kSubX * kLdr;  // A[ranks of the chunk, col0 ..]
+  float* const red = Xs;                // P3's reduction buffer, after the loop
   uint8_t* const bits = reinterpret_cast<uint8_t*>(Xs + XSmem<RT>::kFloats);  // keep flags
 
-  const int64_t n = p.n, d_in = p.d_in, r = p.r;
+  const int64_t d_in = p.d_in, r = p.r;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * p.rows;
   const int64_t zc = blockIdx.z;  // rank chunk of dA owned by this block
-  const int64_t nrows = p.rows < n - row0 ? p.rows : n - row0;
   const int nsub = static_cast<int>((nrows + kSubX - 1) / kSubX);
   const int64_t nrc = (r + RT - 1) / RT;
   // dx sums over all ranks: with r > 64 the z == 0 blocks do it, looping over the chunks.
@@ -664,15 +785,15 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
   const bool do_dA = p.do_dA;
   const Dropout dp = load_dropout(p.dropout);
 
-  if (do_dx && nrc == 1) stage_A<W, RT>(As, p.A, 0, r, col0, d_in);
+  if (do_dx && nrc == 1) stage_A<W, RT>(As, A, 0, r, col0, d_in);
   TileIO<T, kSubX, kTile> xt;
-  if (nsub > 0) xt.load(p.x, p.ldx, row0, n, col0, d_in, p.vec_x);
+  if (nsub > 0) xt.load(p.x, p.ldx, rows, 0, col0, d_in, p.vec_x);
   Q3 q3;
   q3.zero();
   for (int sb = 0; sb < nsub; ++sb) {
-    const int64_t r0 = row0 + static_cast<int64_t>(sb) * kSubX;
-    xt.store(Xs, kLdx, r0, n, col0, d_in, dp, bits);
-    if (sb + 1 < nsub) xt.load(p.x, p.ldx, r0 + kSubX, n, col0, d_in, p.vec_x);
+    const int64_t l0 = static_cast<int64_t>(sb) * kSubX;  // the step's first row in `rows`
+    xt.store(Xs, kLdx, rows, l0, col0, d_in, dp, bits);
+    if (sb + 1 < nsub) xt.load(p.x, p.ldx, rows, l0 + kSubX, col0, d_in, p.vec_x);
     Q2 q2;
     q2.zero();
     for (int64_t rc = 0; rc < nrc; ++rc) {
@@ -680,10 +801,15 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
       if (!do_dx && !use_dA) continue;  // uniform over the block
       for (int e = threadIdx.x; e < kSubX * RT; e += kThreads) {
         const int row = e / RT, k = e % RT;
-        const int64_t i = r0 + row, rank = rc * RT + k;
-        Us[row * kLdr + k] = i < n && rank < r ? p.u[i * r + rank] : 0.f;
+        const int64_t rank = rc * RT + k;
+        float uv = 0.f;
+        if (rank < r) {
+          const int64_t i = rows(l0 + row);
+          if (i >= 0) uv = p.u[i * r + rank];
+        }
+        Us[row * kLdr + k] = uv;
       }
-      if (do_dx && nrc > 1) stage_A<W, RT>(As, p.A, rc, r, col0, d_in);
+      if (do_dx && nrc > 1) stage_A<W, RT>(As, A, rc, r, col0, d_in);
       __syncthreads();
       if (do_dx) q2.run(Us, As);
       if (use_dA) q3.run(Us, Xs);
@@ -694,8 +820,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
 #pragma unroll
       for (int m = 0; m < Q2::TM; ++m) {
         const int row = Q2::row(m);
-        const int64_t i = r0 + row;
-        if (i < n && j < d_in) {
+        const int64_t i = rows(l0 + row);
+        if (i >= 0 && j < d_in) {
           const unsigned keep = bits[row * (kTile / 4) + (threadIdx.x & 31)];
           float v[4];
 #pragma unroll
@@ -710,8 +836,123 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
     __syncthreads();  // Xs and bits are rewritten by the next step
   }
   if (do_dA) {
-    float* out = p.ws_dA + (static_cast<int64_t>(blockIdx.y) * r + zc * RT) * d_in + col0;
+    float* out = p.ws_dA + (slice * r + zc * RT) * d_in + col0;
     q3.finish(red, out, d_in, r - zc * RT, d_in - col0, false);
+  }
+}
+
+// Plain op: block (c, b, z) handles rows b * p.rows .. and writes dA slice b.
+// MULTI: it handles units b, b + gridDim.y, ... of p.multi (rows of one adapter each), writing
+// dA slice b for unit b (the launcher caps gridDim.y at 65535).
+template <typename T, typename W, int RT, bool MULTI>
+__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXParams<T, W> p) {
+  extern __shared__ float4 smem4[];
+  float* const smem = reinterpret_cast<float*>(smem4);
+  if constexpr (MULTI) {
+    for (int64_t b = blockIdx.y;; b += gridDim.y) {
+      Unit u;
+      if (!find_unit(p.multi, b, u)) return;  // uniform over the block
+      if (b != blockIdx.y) __syncthreads();   // shared memory of the previous unit is free
+      x_split<T, W, RT>(p, smem, p.A + u.adapter * p.r * p.d_in,
+                        Rows<true>{p.multi.order, u.pos0, u.count}, u.count, b);
+    }
+  } else {
+    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * p.rows;
+    const int64_t nrows = p.rows < p.n - row0 ? p.rows : p.n - row0;
+    x_split<T, W, RT>(p, smem, p.A, Rows<false>{nullptr, row0, nrows}, nrows, blockIdx.y);
+  }
+}
+
+// ---- multi-adapter batches: the plan and the rows without an adapter --------------------------
+// One block. plan[0 .. S] = seg (S = G + 2 slots, see MultiTable) from the stably sorted ids:
+// seg[s] = first position whose id is >= s - 1 (seg[0] = 0, seg[S] = n). Then, for each of the
+// (up to two) unit sizes rows_k > 0, plan[(k + 1) * (S + 1) ..] = bp: units of rows_k rows per
+// adapter slot (1 .. G), as exclusive prefix sums.
+constexpr int kPlanThreads = 256;
+
+__global__ void __launch_bounds__(kPlanThreads) lor2c_multi_plan_kernel(const int64_t* sorted,
+                                                                        int64_t n, int64_t G,
+                                                                        int64_t rows0,
+                                                                        int64_t rows1,
+                                                                        int64_t* plan) {
+  __shared__ int64_t scan[kPlanThreads];
+  const int tid = threadIdx.x;
+  const int64_t S = G + 2;
+  int64_t* const seg = plan;
+  for (int64_t s = tid; s <= S; s += kPlanThreads) {
+    int64_t v = n;
+    if (s == 0) {
+      v = 0;
+    } else if (s < S) {  // lower bound of id s - 1
+      const int64_t key = s - 1;
+      int64_t lo = 0, hi = n;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < key) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      v = lo;
+    }
+    seg[s] = v;
+  }
+  __syncthreads();  // seg is visible to the whole block
+  for (int k = 0; k < 2; ++k) {
+    const int64_t rows = k == 0 ? rows0 : rows1;
+    if (rows <= 0) continue;  // uniform
+    int64_t* const bp = plan + (k + 1) * (S + 1);
+    if (tid == 0) bp[0] = 0;
+    int64_t carry = 0;
+    for (int64_t base = 0; base < S; base += kPlanThreads) {
+      const int64_t s = base + tid;
+      scan[tid] = s >= 1 && s <= G ? (seg[s + 1] - seg[s] + rows - 1) / rows : 0;
+      __syncthreads();
+      for (int off = 1; off < kPlanThreads; off <<= 1) {  // inclusive scan (Hillis-Steele)
+        const int64_t add = tid >= off ? scan[tid - off] : 0;
+        __syncthreads();
+        scan[tid] += add;
+        __syncthreads();
+      }
+      if (s < S) bp[s + 1] = carry + scan[tid];
+      carry += scan[kPlanThreads - 1];
+      __syncthreads();  // everyone has read scan before the next chunk rewrites it
+    }
+  }
+}
+
+// Rows whose id is not an adapter (slots 0 and G + 1): forward out = layer_out, t = 0;
+// backward dx = 0. Block b handles those rows b, b + gridDim.x, ...; threads the columns.
+template <typename T>
+struct NoneParams {
+  const int64_t* order;
+  const int64_t* seg;
+  int64_t slots;
+  const T* lo;  // forward: layer_out (row stride ldl) -> out (n, d_out); else null
+  int64_t ldl;
+  T* out;
+  int64_t d_out;
+  float* t;  // forward: t (n, r) -> 0; else null
+  int64_t r;
+  T* dx;  // backward: dx (n, d_in) -> 0; else null
+  int64_t d_in;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lor2c_multi_none_kernel(const NoneParams<T> p) {
+  const int64_t a0 = p.seg[0], c0 = p.seg[1] - a0;
+  const int64_t b0 = p.seg[p.slots - 1], total = c0 + (p.seg[p.slots] - b0);
+  const T zero = Cvt<T>::from_float(0.f);
+  for (int64_t k = blockIdx.x; k < total; k += gridDim.x) {
+    const int64_t i = p.order[k < c0 ? a0 + k : b0 + (k - c0)];
+    if (p.out != nullptr)
+      for (int64_t j = threadIdx.x; j < p.d_out; j += kThreads)
+        p.out[i * p.d_out + j] = p.lo[i * p.ldl + j];
+    if (p.t != nullptr)
+      for (int64_t j = threadIdx.x; j < p.r; j += kThreads) p.t[i * p.r + j] = 0.f;
+    if (p.dx != nullptr)
+      for (int64_t j = threadIdx.x; j < p.d_in; j += kThreads) p.dx[i * p.d_in + j] = zero;
   }
 }
 
@@ -719,25 +960,38 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
 // out = scale * sum_s ws[s] (ws: splits x (R x C)), element (i, j) written to out[i*C + j], or
 // to out[j*R + i] when `transpose`. Block (32, 16): 32 consecutive elements x 16 split lanes,
 // combined in a fixed order.
-template <typename OutT>
+// SEG (multi-adapter batches): out is a bank (G, R x C); adapter a sums slices bp[a + 1] ..
+// bp[a + 2] - 1 (its units: see MultiTable), zero when it has none. Blocks (x, y) handle
+// adapters y, y + gridDim.y, ...
+template <typename OutT, bool SEG>
 __global__ void __launch_bounds__(512) lor2c_reduce_kernel(const float* ws, int64_t splits,
                                                            int64_t R, int64_t C, float scale,
-                                                           OutT* out, bool transpose) {
+                                                           OutT* out, bool transpose,
+                                                           const int64_t* bp, int64_t G) {
   __shared__ float red[16][33];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t total = R * C;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * 32 + tx;
-  float s = 0.f;
-  if (e < total)
-    for (int64_t sp = ty; sp < splits; sp += 16) s += ws[sp * total + e];
-  red[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && e < total) {
-    float v = 0.f;
+  const int64_t adapters = SEG ? G : 1;
+  for (int64_t a = SEG ? blockIdx.y : 0; a < adapters; a += gridDim.y) {
+    int64_t first = 0, last = splits;
+    if constexpr (SEG) {
+      first = bp[a + 1];
+      last = bp[a + 2];
+    }
+    float s = 0.f;
+    if (e < total)
+      for (int64_t sp = first + ty; sp < last; sp += 16) s += ws[sp * total + e];
+    red[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && e < total) {
+      float v = 0.f;
 #pragma unroll
-    for (int y = 0; y < 16; ++y) v += red[y][tx];
-    const int64_t i = e / C, j = e % C;
-    out[transpose ? j * R + i : e] = Cvt<OutT>::from_float(v * scale);
+      for (int y = 0; y < 16; ++y) v += red[y][tx];
+      const int64_t i = e / C, j = e % C;
+      out[a * total + (transpose ? j * R + i : e)] = Cvt<OutT>::from_float(v * scale);
+    }
+    __syncthreads();  // red is rewritten for the next adapter
   }
 }
 
@@ -758,8 +1012,20 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
                               static_cast<int>(bytes));
 }
 
-template <typename T, typename W, int RT, int BM>
-cudaError_t fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
+// Unit tables of a multi-adapter call (null for the plain op): table k of the plan buffer.
+MultiTable multi_table(const MultiArgs* m, int k, int64_t rows) {
+  if (m == nullptr) return MultiTable{};
+  const int64_t S = m->G + 2;
+  return {m->order, m->plan, m->plan + (k + 1) * (S + 1), S, rows};
+}
+
+// Forward rows per block: 64 once there are enough blocks to fill the GPU twice, else 32.
+int fwd_rows(int64_t n, const DeviceInfo& dev) {
+  return ceil_div(n, 64) >= 2 * static_cast<int64_t>(dev.num_sms) ? 64 : 32;
+}
+
+template <typename T, typename W, int RT, int BM, bool MULTI>
+cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
   FwdParams<T, W> p;
   p.x = static_cast<const T*>(a.x);
   p.ldx = a.ldx;
@@ -779,48 +1045,105 @@ cudaError_t fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
   p.vec_lo = vec_ok(a.layer_out, a.ldl, sizeof(T));
   p.vec_out = vec_ok(a.out, a.d_out, sizeof(T));
+  p.multi = multi_table(m, 0, BM);
+  // MULTI: at most ceil(n / BM) + G units (each adapter adds at most one partial block)
+  const int64_t blocks = ceil_div(a.n, BM) + (MULTI ? m->G : 0);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = FwdSmem<RT, BM>::kBytes;
-  auto kernel = lor2c_fwd_kernel<T, W, RT, BM>;
+  auto kernel = lor2c_fwd_kernel<T, W, RT, BM, MULTI>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(ceil_div(a.n, BM))), dim3(kThreads), smem, stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, typename W>
-cudaError_t fwd_rank(const FwdArgs& a, const DeviceInfo& dev, cudaStream_t s) {
-  // 64-row blocks once there are enough of them to fill the GPU twice, else 32-row blocks.
-  const bool tall = ceil_div(a.n, 64) >= 2 * static_cast<int64_t>(dev.num_sms);
+template <typename T, typename W, bool MULTI>
+cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
+                     cudaStream_t s) {
+  const bool tall = fwd_rows(a.n, dev) == 64;
   switch (rank_tile(a.r)) {
     case 8:
-      return tall ? fwd_launch_t<T, W, 8, 64>(a, s) : fwd_launch_t<T, W, 8, 32>(a, s);
+      return tall ? fwd_launch_t<T, W, 8, 64, MULTI>(a, m, s)
+                  : fwd_launch_t<T, W, 8, 32, MULTI>(a, m, s);
     case 16:
-      return tall ? fwd_launch_t<T, W, 16, 64>(a, s) : fwd_launch_t<T, W, 16, 32>(a, s);
+      return tall ? fwd_launch_t<T, W, 16, 64, MULTI>(a, m, s)
+                  : fwd_launch_t<T, W, 16, 32, MULTI>(a, m, s);
     case 32:
-      return tall ? fwd_launch_t<T, W, 32, 64>(a, s) : fwd_launch_t<T, W, 32, 32>(a, s);
+      return tall ? fwd_launch_t<T, W, 32, 64, MULTI>(a, m, s)
+                  : fwd_launch_t<T, W, 32, 32, MULTI>(a, m, s);
     default:
-      return tall ? fwd_launch_t<T, W, 64, 64>(a, s) : fwd_launch_t<T, W, 64, 32>(a, s);
+      return tall ? fwd_launch_t<T, W, 64, 64, MULTI>(a, m, s)
+                  : fwd_launch_t<T, W, 64, 32, MULTI>(a, m, s);
   }
 }
 
-template <typename T>
-cudaError_t fwd_weights(const FwdArgs& a, const DeviceInfo& dev, cudaStream_t s) {
-  return a.weights_fp32 ? fwd_rank<T, float>(a, dev, s) : fwd_rank<T, T>(a, dev, s);
+template <typename T, bool MULTI>
+cudaError_t fwd_weights(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
+                        cudaStream_t s) {
+  return a.weights_fp32 ? fwd_rank<T, float, MULTI>(a, m, dev, s)
+                        : fwd_rank<T, T, MULTI>(a, m, dev, s);
 }
 
+template <bool MULTI>
+cudaError_t fwd_dispatch(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
+                         cudaStream_t s) {
+  switch (a.act) {
+    case DType::kFloat32:
+      return fwd_weights<float, MULTI>(a, m, dev, s);
+    case DType::kFloat16:
+      return fwd_weights<__half, MULTI>(a, m, dev, s);
+    case DType::kBFloat16:
+      return fwd_weights<__nv_bfloat16, MULTI>(a, m, dev, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// bp: the unit table whose units own the slices (SEG), else null: out = one (R x C) result.
 template <typename OutT>
 cudaError_t reduce_launch(const float* ws, int64_t splits, int64_t R, int64_t C, float scale,
-                          void* out, bool transpose, cudaStream_t stream) {
+                          void* out, bool transpose, const int64_t* bp, int64_t G,
+                          cudaStream_t stream) {
   const int64_t blocks = ceil_div(R * C, 32);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  lor2c_reduce_kernel<OutT><<<dim3(static_cast<unsigned>(blocks)), dim3(32, 16), 0, stream>>>(
-      ws, splits, R, C, scale, static_cast<OutT*>(out), transpose);
+  if (bp == nullptr) {
+    lor2c_reduce_kernel<OutT, false><<<dim3(static_cast<unsigned>(blocks)), dim3(32, 16), 0,
+                                       stream>>>(ws, splits, R, C, scale,
+                                                 static_cast<OutT*>(out), transpose, nullptr, 1);
+  } else {
+    const unsigned gy = static_cast<unsigned>(G < kMaxGridY ? G : kMaxGridY);
+    lor2c_reduce_kernel<OutT, true><<<dim3(static_cast<unsigned>(blocks), gy), dim3(32, 16), 0,
+                                      stream>>>(ws, splits, R, C, scale,
+                                                static_cast<OutT*>(out), transpose, bp, G);
+  }
   return cudaGetLastError();
 }
 
-template <typename T, typename W, int RT>
-cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, cudaStream_t stream) {
+// Multi-adapter batches: the plan kernel, and the rows without an adapter.
+cudaError_t plan_launch(const MultiArgs& m, int64_t n, int64_t rows0, int64_t rows1,
+                        cudaStream_t stream) {
+  lor2c_multi_plan_kernel<<<dim3(1), dim3(kPlanThreads), 0, stream>>>(m.sorted_ids, n, m.G,
+                                                                       rows0, rows1, m.plan);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t none_launch(const MultiArgs& m, int64_t n, NoneParams<T> p, const DeviceInfo& dev,
+                        cudaStream_t stream) {
+  p.order = m.order;
+  p.seg = m.plan;
+  p.slots = m.G + 2;
+  const int64_t cap = 8 * static_cast<int64_t>(dev.num_sms > 0 ? dev.num_sms : 1);
+  const int64_t blocks = n < cap ? n : cap;
+  if (blocks <= 0) return cudaSuccess;
+  lor2c_multi_none_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
+                               stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W, int RT, bool MULTI>
+cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
+                         const DeviceInfo& dev, cudaStream_t stream) {
   const int64_t nrc = ceil_div(a.r, RT);
   if (nrc > 65535) return cudaErrorInvalidConfiguration;
   float* const u = a.workspace;
@@ -828,6 +1151,8 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, cudaStream_t str
   float* const ws_dA = ws_dB + plan.dB_ws_elems;
   const bool need_u = plan.u_elems > 0;
   const bool part_dB = a.need_dB && plan.dB_ws_elems > 0;
+  const MultiTable g_table = multi_table(m, 0, plan.g_split_rows);
+  const MultiTable x_table = multi_table(m, 1, plan.x_rows);
   cudaError_t err = cudaSuccess;
 
   if (plan.g_splits > 0 && (need_u || part_dB)) {
@@ -845,18 +1170,28 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, cudaStream_t str
     p.need_u = need_u;
     p.need_dB = part_dB;
     p.vec_g = vec_ok(a.grad, a.ldg, sizeof(T));
-    auto kernel = lor2c_bwd_g_kernel<T, W, RT>;
+    p.multi = g_table;
+    auto kernel = lor2c_bwd_g_kernel<T, W, RT, MULTI>;
     if ((err = allow_smem(kernel, plan.g_smem)) != cudaSuccess) return err;
-    // Waves of at most g_splits blocks (one per workspace slice); a single wave unless n is
-    // very large. Later waves add to the slices, in launch order.
-    const int64_t ranges = ceil_div(a.n, plan.g_rows);
-    for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
-      const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
-      p.range0 = range0;
-      p.accumulate = range0 > 0;
-      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nrc));
+    if constexpr (MULTI) {  // one launch: g_splits bounds the units, one slice each
+      if (plan.g_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
+      p.range0 = 0;
+      p.accumulate = false;
+      const dim3 grid(static_cast<unsigned>(plan.g_splits), static_cast<unsigned>(nrc));
       kernel<<<grid, dim3(kThreads), plan.g_smem, stream>>>(p);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else {
+      // Waves of at most g_splits blocks (one per workspace slice); a single wave unless n is
+      // very large. Later waves add to the slices, in launch order.
+      const int64_t ranges = ceil_div(a.n, plan.g_rows);
+      for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
+        const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
+        p.range0 = range0;
+        p.accumulate = range0 > 0;
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nrc));
+        kernel<<<grid, dim3(kThreads), plan.g_smem, stream>>>(p);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
     }
   }
 
@@ -878,12 +1213,14 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, cudaStream_t str
     p.do_dA = a.need_dA;
     p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
     p.vec_dx = vec_ok(a.dx, a.d_in, sizeof(T));
-    auto kernel = lor2c_bwd_x_kernel<T, W, RT>;
-    if (ceil_div(a.d_in, kTile) > 0x7fffffff || plan.x_splits > 65535)
+    p.multi = x_table;
+    auto kernel = lor2c_bwd_x_kernel<T, W, RT, MULTI>;
+    // MULTI: blocks loop over the units past the grid.y limit
+    const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
+    if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY)
       return cudaErrorInvalidConfiguration;
     if ((err = allow_smem(kernel, plan.x_smem)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)),
-                    static_cast<unsigned>(plan.x_splits),
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
                     static_cast<unsigned>(a.need_dA ? nrc : 1));
     kernel<<<grid, dim3(kThreads), plan.x_smem, stream>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -891,40 +1228,68 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, cudaStream_t str
     if ((err = cudaMemsetAsync(a.dx, 0, sizeof(T) * a.n * a.d_in, stream)) != cudaSuccess)
       return err;
   }
+  if constexpr (MULTI) {
+    if (a.need_dx && a.n * a.d_in > 0) {  // rows without an adapter: dx = 0
+      NoneParams<T> np{};
+      np.dx = static_cast<T*>(a.dx);
+      np.d_in = a.d_in;
+      if ((err = none_launch<T>(*m, a.n, np, dev, stream)) != cudaSuccess) return err;
+    }
+  }
 
-  // With no rows there are no partials (splits == 0) and the sums below are zeros.
+  // With no rows there are no partials (splits == 0) and the sums below are zeros; in a
+  // multi-adapter batch an adapter without units gets zeros the same way.
   if (a.need_dA) {
     const int64_t splits = plan.dA_ws_elems > 0 ? plan.x_splits : 0;
-    if ((err = reduce_launch<W>(ws_dA, splits, a.r, a.d_in, a.scale, a.dA, false, stream)) !=
+    if ((err = reduce_launch<W>(ws_dA, splits, a.r, a.d_in, a.scale, a.dA, false,
+                                MULTI ? x_table.bp : nullptr, MULTI ? m->G : 1, stream)) !=
         cudaSuccess)
       return err;
   }
   if (a.need_dB) {
     const int64_t splits = part_dB ? plan.g_splits : 0;
-    if ((err = reduce_launch<W>(ws_dB, splits, a.r, a.d_out, a.scale, a.dB, true, stream)) !=
+    if ((err = reduce_launch<W>(ws_dB, splits, a.r, a.d_out, a.scale, a.dB, true,
+                                MULTI ? g_table.bp : nullptr, MULTI ? m->G : 1, stream)) !=
         cudaSuccess)
       return err;
   }
   return cudaSuccess;
 }
 
-template <typename T, typename W>
-cudaError_t bwd_rank(const BwdArgs& a, const BwdPlan& plan, cudaStream_t s) {
+template <typename T, typename W, bool MULTI>
+cudaError_t bwd_rank(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
+                     const DeviceInfo& dev, cudaStream_t s) {
   switch (rank_tile(a.r)) {
     case 8:
-      return bwd_launch_t<T, W, 8>(a, plan, s);
+      return bwd_launch_t<T, W, 8, MULTI>(a, plan, m, dev, s);
     case 16:
-      return bwd_launch_t<T, W, 16>(a, plan, s);
+      return bwd_launch_t<T, W, 16, MULTI>(a, plan, m, dev, s);
     case 32:
-      return bwd_launch_t<T, W, 32>(a, plan, s);
+      return bwd_launch_t<T, W, 32, MULTI>(a, plan, m, dev, s);
     default:
-      return bwd_launch_t<T, W, 64>(a, plan, s);
+      return bwd_launch_t<T, W, 64, MULTI>(a, plan, m, dev, s);
   }
 }
 
-template <typename T>
-cudaError_t bwd_weights(const BwdArgs& a, const BwdPlan& plan, cudaStream_t s) {
-  return a.weights_fp32 ? bwd_rank<T, float>(a, plan, s) : bwd_rank<T, T>(a, plan, s);
+template <typename T, bool MULTI>
+cudaError_t bwd_weights(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
+                        const DeviceInfo& dev, cudaStream_t s) {
+  return a.weights_fp32 ? bwd_rank<T, float, MULTI>(a, plan, m, dev, s)
+                        : bwd_rank<T, T, MULTI>(a, plan, m, dev, s);
+}
+
+template <bool MULTI>
+cudaError_t bwd_dispatch(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
+                         const DeviceInfo& dev, cudaStream_t s) {
+  switch (a.act) {
+    case DType::kFloat32:
+      return bwd_weights<float, MULTI>(a, plan, m, dev, s);
+    case DType::kFloat16:
+      return bwd_weights<__half, MULTI>(a, plan, m, dev, s);
+    case DType::kBFloat16:
+      return bwd_weights<__nv_bfloat16, MULTI>(a, plan, m, dev, s);
+  }
+  return cudaErrorInvalidValue;
 }
 
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -934,15 +1299,7 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 cudaError_t lor2c_fwd_launch(const FwdArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
   if (args.n <= 0) return cudaSuccess;
   if (ceil_div(args.n, 32) > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  switch (args.act) {
-    case DType::kFloat32:
-      return fwd_weights<float>(args, dev, stream);
-    case DType::kFloat16:
-      return fwd_weights<__half>(args, dev, stream);
-    case DType::kBFloat16:
-      return fwd_weights<__nv_bfloat16>(args, dev, stream);
-  }
-  return cudaErrorInvalidValue;
+  return fwd_dispatch<false>(args, nullptr, dev, stream);
 }
 
 BwdPlan lor2c_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, bool need_dx,
@@ -1009,16 +1366,84 @@ BwdPlan lor2c_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, bool n
 
 cudaError_t lor2c_bwd_launch(const BwdArgs& args, const BwdPlan& plan, const DeviceInfo& dev,
                              cudaStream_t stream) {
-  (void)dev;
-  switch (args.act) {
+  return bwd_dispatch<false>(args, plan, nullptr, dev, stream);
+}
+
+// ---- multi-adapter batches ------------------------------------------------------------------
+int64_t lor2c_multi_plan_elems(int64_t G) { return 3 * (G + 3); }
+
+cudaError_t lor2c_multi_fwd_launch(const FwdArgs& args, const MultiArgs& multi,
+                                   const DeviceInfo& dev, cudaStream_t stream) {
+  if (args.n <= 0) return cudaSuccess;
+  if (multi.G <= 0) return cudaErrorInvalidValue;
+  cudaError_t err = plan_launch(multi, args.n, fwd_rows(args.n, dev), 0, stream);
+  if (err != cudaSuccess) return err;
+  if ((err = fwd_dispatch<true>(args, &multi, dev, stream)) != cudaSuccess) return err;
+  switch (args.act) {  // rows without an adapter: out = layer_out, t = 0
     case DType::kFloat32:
-      return bwd_weights<float>(args, plan, stream);
+      return none_launch<float>(multi, args.n,
+                                {nullptr, nullptr, 0, static_cast<const float*>(args.layer_out),
+                                 args.ldl, static_cast<float*>(args.out), args.d_out, args.t,
+                                 args.r, nullptr, 0},
+                                dev, stream);
     case DType::kFloat16:
-      return bwd_weights<__half>(args, plan, stream);
+      return none_launch<__half>(
+          multi, args.n,
+          {nullptr, nullptr, 0, static_cast<const __half*>(args.layer_out), args.ldl,
+           static_cast<__half*>(args.out), args.d_out, args.t, args.r, nullptr, 0},
+          dev, stream);
     case DType::kBFloat16:
-      return bwd_weights<__nv_bfloat16>(args, plan, stream);
+      return none_launch<__nv_bfloat16>(
+          multi, args.n,
+          {nullptr, nullptr, 0, static_cast<const __nv_bfloat16*>(args.layer_out), args.ldl,
+           static_cast<__nv_bfloat16*>(args.out), args.d_out, args.t, args.r, nullptr, 0},
+          dev, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+BwdPlan lor2c_multi_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, int64_t G,
+                             bool need_dx, bool need_dA, bool need_dB, const DeviceInfo& dev) {
+  BwdPlan plan = lor2c_bwd_plan(n, d_in, d_out, r, need_dx, need_dA, need_dB, dev);
+  if (n <= 0 || r <= 0) return plan;
+  if (plan.g_splits > 0) {
+    // Kernel 1 units: rows of one adapter, a multiple of g_rows and >= n / g_splits rows, so
+    // there are at most g_splits + G of them (dense: g_splits blocks per wave).
+    plan.g_split_rows = round_up(ceil_div(n, plan.g_splits), plan.g_rows);
+    plan.g_splits = ceil_div(n, plan.g_split_rows) + G;
+    plan.dB_ws_elems = need_dB ? plan.g_splits * r * d_out : 0;
+  }
+  if (plan.x_splits > 0) {  // kernel 2 units: x_rows rows of one adapter
+    plan.x_splits = ceil_div(n, plan.x_rows) + G;
+    plan.dA_ws_elems = need_dA ? plan.x_splits * r * d_in : 0;
+  }
+  return plan;
+}
+
+cudaError_t lor2c_multi_bwd_launch(const BwdArgs& args, const MultiArgs& multi,
+                                   const BwdPlan& plan, const DeviceInfo& dev,
+                                   cudaStream_t stream) {
+  if (multi.G <= 0) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  if (args.n <= 0 || args.r <= 0) {  // nothing to multiply: every gradient is zero
+    const size_t act = args.act == DType::kFloat32 ? 4 : 2;
+    const size_t w = args.weights_fp32 ? 4 : act;
+    if (args.need_dx && args.n * args.d_in > 0 &&
+        (err = cudaMemsetAsync(args.dx, 0, act * args.n * args.d_in, stream)) != cudaSuccess)
+      return err;
+    if (args.need_dA && multi.G * args.r * args.d_in > 0 &&
+        (err = cudaMemsetAsync(args.dA, 0, w * multi.G * args.r * args.d_in, stream)) !=
+            cudaSuccess)
+      return err;
+    if (args.need_dB && multi.G * args.d_out * args.r > 0 &&
+        (err = cudaMemsetAsync(args.dB, 0, w * multi.G * args.d_out * args.r, stream)) !=
+            cudaSuccess)
+      return err;
+    return cudaSuccess;
+  }
+  if ((err = plan_launch(multi, args.n, plan.g_split_rows, plan.x_rows, stream)) != cudaSuccess)
+    return err;
+  return bwd_dispatch<true>(args, plan, &multi, dev, stream);
 }
 
 }  // namespace cuda

@@ -1,7 +1,8 @@
 // ATen glue of the LoR2C residual CUDA kernels: the CUDA implementations of the private ops
-// lor2c_ops_ext::lor2c_fwd / lor2c_bwd (schemas in csrc/extension.cpp). Same checks, outputs
-// and dtypes as csrc/cpu/lor2c.cpp, plus device checks; allocation through ATen (the caching
-// allocator), work enqueued on the current stream, no host synchronisation.
+// lor2c_ops_ext::lor2c_fwd / lor2c_bwd and lor2c_multi_fwd / lor2c_multi_bwd (schemas in
+// csrc/lor2c.cpp). Same checks, outputs and dtypes as csrc/cpu/lor2c.cpp, plus device checks;
+// allocation through ATen (the caching allocator), work enqueued on the current stream, no host
+// synchronisation.
 // Compiled only into CUDA builds (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -153,11 +154,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
   return {dx, dA, dB};
 }
 
+// ---- multi-adapter batches ------------------------------------------------------------------
+// Same checks as csrc/cpu/lor2c.cpp (check_banks there); the values of ids are not checked here:
+// that would read them back to the host. The kernels treat an id outside [-1, G) like -1 and
+// never index past the banks; lor2c_ops.lor2c_residual validates the ids before calling.
+void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& ids,
+                 int64_t n) {
+  TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
+              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
+              A_bank.sizes(), " and ", B_bank.sizes());
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
+                  (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
+              "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
+}
+
+// The row order of a multi-adapter call, on the device: ids sorted stably (so the order, and
+// with it every reduction order, is a function of the ids alone) and the plan buffer that the
+// launchers fill from them. Keeps the tensors alive until the launch is enqueued; the caching
+// allocator keeps their memory for the stream's pending work after that.
+struct MultiRows {
+  at::Tensor sorted, order, plan;
+  cuda::MultiArgs args(int64_t G) {
+    return {sorted.data_ptr<int64_t>(), order.data_ptr<int64_t>(), G, plan.data_ptr<int64_t>()};
+  }
+};
+
+MultiRows sort_rows(const at::Tensor& ids, int64_t G) {
+  auto sorted = at::sort(ids.to(at::kLong).contiguous(), /*stable=*/true, /*dim=*/0,
+                         /*descending=*/false);
+  at::Tensor plan = at::empty({cuda::lor2c_multi_plan_elems(G)}, ids.options().dtype(at::kLong));
+  return {std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(), plan};
+}
+
+std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
+    const at::Tensor& seed) {
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_banks(A_bank, B_bank, ids, x.size(0));
+  const at::Tensor A0 = A_bank[0], B0 = B_bank[0];
+  check_common(x, A0, B0, seed, p);
+  check_rows(x, "x", x.size(0), x.size(1));
+  check_rows(layer_out, "layer_out", x.size(0), B0.size(0));
+  TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
+              x.scalar_type(), ", got ", layer_out.scalar_type());
+  const cuda::DType act = activation_dtype(x);
+  const at::Device device = x.device();
+  check_device(layer_out, "layer_out", device);
+  check_device(A_bank, "A_bank", device);
+  check_device(B_bank, "B_bank", device);
+  check_device(ids, "adapter_ids", device);
+  check_device(seed, "seed", device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = B_bank.size(1), r = A_bank.size(1);
+  const int64_t G = A_bank.size(0);
+  at::Tensor out = at::empty({n, d_out}, layer_out.options());
+  at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
+  if (n == 0) return {out, t};
+  const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
+  MultiRows rows = sort_rows(ids, G);
+
+  cuda::FwdArgs args{};
+  args.act = act;
+  args.weights_fp32 = A_bank.scalar_type() == at::kFloat;
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.layer_out = layer_out.data_ptr();
+  args.ldl = layer_out.stride(0);
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.out = out.data_ptr();
+  args.t = t.data_ptr<float>();
+  args.n = n;
+  args.d_in = d_in;
+  args.d_out = d_out;
+  args.r = r;
+  args.scale = static_cast<float>(scale);
+  args.dropout = dropout_args(seedc, p);
+  C10_CUDA_CHECK(cuda::lor2c_multi_fwd_launch(args, rows.args(G), device_info(),
+                                              at::cuda::getCurrentCUDAStream()));
+  return {out, t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
+    const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_banks(A_bank, B_bank, ids, x.size(0));
+  const at::Tensor A0 = A_bank[0], B0 = B_bank[0];
+  check_common(x, A0, B0, seed, p);
+  check_rows(x, "x", x.size(0), x.size(1));
+  check_rows(grad, "grad", x.size(0), B0.size(0));
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(),
+              ", got ", grad.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(0) == x.size(0) && t.size(1) == A0.size(0),
+              "t: expected a contiguous float32 (", x.size(0), ", ", A0.size(0), ") tensor");
+  const cuda::DType act = activation_dtype(x);
+  const at::Device device = x.device();
+  check_device(grad, "grad", device);
+  check_device(t, "t", device);
+  check_device(A_bank, "A_bank", device);
+  check_device(B_bank, "B_bank", device);
+  check_device(ids, "adapter_ids", device);
+  check_device(seed, "seed", device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = B_bank.size(1), r = A_bank.size(1);
+  const int64_t G = A_bank.size(0);
+  at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dA = need_dA ? at::empty({G, r, d_in}, A_bank.options())
+                          : at::empty({0}, A_bank.options());
+  at::Tensor dB = need_dB ? at::empty({G, d_out, r}, B_bank.options())
+                          : at::empty({0}, B_bank.options());
+  if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
+
+  const cuda::DeviceInfo info = device_info();
+  const cuda::BwdPlan plan =
+      cuda::lor2c_multi_bwd_plan(n, d_in, d_out, r, G, need_dx, need_dA, need_dB, info);
+  const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
+  at::Tensor workspace = at::empty({plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems},
+                                   x.options().dtype(at::kFloat));
+  MultiRows rows = sort_rows(ids, G);
+
+  cuda::BwdArgs args{};
+  args.act = act;
+  args.weights_fp32 = A_bank.scalar_type() == at::kFloat;
+  args.grad = grad.data_ptr();
+  args.ldg = grad.stride(0);
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.t = t.data_ptr<float>();
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.dx = need_dx ? dx.data_ptr() : nullptr;
+  args.dA = need_dA ? dA.data_ptr() : nullptr;
+  args.dB = need_dB ? dB.data_ptr() : nullptr;
+  args.workspace = workspace.data_ptr<float>();
+  args.n = n;
+  args.d_in = d_in;
+  args.d_out = d_out;
+  args.r = r;
+  args.scale = static_cast<float>(scale);
+  args.need_dx = need_dx;
+  args.need_dA = need_dA;
+  args.need_dB = need_dB;
+  args.dropout = dropout_args(seedc, p);
+  C10_CUDA_CHECK(cuda::lor2c_multi_bwd_launch(args, rows.args(G), plan, info,
+                                              at::cuda::getCurrentCUDAStream()));
+  return {dx, dA, dB};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lor2c_ops_ext, CUDA, m) {
   m.impl("lor2c_fwd", &lor2c_fwd_cuda);
   m.impl("lor2c_bwd", &lor2c_bwd_cuda);
+  m.impl("lor2c_multi_fwd", &lor2c_multi_fwd_cuda);
+  m.impl("lor2c_multi_bwd", &lor2c_multi_bwd_cuda);
 }
 
 }  // namespace lor2c
