@@ -172,7 +172,6 @@ def check_targets(rows, ambiguous: bool) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int)
     parser.add_argument("--d", type=int)
     parser.add_argument("--k", type=int, default=2, help="kernel size")
@@ -183,10 +182,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--include-reference", action="store_true",
                         help="also time the pure-PyTorch fallback backend")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     # n = 8192 on the GPU keeps n != d, so that an allocation of D's size can only be D
@@ -221,10 +217,7 @@ def main(argv=None):
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
     for line in ([] if args.quick else check_targets(rows, ambiguous=args.n == args.d)):
         print(line)
-    if not (args.quick or args.no_save):
-        path = common.write_results("dcft", rows, meta, args.out)
-        print(f"\nresults: {path}")
-    return {"name": "dcft", "meta": meta, "rows": rows}
+    return common.finish("dcft", rows, meta, args)
 
 
 if __name__ == "__main__":

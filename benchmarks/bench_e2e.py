@@ -500,7 +500,6 @@ def _faster(which, row, base) -> str:
 
 def main(argv=None, progress=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=("minilm", "llama", "all"),
                         help="default: minilm on a CPU, all on a GPU")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -523,10 +522,7 @@ def main(argv=None, progress=None):
     parser.add_argument("--kernel-size", type=int, default=2)
     parser.add_argument("--repeat", type=int, help="timed steps (default 20 on a CPU, 10 on a GPU)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke test")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    common.add_output_arguments(parser, quick_help="tiny sizes, few steps: a smoke test")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -619,10 +615,7 @@ def main(argv=None, progress=None):
     meta["targets"] = targets
     meta["checks"] = checks
     meta["seconds"] = time.perf_counter() - t0
-    if not (args.quick or args.no_save):
-        path = common.write_results("e2e", rows, meta, args.out)
-        print(f"\nresults: {path}")
-    return {"name": "e2e", "meta": meta, "rows": rows}
+    return common.finish("e2e", rows, meta, args)
 
 
 if __name__ == "__main__":

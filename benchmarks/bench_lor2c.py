@@ -142,7 +142,6 @@ def check_targets(rows, device_type) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int)
     parser.add_argument("--d", type=int)
     parser.add_argument("--r", type=int)
@@ -151,10 +150,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--include-reference", action="store_true",
                         help="also time the pure-PyTorch fallback backend")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = (16384, 4096, 16, "bf16") if gpu else (8192, 1024, 8, "fp32")
@@ -187,10 +183,7 @@ def main(argv=None):
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
     for line in ([] if args.quick else check_targets(rows, device.type)):
         print(line)
-    if not (args.quick or args.no_save):
-        path = common.write_results("lor2c", rows, meta, args.out)
-        print(f"\nresults: {path}")
-    return {"name": "lor2c", "meta": meta, "rows": rows}
+    return common.finish("lor2c", rows, meta, args)
 
 
 if __name__ == "__main__":

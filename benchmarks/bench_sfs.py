@@ -76,16 +76,12 @@ def check_targets(rows, args) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=50, help="repeats of the factored SFS")
     parser.add_argument("--dense-repeat", type=int, default=3,
                         help="repeats of the dense SVD (seconds each on a CPU)")
-    parser.add_argument("--quick", action="store_true", help="d=512: a smoke test")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    common.add_output_arguments(parser, quick_help="d=512: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.d, args.repeat, args.dense_repeat = 512, 10, 3
@@ -107,10 +103,7 @@ def main(argv=None):
           f"the largest; dense values past r: {accuracy['dense_tail_rel']:.1e} of the largest")
     for line in check_targets(rows, args):
         print(line)
-    if not (args.quick or args.no_save):
-        path = common.write_results("sfs", rows, meta, args.out)
-        print(f"\nresults: {path}")
-    return {"name": "sfs", "meta": meta, "rows": rows}
+    return common.finish("sfs", rows, meta, args)
 
 
 if __name__ == "__main__":

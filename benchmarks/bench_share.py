@@ -142,17 +142,13 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, nargs="+")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.0)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cases = [(d, "fp32") for d in (args.d or [768])]
@@ -200,9 +196,7 @@ def main(argv=None):
                   f"separate parameters (x{r['vs_separate']:.2f})")
             print(f"{'PASS' if ok_a else 'MISS'}  d={r['d']} {r['dtype']}: banked faster than "
                   f"gather + reference (x{r['vs_gather_ref']:.2f})")
-    if not (args.quick or args.no_save):
-        print(f"\nresults: {common.write_results('share', rows, meta, args.out)}")
-    return {"name": "share", "meta": meta, "rows": rows}
+    return common.finish("share", rows, meta, args)
 
 
 def rows_by(rows, like, provider):

@@ -148,6 +148,23 @@ def saved_bytes(run_forward: Callable[[], torch.Tensor], exclude: tuple) -> int:
     return total
 
 
+def add_output_arguments(parser, quick_help: str = "small sizes: a smoke test") -> None:
+    """--device, --quick, --out and --no-save, the same in every benchmark script."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results"))
+    parser.add_argument("--no-save", action="store_true",
+                        help="print only; write no results file (the suite runner writes one)")
+
+
+def finish(name: str, rows: list[dict], meta: dict, args) -> dict:
+    """Writes the results file (not for --quick or --no-save) and returns what the suite keeps."""
+    if not (args.quick or args.no_save):
+        print(f"\nresults: {write_results(name, rows, meta, args.out)}")
+    return {"name": name, "meta": meta, "rows": rows}
+
+
 def write_results(name: str, rows: list[dict], meta: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -39,32 +39,30 @@ def _pick(rows, **match):
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _lor2c(job):
-    meta, rows = job["meta"], job["rows"]
-    shape = f"n={meta['n']} d={meta['d']} r={meta['r']} {meta['dtype']}"
+def _per_p(job, op, shape, baseline, **fields):
+    """Scripts with a row per (p, mode, provider): the fused providers' fwd+bwd rows."""
+    rows = job["rows"]
     out = []
     for p in dict.fromkeys(r["p"] for r in rows):
         for row in rows:
             if row["p"] == p and row["mode"] == "fwd+bwd" and row["provider"] not in NOT_FUSED:
-                out.append(_entry("LoR2C residual", shape, f"p={p}", row,
-                                  _pick(rows, p=p, mode="fwd+bwd", provider="eager"),
+                out.append(_entry(op, shape, f"p={p}", row,
+                                  _pick(rows, p=p, mode="fwd+bwd", provider=baseline),
                                   _pick(rows, p=p, mode="fwd+bwd", provider="compiled"),
-                                  of_limit=row.get("of_limit")))
+                                  **{key: row.get(key) for key in fields}))
     return out
+
+
+def _lor2c(job):
+    m = job["meta"]
+    return _per_p(job, "LoR2C residual", f"n={m['n']} d={m['d']} r={m['r']} {m['dtype']}",
+                  "eager", of_limit=True, of_bandwidth=True)
 
 
 def _dcft(job):
-    meta, rows = job["meta"], job["rows"]
-    shape = f"n={meta['n']} d={meta['d']} k={meta['k']} r={meta['r']} {meta['dtype']}"
-    out = []
-    for p in dict.fromkeys(r["p"] for r in rows):
-        for row in rows:
-            if row["p"] == p and row["mode"] == "fwd+bwd" and row["provider"] not in NOT_FUSED:
-                out.append(_entry("DCFT linear", shape, f"p={p}", row,
-                                  _pick(rows, p=p, mode="fwd+bwd", provider="published"),
-                                  _pick(rows, p=p, mode="fwd+bwd", provider="compiled"),
-                                  over_linear=row.get("over_linear")))
-    return out
+    m = job["meta"]
+    return _per_p(job, "DCFT linear", f"n={m['n']} d={m['d']} k={m['k']} r={m['r']} {m['dtype']}",
+                  "published", over_linear=True)
 
 
 def _share(job):
@@ -129,7 +127,10 @@ def header(meta: dict) -> str:
             f"{meta['commit']}{' (quick: a smoke test at small sizes)' if meta.get('quick') else ''}"
             ". Forward + backward (ops) or a whole optimizer step (training step); speedup "
             "against the baseline people run today, measured in the same run; memory: peak of a "
-            "step above its inputs where measured (peak), else bytes kept for backward (saved).")
+            "step above its inputs where measured (peak), else bytes kept for backward (saved); "
+            "of limit: the memory-bound time of DESIGN.md 2.1 timed as out-of-place adds (fresh "
+            "outputs, as the op returns) over the op's time; of bandwidth: the same against adds "
+            "into preallocated outputs (pure copy bandwidth).")
 
 
 def table(rows: list[dict]) -> str:
@@ -145,6 +146,7 @@ def table(rows: list[dict]) -> str:
         ("provider", "fused", ""), ("ms", "ms", ".2f"), ("baseline", "baseline", ""),
         ("baseline_ms", "baseline ms", ".2f"), ("speedup", "speedup", ",.2f"),
         ("vs_compiled", "vs compiled", ".2f"), ("of_limit", "of limit", ".0%"),
+        ("of_bandwidth", "of bandwidth", ".0%"),
         ("tokens_per_s", "tokens/s", ",.0f"), ("memory", "memory", "")])
 
 
