@@ -3,13 +3,16 @@
     python benchmarks/bench_share.py                 # CPU: 12 layers, d=768, r=8, n=4096, fp32
     python benchmarks/bench_share.py --device cuda   # GPU: also d=4096, bf16
 
-Part 1, a 12-layer stack of adapters sharing one A (forward + backward of every layer's adapter):
+Part 1, a 12-layer stack of adapters sharing one A (every layer's adapter):
   banked      ShareLoR2C: each layer reads A_bank[g], B_bank[l] in place through the fused op
   separate    one A parameter and per-layer B parameters through the fused op
   gather-ref  what libraries do today: A_bank[idx] / B_bank[idx] gathered (a copy every call),
-              then the reference expression
-Part 2, multi-adapter batches: 8 adapters mixed in one batch in one launch, against a Python
-loop over the 8 adapters (gather the adapter's rows, run the fused op, scatter back).
+              then the reference expression; `compiled` is the same under torch.compile
+Part 2, multi-adapter batches, 8 adapters mixed in one batch: `one launch` (the fused op with
+adapter_ids) against a Python loop over the 8 adapters (gather the adapter's rows, run the fused
+op, scatter back) and against a loop-free PyTorch expression (`eager`, and `compiled`).
+Forward, backward and both; median and spread (round-robin on a CPU), speedups, GB/s and the
+fraction of the memory-bound limit measured in the same run, bytes kept for backward.
 """
 from __future__ import annotations
 
@@ -27,6 +30,52 @@ import lor2c_ops as lo  # noqa: E402
 from lor2c_ops.modules.share import ShareLoR2C  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def time_modes(providers: dict, gs, device, repeat: int, limit) -> tuple[float, dict]:
+    """(limit ms, {(name, mode): (median ms, IQR ms)}) for fwd, bwd and fwd+bwd of providers
+    {name: (forward, inputs)}, timed round-robin with the memory-bound limit case."""
+    cases = {"limit": limit}
+    for name, (forward, inputs) in providers.items():
+        def both(forward=forward, inputs=inputs):
+            return torch.autograd.grad(forward(), inputs, gs)
+
+        state = {}
+
+        def setup(forward=forward, state=state):
+            state["out"] = forward()
+
+        def backward(inputs=inputs, state=state):
+            return torch.autograd.grad(state.pop("out"), inputs, gs)
+
+        both()  # compile / warm up before timing
+        for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
+                              ("fwd+bwd", both, None)):
+            cases[name, mode] = (fn, pre)
+    times = common.timed(cases, device, repeat)
+    return times.pop("limit")[0], times
+
+
+def limit_case(x, layer_out):
+    """The memory-bound limit of one layer's adapter, one way (DESIGN.md 2.1: 3 n*d elements),
+    timed as an out-of-place add in the same round-robin as the providers."""
+    a, b = x.detach().clone(), layer_out.detach().clone()
+    return (lambda: torch.add(a, b), None)
+
+
+def mode_rows(case, times, limit_ms, bytes_one_way, baselines, extra=None):
+    """Rows per (mode, provider): speedups against each baseline provider of the same mode,
+    achieved GB/s and the fraction of the limit (fwd+bwd moves twice a one-way pass)."""
+    rows = []
+    for (name, mode), (ms, spread) in times.items():
+        factor = 2 if mode == "fwd+bwd" else 1
+        row = {"case": case, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
+               "gbps": factor * bytes_one_way / (ms * 1e-3) / 1e9,
+               "of_limit": factor * limit_ms / ms, **(extra or {}).get(name, {})}
+        for key, base in baselines.items():
+            row[key] = times[base, mode][0] / ms
+        rows.append(row)
+    return rows
 
 
 def stack_case(device, dtype, layers, n, d, r, p, repeat):
@@ -55,48 +104,38 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
             outs.append(los[l] + (F.dropout(xs[l], p) @ a.T @ b.T) * share.scaling)
         return outs
 
-    rows = []
-    params = {"banked": [share.A_bank, share.B_bank], "separate": [A, *Bs],
-              "gather-ref": [share.A_bank, share.B_bank]}
-    fns = {"gather-ref": gather_ref, "separate": separate, "banked": banked}
-    cases = {"limit": limit_case(xs[0], los[0])}
-    for name, fn in fns.items():
-        def step(fn=fn, inputs=xs + params[name]):
-            return torch.autograd.grad(fn(), inputs, gs)
-
-        step()
-        cases[name] = (step, None)
-    times = common.timed(cases, device, repeat)  # round-robin: load hits every provider alike
-    limit_ms = 2 * layers * times.pop("limit")[0]  # 3 n*d elements each way, per layer
-    for name, fn in fns.items():
-        ms, spread = times[name]
-        saved = common.saved_bytes(lambda fn=fn: fn(), exclude=tuple(xs + los + params[name]))
+    bank = [share.A_bank, share.B_bank]
+    providers = {"gather-ref": (gather_ref, xs + bank),
+                 "compiled": (torch.compile(gather_ref), xs + bank),
+                 "separate": (separate, xs + [A, *Bs]), "banked": (banked, xs + bank)}
+    limit_ms, times = time_modes(providers, gs, device, repeat, limit_case(xs[0], los[0]))
+    memory = {}
+    for name, (forward, inputs) in providers.items():
+        saved = common.saved_bytes(forward, exclude=tuple(xs + los + inputs))
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            cases[name][0]()
+            torch.autograd.grad(forward(), inputs, gs)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        rows.append({"case": f"{layers}-layer stack", "provider": name, "ms": ms,
-                     "iqr_ms": spread, "saved_mb": saved / 2**20, "peak_mb": peak,
-                     **limit_fields(limit_ms, ms, 2 * layers * 3 * n * d * xs[0].element_size())})
-        print(f"  stack {name:<10} {ms:8.2f} ms", file=sys.stderr)
-    base = {r["provider"]: r["ms"] for r in rows}
-    for r in rows:
-        r["vs_gather_ref"] = base["gather-ref"] / r["ms"]
-        r["vs_separate"] = base["separate"] / r["ms"]
-    return rows
+        memory[name] = {"saved_mb": saved / 2**20, "peak_mb": peak}
+        print(f"  stack {name:<10} {times[name, 'fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
+    return mode_rows(f"{layers}-layer stack", times, layers * limit_ms,
+                     layers * 3 * n * d * xs[0].element_size(),
+                     {"vs_gather_ref": "gather-ref", "vs_compiled": "compiled",
+                      "vs_separate": "separate"}, memory)
 
 
-def limit_case(x, layer_out):
-    """The memory-bound limit of one layer's adapter, one way (DESIGN.md 2.1: 3 n*d elements),
-    timed as an out-of-place add in the same round-robin as the providers."""
-    a, b = x.detach().clone(), layer_out.detach().clone()
-    return (lambda: torch.add(a, b), None)
-
-
-def limit_fields(limit_ms, ms, bytes_moved):
-    return {"gbps": bytes_moved / (ms * 1e-3) / 1e9, "of_limit": limit_ms / ms}
+def multi_reference(x, layer_out, A_bank, B_bank, ids, scale, p):
+    """A multi-adapter batch in eager PyTorch without a Python loop (which cannot compile):
+    project onto every adapter's A at once, zero the columns of the adapters a row does not use,
+    and project back through all the B's. Row i gets A_bank[ids[i]], B_bank[ids[i]]."""
+    G, r, d_in = A_bank.shape
+    n = x.shape[0]
+    h = F.dropout(x, p, training=True) @ A_bank.reshape(G * r, d_in).T          # (n, G*r)
+    use = (ids[:, None] == torch.arange(G, device=ids.device)).to(h.dtype)      # (n, G)
+    h = (h.view(n, G, r) * use[:, :, None]).view(n, G * r)
+    return layer_out + (h @ B_bank.permute(1, 0, 2).reshape(-1, G * r).T) * scale
 
 
 def multi_case(device, dtype, adapters, n, d, r, p, repeat):
@@ -119,25 +158,18 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
             out = out.index_copy(0, rows, part)
         return out
 
-    cases = {"limit": limit_case(x, layer_out)}
-    for name, fn in (("python loop", python_loop), ("one launch", one_launch)):
-        def step(fn=fn):
-            return torch.autograd.grad(fn(), [x, layer_out, A, B], g)
+    def eager():
+        return multi_reference(x, layer_out, A, B, ids, 2.0, p)
 
-        step()
-        cases[name] = (step, None)
-    times = common.timed(cases, device, repeat)
-    limit_ms = 2 * times.pop("limit")[0]
-    rows = []
-    for name in times:
-        ms, spread = times[name]
-        rows.append({"case": f"{adapters} adapters in one batch", "provider": name, "ms": ms,
-                     "iqr_ms": spread,
-                     **limit_fields(limit_ms, ms, 2 * 3 * n * d * x.element_size())})
-        print(f"  multi {name:<11} {ms:8.2f} ms", file=sys.stderr)
-    for r in rows:
-        r["vs_loop"] = rows[0]["ms"] / r["ms"]
-    return rows
+    inputs = [x, layer_out, A, B]
+    providers = {"python loop": (python_loop, inputs), "eager": (eager, inputs),
+                 "compiled": (torch.compile(eager), inputs), "one launch": (one_launch, inputs)}
+    limit_ms, times = time_modes(providers, g, device, repeat, limit_case(x, layer_out))
+    for name in providers:
+        print(f"  multi {name:<11} {times[name, 'fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
+    return mode_rows(f"{adapters} adapters in one batch", times, limit_ms,
+                     3 * n * d * x.element_size(),
+                     {"vs_loop": "python loop", "vs_eager": "eager", "vs_compiled": "compiled"})
 
 
 def main(argv=None):
@@ -169,39 +201,34 @@ def main(argv=None):
             "commit": common.commit(), **common.versions(), "layers": args.layers, "n": args.n,
             "r": args.r, "p": args.p}
     print(f"ShareLoR2C banks and multi-adapter batches, n={args.n} rows per layer, r={args.r}, "
-          f"p={args.p}, forward + backward, on {meta['device']}; commit {meta['commit']}\n")
+          f"p={args.p}, on {meta['device']}; commit {meta['commit']}\n")
     stack = [r for r in rows if "vs_gather_ref" in r]
     multi = [r for r in rows if "vs_loop" in r]
-    print(common.format_table(stack, [
-        ("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("provider", "provider", ""),
-        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
-        ("vs_gather_ref", "vs gather-ref", ".2f"), ("vs_separate", "vs separate", ".2f"),
-        ("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%"),
-        ("saved_mb", "saved MB", ".1f")] + ([("peak_mb", "peak MB", ".1f")]
-                                            if device.type == "cuda" else [])))
+    head = [("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("mode", "mode", ""),
+            ("provider", "provider", ""), ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f")]
+    tail = [("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%")]
+    print(common.format_table(stack, head + [
+        ("vs_gather_ref", "vs gather-ref", ".2f"), ("vs_compiled", "vs compiled", ".2f"),
+        ("vs_separate", "vs separate", ".2f")] + tail + [("saved_mb", "saved MB", ".1f")]
+        + ([("peak_mb", "peak MB", ".1f")] if device.type == "cuda" else [])))
     print()
-    print(common.format_table(multi, [
-        ("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("provider", "provider", ""),
-        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("vs_loop", "speedup", ".2f"),
-        ("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%")]))
+    print(common.format_table(multi, head + [
+        ("vs_loop", "vs loop", ".2f"), ("vs_eager", "vs eager", ".2f"),
+        ("vs_compiled", "vs compiled", ".2f")] + tail))
     print()
     if args.quick:
         print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
     for r in ([] if args.quick else stack):
-        if r["provider"] == "banked":
+        if r["provider"] == "banked" and r["mode"] == "fwd+bwd":
             # "no slower than separate": within the timer's spread on a shared machine
-            ok_b = r["ms"] <= rows_by(stack, r, "separate")["ms"] * 1.05
+            ok_b = r["vs_separate"] >= 1 / 1.05
             ok_a = r["vs_gather_ref"] > 1.0
             print(f"{'PASS' if ok_b else 'MISS'}  d={r['d']} {r['dtype']}: banked no slower than "
                   f"separate parameters (x{r['vs_separate']:.2f})")
             print(f"{'PASS' if ok_a else 'MISS'}  d={r['d']} {r['dtype']}: banked faster than "
-                  f"gather + reference (x{r['vs_gather_ref']:.2f})")
+                  f"gather + reference (x{r['vs_gather_ref']:.2f}; x{r['vs_compiled']:.2f} "
+                  f"against it under torch.compile)")
     return common.finish("share", rows, meta, args)
-
-
-def rows_by(rows, like, provider):
-    return next(r for r in rows if r["d"] == like["d"] and r["dtype"] == like["dtype"]
-                and r["provider"] == provider)
 
 
 if __name__ == "__main__":

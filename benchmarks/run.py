@@ -151,8 +151,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=["lor2c", "share", "dcft", "sfs", "e2e"],
                         help="run these scripts only")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", help="results folder (default: benchmarks/results, and "
+                        "benchmarks/results/quick for --quick, which git ignores)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", *(["quick"] if args.quick else []))
     device = torch.device(args.device)
     jobs = (quick_jobs() if args.quick
             else gpu_jobs() if device.type == "cuda" else cpu_jobs())

@@ -69,12 +69,13 @@ def _share(job):
     meta, rows = job["meta"], job["rows"]
     out = []
     for d, dtype in dict.fromkeys((r["d"], r["dtype"]) for r in rows):
-        mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype]
+        mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype
+                and r.get("mode", "fwd+bwd") == "fwd+bwd"]
         banked = _pick(mine, provider="banked")
         if banked:
             out.append(_entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
                               f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
-                              _pick(mine, provider="gather-ref"),
+                              _pick(mine, provider="gather-ref"), _pick(mine, provider="compiled"),
                               vs_separate=banked.get("vs_separate"),
                               of_limit=banked.get("of_limit")))
         launch = _pick(mine, provider="one launch")
@@ -82,6 +83,7 @@ def _share(job):
             out.append(_entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
                               f"{dtype}", launch["case"], launch,
                               _pick(mine, provider="python loop"),
+                              _pick(mine, provider="compiled"),
                               of_limit=launch.get("of_limit")))
     return out
 

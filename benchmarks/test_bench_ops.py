@@ -39,6 +39,7 @@ import common  # noqa: E402
 from bench_dcft import frozen_linear  # noqa: E402
 from bench_dcft import published as dcft_published  # noqa: E402
 from bench_lor2c import reference_expression  # noqa: E402
+from bench_share import multi_reference as multi_expression  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops import backends  # noqa: E402
@@ -78,18 +79,6 @@ KERNEL_OP = {"lor2c": "lor2c", "share": "lor2c", "multi": "lor2c_multi", "dcft":
 def share_expression(x, layer_out, A_bank, B_bank, group: int, index: int, scale, p):
     """Adapter `index` of a shared bank in eager PyTorch: the reference expression on bank rows."""
     return reference_expression(x, layer_out, A_bank[group], B_bank[index], scale, p)
-
-
-def multi_expression(x, layer_out, A_bank, B_bank, ids, scale, p):
-    """A multi-adapter batch in eager PyTorch without a Python loop (which cannot compile):
-    project onto every adapter's A at once, zero the columns of the adapters a row does not use,
-    and project back through all the B's. Row i gets A_bank[ids[i]], B_bank[ids[i]]."""
-    G, r, d_in = A_bank.shape
-    n = x.shape[0]
-    h = F.dropout(x, p, training=True) @ A_bank.reshape(G * r, d_in).T          # (n, G*r)
-    use = (ids[:, None] == torch.arange(G, device=ids.device)).to(h.dtype)      # (n, G)
-    h = (h.view(n, G, r) * use[:, :, None]).view(n, G * r)
-    return layer_out + (h @ B_bank.permute(1, 0, 2).reshape(-1, G * r).T) * scale
 
 
 # ---- configuration from the command line -------------------------------------------------------
