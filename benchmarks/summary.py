@@ -71,19 +71,22 @@ def _share(job):
     for d, dtype in dict.fromkeys((r["d"], r["dtype"]) for r in rows):
         mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype
                 and r.get("mode", "fwd+bwd") == "fwd+bwd"]
-        banked = _pick(mine, provider="banked")
+        stack = [r for r in mine if "vs_gather_ref" in r]
+        multi = [r for r in mine if "vs_loop" in r]
+        banked = _pick(stack, provider="banked")
         if banked:
             out.append(_entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
                               f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
-                              _pick(mine, provider="gather-ref"), _pick(mine, provider="compiled"),
+                              _pick(stack, provider="gather-ref"),
+                              _pick(stack, provider="compiled"),
                               vs_separate=banked.get("vs_separate"),
                               of_limit=banked.get("of_limit")))
-        launch = _pick(mine, provider="one launch")
+        launch = _pick(multi, provider="one launch")
         if launch:
             out.append(_entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
                               f"{dtype}", launch["case"], launch,
-                              _pick(mine, provider="python loop"),
-                              _pick(mine, provider="compiled"),
+                              _pick(multi, provider="python loop"),
+                              _pick(multi, provider="compiled"),
                               of_limit=launch.get("of_limit")))
     return out
 
