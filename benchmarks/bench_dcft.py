@@ -61,29 +61,15 @@ def providers(device: torch.device, dtype: torch.dtype, include_reference: bool)
 
 def memory_of_step(step, device: torch.device, d_bytes: int) -> tuple[int, int]:
     """(peak bytes above the start, number of allocations of d_bytes) of one call of step()."""
-    from torch.profiler import ProfilerActivity, profile
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        step()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None:
-            events.append((node.start_time_ns, size))
+    events = common.allocation_events(step, device)
     d_sized = sum(1 for _, size in events if size == d_bytes)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - base, d_sized
-    peak = live = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak, d_sized
+    return common.peak_of(events), d_sized
 
 
 def run(args):
@@ -112,23 +98,11 @@ def run(args):
             def forward(f=f):
                 return f(x, W, b, A, B, C, scale, stride, p)
 
-            def both(forward=forward, inputs=inputs):
-                return torch.autograd.grad(forward(), inputs, g)
-
-            state = {}
-
-            def setup(forward=forward, state=state):
-                state["out"] = forward()
-
-            def backward(inputs=inputs, state=state):
-                return torch.autograd.grad(state.pop("out"), inputs, g)
-
-            both()  # compile / warm up before timing
-            for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
-                                  ("fwd+bwd", both, None)):
-                cases[name, mode] = (fn, pre)
+            modes = common.mode_cases(forward, inputs, g)
+            for mode, case in modes.items():
+                cases[name, mode] = case
             memory[name] = (common.saved_bytes(forward, exclude=(x, W, b, A, B, C)),
-                            *memory_of_step(both, device, d_bytes))
+                            *memory_of_step(modes["fwd+bwd"][0], device, d_bytes))
         times = common.timed(cases, device, args.repeat)
         results = {}
         for name, (saved, peak, d_allocs) in memory.items():

@@ -291,29 +291,7 @@ def check_equivalence(base, which, args, loss_fn, device, dtype) -> list[str]:
 def allocator_peak(step) -> int:
     """Peak bytes live above the start during one call of step(), from the profiler's CPU
     allocation events (the CPU analogue of torch.cuda.max_memory_allocated)."""
-    from torch.profiler import ProfilerActivity, profile
-    sys.stderr.flush()
-    saved_fd = os.dup(2)  # kineto prints start/stop lines on fd 2: keep them out of the output
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                step()
-    finally:
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None:
-            events.append((node.start_time_ns, size))
-    peak = live = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
+    return common.peak_of(common.allocation_events(step, torch.device("cpu")))
 
 
 def _proc_status(key: str) -> int | None:

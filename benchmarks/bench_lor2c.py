@@ -76,21 +76,8 @@ def run(args) -> list[dict]:
             def forward(f=f):
                 return f(x, layer_out, A, B, scale, p)
 
-            def both(forward=forward):
-                return torch.autograd.grad(forward(), inputs, g)
-
-            state = {}
-
-            def setup(forward=forward, state=state):
-                state["out"] = forward()
-
-            def backward(state=state):
-                return torch.autograd.grad(state.pop("out"), inputs, g)
-
-            both()  # compile / warm up before timing
-            for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
-                                  ("fwd+bwd", both, None)):
-                cases[name, mode] = (fn, pre)
+            for mode, case in common.mode_cases(forward, inputs, g).items():
+                cases[name, mode] = case
             saved[name] = common.saved_bytes(forward, exclude=tuple(inputs))
         times = common.timed(cases, device, args.repeat)
         peaks = {}

@@ -37,21 +37,8 @@ def time_modes(providers: dict, gs, device, repeat: int, limit) -> tuple[float, 
     {name: (forward, inputs)}, timed round-robin with the memory-bound limit case."""
     cases = {"limit": limit}
     for name, (forward, inputs) in providers.items():
-        def both(forward=forward, inputs=inputs):
-            return torch.autograd.grad(forward(), inputs, gs)
-
-        state = {}
-
-        def setup(forward=forward, state=state):
-            state["out"] = forward()
-
-        def backward(inputs=inputs, state=state):
-            return torch.autograd.grad(state.pop("out"), inputs, gs)
-
-        both()  # compile / warm up before timing
-        for mode, fn, pre in (("fwd", forward, None), ("bwd", backward, setup),
-                              ("fwd+bwd", both, None)):
-            cases[name, mode] = (fn, pre)
+        for mode, case in common.mode_cases(forward, inputs, gs).items():
+            cases[name, mode] = case
     times = common.timed(cases, device, repeat)
     return times.pop("limit")[0], times
 

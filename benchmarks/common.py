@@ -7,11 +7,13 @@ measured in the same run as the op: the time of out-of-place adds moving the sam
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -110,6 +112,67 @@ def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> di
     return result
 
 
+def mode_cases(forward: Callable[[], object], inputs: list, grads) -> dict:
+    """{"fwd" | "bwd" | "fwd+bwd": (fn, setup)} cases for `timed`: the forward alone (a training
+    forward: the graph is built), the backward alone (after an untimed forward) and both. Runs
+    both once first, so that compilation and warm-up stay out of the timings."""
+    def both():
+        return torch.autograd.grad(forward(), inputs, grads)
+
+    state = {}
+
+    def setup():
+        state["out"] = forward()
+
+    def backward():
+        return torch.autograd.grad(state.pop("out"), inputs, grads)
+
+    both()
+    return {"fwd": (forward, None), "bwd": (backward, setup), "fwd+bwd": (both, None)}
+
+
+@contextlib.contextmanager
+def native_stderr_to_null():
+    """Native libraries (the profiler's kineto, OpenMP) write to file descriptor 2 directly,
+    past contextlib.redirect_stderr: send the descriptor itself to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def allocation_events(step: Callable[[], object], device: torch.device) -> list[tuple[int, int]]:
+    """(time ns, bytes) of every allocation (> 0) and free (< 0) during one call of step(), from
+    the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with native_stderr_to_null(), profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None:
+            events.append((node.start_time_ns, size))
+    return sorted(events)
+
+
+def peak_of(events: list[tuple[int, int]]) -> int:
+    """The most bytes live at once above the start (the CPU analogue of max_memory_allocated)."""
+    peak = live = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def memory_bound_ms(numel: int, dtype: torch.dtype, device: torch.device, elements_moved: int,
                     repeat: int = 15) -> dict:
     """The time to move `elements_moved` elements, measured with adds of `numel` elements.
@@ -194,7 +257,6 @@ class Progress:
     the bar and the time left move with the work rather than with the job count."""
 
     def __init__(self, weights: list[float], stream=None):
-        import sys
         self.stream = stream or sys.__stderr__
         self.tty = self.stream.isatty()
         self.weights, self.done_weight, self.index = weights, 0.0, 0

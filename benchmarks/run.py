@@ -94,7 +94,7 @@ def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
     printed, errors = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors), \
-                _native_stderr_to_null():
+                common.native_stderr_to_null():
             result = module.main(argv, **kwargs)
     except (Exception, SystemExit) as error:
         detail = errors.getvalue().strip().splitlines()[-3:]
@@ -105,23 +105,6 @@ def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
 
 class JobFailed(RuntimeError):
     pass
-
-
-@contextlib.contextmanager
-def _native_stderr_to_null():
-    """Native libraries (the profiler's kineto, OpenMP) write to file descriptor 2 directly,
-    past redirect_stderr; their lines would break the progress bar, which writes to a copy of
-    the original descriptor (main)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 def write(out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict],
