@@ -47,55 +47,25 @@ cuda::DropoutArgs dropout_args(const at::Tensor& seed, double p) {
   return {seed.data_ptr<int64_t>(), dp.threshold, dp.inv_keep, dp.enabled};
 }
 
-std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at::Tensor& layer_out,
-                                                  const at::Tensor& A, const at::Tensor& B,
-                                                  double scale, double p,
-                                                  const at::Tensor& seed) {
+// Checks of a forward: x, layer_out and one adapter's A (r, d_in), B (d_out, r) (a bank's row 0
+// for a multi-adapter call), then that every tensor is on x's device. Returns x's device.
+at::Device check_fwd(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
+                     const at::Tensor& B, const at::Tensor& seed, double p) {
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
   check_rows(layer_out, "layer_out", x.size(0), B.size(0));
   TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
               x.scalar_type(), ", got ", layer_out.scalar_type());
-  const cuda::DType act = activation_dtype(x);
-  const at::Device device = x.device();
-  check_device(layer_out, "layer_out", device);
-  check_device(A, "A", device);
-  check_device(B, "B", device);
-  check_device(seed, "seed", device);
-  const c10::cuda::CUDAGuard guard(device);
-
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = B.size(0), r = A.size(0);
-  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
-  at::Tensor out = at::empty({n, d_out}, layer_out.options());
-  at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
-  if (n == 0) return {out, t};
-
-  cuda::FwdArgs args{};
-  args.act = act;
-  args.weights_fp32 = A.scalar_type() == at::kFloat;
-  args.x = x.data_ptr();
-  args.ldx = x.stride(0);
-  args.layer_out = layer_out.data_ptr();
-  args.ldl = layer_out.stride(0);
-  args.A = Ac.data_ptr();
-  args.B = Bc.data_ptr();
-  args.out = out.data_ptr();
-  args.t = t.data_ptr<float>();
-  args.n = n;
-  args.d_in = d_in;
-  args.d_out = d_out;
-  args.r = r;
-  args.scale = static_cast<float>(scale);
-  args.dropout = dropout_args(seedc, p);
-  C10_CUDA_CHECK(cuda::lor2c_fwd_launch(args, device_info(), at::cuda::getCurrentCUDAStream()));
-  return {out, t};
+  activation_dtype(x);
+  check_device(layer_out, "layer_out", x.device());
+  check_device(seed, "seed", x.device());
+  return x.device();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
-    bool need_dA, bool need_dB) {
+// The same for a backward, with grad (n, d_out) and t (n, r) fp32 from the forward.
+at::Device check_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                     const at::Tensor& A, const at::Tensor& B, const at::Tensor& seed, double p) {
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
@@ -105,13 +75,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
                   t.size(0) == x.size(0) && t.size(1) == A.size(0),
               "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
-  const cuda::DType act = activation_dtype(x);
-  const at::Device device = x.device();
-  check_device(grad, "grad", device);
-  check_device(t, "t", device);
+  activation_dtype(x);
+  check_device(grad, "grad", x.device());
+  check_device(t, "t", x.device());
+  check_device(seed, "seed", x.device());
+  return x.device();
+}
+
+// Kernel arguments of a forward; Ac, Bc the contiguous weights (one adapter's or the banks).
+cuda::FwdArgs fwd_args(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& Ac,
+                       const at::Tensor& Bc, const at::Tensor& out, const at::Tensor& t,
+                       double scale, double p, const at::Tensor& seedc) {
+  cuda::FwdArgs args{};
+  args.act = activation_dtype(x);
+  args.weights_fp32 = Ac.scalar_type() == at::kFloat;
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.layer_out = layer_out.data_ptr();
+  args.ldl = layer_out.stride(0);
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.out = out.data_ptr();
+  args.t = t.data_ptr<float>();
+  args.n = x.size(0);
+  args.d_in = x.size(1);
+  args.d_out = out.size(1);
+  args.r = t.size(1);
+  args.scale = static_cast<float>(scale);
+  args.dropout = dropout_args(seedc, p);
+  return args;
+}
+
+// Kernel arguments of a backward; an output not asked for is passed as nullptr.
+cuda::BwdArgs bwd_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                       const at::Tensor& Ac, const at::Tensor& Bc, const at::Tensor& dx,
+                       const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& workspace,
+                       double scale, double p, const at::Tensor& seedc, bool need_dx,
+                       bool need_dA, bool need_dB) {
+  cuda::BwdArgs args{};
+  args.act = activation_dtype(x);
+  args.weights_fp32 = Ac.scalar_type() == at::kFloat;
+  args.grad = grad.data_ptr();
+  args.ldg = grad.stride(0);
+  args.x = x.data_ptr();
+  args.ldx = x.stride(0);
+  args.t = t.data_ptr<float>();
+  args.A = Ac.data_ptr();
+  args.B = Bc.data_ptr();
+  args.dx = need_dx ? dx.data_ptr() : nullptr;
+  args.dA = need_dA ? dA.data_ptr() : nullptr;
+  args.dB = need_dB ? dB.data_ptr() : nullptr;
+  args.workspace = workspace.data_ptr<float>();
+  args.n = x.size(0);
+  args.d_in = x.size(1);
+  args.d_out = grad.size(1);
+  args.r = t.size(1);
+  args.scale = static_cast<float>(scale);
+  args.need_dx = need_dx;
+  args.need_dA = need_dA;
+  args.need_dB = need_dB;
+  args.dropout = dropout_args(seedc, p);
+  return args;
+}
+
+at::Tensor workspace_for(const cuda::BwdPlan& plan, const at::Tensor& x) {
+  return at::empty({plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems},
+                   x.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at::Tensor& layer_out,
+                                                  const at::Tensor& A, const at::Tensor& B,
+                                                  double scale, double p,
+                                                  const at::Tensor& seed) {
+  const at::Device device = check_fwd(x, layer_out, A, B, seed, p);
   check_device(A, "A", device);
   check_device(B, "B", device);
-  check_device(seed, "seed", device);
+  const c10::cuda::CUDAGuard guard(device);
+
+  const int64_t n = x.size(0), d_out = B.size(0), r = A.size(0);
+  at::Tensor out = at::empty({n, d_out}, layer_out.options());
+  at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
+  if (n == 0) return {out, t};
+  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
+  C10_CUDA_CHECK(cuda::lor2c_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
+                                        device_info(), at::cuda::getCurrentCUDAStream()));
+  return {out, t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
+    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
+    bool need_dA, bool need_dB) {
+  const at::Device device = check_bwd(grad, x, t, A, B, seed, p);
+  check_device(A, "A", device);
+  check_device(B, "B", device);
   const c10::cuda::CUDAGuard guard(device);
 
   const int64_t n = x.size(0), d_in = x.size(1), d_out = B.size(0), r = A.size(0);
@@ -124,33 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
   const cuda::BwdPlan plan =
       cuda::lor2c_bwd_plan(n, d_in, d_out, r, need_dx, need_dA, need_dB, info);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
-  at::Tensor workspace = at::empty({plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems},
-                                   x.options().dtype(at::kFloat));
-
-  cuda::BwdArgs args{};
-  args.act = act;
-  args.weights_fp32 = A.scalar_type() == at::kFloat;
-  args.grad = grad.data_ptr();
-  args.ldg = grad.stride(0);
-  args.x = x.data_ptr();
-  args.ldx = x.stride(0);
-  args.t = t.data_ptr<float>();
-  args.A = Ac.data_ptr();
-  args.B = Bc.data_ptr();
-  args.dx = need_dx ? dx.data_ptr() : nullptr;
-  args.dA = need_dA ? dA.data_ptr() : nullptr;
-  args.dB = need_dB ? dB.data_ptr() : nullptr;
-  args.workspace = workspace.data_ptr<float>();
-  args.n = n;
-  args.d_in = d_in;
-  args.d_out = d_out;
-  args.r = r;
-  args.scale = static_cast<float>(scale);
-  args.need_dx = need_dx;
-  args.need_dA = need_dA;
-  args.need_dB = need_dB;
-  args.dropout = dropout_args(seedc, p);
-  C10_CUDA_CHECK(cuda::lor2c_bwd_launch(args, plan, info, at::cuda::getCurrentCUDAStream()));
+  const at::Tensor workspace = workspace_for(plan, x);
+  C10_CUDA_CHECK(cuda::lor2c_bwd_launch(
+      bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p, seedc, need_dx, need_dA,
+               need_dB),
+      plan, info, at::cuda::getCurrentCUDAStream()));
   return {dx, dA, dB};
 }
 
@@ -192,48 +227,21 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
     const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   check_banks(A_bank, B_bank, ids, x.size(0));
-  const at::Tensor A0 = A_bank[0], B0 = B_bank[0];
-  check_common(x, A0, B0, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(layer_out, "layer_out", x.size(0), B0.size(0));
-  TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
-              x.scalar_type(), ", got ", layer_out.scalar_type());
-  const cuda::DType act = activation_dtype(x);
-  const at::Device device = x.device();
-  check_device(layer_out, "layer_out", device);
+  const at::Device device = check_fwd(x, layer_out, A_bank[0], B_bank[0], seed, p);
   check_device(A_bank, "A_bank", device);
   check_device(B_bank, "B_bank", device);
   check_device(ids, "adapter_ids", device);
-  check_device(seed, "seed", device);
   const c10::cuda::CUDAGuard guard(device);
 
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = B_bank.size(1), r = A_bank.size(1);
-  const int64_t G = A_bank.size(0);
+  const int64_t n = x.size(0), d_out = B_bank.size(1), r = A_bank.size(1), G = A_bank.size(0);
   at::Tensor out = at::empty({n, d_out}, layer_out.options());
   at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
   if (n == 0) return {out, t};
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
   MultiRows rows = sort_rows(ids, G);
-
-  cuda::FwdArgs args{};
-  args.act = act;
-  args.weights_fp32 = A_bank.scalar_type() == at::kFloat;
-  args.x = x.data_ptr();
-  args.ldx = x.stride(0);
-  args.layer_out = layer_out.data_ptr();
-  args.ldl = layer_out.stride(0);
-  args.A = Ac.data_ptr();
-  args.B = Bc.data_ptr();
-  args.out = out.data_ptr();
-  args.t = t.data_ptr<float>();
-  args.n = n;
-  args.d_in = d_in;
-  args.d_out = d_out;
-  args.r = r;
-  args.scale = static_cast<float>(scale);
-  args.dropout = dropout_args(seedc, p);
-  C10_CUDA_CHECK(cuda::lor2c_multi_fwd_launch(args, rows.args(G), device_info(),
-                                              at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::lor2c_multi_fwd_launch(
+      fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc), rows.args(G), device_info(),
+      at::cuda::getCurrentCUDAStream()));
   return {out, t};
 }
 
@@ -243,23 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
     const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   check_banks(A_bank, B_bank, ids, x.size(0));
-  const at::Tensor A0 = A_bank[0], B0 = B_bank[0];
-  check_common(x, A0, B0, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(grad, "grad", x.size(0), B0.size(0));
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(),
-              ", got ", grad.scalar_type());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
-                  t.size(0) == x.size(0) && t.size(1) == A0.size(0),
-              "t: expected a contiguous float32 (", x.size(0), ", ", A0.size(0), ") tensor");
-  const cuda::DType act = activation_dtype(x);
-  const at::Device device = x.device();
-  check_device(grad, "grad", device);
-  check_device(t, "t", device);
+  const at::Device device = check_bwd(grad, x, t, A_bank[0], B_bank[0], seed, p);
   check_device(A_bank, "A_bank", device);
   check_device(B_bank, "B_bank", device);
   check_device(ids, "adapter_ids", device);
-  check_device(seed, "seed", device);
   const c10::cuda::CUDAGuard guard(device);
 
   const int64_t n = x.size(0), d_in = x.size(1), d_out = B_bank.size(1), r = A_bank.size(1);
@@ -275,35 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
   const cuda::BwdPlan plan =
       cuda::lor2c_multi_bwd_plan(n, d_in, d_out, r, G, need_dx, need_dA, need_dB, info);
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
-  at::Tensor workspace = at::empty({plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems},
-                                   x.options().dtype(at::kFloat));
+  const at::Tensor workspace = workspace_for(plan, x);
   MultiRows rows = sort_rows(ids, G);
-
-  cuda::BwdArgs args{};
-  args.act = act;
-  args.weights_fp32 = A_bank.scalar_type() == at::kFloat;
-  args.grad = grad.data_ptr();
-  args.ldg = grad.stride(0);
-  args.x = x.data_ptr();
-  args.ldx = x.stride(0);
-  args.t = t.data_ptr<float>();
-  args.A = Ac.data_ptr();
-  args.B = Bc.data_ptr();
-  args.dx = need_dx ? dx.data_ptr() : nullptr;
-  args.dA = need_dA ? dA.data_ptr() : nullptr;
-  args.dB = need_dB ? dB.data_ptr() : nullptr;
-  args.workspace = workspace.data_ptr<float>();
-  args.n = n;
-  args.d_in = d_in;
-  args.d_out = d_out;
-  args.r = r;
-  args.scale = static_cast<float>(scale);
-  args.need_dx = need_dx;
-  args.need_dA = need_dA;
-  args.need_dB = need_dB;
-  args.dropout = dropout_args(seedc, p);
-  C10_CUDA_CHECK(cuda::lor2c_multi_bwd_launch(args, rows.args(G), plan, info,
-                                              at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::lor2c_multi_bwd_launch(
+      bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p, seedc, need_dx, need_dA,
+               need_dB),
+      rows.args(G), plan, info, at::cuda::getCurrentCUDAStream()));
   return {dx, dA, dB};
 }
 
