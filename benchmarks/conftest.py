@@ -20,8 +20,6 @@ Two defaults differ from pytest-benchmark's own:
 
 Compare runs of one machine taken under the same load: on a shared machine another process can
 move a median by more than 10% (time.sleep-based self-test: tests/test_bench_compare.py).
-Run benchmarks/ and tests/ as separate pytest sessions (or benchmarks/ first): tests/*.py import
-helpers with `from conftest import ...`, which finds the conftest.py that pytest loaded last.
 
 This file imports neither torch nor lor2c_ops (tests/test_bench_compare.py runs it in
 subprocesses on a trivial benchmark, which must start fast).

@@ -12,7 +12,7 @@ from lor2c_ops.ops import dcft as op
 from lor2c_ops.ref import dcft as ref
 from lor2c_ops.ref.philox import dropout_mask
 
-from conftest import skip_unless_runnable
+from backend_devices import skip_unless_runnable
 from oracle import assert_within_twice_torch, seed_for
 
 # (leading dims, k, stride, r, m_in, m_out, p): kernel sizes 2, 3, 4, 8, 12; stride == k (the

@@ -9,7 +9,7 @@ import lor2c_ops as lo
 from lor2c_ops.ops import lor2c as op
 from lor2c_ops.ref.philox import dropout_mask
 
-from conftest import backend_device, skip_unless_runnable
+from backend_devices import backend_device, skip_unless_runnable
 from oracle import assert_within_twice_torch, expected, seed_for
 
 # (leading dims, d_in, d_out, r): d not a multiple of any block size, r = 1 and 7, 3-D input,

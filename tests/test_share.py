@@ -9,7 +9,7 @@ from lor2c_ops import backends
 from lor2c_ops.modules.share import ShareLoR2C
 from lor2c_ops.ops import lor2c as op
 
-from conftest import skip_unless_runnable
+from backend_devices import skip_unless_runnable
 from oracle import assert_within_twice_torch, seed_for
 from lor2c_ops.ref.philox import dropout_mask
 
