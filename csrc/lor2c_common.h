@@ -31,6 +31,17 @@ inline void check_rows(const at::Tensor& t, const char* name, int64_t n, int64_t
   TORCH_CHECK(d <= 1 || t.stride(1) == 1, name, ": expected unit stride along the last dimension");
 }
 
+// Weight banks of a multi-adapter call and its per-row adapter ids (values checked elsewhere).
+inline void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank,
+                        const at::Tensor& ids, int64_t n) {
+  TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
+              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
+              A_bank.sizes(), " and ", B_bank.sizes());
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
+                  (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
+              "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
+}
+
 inline void check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& seed, double p) {
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D (n, d_in) tensor, got ", x.sizes());

@@ -332,16 +332,6 @@ void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
               "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
 }
 
-void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& ids,
-                 int64_t n) {
-  TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
-              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
-              A_bank.sizes(), " and ", B_bank.sizes());
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
-                  (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
-              "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
-}
-
 std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
                                                  const at::Tensor& A, const at::Tensor& B,
                                                  double scale, double p, const at::Tensor& seed) {

@@ -190,18 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
 }
 
 // ---- multi-adapter batches ------------------------------------------------------------------
-// Same checks as csrc/cpu/lor2c.cpp (check_banks there); the values of ids are not checked here:
-// that would read them back to the host. The kernels treat an id outside [-1, G) like -1 and
+// Banks checked as on the CPU (check_banks, lor2c_common.h); the values of ids are not checked
+// here: that would read them back to the host. The kernels treat an id outside [-1, G) like -1 and
 // never index past the banks; lor2c_ops.lor2c_residual validates the ids before calling.
-void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& ids,
-                 int64_t n) {
-  TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
-              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
-              A_bank.sizes(), " and ", B_bank.sizes());
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
-                  (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
-              "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
-}
 
 // The row order of a multi-adapter call, on the device: ids sorted stably (so the order, and
 // with it every reduction order, is a function of the ids alone) and the plan buffer that the
