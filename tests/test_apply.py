@@ -308,3 +308,87 @@ def test_errors_are_clear_and_change_nothing(minilm):
         lo.apply_lor2c(minilm, lo.LoR2CConfig(r=2))
     h.remove()
     assert [p.requires_grad for p in minilm.parameters()] == flags
+
+
+# --- inject on every family: Linear q/v projections and GPT-2's fused Conv1D c_attn -----------
+
+def _linear_out(module, x):
+    """The base output of an nn.Linear or a transformers Conv1D (y = x @ W + b), hooks off."""
+    if isinstance(module, nn.Linear):
+        return nn.functional.linear(x, module.weight, module.bias)
+    return x @ module.weight + module.bias
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_inject_on_llama_and_gpt2(family):
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    x = ids()
+    with torch.no_grad():
+        base = model(input_ids=x).last_hidden_state
+    h = lo.apply_lor2c(model, lo.LoR2CConfig(r=3, alpha=6))
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
+    edit = h.inject(1, optimizer=opt)
+    names = (["self_attn.q_proj", "self_attn.v_proj"] if family == "llama"
+             else ["attn.c_attn[query]", "attn.c_attn[value]"])
+    assert edit.detail["modules"] == names and h.inject_targets(0) == names
+    assert set(h.injected) == {(1, n) for n in names}
+    with torch.no_grad():  # fresh LoRAs (B = 0) change nothing
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, base)
+
+    # each LoRA adds s * x A.T B.T to its projection (GPT-2: to its slice of c_attn's output)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for lora in h.injected.values():
+            lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=g) * 0.1)
+    block = h.blocks[1]
+    xi = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        if family == "llama":
+            for n in names:
+                mod, lora = block.get_submodule(n), h.injected[(1, n)]
+                ref = _linear_out(mod, xi) + lora.scaling * xi @ lora.lora_A.T @ lora.lora_B.T
+                torch.testing.assert_close(mod(xi), ref, atol=1e-5, rtol=1e-5)
+        else:
+            c_attn = block.attn.c_attn
+            q, k, v = _linear_out(c_attn, xi).split(32, dim=-1)
+            lq, lv = h.injected[(1, names[0])], h.injected[(1, names[1])]
+            q = q + lq.scaling * xi @ lq.lora_A.T @ lq.lora_B.T
+            v = v + lv.scaling * xi @ lv.lora_A.T @ lv.lora_B.T
+            torch.testing.assert_close(c_attn(xi), torch.cat([q, k, v], -1), atol=1e-5,
+                                       rtol=1e-5)
+        assert (model(input_ids=x).last_hidden_state - base).abs().max() > 1e-4
+
+    # a training step moves the new LoRAs (in the optimizer), never the frozen base
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if not n.startswith("lor2c_adapters.")}
+    before = [p.detach().clone() for p in edit.added]
+    model(input_ids=x).last_hidden_state.pow(2).mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(edit.added, before))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, base, atol=0, rtol=0)
+
+
+def test_gpt2_inject_targets_whole_conv1d_or_slices():
+    model = tiny_gpt2()
+    h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, inject_targets=["c_attn"]))
+    h.inject(0, optimizer=False)
+    lora = h.injected[(0, "attn.c_attn")]
+    assert (lora.in_features, lora.out_features) == (32, 96)  # all of q, k, v (PEFT's default)
+    h.remove()
+    h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, inject_targets=["c_attn[key]", "mlp.c_fc"]))
+    h.inject(2, optimizer=False)
+    assert set(h.injected) == {(2, "attn.c_attn[key]"), (2, "mlp.c_fc")}
+    assert h.injected[(2, "mlp.c_fc")].out_features == 128
+    model(input_ids=ids()).last_hidden_state.sum().backward()
+    h.remove()
+    for targets, match in ((["c_proj"], "matches 2"), (["ln_1"], "matches 0"),
+                           (["c_attn", "c_attn[value]"], "overlap"),
+                           (["mlp.c_fc[query]"], "fused")):
+        h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, inject_targets=targets))
+        with pytest.raises(ValueError, match=match):
+            h.inject(0, optimizer=False)
+        assert h.spans == [(0, 0), (1, 1), (2, 2)] and not h.injected  # nothing changed
+        h.remove()

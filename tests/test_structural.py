@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lor2c_ops as lo
-from lor2c_ops.adapters import dense_sfs, sfs
+from lor2c_ops.adapters import UntrainedParametersWarning, dense_sfs, sfs
 
 
 class Attn(nn.Module):
@@ -130,7 +130,7 @@ def test_merge_updates_optimizer_and_only_new_params_train(share):
 
 def test_merged_span_computes_from_h_start():
     model, h = make(spans=[(0, 0), (1, 1)], max_merge_length=2)
-    h.merge(0, 1)
+    h.merge(0, 1, optimizer=False)
     a = h.adapters[0]
     x = torch.randn(2, 3, 16)
     out = model(x)
@@ -149,7 +149,7 @@ def test_merge_picks_smallest_sfs_pair_and_respects_max_merge_length():
     scores = h.sfs()
     pairs = h.mergeable_pairs()
     best = min(pairs, key=lambda p: scores[p[0]] + scores[p[1]])
-    edit = h.merge()
+    edit = h.merge(optimizer=False)
     assert (edit.detail["i"], edit.detail["j"]) == best
     i = best[0]
     with pytest.raises(ValueError, match="max_merge_length"):
@@ -201,14 +201,83 @@ def test_inject_attaches_trainable_lora_on_query_and_value(share):
 def test_inject_without_optimizer_returns_what_to_add_and_remove_restores():
     model, h = make()
     x = torch.randn(1, 3, 16)
-    edit = h.inject(2)
+    edit = h.inject(2, optimizer=False)  # the optimizer is built after the edit
     assert len(edit.added) == 4 and len(edit.removed) == 2
+    assert not edit.optimizer_updated
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     assert {id(p) for p in edit.added} <= {id(p) for p in opt.param_groups[0]["params"]}
     h.remove()
     torch.manual_seed(0)
     assert torch.equal(model(x), Net()(x))  # the same weights as make()'s base model
     assert all(p.requires_grad for p in model.parameters())
+
+
+# --- no silent path: the handle knows the optimizer, or warns -----------------------------------
+
+def test_edit_without_an_optimizer_warns_with_the_new_parameters():
+    model, h = make()
+    with pytest.warns(UntrainedParametersWarning, match=r"2 new parameters \(lor2c_adapters"
+                      r"\.lor2c\.1\.lora_A \(3, 16\), lor2c_adapters\.lor2c\.1\.lora_B "
+                      r"\(16, 3\)\); they will not train") as record:
+        edit = h.merge(1, 2)
+    assert record[0].filename == __file__  # points at the caller's line
+    assert edit.added_names == ["lor2c_adapters.lor2c.1.lora_A", "lor2c_adapters.lor2c.1.lora_B"]
+    with pytest.warns(UntrainedParametersWarning, match="4 new parameters.*injected"):
+        h.inject(0)
+    sched = lo.IMLoR2CSchedule(h, max_merges=1, interval=1)  # no optimizer anywhere
+    with pytest.warns(UntrainedParametersWarning):
+        sched.step()
+
+
+@pytest.mark.parametrize("how", ["attach", "apply"])
+def test_attached_optimizer_follows_every_edit(how, recwarn):
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(2, 4, 16)
+    if how == "apply":  # the adapters' parameters join an optimizer made before them
+        opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-2)
+        h = lo.apply_lor2c(model, lo.LoR2CConfig(r=3), optimizer=opt)
+    else:
+        h = lo.apply_lor2c(model, lo.LoR2CConfig(r=3))
+        opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
+        assert h.attach_optimizer(opt) == []
+    assert h.optimizer is opt
+    with torch.no_grad():
+        for a in h.adapters:
+            a.lora_B.normal_(std=0.1)
+    train_step(model, opt, x)
+    sched = lo.IMLoR2CSchedule(h, max_merges=1, max_injections=1, interval=1)
+    edits = h.merge(0, 1), *sched.step(), h.inject()
+    assert [e.kind for e in edits] == ["merge", "merge", "inject", "inject"]
+    assert all(e.optimizer_updated for e in edits)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in h.parameters()} <= in_opt
+    assert not any(id(p) in in_opt for e in edits for p in e.removed)
+    before = [p.detach().clone() for e in edits for p in e.added if p.requires_grad]
+    for _ in range(2):
+        train_step(model, opt, x)
+    after = [p for e in edits for p in e.added if p.requires_grad]
+    assert sum(not torch.equal(p, b) for p, b in zip(after, before)) >= len(after) // 2
+    assert not [w for w in recwarn if issubclass(w.category, UntrainedParametersWarning)]
+    with pytest.raises(TypeError, match="optimizer"):
+        h.merge(0, 1, optimizer="adam")  # refused before anything changes
+    assert len(h.history) == 4
+    h.remove()
+    assert h.optimizer is None
+
+
+def test_structural_edit_repr_is_short():
+    model, h = make(share=False)
+    opt = torch.optim.SGD(h.parameters(), lr=0.1)
+    merge = h.merge(1, 2, optimizer=opt)
+    inject = h.inject(0, optimizer=False)
+    assert repr(merge) == ("StructuralEdit(merge: adapters 1 (1, 1) and 2 (2, 2) -> one over "
+                           "(1, 2); removed 4 tensors, 192 values; added 2 tensors, 96 values; "
+                           "optimizer updated)")
+    assert repr(inject) == ("StructuralEdit(inject: adapter 0 -> LoRA on block 0 "
+                            "['attention.query', 'attention.value']; removed 2 tensors, 96 "
+                            "values; added 4 tensors, 192 values; optimizer not updated)")
+    assert "\n" not in repr(merge) and "tensor(" not in repr(inject)
 
 
 # --- schedule --------------------------------------------------------------------------------

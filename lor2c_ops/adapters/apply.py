@@ -14,7 +14,9 @@ torch.compile of the whole model traces them.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import re
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +34,19 @@ _STACK_SUFFIXES = ("encoder.layer", "encoder.layers", "model.layers", "decoder.l
                    "transformer.h", "transformer.layers", "layers", "layer", "h", "blocks")
 _QUERY_NAMES = ("query", "q_proj", "query_proj", "q_lin", "q")
 _VALUE_NAMES = ("value", "v_proj", "value_proj", "v_lin", "v")
+# Fused query/key/value projections laid out as [q | k | v] along the output (GPT-2's c_attn, a
+# transformers Conv1D): inject() adapts the query and value slices, as PEFT does for fused
+# projections. (GPT-NeoX's query_key_value interleaves the heads: not listed.)
+_FUSED_QKV_NAMES = ("c_attn",)
+_QKV_PARTS = ("query", "key", "value")
+# a target: a dotted module path inside the block, optionally with the [query|key|value] slice
+# of a fused projection; nothing else (no "..", "/", empty or dunder components)
+_TARGET_RE = re.compile(r"^(?!.*(?:^|\.)__)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*"
+                        r"(?:\[(query|key|value)\])?$")
+
+
+class UntrainedParametersWarning(UserWarning):
+    """A structural edit added parameters that no optimizer knows about: they would not train."""
 
 
 # --- finding the blocks -------------------------------------------------------------------------
@@ -68,6 +83,59 @@ def model_family(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     return {"class": type(model).__name__,
             "model_type": getattr(cfg, "model_type", None) if cfg is not None else None}
+
+
+def linear_dims(module: nn.Module):
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (GPT-2: weight
+    (in, out), y = x @ W + b), or None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1]):
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
+class InjectTarget(NamedTuple):
+    """Where inject() puts a LoRA: `name` (what handle.injected and saved files call it),
+    `module` (the Linear / Conv1D inside the block), and the [start, stop) slice of its output
+    (None: all of it); in / out features of the LoRA."""
+    name: str
+    module: str
+    start: Optional[int]
+    stop: Optional[int]
+    in_features: int
+    out_features: int
+
+
+def resolve_target(block: nn.Module, name: str, index: int) -> InjectTarget:
+    """The InjectTarget of `name` ("attention.query", "attn.c_attn", "attn.c_attn[value]")
+    inside `block`; ValueError when it is not a Linear / Conv1D there (or not a [q | k | v]
+    fused projection when a slice is asked for)."""
+    m = _TARGET_RE.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise ValueError(f"inject target {name!r}: expected a dotted module path inside block "
+                         f"{index}, optionally with [query], [key] or [value]")
+    part = m.group(1)
+    path = name[: name.index("[")] if part else name
+    try:
+        module = block.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"inject target {name!r}: block {index} has no submodule {path!r}") from None
+    dims = linear_dims(module)
+    if dims is None:
+        raise ValueError(f"inject target {name!r}: block {index}'s {path!r} is a "
+                         f"{type(module).__name__}, not an nn.Linear or Conv1D")
+    d_in, d_out = dims
+    if part is None:
+        return InjectTarget(name, path, None, None, d_in, d_out)
+    if d_out % 3:
+        raise ValueError(f"inject target {name!r}: {path!r} has {d_out} outputs, not a fused "
+                         f"[query | key | value] projection (a multiple of 3)")
+    width = d_out // 3
+    start = _QKV_PARTS.index(part) * width
+    return InjectTarget(name, path, start, start + width, d_in, width)
 
 
 def _block_dims(block: nn.Module):
@@ -218,14 +286,33 @@ class _Residual:
 
 
 class _InjectedLoRA:
-    """Forward hook on an nn.Linear: y = x W.T + b + s * dropout(x) @ A.T @ B.T (the fused op with
-    layer_out = x W.T + b)."""
+    """Forward hook on an nn.Linear (or Conv1D): y = x W.T + b + s * dropout(x) @ A.T @ B.T (the
+    fused op with layer_out = x W.T + b)."""
 
     def __init__(self, lora: FusedLoR2C):
         self.lora = lora
 
     def __call__(self, module, args, output):
         return self.lora(args[0], output)
+
+
+class _InjectedSlices:
+    """Forward hook on a fused projection: the LoRAs add to their [start, stop) slices of the
+    output (GPT-2's c_attn: query and value), the rest passes through."""
+
+    def __init__(self, parts):
+        self.parts = sorted(parts, key=lambda p: p[1])  # (lora, start, stop)
+
+    def __call__(self, module, args, output):
+        x, pieces, pos = args[0], [], 0
+        for lora, start, stop in self.parts:
+            if start > pos:
+                pieces.append(output[..., pos:start])
+            pieces.append(lora(x, output[..., start:stop]))
+            pos = stop
+        if pos < output.shape[-1]:
+            pieces.append(output[..., pos:])
+        return torch.cat(pieces, dim=-1)
 
 
 def _key(block: int, name: str) -> str:
@@ -246,7 +333,8 @@ class LoR2CAdapters(nn.Module):
         self.lor2c = nn.ModuleList()
         self.bank: Optional[ShareLoR2C] = None
         self.injected = nn.ModuleDict()
-        self.injected_meta: dict = {}  # key -> (block, module name)
+        self.injected_meta: dict = {}  # key -> (block, target name)
+        self.injected_targets: Dict[str, InjectTarget] = {}  # key -> where it acts
         self._shared: List[SharedAdapter] = []
         self._store: dict = {}
         self._hooks: list = []
@@ -295,9 +383,25 @@ class LoR2CAdapters(nn.Module):
                     _Capture(self._store, a.start, kw), with_kwargs=True))
             self._hooks.append(blocks[a.end].register_forward_hook(
                 _Residual(a, self._store, kw), with_kwargs=True))
-        for key, (block, name) in self.injected_meta.items():
-            linear = blocks[block].get_submodule(name)
-            self._hooks.append(linear.register_forward_hook(_InjectedLoRA(self.injected[key])))
+        per_module: dict = {}
+        for key, (block, _) in self.injected_meta.items():
+            t = self.injected_targets[key]
+            per_module.setdefault((block, t.module), []).append(
+                (self.injected[key], t.start, t.stop))
+        for (block, path), parts in per_module.items():
+            module = blocks[block].get_submodule(path)
+            if len(parts) == 1 and parts[0][1] is None:
+                hook = _InjectedLoRA(parts[0][0])
+            else:
+                hook = _InjectedSlices(parts)
+            self._hooks.append(module.register_forward_hook(hook))
+
+    def add_injected(self, block: int, target: InjectTarget, lora: FusedLoR2C) -> str:
+        key = _key(block, target.name)
+        self.injected[key] = lora
+        self.injected_meta[key] = (block, target.name)
+        self.injected_targets[key] = target
+        return key
 
     def uninstall(self) -> None:
         for h in self._hooks:
@@ -314,6 +418,7 @@ class LoR2CHandle:
     def __init__(self, model: nn.Module, container: LoR2CAdapters, blocks, saved_flags):
         self.model, self.container, self.blocks = model, container, blocks
         self._saved_flags = saved_flags
+        self._optimizer = None
         self.removed = False
 
     # inspection -------------------------------------------------------------------------------
@@ -381,9 +486,15 @@ class LoR2CHandle:
               k: Optional[int] = None) -> StructuralEdit:
         """Merges adapters i and j = i + 1 (adjacent) into one over lower.start..upper.end,
         initialised from the lower adapter's A, B and scaling. i None: the mergeable pair with
-        the smallest summed SFS (with `k`). Updates `optimizer` (if given): the removed
-        parameters leave it, the new ones join the group they were in."""
+        the smallest summed SFS (with `k`).
+
+        The optimizer (`optimizer`, else the one given to attach_optimizer / apply_lor2c) is
+        updated: the removed parameters leave it with their state, the new ones join the group
+        the removed ones were in. With neither, an UntrainedParametersWarning lists the new
+        parameters (they train only once you add them); `optimizer=False` says you will add
+        `edit.added` yourself (e.g. you build the optimizer after the edits) and warns nothing."""
         self._check_live()
+        self._optimizer_for_edit(optimizer)  # a wrong optimizer fails before anything changes
         ads = self.adapters
         if i is None:
             pairs = self.mergeable_pairs()
@@ -436,40 +547,65 @@ class LoR2CHandle:
                 if a.start == a.end and not a.merged and a.start not in done]
 
     def inject_targets(self, block: int) -> List[str]:
-        """Names (inside block `block`) of the Linear modules inject() puts a LoRA on."""
+        """Names (inside block `block`) of what inject() puts a LoRA on: the query and value
+        projections (nn.Linear or Conv1D, found by name), or the [query] and [value] slices of a
+        fused [q | k | v] projection (GPT-2's c_attn); or config.inject_targets."""
+        return [t.name for t in self._targets(block)]
+
+    def _targets(self, block: int) -> List[InjectTarget]:
         module = self.blocks[block]
-        linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: m for n, m in module.named_modules() if n and linear_dims(m) is not None}
         wanted = self.config.inject_targets
         if wanted is not None:
-            names = []
+            out = []
             for t in wanted:
-                hits = [n for n in linears if n == t or n.endswith("." + t)]
+                base, bracket, part = t.partition("[")
+                hits = [n for n in linears if n == base or n.endswith("." + base)]
                 if len(hits) != 1:
-                    raise ValueError(f"inject_targets: {t!r} matches {len(hits)} nn.Linear modules "
-                                     f"in block {block} ({sorted(linears)}); expected exactly one")
-                names.append(hits[0])
-            return names
-        names = []
+                    raise ValueError(f"inject_targets: {t!r} matches {len(hits)} nn.Linear / "
+                                     f"Conv1D modules in block {block} ({sorted(linears)}); "
+                                     f"expected exactly one")
+                out.append(resolve_target(module, hits[0] + bracket + part, block))
+        else:
+            out = self._default_targets(block, module, linears)
+        seen: dict = {}
+        for t in out:  # one LoRA per output element: no target twice, no slice overlapping
+            for other in seen.get(t.module, []):
+                if (t.start is None or other.start is None
+                        or (t.start < other.stop and other.start < t.stop)):
+                    raise ValueError(f"inject_targets: {other.name!r} and {t.name!r} overlap in "
+                                     f"block {block}")
+            seen.setdefault(t.module, []).append(t)
+        return out
+
+    @staticmethod
+    def _default_targets(block, module, linears) -> List[InjectTarget]:
+        found = {}
         for kind, candidates in (("query", _QUERY_NAMES), ("value", _VALUE_NAMES)):
-            hit = None
             for cand in candidates:
                 hits = [n for n in linears if n.split(".")[-1] == cand]
                 if len(hits) == 1:
-                    hit = hits[0]
+                    found[kind] = hits[0]
                     break
-            if hit is None:
-                raise ValueError(f"inject: cannot find the {kind} projection (an nn.Linear named "
-                                 f"one of {_QUERY_NAMES if kind == 'query' else _VALUE_NAMES}) in "
-                                 f"block {block}; pass LoR2CConfig(inject_targets=[...])")
-            names.append(hit)
-        return names
+        if len(found) == 2:
+            return [resolve_target(module, found[k], block) for k in ("query", "value")]
+        fused = [n for n in linears if n.split(".")[-1] in _FUSED_QKV_NAMES
+                 and linear_dims(linears[n])[1] == 3 * linear_dims(linears[n])[0]]
+        if not found and len(fused) == 1:
+            return [resolve_target(module, f"{fused[0]}[{k}]", block) for k in ("query", "value")]
+        kind = "value" if "query" in found else "query"
+        raise ValueError(f"inject: cannot find the {kind} projection (an nn.Linear or Conv1D named "
+                         f"one of {_QUERY_NAMES if kind == 'query' else _VALUE_NAMES}, or a fused "
+                         f"[q | k | v] projection named one of {_FUSED_QKV_NAMES}) in block "
+                         f"{block}; pass LoR2CConfig(inject_targets=[...])")
 
     def inject(self, i: Optional[int] = None, optimizer=None,
                k: Optional[int] = None) -> StructuralEdit:
         """Removes adapter i (None: the injectable one with the largest SFS) and attaches a
         trainable LoRA (the fused op with layer_out = x W.T + b) on that block's query and value
-        projections. Updates `optimizer` (if given) like merge()."""
+        projections (inject_targets(block)). Updates the optimizer like merge()."""
         self._check_live()
+        self._optimizer_for_edit(optimizer)  # a wrong optimizer fails before anything changes
         ads = self.adapters
         allowed = self.injectable()
         if i is None:
@@ -486,19 +622,19 @@ class LoR2CHandle:
                              f"(it must cover one block, not come from a merge, and its block "
                              f"must have no LoRA yet)")
         block = ads[i].start
-        names = self.inject_targets(block)
+        targets = self._targets(block)
         c = self.container
         cfg = self.config
         r = cfg.inject_r or cfg.r
         alpha = cfg.inject_alpha if cfg.inject_alpha is not None else cfg.alpha
-        new_modules = {}
-        for name in names:
-            linear = self.blocks[block].get_submodule(name)
-            lora = FusedLoR2C(linear.in_features, linear.out_features, r=r, alpha=alpha,
+        new_modules = []
+        for t in targets:
+            weight = self.blocks[block].get_submodule(t.module).weight
+            lora = FusedLoR2C(t.in_features, t.out_features, r=r, alpha=alpha,
                               dropout=cfg.dropout, backend=cfg.backend,
-                              device=linear.weight.device, dtype=c._factory["dtype"])
+                              device=weight.device, dtype=c._factory["dtype"])
             lora.train(c.training)
-            new_modules[_key(block, name)] = (lora, name)
+            new_modules.append((t, lora))
         if c.bank is None:
             old = c.lor2c[i]
             removed = [old.lora_A, old.lora_B]
@@ -510,11 +646,10 @@ class LoR2CHandle:
             # B_bank is rebuilt without row i: the old Parameter leaves, the new one joins (the
             # shared A stays while other adapters use it)
             removed, added = self._drop_bank_row(i)
-        for key, (lora, name) in new_modules.items():
-            c.injected[key] = lora
-            c.injected_meta[key] = (block, name)
+        for t, lora in new_modules:
+            c.add_injected(block, t, lora)
             added += [lora.lora_A, lora.lora_B]
-        detail = {"i": i, "block": block, "modules": names}
+        detail = {"i": i, "block": block, "modules": [t.name for t, _ in new_modules]}
         return self._finish("inject", detail, removed, added, optimizer)
 
     def _drop_bank_row(self, row: int):
@@ -532,7 +667,16 @@ class LoR2CHandle:
             a.row = n
         return [old], [bank.B_bank]
 
+    def _optimizer_for_edit(self, optimizer):
+        if optimizer is None:
+            return self._optimizer
+        if optimizer is False:
+            return None
+        _check_optimizer(optimizer)
+        return optimizer
+
     def _finish(self, kind, detail, removed, added, optimizer) -> StructuralEdit:
+        opt = self._optimizer_for_edit(optimizer)
         c = self.container
         c.install(self.blocks)
         c.history.append({"kind": kind, **detail})
@@ -540,9 +684,39 @@ class LoR2CHandle:
             p.requires_grad_(True)
         for p in removed:
             p.grad = None  # no stale gradient left behind on a parameter that left the model
-        edit = StructuralEdit(kind, detail, removed, added)
-        edit.apply_to(optimizer)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        edit = StructuralEdit(kind, detail, removed, added,
+                              added_names=[names.get(id(p), "?") for p in added])
+        edit.apply_to(opt)
+        if opt is None and optimizer is not False:
+            listed = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(edit.added_names, added))
+            warnings.warn(
+                f"LoR2C {kind}: no optimizer knows the {len(added)} new parameters ({listed}); "
+                f"they will not train. Pass optimizer= to {kind}(), call "
+                f"handle.attach_optimizer(opt) once, or add edit.added to your optimizer (and "
+                f"drop edit.removed); pass optimizer=False if you build the optimizer after the "
+                f"edits.", UntrainedParametersWarning, stacklevel=3)
         return edit
+
+    # the optimizer ---------------------------------------------------------------------------
+    @property
+    def optimizer(self):
+        """The optimizer merge() / inject() keep in step when not given one (attach_optimizer)."""
+        return self._optimizer
+
+    def attach_optimizer(self, optimizer) -> list:
+        """From now on every merge() / inject() updates `optimizer` (None: forget it). Adapter
+        parameters it does not hold yet join its first param group. Returns those."""
+        if optimizer is None:
+            self._optimizer = None
+            return []
+        _check_optimizer(optimizer)
+        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [p for p in self.parameters() if p.requires_grad and id(p) not in present]
+        if missing:
+            optimizer.param_groups[0]["params"].extend(missing)
+        self._optimizer = optimizer
+        return missing
 
     # removal ---------------------------------------------------------------------------------
     def remove(self) -> nn.Module:
@@ -556,6 +730,7 @@ class LoR2CHandle:
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
         self.removed = True
+        self._optimizer = None
         return self.model
 
     def __repr__(self) -> str:
@@ -600,17 +775,32 @@ def attach(model: nn.Module, container: LoR2CAdapters, blocks) -> LoR2CHandle:
     return handle
 
 
-def apply_lor2c(model: nn.Module, config: Optional[LoR2CConfig] = None) -> LoR2CHandle:
+def apply_lor2c(model: nn.Module, config: Optional[LoR2CConfig] = None,
+                optimizer=None) -> LoR2CHandle:
     """Attaches LoR2C adapters to `model` (in place) and returns the handle.
 
     Finds the stack of blocks (config.layers_path, or by name for Hugging Face models), freezes
     the base model (except config.trainable), and adds one adapter per block or per span of
     config.spans, each computing h_{end+1} = Block_end(h_end) + s * dropout(h_start) @ A.T @ B.T
     with the fused op.
+
+    `optimizer` (optional): the adapters' parameters join it, and merge() / inject() keep it in
+    step (handle.attach_optimizer does the same later).
     """
     config = LoR2CConfig() if config is None else config
+    if optimizer is not None:
+        _check_optimizer(optimizer)
     container, blocks = build(model, config)
-    return attach(model, container, blocks)
+    handle = attach(model, container, blocks)
+    if optimizer is not None:
+        handle.attach_optimizer(optimizer)
+    return handle
+
+
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
 
 
 def get_handle(model: nn.Module) -> Optional[LoR2CHandle]:
@@ -619,5 +809,5 @@ def get_handle(model: nn.Module) -> Optional[LoR2CHandle]:
     return None if container is None else container.__dict__.get("handle")
 
 
-__all__ = ["LoR2CHandle", "LoR2CAdapters", "SpanLoR2C", "SharedAdapter", "apply_lor2c",
-           "find_blocks", "get_handle"]
+__all__ = ["InjectTarget", "LoR2CHandle", "LoR2CAdapters", "SpanLoR2C", "SharedAdapter",
+           "UntrainedParametersWarning", "apply_lor2c", "find_blocks", "get_handle"]

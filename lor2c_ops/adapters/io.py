@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from .apply import (FusedLoR2C, LoR2CHandle, _key, attach, build, get_handle)
+from .apply import (FusedLoR2C, LoR2CHandle, attach, build, get_handle, resolve_target)
 from .config import LoR2CConfig
 
 FORMAT = "lor2c_ops.lor2c_adapters"
@@ -178,22 +178,19 @@ def load_adapters(model: nn.Module, path, strict_family: bool = True) -> LoR2CHa
     for info in meta["injected"]:
         block, name = int(info["block"]), info["module"]
         try:
-            linear = blocks[block].get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{where}: the injected LoRA targets {name!r} in block {block}, which "
-                             f"this model does not have") from None
-        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (
-                info["in_features"], info["out_features"]):
-            raise ValueError(f"{where}: the injected LoRA on block {block} {name!r} expects an "
-                             f"nn.Linear({info['in_features']}, {info['out_features']}), the "
-                             f"model has {linear}")
-        lora = FusedLoR2C(linear.in_features, linear.out_features, r=int(info["r"]),
+            t = resolve_target(blocks[block], name, block)
+        except ValueError as exc:
+            raise ValueError(f"{where}: the injected LoRA does not fit this model: {exc}") from None
+        if (t.in_features, t.out_features) != (info["in_features"], info["out_features"]):
+            raise ValueError(f"{where}: the injected LoRA on block {block} {name!r} expects "
+                             f"{info['in_features']} -> {info['out_features']} features, the "
+                             f"model's are {t.in_features} -> {t.out_features}")
+        weight = blocks[block].get_submodule(t.module).weight
+        lora = FusedLoR2C(t.in_features, t.out_features, r=int(info["r"]),
                           alpha=info["alpha"], dropout=config.dropout, backend=config.backend,
-                          device=linear.weight.device, dtype=container._factory["dtype"])
+                          device=weight.device, dtype=container._factory["dtype"])
         lora.scaling = float(info["scaling"])
-        key = _key(block, name)
-        container.injected[key] = lora
-        container.injected_meta[key] = (block, name)
+        container.add_injected(block, t, lora)
     expected = container.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

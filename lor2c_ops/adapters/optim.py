@@ -9,20 +9,40 @@ import torch
 from torch import nn
 
 
-@dataclass
+@dataclass(repr=False)
 class StructuralEdit:
-    """What a merge or injection changed. `removed` left the model, `added` joined it (trainable).
-    When an optimizer was passed it has already been updated; otherwise call
-    `apply_to(optimizer)` (or add `added` / drop `removed` yourself)."""
+    """What a merge or injection changed. `removed` left the model, `added` joined it (trainable;
+    `added_names` their names in the model). `optimizer_updated`: an optimizer has already been
+    updated; otherwise call `apply_to(optimizer)` (or add `added` / drop `removed` yourself)."""
 
     kind: str
     detail: dict
     removed: List[nn.Parameter] = field(default_factory=list)
     added: List[nn.Parameter] = field(default_factory=list)
+    added_names: List[str] = field(default_factory=list)
+    optimizer_updated: bool = False
 
     def apply_to(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         if optimizer is not None:
             update_optimizer(optimizer, self.removed, self.added)
+            self.optimizer_updated = True
+
+    def _what(self) -> str:
+        d = self.detail
+        if self.kind == "merge" and {"i", "j", "lower", "upper", "span"} <= set(d):
+            return (f"adapters {d['i']} {tuple(d['lower'])} and {d['j']} {tuple(d['upper'])} -> "
+                    f"one over {tuple(d['span'])}")
+        if self.kind == "inject" and {"i", "block", "modules"} <= set(d):
+            return f"adapter {d['i']} -> LoRA on block {d['block']} {list(d['modules'])}"
+        return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+    def __repr__(self) -> str:
+        def count(params):
+            return f"{len(params)} tensors, {sum(p.numel() for p in params):,} values"
+
+        state = "optimizer updated" if self.optimizer_updated else "optimizer not updated"
+        return (f"StructuralEdit({self.kind}: {self._what()}; removed {count(self.removed)}; "
+                f"added {count(self.added)}; {state})")
 
 
 def update_optimizer(optimizer: torch.optim.Optimizer, removed, added) -> None:
