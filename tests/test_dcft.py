@@ -373,8 +373,9 @@ def test_dcft_delta_bad_sizes():
 
 
 def test_default_backend_on_cpu_is_the_compiled_one():
-    assert op._pick_backend(None, torch.device("cpu"), torch.float32) == "cpu"
-    assert op._pick_backend(None, torch.device("cpu"), torch.float64) == "reference"
+    from lor2c_ops import backends
+    assert backends.select(None, torch.device("cpu"), torch.float32, op="dcft") == "cpu"
+    assert backends.select(None, torch.device("cpu"), torch.float64, op="dcft") == "reference"
 
 
 # --- the module --------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """The LoR2C residual op on every backend: values and gradients against the fp64 oracle,
 dropout, registration (opcheck, torch.compile), memory saved for backward, and bad input."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import lor2c_ops as lo
 from lor2c_ops.ops import lor2c as op
+from lor2c_ops.ref import philox as ref_philox
 from lor2c_ops.ref.philox import dropout_mask
 
 from backend_devices import backend_device, skip_unless_runnable
@@ -173,6 +177,105 @@ def test_masks_equal_across_backends():
         assert torch.equal(mask, expect), f"{name} mask differs from the Philox reference"
 
 
+# ---- the mask convention (csrc/philox.h) ---------------------------------------------------
+# Random123's kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def _philox_scalar(ctr, key):
+    """Philox4x32-10 on Python ints, written out from the paper (independent of lor2c_ops)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1,
+                          p0 & 0xFFFFFFFF)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def _draw_scalar(seed, offset, i, j):
+    """The 16-bit draw of element (i, j), straight from the convention's text."""
+    s, o = seed & 0xFFFFFFFFFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF
+    out = _philox_scalar((j >> 3, i, o & 0xFFFFFFFF, o >> 32), (s & 0xFFFFFFFF, s >> 32))
+    return (out[(j >> 1) & 3] >> (16 * (j & 1))) & 0xFFFF
+
+
+@pytest.mark.parametrize("ctr,key,want", PHILOX_KAT)
+def test_philox_known_answers(ctr, key, want):
+    assert _philox_scalar(ctr, key) == want
+    words = ref_philox.philox4x32_10(*(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
+    assert tuple(int(w) for w in words) == want
+
+
+def test_threshold_is_16_bit():
+    for p in [0.0, 1e-6, 0.1, 0.25, 0.3, 0.5, 0.9, 1 - 1e-9]:
+        assert ref_philox.dropout_threshold(p) == min(math.floor(p * 65536), 65535)
+    assert ref_philox.dropout_threshold(1 - 1e-9) == 65535
+
+
+def test_mask_layout_matches_scalar_definition():
+    """8 columns per Philox call, 16-bit halves in column order: odd columns, 6 | 7 | 8 | 9."""
+    seed = torch.tensor([-0x123456789ABCDEF, 0x1_0000_0007], dtype=torch.int64)
+    n, d, p = 5, 300, 0.3
+    draws = ref_philox.dropout_draws(seed, n, d)
+    mask = dropout_mask(seed, n, d, p)
+    thr = ref_philox.dropout_threshold(p)
+    elements = [(0, 0), (0, 1), (0, 2), (0, 3), (0, 6), (0, 7), (0, 8), (0, 9), (1, 6), (1, 7),
+                (2, 8), (2, 9), (3, 15), (3, 16), (4, 255), (4, 299)]
+    for i, j in elements:
+        want = _draw_scalar(int(seed[0]), int(seed[1]), i, j)
+        assert int(draws[i, j]) == want, f"draw of ({i}, {j})"
+        assert float(mask[i, j]) == (1 / (1 - p) if want >= thr else 0.0), f"mask of ({i}, {j})"
+    # ... and every backend's mask is the reference's at those elements
+    seed99 = seed_for(99, "cpu")
+    ref96 = dropout_mask(seed99, 64, 96, 0.3) == 0
+    for i, j in [(0, 6), (0, 7), (0, 8), (0, 9), (63, 95), (17, 33)]:
+        assert bool(ref96[i, j]) == (_draw_scalar(int(seed99[0]), int(seed99[1]), i, j)
+                                     < ref_philox.dropout_threshold(0.3))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_keep_rate_within_a_few_sigma(p):
+    n, d = 1024, 1000
+    keep = (dropout_mask(seed_for(7, "cpu"), n, d, p) != 0).double()
+    rate, sigma = keep.mean().item(), math.sqrt(p * (1 - p) / (n * d))
+    assert abs(rate - (1 - p)) <= 5 * sigma, f"keep rate {rate:.5f}, 1 - p = {1 - p}"
+    # the 8 positions inside a Philox call are alike (no half or word is biased)
+    by_lane = keep[:, : d // 8 * 8].reshape(n, -1, 8).mean(dim=(0, 1))
+    sigma_lane = math.sqrt(p * (1 - p) / (n * (d // 8)))
+    assert (by_lane - (1 - p)).abs().max().item() <= 5 * sigma_lane, f"per lane {by_lane}"
+
+
+_FORCED_PATH_CHECK = """
+import torch, lor2c_ops as lo
+from lor2c_ops.ops.lor2c import draw_seed
+from lor2c_ops.ref.philox import dropout_mask
+for d in (1, 9, 63, 64, 65, 127, 128, 129, 192, 200):
+    x = torch.ones(6, d)
+    eye = torch.eye(d)
+    out = lo.lor2c_residual(x, torch.zeros(6, d), eye, eye, dropout_p=0.4, backend="cpu",
+                            generator=torch.Generator().manual_seed(d))
+    seed = draw_seed(torch.Generator().manual_seed(d), "cpu")
+    assert torch.equal(out == 0, dropout_mask(seed, 6, d, 0.4) == 0), d
+"""
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2"])
+def test_cpu_mask_fallback_paths(path):
+    """The CPU mask's scalar and AVX2 code (the default is the widest the CPU has)."""
+    skip_unless_runnable("cpu")
+    env = dict(os.environ, LOR2C_CPU_MASK_PATH=path)
+    res = subprocess.run([sys.executable, "-c", _FORCED_PATH_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_eval_mode_and_p_zero_need_no_mask(backend):
     device = skip_unless_runnable(backend)
     x, layer_out, A, B, _ = make((9,), 20, 20, 2, torch.float32, torch.float32, device)
@@ -221,12 +324,12 @@ def test_opcheck(backend, p):
     seed = seed_for(4, device)
     for t in (x, layer_out, A, B):
         t.requires_grad_()
-    torch.library.opcheck(op.lor2c_fwd, (x, layer_out, A, B, 0.5, p, seed, backend))
-    _, t = op.lor2c_fwd(x.detach(), layer_out.detach(), A.detach(), B.detach(), 0.5, p, seed,
-                        backend)
-    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), 0.5, p, seed,
+    torch.library.opcheck(op.lor2c_fwd, (x, layer_out, A, B, None, 0.5, p, seed, backend))
+    _, t = op.lor2c_fwd(x.detach(), layer_out.detach(), A.detach(), B.detach(), None, 0.5, p,
+                        seed, backend)
+    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed,
                                          backend, True, True, True))
-    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), 0.5, p, seed,
+    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed,
                                          backend, False, True, False))
 
 

@@ -222,10 +222,10 @@ def test_opcheck_multi(backend):
     seed = seed_for(2, device)
     args = [t.detach().requires_grad_() for t in (x, layer_out, A, B)]
     for p in (0.0, 0.2):
-        torch.library.opcheck(op.lor2c_multi_fwd, (*args, ids, 0.7, p, seed, backend))
-        _, t = op.lor2c_multi_fwd(x, layer_out, A, B, ids, 0.7, p, seed, backend)
-        torch.library.opcheck(op.lor2c_multi_bwd, (g, x, t, A, B, ids, 0.7, p, seed, backend,
-                                                   True, True, True))
+        torch.library.opcheck(op.lor2c_fwd, (*args, ids, 0.7, p, seed, backend))
+        _, t = op.lor2c_fwd(x, layer_out, A, B, ids, 0.7, p, seed, backend)
+        torch.library.opcheck(op.lor2c_bwd, (g, x, t, A, B, ids, 0.7, p, seed, backend,
+                                             True, True, True))
 
 
 def test_compile_fullgraph_banked_and_multi(backend):

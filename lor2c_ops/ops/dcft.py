@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _common
 from ._dispatch import kernels
-from .. import _checks, _ext, backends
+from .. import _checks
 from ..ref import dcft as ref
-from .lor2c import _rows, draw_seed
 
 
 def _kernels(backend: str):
@@ -52,7 +52,8 @@ def dcft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
              scale: float, stride: int, p: float, seed: Tensor,
              backend: str) -> tuple[Tensor, Tensor]:
     """(out, T) for 2-D x (n, d_in): out = x @ W.T + b + s * dropout(x) @ D, T (n, r * k)."""
-    return tuple(_kernels(backend).forward(x, weight, bias, A, B, C, scale, stride, p, seed))
+    return tuple(_run_forward(_kernels(backend), x, weight, bias, A, B, C, scale, stride, p,
+                              seed))
 
 
 @dcft_fwd.register_fake
@@ -79,6 +80,36 @@ def _(grad, x, t, weight, A, B, C, scale, stride, p, seed, backend, need_dx, nee
             C.new_empty(C.shape if need_dC else (0,)))
 
 
+_FWD_ARGS = 11  # x, weight, bias, A, B, C, scale, stride, p, seed, backend
+
+
+def _run_forward(k, x, weight, bias, A, B, C, scale, stride, p, seed):
+    if x.shape[0] == 0:
+        return (x.new_empty((0, weight.shape[0])),
+                x.new_empty((0, A.shape[0] * C.shape[0]), dtype=_t_dtype(x)))
+    return k.forward(x, weight, bias, A, B, C, scale, stride, p, seed)
+
+
+def _grads(bwd, needs, grad_out, x, t, weight, A, B, C, seed):
+    """The gradient tuple of the forward's inputs; bwd(g, need_x, need_A, need_B, need_C)."""
+    need_x, need_w, need_b, need_A, need_B, need_C = needs[:6]
+    if grad_out is None:
+        return _common.none_grads(_FWD_ARGS)
+    g = _common.grad_rows(grad_out)
+    dx = dA = dB = dC = dW = db = None
+    if x.shape[0] == 0:
+        dx = x.new_empty(x.shape)
+        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+    elif need_x or need_A or need_B or need_C:
+        dx, dA, dB, dC = bwd(g, need_x, need_A, need_B, need_C)
+    if need_w:  # the base weight and bias get gradients only when they require them
+        dW = g.t().mm(x).to(weight.dtype)
+    if need_b:
+        db = g.sum(0, dtype=_t_dtype(g)).to(g.dtype)
+    return ((dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
+             dC if need_C else None) + _common.none_grads(_FWD_ARGS - 6))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, A, B, C, scale, stride, p, seed, backend = inputs
     ctx.save_for_backward(x, output[1], weight, A, B, C, seed)
@@ -87,25 +118,39 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_t):
-    need_x, need_w, need_b, need_A, need_B, need_C = ctx.needs_input_grad[:6]
-    none = (None,) * 11
-    if grad_out is None:
-        return none
     x, t, weight, A, B, C, seed = ctx.saved_tensors
-    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    dx = dA = dB = dC = dW = db = None
-    if need_x or need_A or need_B or need_C:
-        dx, dA, dB, dC = dcft_bwd(g, x, t, weight, A, B, C, ctx.scale, ctx.stride, ctx.p, seed,
-                                  ctx.backend, need_x, need_A, need_B, need_C)
-    if need_w:  # the base weight and bias get gradients only when they require them
-        dW = g.t().mm(x).to(weight.dtype)
-    if need_b:
-        db = g.sum(0, dtype=_t_dtype(g)).to(g.dtype)
-    return (dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
-            dC if need_C else None, None, None, None, None, None)
+    return _grads(lambda g, nx, nA, nB, nC: dcft_bwd(g, x, t, weight, A, B, C, ctx.scale,
+                                                     ctx.stride, ctx.p, seed, ctx.backend, nx,
+                                                     nA, nB, nC),
+                  ctx.needs_input_grad, grad_out, x, t, weight, A, B, C, seed)
 
 
 dcft_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DCFTFunction(torch.autograd.Function):
+    """The eager path: the library ops' forward and backward without their dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, C, scale, stride, p, seed, k):
+        out, t = _run_forward(k, x, weight, bias, A, B, C, scale, stride, p, seed)
+        ctx.save_for_backward(x, t, weight, A, B, C, seed)
+        ctx.scale, ctx.stride, ctx.p, ctx.k = scale, stride, p, k
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(t)
+        return out, t
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_t):
+        x, t, weight, A, B, C, seed = ctx.saved_tensors
+        return _grads(lambda g, nx, nA, nB, nC: ctx.k.backward(g, x, t, weight, A, B, C,
+                                                               ctx.scale, ctx.stride, ctx.p, seed,
+                                                               nx, nA, nB, nC),
+                      ctx.needs_input_grad, grad_out, x, t, weight, A, B, C, seed)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_common.NO_FORWARD_AD.format(op="dcft_linear"))
 
 
 # --- argument checks -----------------------------------------------------------------------------
@@ -198,19 +243,6 @@ def _check(x, weight, bias, A, B, C, stride):
     return _check_factors(A, B, C, stride, d_in, d_out)[0]
 
 
-def _pick_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    name = backends.select(backend, device, dtype)
-    if name in ("cpu", "cuda"):
-        key = "CPU" if name == "cpu" else "CUDA"
-        if not _ext.has_kernel("dcft_fwd", key):
-            reason = ("the compiled extension lor2c_ops._C was built without the DCFT kernels "
-                      "(rebuild: python setup.py build_ext --inplace)")
-            if backend is not None:
-                raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
-            return "triton" if name == "cuda" else "reference"
-    return name
-
-
 # --- public functions ----------------------------------------------------------------------------
 
 def dcft_delta(A: Tensor, B: Tensor, C: Tensor, stride: Optional[int] = None) -> Tensor:
@@ -244,9 +276,11 @@ def dcft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     "cpu", "triton" or "cuda" forces one, and raises if it cannot run here, saying why.
     """
     stride = _check(x, weight, bias, A, B, C, stride)
-    p = _checks.probability(dropout_p, "dropout_p") if training else 0.0
-    scale = _checks.finite(scale, "scale")
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+    p = _common.probability(dropout_p, "dropout_p") if training else 0.0
+    scale = _common.scale_value(scale)
+    device = x.device
+    autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
+    if autocast and x.dtype != torch.float64:
         # What the expression does under autocast: the linear and the matmul with D in the
         # autocast dtype. The adapter factors stay as they are (float32 is allowed).
         low = torch.get_autocast_dtype(x.device.type)
@@ -260,15 +294,14 @@ def dcft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     _checks.same_dtype(A, "A", B, "B")
     _checks.same_dtype(A, "A", C, "C")
     _checks.weight_dtype(A, "A", x.dtype)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
-    name = _pick_backend(backend, x.device, x.dtype)
+    name = _common.select(backend, device, x.dtype, "dcft")
     d_out, d_in = weight.shape
-    if x.numel() // max(d_in, 1) >= 2**32:
-        raise ValueError(f"x: at most 2^32 - 1 rows are supported, got {x.numel() // d_in}")
-    seed = (draw_seed(generator, x.device) if p > 0.0
-            else torch.zeros(2, dtype=torch.int64, device=x.device))
-    with torch.autocast(x.device.type, enabled=False):
-        out, _ = dcft_fwd(_rows(x, d_in), weight, bias, A, B, C, scale, stride, p, seed, name)
+    _common.check_rows(x, d_in)
+    seed = _common.seed_for(p, generator, device)
+    args = (_common.rows(x, d_in), weight, bias, A, B, C, scale, stride, p, seed)
+    with _common.no_autocast(device, autocast):
+        if _common.eager_path(x):
+            out, _ = _DCFTFunction.apply(*args, _kernels(name))
+        else:
+            out, _ = dcft_fwd(*args, name)
     return out.view(*x.shape[:-1], d_out)

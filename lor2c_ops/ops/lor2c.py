@@ -1,11 +1,18 @@
 """The LoR2C residual op: registration (schema, fake kernel, autograd) and the public function.
 
-    lor2c_residual(x, layer_out, A, B, scale, dropout_p) = layer_out + scale * dropout(x) @ A.T @ B.T
+    lor2c_residual(x, layer_out, A, B, scale, p) = layer_out + scale * dropout(x) @ A.T @ B.T
 
-Two custom ops, `lor2c_ops::lor2c_fwd` and `lor2c_ops::lor2c_bwd`, each taking the backend by
-name, so that torch.compile traces them as opaque nodes (fullgraph) and opcheck can test every
-backend. Saved for backward: x (the caller's tensor, not a copy), t = dropout(x) @ A.T (n x r,
-fp32), the weights and the 2-element seed. The dropout mask is regenerated from the seed.
+One op per direction, `lor2c_ops::lor2c_fwd` and `lor2c_ops::lor2c_bwd`, taking `Tensor? ids`:
+without ids A (r, d_in) and B (d_out, r) are one adapter; with ids they are banks (G, r, d_in),
+(G, d_out, r) and row i uses adapter ids[i] (-1: none). Each op takes the backend by name, so
+that torch.compile traces it as an opaque node (fullgraph) and opcheck tests every backend.
+
+Two ways in, one set of kernels:
+  eager (the common case): `_LoR2CFunction`, a torch.autograd.Function calling the backend's
+      kernels directly: no custom-op dispatch on the host path (tens of microseconds saved);
+  torch.compile, and meta tensors: the library ops, with fake kernels and register_autograd.
+Saved for backward: x (the caller's tensor, not a copy), t = dropout(x) @ A.T (n x r, fp32),
+the weights, ids and the 2-element seed. The dropout mask is regenerated from the seed.
 """
 from __future__ import annotations
 
@@ -14,15 +21,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _common
 from ._dispatch import kernels
-from .. import _checks, backends
+from .. import _checks
 
-
-def _kernels(backend: str):
-    return kernels(backend, "lor2c", _Compiled)
+draw_seed = _common.draw_seed  # public for tests and the DCFT op: the seed a generator gives
+_rows = _common.rows
 
 
 class _Compiled:
+    """The extension's kernels (CPU and CUDA share the schema; the dispatcher picks the device)."""
+
     @staticmethod
     def forward(x, layer_out, A, B, scale, p, seed):
         return torch.ops.lor2c_ops_ext.lor2c_fwd(x, layer_out, A, B, scale, p, seed)
@@ -44,138 +53,125 @@ class _Compiled:
                                                        seed, need_dx, need_dA, need_dB)
 
 
+def _kernels(backend: str):
+    return kernels(backend, "lor2c", _Compiled)
+
+
 def _t_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _run_forward(k, x, layer_out, A, B, ids, scale, p, seed):
+    if x.shape[0] == 0:
+        return (layer_out.new_empty(layer_out.shape),
+                x.new_empty((0, A.shape[-2]), dtype=_t_dtype(x)))
+    if ids is None:
+        return k.forward(x, layer_out, A, B, scale, p, seed)
+    return k.multi_forward(x, layer_out, A, B, ids, scale, p, seed)
+
+
+def _run_backward(k, grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB):
+    if x.shape[0] == 0:  # an empty batch: the weights get exact zeros
+        return (x.new_empty(x.shape if need_dx else (0,)),
+                torch.zeros_like(A) if need_dA else A.new_empty((0,)),
+                torch.zeros_like(B) if need_dB else B.new_empty((0,)))
+    if ids is None:
+        return k.backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB)
+    return k.multi_backward(grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB)
+
+
+# --- the library ops (torch.compile, opcheck, meta tensors) ------------------------------------
+
 @torch.library.custom_op("lor2c_ops::lor2c_fwd", mutates_args=())
-def lor2c_fwd(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
-              seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def lor2c_fwd(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, ids: Optional[Tensor],
+              scale: float, p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(out, t) for 2-D x (n, d_in) and layer_out (n, d_out); t = dropout(x) @ A.T."""
-    return tuple(_kernels(backend).forward(x, layer_out, A, B, scale, p, seed))
+    return tuple(_run_forward(_kernels(backend), x, layer_out, A, B, ids, scale, p, seed))
 
 
 @lor2c_fwd.register_fake
-def _(x, layer_out, A, B, scale, p, seed, backend):
+def _(x, layer_out, A, B, ids, scale, p, seed, backend):
     return (layer_out.new_empty(layer_out.shape),
-            x.new_empty((x.shape[0], A.shape[0]), dtype=_t_dtype(x)))
+            x.new_empty((x.shape[0], A.shape[-2]), dtype=_t_dtype(x)))
 
 
 @torch.library.custom_op("lor2c_ops::lor2c_bwd", mutates_args=())
-def lor2c_bwd(grad: Tensor, x: Tensor, t: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
-              seed: Tensor, backend: str, need_dx: bool, need_dA: bool,
+def lor2c_bwd(grad: Tensor, x: Tensor, t: Tensor, A: Tensor, B: Tensor, ids: Optional[Tensor],
+              scale: float, p: float, seed: Tensor, backend: str, need_dx: bool, need_dA: bool,
               need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB); a gradient not asked for comes back as an empty tensor."""
-    return tuple(_kernels(backend).backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA,
-                                            need_dB))
+    """(dx, dA, dB), bank-shaped with ids; a gradient not asked for is an empty tensor."""
+    return tuple(_run_backward(_kernels(backend), grad, x, t, A, B, ids, scale, p, seed, need_dx,
+                               need_dA, need_dB))
 
 
 @lor2c_bwd.register_fake
-def _(grad, x, t, A, B, scale, p, seed, backend, need_dx, need_dA, need_dB):
+def _(grad, x, t, A, B, ids, scale, p, seed, backend, need_dx, need_dA, need_dB):
     return (x.new_empty(x.shape if need_dx else (0,)),
             A.new_empty(A.shape if need_dA else (0,)),
             B.new_empty(B.shape if need_dB else (0,)))
 
 
+_FWD_ARGS = 9  # x, layer_out, A, B, ids, scale, p, seed, backend: the None-tuple derives from it
+
+
 def _setup_context(ctx, inputs, output):
-    x, _layer_out, A, B, scale, p, seed, backend = inputs
-    ctx.save_for_backward(x, output[1], A, B, seed)
+    x, _layer_out, A, B, ids, scale, p, seed, backend = inputs
+    ctx.save_for_backward(x, output[1], A, B, ids, seed)
     ctx.scale, ctx.p, ctx.backend = scale, p, backend
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_t):
+def _library_backward(ctx, grad_out, _grad_t):
     need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
     if grad_out is None:
-        return None, None, None, None, None, None, None, None
-    x, t, A, B, seed = ctx.saved_tensors
+        return _common.none_grads(_FWD_ARGS)
+    x, t, A, B, ids, seed = ctx.saved_tensors
     dx = dA = dB = None
     if need_x or need_A or need_B:
-        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dx, dA, dB = lor2c_bwd(g, x, t, A, B, ctx.scale, ctx.p, seed, ctx.backend, need_x,
-                               need_A, need_B)
-    return (dx if need_x else None, grad_out if need_lo else None, dA if need_A else None,
-            dB if need_B else None, None, None, None, None)
+        dx, dA, dB = lor2c_bwd(_common.grad_rows(grad_out), x, t, A, B, ids, ctx.scale, ctx.p,
+                               seed, ctx.backend, need_x, need_A, need_B)
+    return ((dx if need_x else None, grad_out if need_lo else None, dA if need_A else None,
+             dB if need_B else None) + _common.none_grads(_FWD_ARGS - 4))
 
 
-lor2c_fwd.register_autograd(_backward, setup_context=_setup_context)
+lor2c_fwd.register_autograd(_library_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("lor2c_ops::lor2c_multi_fwd", mutates_args=())
-def lor2c_multi_fwd(x: Tensor, layer_out: Tensor, A_bank: Tensor, B_bank: Tensor, ids: Tensor,
-                    scale: float, p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """(out, t) for a multi-adapter batch: row i uses A_bank[ids[i]], B_bank[ids[i]]."""
-    return tuple(_kernels(backend).multi_forward(x, layer_out, A_bank, B_bank, ids, scale, p,
-                                                 seed))
+# --- the eager path ------------------------------------------------------------------------------
+
+class _LoR2CFunction(torch.autograd.Function):
+    """The same forward and backward as the library ops, without their dispatch cost (the
+    ctx-in-forward form: the setup_context form binds arguments with inspect on every call)."""
+
+    @staticmethod
+    def forward(ctx, x, layer_out, A, B, ids, scale, p, seed, k):
+        out, t = _run_forward(k, x, layer_out, A, B, ids, scale, p, seed)
+        ctx.save_for_backward(x, t, A, B, ids, seed)
+        ctx.scale, ctx.p, ctx.k = scale, p, k
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(t)
+        return out, t
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_t):
+        need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
+        if grad_out is None:
+            return _common.none_grads(_FWD_ARGS)
+        x, t, A, B, ids, seed = ctx.saved_tensors
+        dx = dA = dB = None
+        if need_x or need_A or need_B:
+            dx, dA, dB = _run_backward(ctx.k, _common.grad_rows(grad_out), x, t, A, B, ids,
+                                       ctx.scale, ctx.p, seed, need_x, need_A, need_B)
+        return ((dx if need_x else None, grad_out if need_lo else None,
+                 dA if need_A else None, dB if need_B else None)
+                + _common.none_grads(_FWD_ARGS - 4))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_common.NO_FORWARD_AD.format(op="lor2c_residual"))
 
 
-@lor2c_multi_fwd.register_fake
-def _(x, layer_out, A_bank, B_bank, ids, scale, p, seed, backend):
-    return (layer_out.new_empty(layer_out.shape),
-            x.new_empty((x.shape[0], A_bank.shape[1]), dtype=_t_dtype(x)))
-
-
-@torch.library.custom_op("lor2c_ops::lor2c_multi_bwd", mutates_args=())
-def lor2c_multi_bwd(grad: Tensor, x: Tensor, t: Tensor, A_bank: Tensor, B_bank: Tensor,
-                    ids: Tensor, scale: float, p: float, seed: Tensor, backend: str,
-                    need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA_bank, dB_bank): bank-shaped, nonzero only in the rows the batch used."""
-    return tuple(_kernels(backend).multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p,
-                                                  seed, need_dx, need_dA, need_dB))
-
-
-@lor2c_multi_bwd.register_fake
-def _(grad, x, t, A_bank, B_bank, ids, scale, p, seed, backend, need_dx, need_dA, need_dB):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            A_bank.new_empty(A_bank.shape if need_dA else (0,)),
-            B_bank.new_empty(B_bank.shape if need_dB else (0,)))
-
-
-def _multi_setup_context(ctx, inputs, output):
-    x, _layer_out, A_bank, B_bank, ids, scale, p, seed, backend = inputs
-    ctx.save_for_backward(x, output[1], A_bank, B_bank, ids, seed)
-    ctx.scale, ctx.p, ctx.backend = scale, p, backend
-    ctx.set_materialize_grads(False)
-
-
-def _multi_backward(ctx, grad_out, _grad_t):
-    need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
-    nothing = (None,) * 9
-    if grad_out is None:
-        return nothing
-    x, t, A_bank, B_bank, ids, seed = ctx.saved_tensors
-    dx = dA = dB = None
-    if need_x or need_A or need_B:
-        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dx, dA, dB = lor2c_multi_bwd(g, x, t, A_bank, B_bank, ids, ctx.scale, ctx.p, seed,
-                                     ctx.backend, need_x, need_A, need_B)
-    return (dx if need_x else None, grad_out if need_lo else None, dA if need_A else None,
-            dB if need_B else None) + nothing[4:]
-
-
-lor2c_multi_fwd.register_autograd(_multi_backward, setup_context=_multi_setup_context)
-
-
-def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """(seed, offset) for one call's dropout mask, drawn from `generator` or the default one.
-
-    With generator=None the default generator of x's device is used (torch.manual_seed seeds
-    it); a CPU generator with CUDA inputs gives the same mask as with CPU inputs.
-    """
-    if generator is None:
-        return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
-    seed = torch.randint(2**62, (2,), dtype=torch.int64, device=generator.device,
-                         generator=generator)
-    return seed.to(device)
-
-
-def _rows(t: Tensor, width: int) -> Tensor:
-    """t as (n, width) with unit column stride: a view whenever the layout allows one."""
-    t2 = t.reshape(-1, width)
-    if t2.shape[0] > 1 and width > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
+# --- the public function -------------------------------------------------------------------------
 
 def _check(x, layer_out, A, B, banked=False):
     _checks.tensor(x, "x", min_dim=1)
@@ -203,13 +199,17 @@ def _check(x, layer_out, A, B, banked=False):
                          f"d_out = B.shape[0]), got {tuple(layer_out.shape)}")
 
 
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _row_ids(adapter_ids, x: Tensor, adapters: int) -> Tensor:
     """adapter_ids as int64 (n,) per row: given per row (x.shape[:-1]) or per sequence
-    (x.shape[0],) for inputs with a sequence dimension."""
+    (x.shape[0],) for inputs with a sequence dimension. Values are checked on the host for CPU
+    tensors; on a GPU, on the device (an asynchronous assert): no host synchronisation."""
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got "
                         f"{type(adapter_ids).__name__}")
-    if adapter_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if adapter_ids.dtype not in _ID_DTYPES:
         raise ValueError(f"adapter_ids: expected an integer tensor, got dtype "
                          f"{str(adapter_ids.dtype).replace('torch.', '')}")
     if adapter_ids.device != x.device:
@@ -226,10 +226,11 @@ def _row_ids(adapter_ids, x: Tensor, adapters: int) -> Tensor:
         raise ValueError(f"adapter_ids: expected shape {lead} (one per row){per_seq}, got {shape}")
     ids = ids.to(torch.int64)
     expected = f"adapter_ids: expected values in [-1, {adapters}) (-1: no adapter)"
-    if torch.compiler.is_compiling():  # a traced graph checks on the device instead
-        torch._assert_async(((ids >= -1) & (ids < adapters)).all(), expected)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.device.type != "meta":
+            torch._assert_async(((ids >= -1) & (ids < adapters)).all(), expected)
     elif ids.numel():
-        low, high = int(ids.min()), int(ids.max())  # one device sync: bad ids must not reach a kernel
+        low, high = int(ids.min()), int(ids.max())
         if low < -1 or high >= adapters:
             raise ValueError(f"{expected}, got values in [{low}, {high}]")
     return ids
@@ -248,17 +249,21 @@ def lor2c_residual(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: fl
     come back in their own dtype). Dropout applies when training and dropout_p > 0; its mask
     is drawn from `generator` (or the default generator of x's device) and never stored.
     backend: None picks the fastest for the inputs; "reference", "cpu", "triton" or "cuda"
-    forces one, and raises if it cannot run here, saying why.
+    forces one, and raises if it cannot run here, saying why. scale: a Python number (a tensor
+    that requires grad is refused: its gradient is not computed).
 
     Multi-adapter batches: with A a bank (G, r, d_in), B a bank (G, d_out, r) and adapter_ids
     (one per row, or one per sequence), row i uses A[ids[i]] and B[ids[i]] inside one kernel
     launch; rows with id -1 get layer_out unchanged. Gradients land in the used bank rows.
+    Forward-mode AD is not supported (it raises).
     """
     banked = adapter_ids is not None
     _check(x, layer_out, A, B, banked)
-    p = _checks.probability(dropout_p, "dropout_p") if training else 0.0
-    scale = _checks.finite(scale, "scale")
-    if torch.is_autocast_enabled(x.device.type):
+    p = _common.probability(dropout_p, "dropout_p") if training else 0.0
+    scale = _common.scale_value(scale)
+    device = x.device
+    autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
+    if autocast:
         # What the expression does under autocast: matmuls in low precision, then the residual
         # add in layer_out's precision. Computing in fp32 is at least as accurate.
         if x.dtype != layer_out.dtype:
@@ -268,21 +273,15 @@ def lor2c_residual(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: fl
     _checks.same_dtype(x, "x", layer_out, "layer_out")
     _checks.same_dtype(A, "A", B, "B")
     _checks.weight_dtype(A, "A", x.dtype)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
-    name = backends.select(backend, x.device, x.dtype, op="lor2c_multi" if banked else "lor2c")
+    name = _common.select(backend, device, x.dtype, "lor2c_multi" if banked else "lor2c")
     d_in, d_out = A.shape[-1], B.shape[-2]
-    if x.numel() // max(d_in, 1) >= 2**32:
-        raise ValueError(f"x: at most 2^32 - 1 rows are supported, got {x.numel() // d_in}")
+    _common.check_rows(x, d_in)
     ids = _row_ids(adapter_ids, x, A.shape[0]) if banked else None
-    seed = (draw_seed(generator, x.device) if p > 0.0
-            else torch.zeros(2, dtype=torch.int64, device=x.device))
-    with torch.autocast(x.device.type, enabled=False):
-        if banked:
-            out, _ = lor2c_multi_fwd(_rows(x, d_in), _rows(layer_out, d_out), A, B, ids, scale, p,
-                                     seed, name)
+    seed = _common.seed_for(p, generator, device)
+    args = (_rows(x, d_in), _rows(layer_out, d_out), A, B, ids, scale, p, seed)
+    with _common.no_autocast(device, autocast):
+        if _common.eager_path(x):
+            out, _ = _LoR2CFunction.apply(*args, _kernels(name))
         else:
-            out, _ = lor2c_fwd(_rows(x, d_in), _rows(layer_out, d_out), A, B, scale, p, seed,
-                               name)
+            out, _ = lor2c_fwd(*args, name)
     return out.view(*layer_out.shape[:-1], d_out)

@@ -1,165 +1,273 @@
 """Triton kernels and launchers for the LoR2C residual op (DESIGN.md 2.1, 2.2).
 
-Forward: one program per block of rows reads x once (t = dropout(x) @ A.T over d_in), then
-layer_out once while writing out = layer_out + s * t @ B.T over d_out.
+Traffic (the op's minimum is 3 n*d elements each way):
+  forward   `_fwd`, one program per block of rows: reads x once (t = dropout(x) @ A.T), then
+            reads layer_out and writes out = layer_out + s * t @ B.T. Extra: t (n x r, fp32).
+  backward  `_grad_pass`, grid (column chunks of g, row splits): reads g once; writes the chunk's
+            share of u = g @ B (u_parts, chunks x n x r_pad fp32: the chunks are wide, 256-1024
+            columns, so this stays a few MB) and a per-split partial of dB = g.T @ t;
+            `_input_pass`, grid (column chunks of x, row splits): sums u's shares for its rows,
+            reads x once (mask regenerated), writes dx = s * (u @ A) * mask and a per-split
+            partial of dA = u.T @ dropout(x);
+            `_reduce_parts`: dA and dB partials summed over splits, in a fixed order (per
+            adapter for multi-adapter batches), scaled, written in the weights' dtype.
+  Deterministic: no atomics; every sum runs in a fixed order for a given shape and device.
 
-Backward, deterministic and without n x d temporaries:
-  1. `_grad_pass`, grid (d_out chunks, row splits): reads g once; writes the chunk's share of
-     u = g @ B for its rows and accumulates dB = g.T @ t for the chunk over its rows;
-  2. the u shares are summed (n x r, small);
-  3. `_input_pass`, grid (d_in chunks, row splits): reads x once, regenerating the mask;
-     writes dx = s * (u @ A) * mask and accumulates dA = u.T @ (x * mask) over its rows;
-  4. the per-split dA and dB partials (splits x r x d, small) are summed and scaled.
+Precision: the rank-r products run on tensor cores with fp32 accumulation. Half-precision
+activations are fed as they are (exact); an fp32 operand (t, u, or fp32 master weights) is split
+into hi + lo halves so that its products keep about 16 mantissa bits (plain PyTorch rounds
+those operands to the activation dtype, 8 or 11 bits). The dropout scale 1/(1-p) is applied in
+fp32 after the products: x * keep is exact in any dtype. fp32 activations use fp32 products.
 
-Multi-adapter batches (GROUPED): rows are visited in the order of a stable sort by adapter id;
-every forward block and backward split holds rows of one adapter, read from the weight banks
-in place at that adapter's offset. Rows with id -1 get out = layer_out and dx = 0.
+Multi-adapter batches (GROUPED): rows are visited in the order of a stable sort by adapter id.
+Which rows a program takes is worked out inside the kernel from the per-adapter row counts
+(`_locate`), so a launch needs no host-side plan and no device-to-host copy (capture-safe).
+Grids are sized by the upper bound cdiv(n, rows) + G + 1; programs past the end exit at once.
+Rows with id -1 get out = layer_out and dx = 0.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ref.philox import dropout_threshold
+from . import INTERPRET
 from .philox import dropout_scale
 
 
-def _rank_pad(r: int) -> int:
+def rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot wants every dimension >= 16
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 activations get exact fp32 products; half activations carry fewer mantissa bits than
-    # tf32, so tf32 products cost them nothing.
-    return "ieee" if dtype == torch.float32 else "tf32"
+# --- device helpers --------------------------------------------------------------------------
+
+# Triton's interpreter multiplies bfloat16 dot operands as raw bits: there every half-precision
+# product is done in fp32 on the same (exactly representable) operand values.
+_EMULATED = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _block_rows(pid, n, order_ptr, start_ptr, count_ptr, adapter_ptr, GROUPED: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """(row indices, row mask, adapter) of forward block `pid`."""
+def _dot(a, b):
+    if _EMULATED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _cast(v, DT: tl.constexpr):
+    """fp32 v to DT rounding to nearest even (the interpreter truncates to bfloat16)."""
+    if _EMULATED and DT == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DT)
+
+
+@triton.jit
+def _split_hi_lo(v, DT: tl.constexpr):
+    """fp32 v as hi + lo in dtype DT (hi + lo carries about twice DT's mantissa bits)."""
+    hi = v.to(DT)
+    lo = (v - hi.to(tl.float32)).to(DT)
+    return hi, lo
+
+
+@triton.jit
+def _mm_act(act, w, DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr):
+    """act @ w, act already in the compute dtype (exact activations); w fp32 or DT."""
+    if FP32:
+        return tl.dot(act, w.to(tl.float32), input_precision="ieee")
+    if W_EXACT:
+        return _dot(act, w.to(DT))
+    w_hi, w_lo = _split_hi_lo(w.to(tl.float32), DT)
+    return _dot(act, w_hi) + _dot(act, w_lo)
+
+
+@triton.jit
+def _mm_f32(a, w, FP32: tl.constexpr):
+    """a @ w for an fp32 a (t or u) and a weight tile w: both split into bf16 hi + lo (bf16 has
+    fp32's range, so no overflow or underflow), three products."""
+    if FP32:
+        return tl.dot(a, w.to(tl.float32), input_precision="ieee")
+    a_hi, a_lo = _split_hi_lo(a, tl.bfloat16)
+    w_hi, w_lo = _split_hi_lo(w.to(tl.float32), tl.bfloat16)
+    return _dot(a_hi, w_hi) + _dot(a_lo, w_hi) + _dot(a_hi, w_lo)
+
+
+@triton.jit
+def _locate(unit, counts_ptr, G1, U: tl.constexpr, SCAN: tl.constexpr):
+    """Multi-adapter batches: (first sorted position, rows, adapter) of work unit `unit`, where
+    each adapter's rows (counts_ptr[a + 1]; counts_ptr[0] for id -1) are cut into units of U
+    rows and the units of all adapters are numbered in order. rows == 0 past the last unit."""
+    lanes = tl.arange(0, SCAN)
+    units_before = unit * 0
+    rows_before = unit * 0
+    pos = unit * 0
+    rows = unit * 0
+    slot = unit * 0 - 1
+    for s0 in range(0, G1, SCAN):
+        c = tl.load(counts_ptr + s0 + lanes, mask=s0 + lanes < G1, other=0)
+        nu = (c + U - 1) // U
+        cu = tl.cumsum(nu, 0) + units_before
+        cr = tl.cumsum(c, 0) + rows_before
+        hit = (cu > unit) & (cu - nu <= unit)
+        local = unit - (cu - nu)
+        pos += tl.sum(tl.where(hit, cr - c + local * U, 0), 0)
+        rows += tl.sum(tl.where(hit, tl.minimum(c - local * U, U), 0), 0)
+        slot += tl.sum(tl.where(hit, s0 + lanes + 1, 0), 0)
+        units_before += tl.sum(nu, 0)
+        rows_before += tl.sum(c, 0)
+    return pos, rows, slot - 1
+
+
+@triton.jit
+def _segment_units(adapter, counts_ptr, U: tl.constexpr, SCAN: tl.constexpr):
+    """(first unit, number of units) of `adapter` (cut into units of U rows as in _locate)."""
+    lanes = tl.arange(0, SCAN)
+    first = adapter * 0
+    for s0 in range(0, adapter + 1, SCAN):
+        c = tl.load(counts_ptr + s0 + lanes, mask=s0 + lanes < adapter + 1, other=0)
+        first += tl.sum((c + U - 1) // U, 0)
+    own = tl.load(counts_ptr + adapter + 1)
+    return first, (own + U - 1) // U
+
+
+@triton.jit
+def _rows_of(pos, ok, order_ptr, GROUPED: tl.constexpr):
+    if GROUPED:
+        return tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+    return pos.to(tl.int64)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, counts_ptr,
+         n, G1, d_in, d_out, r, stride_x, stride_lo, stride_ag, stride_a0, stride_a1,
+         stride_bg, stride_b0, stride_b1, scale, threshold, inv_keep,
+         GROUPED: tl.constexpr, HAS_DROPOUT: tl.constexpr, DT: tl.constexpr,
+         W_EXACT: tl.constexpr, FP32: tl.constexpr, R_PAD: tl.constexpr, SCAN: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_M)
     if GROUPED:
-        start = tl.load(start_ptr + pid)
-        ok = lanes < tl.load(count_ptr + pid)
-        rows = tl.load(order_ptr + start + lanes, mask=ok, other=0)
-        adapter = tl.load(adapter_ptr + pid)
+        start, count, adapter = _locate(pid, counts_ptr, G1, BLOCK_M, SCAN)
     else:
-        rows = pid * BLOCK_M + lanes
-        ok = rows < n
-        adapter = pid * 0
-    return rows, ok, adapter
-
-
-@triton.jit
-def _split_range(split, n, rows_per_split, start_ptr, end_ptr, adapter_ptr,
-                 GROUPED: tl.constexpr):
-    """[start, end) positions and adapter of backward split `split`."""
-    if GROUPED:
-        return tl.load(start_ptr + split), tl.load(end_ptr + split), tl.load(adapter_ptr + split)
-    start = split * rows_per_split
-    return start, tl.minimum(start + rows_per_split, n), split * 0
-
-
-@triton.jit
-def _forward(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr,
-             order_ptr, blk_start_ptr, blk_count_ptr, blk_adapter_ptr,
-             n, d_in, d_out, r, stride_x, stride_lo, stride_ag, stride_a0, stride_a1,
-             stride_bg, stride_b0, stride_b1, scale, threshold, inv_keep,
-             GROUPED: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
-    rows, row_ok, adapter = _block_rows(tl.program_id(0), n, order_ptr, blk_start_ptr,
-                                        blk_count_ptr, blk_adapter_ptr, GROUPED, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    rk_ok = rk < r
-    a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ag
-    b_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_bg
-
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if adapter >= 0:
-        for k0 in range(0, d_in, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < d_in
-            xt = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            if HAS_DROPOUT:
-                xt = xt * dropout_scale(seed_ptr, rows, k0, threshold, inv_keep, BLOCK_M, BLOCK_K)
-            at = tl.load(a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
-                         mask=rk_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
-            t += tl.dot(xt, at, input_precision=PRECISION)
-    tl.store(t_ptr + rows64[:, None] * r + rk[None, :], t, mask=row_ok[:, None] & rk_ok[None, :])
-
-    for n0 in range(0, d_out, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < d_out
-        ok = row_ok[:, None] & col_ok[None, :]
-        lo = tl.load(lo_ptr + rows64[:, None] * stride_lo + cols[None, :], mask=ok, other=0.0)
-        y = lo.to(tl.float32)
+        start, count, adapter = pid * BLOCK_M, tl.minimum(n - pid * BLOCK_M, BLOCK_M), pid * 0
+    if count > 0:
+        row_ok = lanes < count
+        rows = _rows_of(start + lanes, row_ok, order_ptr, GROUPED)
+        rk = tl.arange(0, R_PAD)
+        rk_ok = rk < r
+        a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ag
+        b_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_bg
+        t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         if adapter >= 0:
-            bt = tl.load(b_ptr + cols[None, :] * stride_b0 + rk[:, None] * stride_b1,
-                         mask=col_ok[None, :] & rk_ok[:, None], other=0.0).to(tl.float32)
-            y += scale * tl.dot(t, bt, input_precision=PRECISION)
-        tl.store(out_ptr + rows64[:, None] * d_out + cols[None, :], y.to(lo.dtype), mask=ok)
+            for k0 in range(0, d_in, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < d_in
+                xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                if HAS_DROPOUT:  # keep in {0, 1}: x * keep is exact; 1/(1-p) comes after
+                    keep = dropout_scale(seed_ptr, rows, k0, threshold, 1.0, BLOCK_M, BLOCK_K)
+                    xt = tl.where(keep != 0.0, xt, 0.0)
+                at = tl.load(a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
+                             mask=rk_ok[None, :] & col_ok[:, None], other=0.0)
+                t += _mm_act(xt.to(DT), at, DT, W_EXACT, FP32)
+            if HAS_DROPOUT:
+                t = t * inv_keep
+            tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
+                     mask=row_ok[:, None] & rk_ok[None, :])
+        else:
+            tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
+                     mask=row_ok[:, None] & rk_ok[None, :])
+        for n0 in range(0, d_out, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < d_out
+            ok = row_ok[:, None] & col_ok[None, :]
+            lo = tl.load(lo_ptr + rows[:, None] * stride_lo + cols[None, :], mask=ok, other=0.0)
+            y = lo.to(tl.float32)
+            if adapter >= 0:
+                bt = tl.load(b_ptr + cols[None, :] * stride_b0 + rk[:, None] * stride_b1,
+                             mask=col_ok[None, :] & rk_ok[:, None], other=0.0)
+                y += scale * _mm_f32(t, bt, FP32)
+            tl.store(out_ptr + rows[:, None] * d_out + cols[None, :], _cast(y, lo.dtype), mask=ok)
 
+
+# --- backward --------------------------------------------------------------------------------
 
 @triton.jit
-def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr,
-               order_ptr, split_start_ptr, split_end_ptr, split_adapter_ptr,
-               n, d_out, r, stride_g, stride_bg, stride_b0, stride_b1, rows_per_split,
+def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts_ptr,
+               n, G1, d_out, r, stride_g, stride_bg, stride_b0, stride_b1, rows_per_split,
+               DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr,
                GROUPED: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    start, end, adapter = _split_range(split, n, rows_per_split, split_start_ptr, split_end_ptr,
-                                       split_adapter_ptr, GROUPED)
+    if GROUPED:
+        start, count, adapter = _locate(split, counts_ptr, G1, rows_per_split, SCAN)
+    else:
+        start = split * rows_per_split
+        count = tl.minimum(n - start, rows_per_split)
+        adapter = split * 0
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d_out
     rk = tl.arange(0, R_PAD)
     rk_ok = rk < r
     db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    if adapter >= 0:
+    if (count > 0) & (adapter >= 0):
         b_ptr += adapter.to(tl.int64) * stride_bg
         b = tl.load(b_ptr + cols[:, None] * stride_b0 + rk[None, :] * stride_b1,
-                    mask=col_ok[:, None] & rk_ok[None, :], other=0.0).to(tl.float32)
-        for m0 in range(start, end, BLOCK_M):
-            pos = m0 + tl.arange(0, BLOCK_M)
-            row_ok = pos < end
-            if GROUPED:
-                rows64 = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+                    mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
+        if not W_EXACT:
+            b_hi, b_lo = _split_hi_lo(b.to(tl.float32), DT)
+        for m0 in range(0, count, BLOCK_M):
+            lanes = m0 + tl.arange(0, BLOCK_M)
+            row_ok = lanes < count
+            rows = _rows_of(start + lanes, row_ok, order_ptr, GROUPED)
+            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            if FP32:
+                u = tl.dot(g, b.to(tl.float32), input_precision="ieee")
+            elif W_EXACT:
+                u = _dot(g.to(DT), b.to(DT))
             else:
-                rows64 = pos.to(tl.int64)
-            g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            u = tl.dot(g, b, input_precision=PRECISION)
-            u_ptrs = u_parts_ptr + (chunk * n + rows64[:, None]) * R_PAD + rk[None, :]
-            tl.store(u_ptrs, u, mask=row_ok[:, None])
+                u = _dot(g.to(DT), b_hi) + _dot(g.to(DT), b_lo)
+            tl.store(u_parts_ptr + (chunk * n + rows[:, None]) * R_PAD + rk[None, :], u,
+                     mask=row_ok[:, None])
             if NEED_DB:
-                t = tl.load(t_ptr + rows64[:, None] * r + rk[None, :],
+                t = tl.load(t_ptr + rows[:, None] * r + rk[None, :],
                             mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
-                db += tl.dot(tl.trans(g), t, input_precision=PRECISION)
+                if FP32:
+                    db += tl.dot(tl.trans(g), t, input_precision="ieee")
+                else:
+                    t_hi, t_lo = _split_hi_lo(t, DT)
+                    gt = tl.trans(g.to(DT))
+                    db += _dot(gt, t_hi) + _dot(gt, t_lo)
     if NEED_DB:
         db_ptrs = db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD + rk[None, :]
         tl.store(db_ptrs, db, mask=col_ok[:, None])
 
 
 @triton.jit
-def _input_pass(x_ptr, u_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr,
-                order_ptr, split_start_ptr, split_end_ptr, split_adapter_ptr,
-                n, d_in, r, stride_x, stride_ag, stride_a0, stride_a1, rows_per_split,
-                scale, threshold, inv_keep,
-                GROUPED: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr,
-                NEED_DA: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order_ptr, counts_ptr,
+                n, G1, d_in, r, stride_x, stride_ag, stride_a0, stride_a1, rows_per_split,
+                scale, threshold, inv_keep, U_CHUNKS,
+                DT: tl.constexpr, FP32: tl.constexpr, GROUPED: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                R_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    start, end, adapter = _split_range(split, n, rows_per_split, split_start_ptr, split_end_ptr,
-                                       split_adapter_ptr, GROUPED)
+    if GROUPED:
+        start, count, adapter = _locate(split, counts_ptr, G1, rows_per_split, SCAN)
+    else:
+        start = split * rows_per_split
+        count = tl.minimum(n - start, rows_per_split)
+        adapter = split * 0
     col0 = chunk * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     col_ok = cols < d_in
@@ -167,201 +275,269 @@ def _input_pass(x_ptr, u_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr,
     rk_ok = rk < r
     a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ag
     a = tl.load(a_ptr + rk[:, None] * stride_a0 + cols[None, :] * stride_a1,
-                mask=rk_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
     da = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        row_ok = pos < end
-        if GROUPED:
-            rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
-        else:
-            rows = pos
-        rows64 = rows.to(tl.int64)
+    for m0 in range(0, count, BLOCK_M):
+        lanes = m0 + tl.arange(0, BLOCK_M)
+        row_ok = lanes < count
+        rows = _rows_of(start + lanes, row_ok, order_ptr, GROUPED)
         ok = row_ok[:, None] & col_ok[None, :]
         if adapter < 0:  # rows without an adapter: no gradient reaches x
             if NEED_DX:
-                tl.store(dx_ptr + rows64[:, None] * d_in + cols[None, :],
+                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :],
                          tl.zeros((BLOCK_M, BLOCK_K), dtype=dx_ptr.dtype.element_ty), mask=ok)
         else:
-            u = tl.load(u_ptr + rows64[:, None] * R_PAD + rk[None, :], mask=row_ok[:, None],
-                        other=0.0)
+            u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for c in range(0, U_CHUNKS):
+                u += tl.load(u_parts_ptr + (c * n + rows[:, None]) * R_PAD + rk[None, :],
+                             mask=row_ok[:, None], other=0.0)
             if HAS_DROPOUT:
-                mask = dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M, BLOCK_K)
+                keep = dropout_scale(seed_ptr, rows, col0, threshold, 1.0, BLOCK_M, BLOCK_K)
             if NEED_DX:
-                dx = scale * tl.dot(u, a, input_precision=PRECISION)
+                dx = (scale * inv_keep) * _mm_f32(u, a, FP32)
                 if HAS_DROPOUT:
-                    dx = dx * mask
-                tl.store(dx_ptr + rows64[:, None] * d_in + cols[None, :],
-                         dx.to(dx_ptr.dtype.element_ty), mask=ok)
+                    dx = tl.where(keep != 0.0, dx, 0.0)
+                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :],
+                         _cast(dx, dx_ptr.dtype.element_ty), mask=ok)
             if NEED_DA:
-                xd = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=ok,
-                             other=0.0).to(tl.float32)
+                xd = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok,
+                             other=0.0, eviction_policy="evict_first")
                 if HAS_DROPOUT:
-                    xd = xd * mask
-                da += tl.dot(tl.trans(u), xd, input_precision=PRECISION)
+                    xd = tl.where(keep != 0.0, xd, 0.0)
+                ut = tl.trans(u)
+                if FP32:
+                    da += tl.dot(ut, xd.to(tl.float32), input_precision="ieee")
+                else:
+                    u_hi, u_lo = _split_hi_lo(ut, DT)
+                    da += _dot(u_hi, xd.to(DT)) + _dot(u_lo, xd.to(DT))
     if NEED_DA:
+        if HAS_DROPOUT:
+            da = da * inv_keep
         da_ptrs = da_parts_ptr + (split * R_PAD + rk[:, None]) * d_in + cols[None, :].to(tl.int64)
         tl.store(da_ptrs, da, mask=col_ok[None, :])
 
 
-_BLOCK_M, _BLOCK_K, _BLOCK_N = 64, 64, 64
+@triton.jit
+def _reduce_parts(parts_ptr, out_ptr, counts_ptr, splits, rows_per_split, width, r, scale,
+                  stride_og, stride_o0, stride_o1, part_stride, R_PAD: tl.constexpr,
+                  ROWS_ARE_RANK: tl.constexpr, GROUPED: tl.constexpr, SCAN: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out[adapter] = scale * (sum over the adapter's splits, in order, of parts[split]).
+
+    parts: (splits, R_PAD, width) when ROWS_ARE_RANK (dA), else (splits, width, R_PAD) (dB);
+    out[adapter]: (r, width) or (width, r) with the given strides."""
+    chunk = tl.program_id(0)
+    adapter = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < width
+    rk = tl.arange(0, R_PAD)
+    if GROUPED:
+        first, count = _segment_units(adapter, counts_ptr, rows_per_split, SCAN)
+    else:
+        first, count = adapter * 0, splits + adapter * 0
+    if ROWS_ARE_RANK:
+        offs = rk[:, None] * width + cols[None, :]
+        ok = (rk[:, None] < r) & col_ok[None, :]
+        acc = tl.zeros((R_PAD, BLOCK), dtype=tl.float32)
+    else:
+        offs = cols[:, None] * R_PAD + rk[None, :]
+        ok = col_ok[:, None] & (rk[None, :] < r)
+        acc = tl.zeros((BLOCK, R_PAD), dtype=tl.float32)
+    parts_ptr += first.to(tl.int64) * part_stride
+    for _ in range(0, count):
+        acc += tl.load(parts_ptr + offs, mask=ok, other=0.0)
+        parts_ptr += part_stride
+    acc = acc * scale
+    out_ptr += adapter.to(tl.int64) * stride_og
+    if ROWS_ARE_RANK:
+        dst = out_ptr + rk[:, None] * stride_o0 + cols[None, :] * stride_o1
+    else:
+        dst = out_ptr + cols[:, None] * stride_o0 + rk[None, :] * stride_o1
+    tl.store(dst, _cast(acc, out_ptr.dtype.element_ty), mask=ok)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one by one: fewer, longer programs are faster
+# --- tile configurations ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """Tiles of the three kernels; `waves` sets the row splits: about waves x SMs programs."""
+    fwd_m: int = 64
+    fwd_k: int = 128
+    fwd_n: int = 128
+    fwd_warps: int = 4
+    fwd_stages: int = 3
+    grad_m: int = 32
+    grad_n: int = 512
+    grad_warps: int = 8
+    grad_stages: int = 3
+    in_m: int = 32
+    in_k: int = 256
+    in_warps: int = 4
+    in_stages: int = 3
+    waves: int = 2
 
 
-@dataclass
-class _Plan:
-    """How rows are grouped: None fields mean the plain op (one adapter, rows in order)."""
-    order: Optional[torch.Tensor] = None          # int64 (n,): rows sorted by adapter id
-    segments: Optional[list] = None               # [(start, end, adapter)] over `order`
+# The interpreter runs programs one by one over numpy arrays: small tiles waste less on masks.
+_INTERPRETER = Config(16, 32, 32, 1, 1, 16, 64, 1, 1, 16, 32, 1, 1, 1)
 
-    def forward_blocks(self, device):
-        starts, counts, adapters = [], [], []
-        for start, end, adapter in self.segments:
-            for s in range(start, end, _BLOCK_M):
-                starts.append(s)
-                counts.append(min(_BLOCK_M, end - s))
-                adapters.append(adapter)
-        return [torch.tensor(v, dtype=torch.int32, device=device) for v in (starts, counts, adapters)]
+# Measured on an NVIDIA H200 (see README "Tile configurations"); keyed by (r_pad, fp32?), the
+# closest d bucket wins. Until a table entry exists the default Config is used.
+TABLE: dict = {}
 
-    def splits(self, n: int, chunks: int, device) -> tuple[int, int, list]:
-        """(number of splits, rows per split, [start, end, adapter tensors] or Nones)."""
-        target = max(1, triton.cdiv(_target_programs(device), chunks))
-        if self.order is None:
-            blocks = triton.cdiv(n, _BLOCK_M)
-            splits = max(1, min(blocks, target))
-            rows_per_split = triton.cdiv(blocks, splits) * _BLOCK_M
-            return triton.cdiv(max(n, 1), rows_per_split), rows_per_split, [None, None, None]
-        blocks = sum(triton.cdiv(e - s, _BLOCK_M) for s, e, _ in self.segments)
-        rows_per_split = triton.cdiv(blocks, target) * _BLOCK_M if blocks else _BLOCK_M
-        starts, ends, adapters = [], [], []
-        for start, end, adapter in self.segments:
-            for s in range(start, end, rows_per_split):
-                starts.append(s)
-                ends.append(min(end, s + rows_per_split))
-                adapters.append(adapter)
-        tables = [torch.tensor(v, dtype=torch.int32, device=device) for v in (starts, ends, adapters)]
-        return len(starts), rows_per_split, tables
+_SMS: dict = {}
 
 
-def _grouped_plan(ids: torch.Tensor, adapters: int) -> _Plan:
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids + 1, minlength=adapters + 1).tolist()
-    segments, start = [], 0
-    for slot, count in enumerate(counts):
-        if count:
-            segments.append((start, start + count, slot - 1))
-        start += count
-    return _Plan(order=order, segments=segments)
+def config_for(device: torch.device, d: int, r_pad: int, fp32: bool) -> Config:
+    if device.type != "cuda":
+        return _INTERPRETER
+    cfg = TABLE.get((r_pad, fp32))
+    if cfg is None:
+        cfg = Config()
+        if r_pad >= 64:
+            cfg = Config(fwd_m=32, grad_n=256, in_k=128)
+        if fp32:
+            cfg = Config(fwd_m=32, fwd_k=64, fwd_n=64, grad_m=32, grad_n=128, in_m=32, in_k=64)
+    return cfg
 
 
-def _forward_impl(x, layer_out, A_bank, B_bank, plan: _Plan, scale, p, seed):
+def _programs(device: torch.device, waves: int) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return waves * sms
+
+
+_DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_SCAN = 64
+
+
+def _kinds(x_dtype, w_dtype):
+    fp32 = x_dtype == torch.float32
+    return _DT[x_dtype], w_dtype == x_dtype, fp32
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, cfg=None):
     n, d_in = x.shape
-    _, d_out, r = B_bank.shape
+    G, d_out, r = B_bank.shape
     out = torch.empty((n, d_out), device=x.device, dtype=layer_out.dtype)
     t = torch.empty((n, r), device=x.device, dtype=torch.float32)
     if n == 0:
         return out, t
-    grouped = plan.order is not None
-    if grouped:
-        tables = plan.forward_blocks(x.device)
-        grid = (tables[0].numel(),)
-        order = plan.order
-    else:
-        tables, order = [x, x, x], x  # unused pointers
-        grid = (triton.cdiv(n, _BLOCK_M),)
-    _forward[grid](
-        x, layer_out, A_bank, B_bank, out, t, seed, order, *tables,
-        n, d_in, d_out, r, x.stride(0), layer_out.stride(0),
+    r_pad = rank_pad(r)
+    dt, exact, fp32 = _kinds(x.dtype, A_bank.dtype)
+    cfg = cfg or config_for(x.device, max(d_in, d_out), r_pad, fp32)
+    grouped = order is not None
+    grid = (triton.cdiv(n, cfg.fwd_m) + (G + 1 if grouped else 0),)
+    _fwd[grid](
+        x, layer_out, A_bank, B_bank, out, t, seed, order if grouped else x,
+        counts if grouped else x, n, G + 1, d_in, d_out, r, x.stride(0), layer_out.stride(0),
         A_bank.stride(0), A_bank.stride(1), A_bank.stride(2),
         B_bank.stride(0), B_bank.stride(1), B_bank.stride(2),
         float(scale), dropout_threshold(p), 1.0 / (1.0 - p),
-        GROUPED=grouped, HAS_DROPOUT=p > 0.0, R_PAD=_rank_pad(r), BLOCK_M=_BLOCK_M,
-        BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, PRECISION=_precision(x.dtype))
+        GROUPED=grouped, HAS_DROPOUT=p > 0.0, DT=dt, W_EXACT=exact, FP32=fp32, R_PAD=r_pad,
+        SCAN=_SCAN, BLOCK_M=cfg.fwd_m, BLOCK_K=cfg.fwd_k, BLOCK_N=cfg.fwd_n,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, t
 
 
-def _backward_impl(grad, x, t, A_bank, B_bank, plan: _Plan, scale, p, seed, need_dx, need_dA,
-                   need_dB):
+def _split_rows(n: int, block_m: int, target: int) -> int:
+    """Rows per split: a multiple of block_m giving about `target` splits."""
+    blocks = triton.cdiv(max(n, 1), block_m)
+    return triton.cdiv(blocks, max(1, min(blocks, target))) * block_m
+
+
+def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx, need_dA,
+                   need_dB, cfg=None):
     n, d_in = x.shape
     G, d_out, r = B_bank.shape
-    r_pad = _rank_pad(r)
     dev = x.device
-    grouped = plan.order is not None
-    order = plan.order if grouped else x  # unused pointer when not grouped
     dx = torch.empty((n, d_in) if need_dx else (0,), device=dev, dtype=x.dtype)
-    dA = torch.zeros_like(A_bank) if need_dA else torch.empty((0,), device=dev, dtype=A_bank.dtype)
-    dB = torch.zeros_like(B_bank) if need_dB else torch.empty((0,), device=dev, dtype=B_bank.dtype)
+    dA = torch.empty(A_bank.shape if need_dA else (0,), device=dev, dtype=A_bank.dtype)
+    dB = torch.empty(B_bank.shape if need_dB else (0,), device=dev, dtype=B_bank.dtype)
     if n == 0:
+        dA.zero_()
+        dB.zero_()
         return dx, dA, dB
-    precision = _precision(x.dtype)
+    r_pad = rank_pad(r)
+    dt, exact, fp32 = _kinds(x.dtype, A_bank.dtype)
+    cfg = cfg or config_for(dev, max(d_in, d_out), r_pad, fp32)
+    grouped = order is not None
+    order_arg = order if grouped else x
+    counts_arg = counts if grouped else x
+    programs = _programs(dev, cfg.waves)
+    extra = G + 1 if grouped else 0
 
-    chunks_out = triton.cdiv(d_out, _BLOCK_N)
-    splits, rows_per_split, tables = plan.splits(n, chunks_out, dev)
-    tables = [x if v is None else v for v in tables]
+    chunks_out = triton.cdiv(d_out, cfg.grad_n)
+    rps = _split_rows(n, cfg.grad_m, triton.cdiv(programs, chunks_out))
+    splits = triton.cdiv(n, rps) + extra
     u_parts = torch.empty((chunks_out, n, r_pad), device=dev, dtype=torch.float32)
     db_parts = torch.empty((splits, d_out, r_pad) if need_dB else (0,), device=dev,
                            dtype=torch.float32)
-    if splits:
-        _grad_pass[(chunks_out, splits)](
-            grad, t, B_bank, u_parts, db_parts, order, *tables, n, d_out, r, grad.stride(0),
-            B_bank.stride(0), B_bank.stride(1), B_bank.stride(2), rows_per_split,
-            GROUPED=grouped, NEED_DB=need_dB, R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            PRECISION=precision)
-    u = u_parts.sum(0) if chunks_out > 1 else u_parts[0]
+    _grad_pass[(chunks_out, splits)](
+        grad, t, B_bank, u_parts, db_parts, order_arg, counts_arg, n, G + 1, d_out, r,
+        grad.stride(0), B_bank.stride(0), B_bank.stride(1), B_bank.stride(2), rps,
+        DT=dt, W_EXACT=exact, FP32=fp32, GROUPED=grouped, NEED_DB=need_dB, R_PAD=r_pad,
+        SCAN=_SCAN, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, num_warps=cfg.grad_warps,
+        num_stages=cfg.grad_stages)
     if need_dB:
-        _reduce_into(dB, db_parts[:, :, :r], tables[2] if grouped else None, scale)
+        _reduce_parts[(triton.cdiv(d_out, 64), G)](
+            db_parts, dB, counts_arg, splits, rps, d_out, r, float(scale),
+            dB.stride(0), dB.stride(1), dB.stride(2), d_out * r_pad, R_PAD=r_pad,
+            ROWS_ARE_RANK=False, GROUPED=grouped, SCAN=_SCAN, BLOCK=64)
 
     if need_dx or need_dA:
-        chunks_in = triton.cdiv(d_in, _BLOCK_K)
-        splits, rows_per_split, tables = plan.splits(n, chunks_in, dev)
-        tables = [x if v is None else v for v in tables]
+        chunks_in = triton.cdiv(d_in, cfg.in_k)
+        rps = _split_rows(n, cfg.in_m, triton.cdiv(programs, chunks_in))
+        splits = triton.cdiv(n, rps) + extra
         da_parts = torch.empty((splits, r_pad, d_in) if need_dA else (0,), device=dev,
                                dtype=torch.float32)
-        if splits:
-            _input_pass[(chunks_in, splits)](
-                x, u, A_bank, dx, da_parts, seed, order, *tables, n, d_in, r, x.stride(0),
-                A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rows_per_split,
-                float(scale), dropout_threshold(p), 1.0 / (1.0 - p),
-                GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx, NEED_DA=need_dA,
-                R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, PRECISION=precision)
+        _input_pass[(chunks_in, splits)](
+            x, u_parts, A_bank, dx, da_parts, seed, order_arg, counts_arg, n, G + 1, d_in, r,
+            x.stride(0), A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rps,
+            float(scale), dropout_threshold(p), 1.0 / (1.0 - p), chunks_out,
+            DT=dt, FP32=fp32, GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx,
+            NEED_DA=need_dA, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=cfg.in_m, BLOCK_K=cfg.in_k,
+            num_warps=cfg.in_warps, num_stages=cfg.in_stages)
         if need_dA:
-            _reduce_into(dA, da_parts[:, :r], tables[2] if grouped else None, scale)
+            _reduce_parts[(triton.cdiv(d_in, 64), G)](
+                da_parts, dA, counts_arg, splits, rps, d_in, r, float(scale),
+                dA.stride(0), dA.stride(1), dA.stride(2), r_pad * d_in, R_PAD=r_pad,
+                ROWS_ARE_RANK=True, GROUPED=grouped, SCAN=_SCAN, BLOCK=64)
     return dx, dA, dB
 
 
-def _reduce_into(bank_grad, parts, split_adapter, scale):
-    """bank_grad[adapter] = scale * sum of the parts of that adapter's splits."""
-    if split_adapter is None:
-        bank_grad[0] = (parts.sum(0) * scale).to(bank_grad.dtype)
-        return
-    used = split_adapter >= 0
-    summed = torch.zeros(bank_grad.shape, device=parts.device, dtype=torch.float32)
-    summed.index_add_(0, split_adapter[used].long(), parts[used])
-    bank_grad.copy_(summed * scale)
+def plan(ids: torch.Tensor, adapters: int):
+    """(order, counts) for a multi-adapter batch, on the device, without a host sync: rows sorted
+    stably by adapter id, and int32 row counts per id (slot 0: id -1, slot a + 1: adapter a)."""
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(adapters + 1, dtype=torch.int32, device=ids.device)
+    counts.index_add_(0, ids + 1, torch.ones_like(ids, dtype=torch.int32))
+    return order, counts
 
 
 # --- the launchers the op registration calls -------------------------------------------------
 
 def forward(x, layer_out, A, B, scale, p, seed):
-    return _forward_impl(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), _Plan(), scale, p, seed)
+    return _forward_impl(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), None, None, scale, p, seed)
 
 
 def backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB):
-    dx, dA, dB = _backward_impl(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), _Plan(), scale, p,
+    dx, dA, dB = _backward_impl(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), None, None, scale, p,
                                 seed, need_dx, need_dA, need_dB)
     return dx, dA[0] if need_dA else dA, dB[0] if need_dB else dB
 
 
 def multi_forward(x, layer_out, A_bank, B_bank, ids, scale, p, seed):
-    return _forward_impl(x, layer_out, A_bank, B_bank, _grouped_plan(ids, A_bank.shape[0]), scale,
-                         p, seed)
+    order, counts = plan(ids, A_bank.shape[0])
+    return _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed)
 
 
 def multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA, need_dB):
-    return _backward_impl(grad, x, t, A_bank, B_bank, _grouped_plan(ids, A_bank.shape[0]), scale,
-                          p, seed, need_dx, need_dA, need_dB)
+    order, counts = plan(ids, A_bank.shape[0])
+    return _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx,
+                          need_dA, need_dB)

@@ -1,0 +1,134 @@
+"""What every op's public function does before its kernels run, in one place.
+
+The eager path is kept cheap on the host: checks are plain attribute reads and comparisons,
+the backend choice is cached per (backend, device, dtype, op), the zero seed of a call without
+dropout is one cached tensor per device, and nothing here synchronises with the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+ROW_LIMIT = 2**32  # rows are indexed with 32-bit counters in the dropout mask (csrc/philox.h)
+
+NO_FORWARD_AD = ("{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                 "implemented; use reverse mode (backward, torch.autograd.grad, torch.func.vjp)")
+
+_ZERO_SEEDS: dict = {}
+_SELECTED: dict = {}
+
+
+def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """(seed, offset) for one call's dropout mask, drawn from `generator` or the default one.
+
+    With generator=None the default generator of x's device is used (torch.manual_seed seeds
+    it; on CUDA it is drawn on the device, so the call can be captured in a CUDA graph and each
+    replay draws a fresh mask); a CPU generator with CUDA inputs gives the same mask as with
+    CPU inputs.
+    """
+    if generator is None:
+        return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+    seed = torch.randint(2**62, (2,), dtype=torch.int64, device=generator.device,
+                         generator=generator)
+    return seed.to(device)
+
+
+def zero_seed(device: torch.device) -> Tensor:
+    """The seed of a call without dropout (never read by the kernels): one tensor per device."""
+    seed = _ZERO_SEEDS.get(device)
+    if seed is None or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (device.type == "cuda"
+                                             and torch.cuda.is_current_stream_capturing()):
+            return torch.zeros(2, dtype=torch.int64, device=device)  # not kept: a graph's pool
+        seed = _ZERO_SEEDS[device] = torch.zeros(2, dtype=torch.int64, device=device)
+    return seed
+
+
+def seed_for(p: float, generator, device: torch.device) -> Tensor:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    return draw_seed(generator, device) if p > 0.0 else zero_seed(device)
+
+
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """backends.select, cached: what can run does not change while the process lives."""
+    key = (backend, device.type, dtype, op)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = backends.select(backend, device, dtype, op=op)
+        _SELECTED[key] = name
+    return name
+
+
+def rows(t: Tensor, width: int) -> Tensor:
+    """t as (n, width) with unit column stride: a view whenever the layout allows one."""
+    t2 = t.reshape(-1, width)
+    if t2.shape[0] > 1 and width > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def check_rows(x: Tensor, d_in: int) -> None:
+    n = x.numel() // max(d_in, 1)
+    if n >= ROW_LIMIT:
+        raise ValueError(f"x: at most 2^32 - 1 rows are supported, got {n}")
+
+
+def scale_value(scale, name: str = "scale"):
+    """A Python number (or, while torch.compile traces, a symbolic one); tensors that need a
+    gradient are refused rather than silently detached."""
+    if isinstance(scale, Tensor):
+        if scale.requires_grad:
+            raise TypeError(f"{name}: a tensor that requires grad is not supported (its gradient "
+                            f"would be lost); pass a Python float")
+        if scale.numel() != 1:
+            raise ValueError(f"{name}: expected a number, got a tensor of shape "
+                             f"{tuple(scale.shape)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat,
+                                                          torch.SymInt)):
+        raise TypeError(f"{name}: expected a real number, got {scale!r}")
+    if isinstance(scale, (int, float)):
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{name}: expected a finite number, got {scale}")
+    return scale
+
+
+def probability(p, name: str) -> float:
+    if isinstance(p, (torch.SymFloat, torch.SymInt)):
+        return p
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}")
+    value = float(p)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value}")
+    return value
+
+
+def eager_path(x: Tensor) -> bool:
+    """Whether to run the kernels through the cheap autograd.Function rather than the library
+    ops (which torch.compile traces, and whose fake kernels give meta outputs)."""
+    return not (torch.compiler.is_compiling() or x.device.type == "meta")
+
+
+def no_autocast(device: torch.device, enabled: bool):
+    """Autocast off around the kernels (they pick their own precision) when it was on."""
+    if enabled:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def none_grads(count: int) -> tuple:
+    return (None,) * count
+
+
+def grad_rows(grad: Tensor) -> Tensor:
+    return grad if grad.stride(-1) == 1 else grad.contiguous()

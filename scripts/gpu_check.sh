@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The whole GPU picture in one run, on a machine with a GPU, its own CUDA build of torch and
+# possibly no package registry: builds the extension for the local GPU only, runs the GPU tests,
+# CUDA-graph capture tests, the Triton tile sweep, the host-time job and the GPU benchmarks,
+# each stage under a time limit, logs in $1 (default: $OUT, else benchmarks/results/gpu-check).
+#
+#   bash scripts/gpu_check.sh [log dir] [stages...]     stages: build tests sweep host bench
+#
+# About 8 minutes on an H100/H200 with 16 cores. A stage that fails or runs out of time is
+# reported and the next one runs; the exit status is that of the first failed stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG="${1:-${OUT:-benchmarks/results/gpu-check}}"
+shift || true
+STAGES="${*:-build tests sweep host bench}"
+mkdir -p "$LOG"
+PY="${PYTHON:-python3}"
+export TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE
+STATUS=0
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit} s): $*"
+  timeout "$limit" "$@" > "$LOG/$name.log" 2>&1
+  local rc=$?
+  echo "   $name: exit $rc after $((SECONDS - start)) s (log: $LOG/$name.log)"
+  grep -E "PASS|MISS|passed|failed|error|best " "$LOG/$name.log" | tail -n 40
+  [ $rc -ne 0 ] && [ $STATUS -eq 0 ] && STATUS=$rc
+  return 0
+}
+
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+"$PY" - > "$LOG/device.txt" 2>&1 <<'PYEOF'
+import torch, triton
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
+      "cuda", torch.version.cuda)
+PYEOF
+cat "$LOG/device.txt"
+ARCH="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+
+if has build; then  # in the background: the sweep needs only Triton
+  ( TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" timeout 300 "$PY" setup.py build_ext \
+      --inplace > "$LOG/build.log" 2>&1; echo $? > "$LOG/build.rc" ) &
+  BUILD_PID=$!
+fi
+has sweep && stage sweep 260 "$PY" benchmarks/sweep_triton.py --out "$LOG/sweep.json"
+has tests && stage tests-triton 150 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider \
+  tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py \
+  -k "triton or reference"
+if has build; then
+  wait "$BUILD_PID"
+  echo "== build: exit $(cat "$LOG/build.rc") (log: $LOG/build.log)"
+  tail -n 3 "$LOG/build.log"
+fi
+has tests && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
+  tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py -k cuda
+has host && stage host 120 "$PY" benchmarks/bench_host.py --device cuda
+has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save
+exit $STATUS
