@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
+
+import torch
 
 
 def _positive_int(value, name: str, allow_none: bool = False):
@@ -12,6 +15,32 @@ def _positive_int(value, name: str, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, "
                          f"got {value!r}")
+    return value
+
+
+def _finite(value, name: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+def _names(value, name: str, allow_none: bool = False):
+    """A tuple of strings from a string or a sequence of strings."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{name}: expected a name or a list of names, got {value!r}")
+
+
+def _optional_str(value, name: str):
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string or None, got {value!r}")
     return value
 
 
@@ -56,8 +85,10 @@ class LoR2CConfig:
     trainable: names of modules of the base model that stay trainable (e.g. a classifier head).
     freeze_base: freeze every other parameter of the base model (restored by handle.remove()).
     max_merge_length: the longest span (in blocks) a merge may create; None = no limit.
-    inject_targets: names (suffixes) of the Linear modules inside a block that inject() puts a
-        LoRA on; None = the query and value projections, found by name.
+    inject_targets: names (suffixes) of the nn.Linear / Conv1D modules inside a block that
+        inject() puts a LoRA on, or "<name>[query]" / "[key]" / "[value]" for a slice of a fused
+        [q | k | v] projection; None = the query and value projections, found by name (GPT-2:
+        the query and value slices of c_attn).
     inject_r, inject_alpha: rank and alpha of injected LoRAs (default: r and alpha).
     dtype: dtype of the adapter weights; None = the dtype of the base model's parameters.
     backend: forwarded to the fused op (None = the fastest for the inputs).
@@ -85,20 +116,28 @@ class LoR2CConfig:
         _positive_int(self.max_merge_length, "max_merge_length", allow_none=True)
         _positive_int(self.inject_r, "inject_r", allow_none=True)
         _positive_int(self.hidden_size, "hidden_size", allow_none=True)
-        if not 0.0 <= float(self.dropout) < 1.0:
+        _finite(self.alpha, "alpha")
+        _finite(self.inject_alpha, "inject_alpha", allow_none=True)
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.share, bool):
-            raise ValueError(f"share: expected a bool, got {self.share!r}")
+        for name in ("share", "freeze_base"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         self.spans = normalise_spans(self.spans)
-        if isinstance(self.trainable, str):
-            self.trainable = (self.trainable,)
-        self.trainable = tuple(self.trainable)
-        if isinstance(self.inject_targets, str):
-            self.inject_targets = (self.inject_targets,)
-        if self.inject_targets is not None:
-            self.inject_targets = tuple(self.inject_targets)
+        self.trainable = _names(self.trainable, "trainable")
+        self.inject_targets = _names(self.inject_targets, "inject_targets", allow_none=True)
+        _optional_str(self.layers_path, "layers_path")
+        _optional_str(self.backend, "backend")
+        if not isinstance(self.hidden_states_kwarg, str):
+            raise ValueError(f"hidden_states_kwarg: expected a string, got "
+                             f"{self.hidden_states_kwarg!r}")
         if self.dtype is not None and not isinstance(self.dtype, str):
             self.dtype = str(self.dtype).replace("torch.", "")  # JSON-friendly
+        if self.dtype is not None:
+            dtype = getattr(torch, self.dtype, None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"dtype: expected a floating dtype name, got {self.dtype!r}")
 
     @property
     def scaling(self) -> float:
@@ -114,6 +153,8 @@ class LoR2CConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoR2CConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"LoR2CConfig: expected a dict of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
