@@ -50,10 +50,11 @@ _EMULATED = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _dot(a, b):
+def _dot(a, b, acc):
+    """acc + a @ b on tensor cores (fp32 accumulation), chained into acc: no second buffer."""
     if _EMULATED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -75,25 +76,25 @@ def _split_hi_lo(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _mm_act(act, w, DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr):
-    """act @ w, act already in the compute dtype (exact activations); w fp32 or DT."""
+def _mm_act(act, w, acc, DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr):
+    """acc + act @ w, act already in the compute dtype (exact activations); w fp32 or DT."""
     if FP32:
-        return tl.dot(act, w.to(tl.float32), input_precision="ieee")
+        return tl.dot(act, w.to(tl.float32), acc, input_precision="ieee")
     if W_EXACT:
-        return _dot(act, w.to(DT))
+        return _dot(act, w.to(DT), acc)
     w_hi, w_lo = _split_hi_lo(w.to(tl.float32), DT)
-    return _dot(act, w_hi) + _dot(act, w_lo)
+    return _dot(act, w_lo, _dot(act, w_hi, acc))
 
 
 @triton.jit
-def _mm_f32(a, w, FP32: tl.constexpr):
-    """a @ w for an fp32 a (t or u) and a weight tile w: both split into bf16 hi + lo (bf16 has
-    fp32's range, so no overflow or underflow), three products."""
+def _mm_f32(a, w, acc, FP32: tl.constexpr):
+    """acc + a @ w for an fp32 a (t or u) and a weight tile w: both split into bf16 hi + lo
+    (bf16 has fp32's range, so no overflow or underflow), three chained products."""
     if FP32:
-        return tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
     a_hi, a_lo = _split_hi_lo(a, tl.bfloat16)
     w_hi, w_lo = _split_hi_lo(w.to(tl.float32), tl.bfloat16)
-    return _dot(a_hi, w_hi) + _dot(a_lo, w_hi) + _dot(a_hi, w_lo)
+    return _dot(a_hi, w_lo, _dot(a_lo, w_hi, _dot(a_hi, w_hi, acc)))
 
 
 @triton.jit
@@ -175,7 +176,7 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
                     xt = tl.where(keep != 0.0, xt, 0.0)
                 at = tl.load(a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
                              mask=rk_ok[None, :] & col_ok[:, None], other=0.0)
-                t += _mm_act(xt.to(DT), at, DT, W_EXACT, FP32)
+                t = _mm_act(xt.to(DT), at, t, DT, W_EXACT, FP32)
             if HAS_DROPOUT:
                 t = t * inv_keep
             tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
@@ -183,6 +184,7 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
         else:
             tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
                      mask=row_ok[:, None] & rk_ok[None, :])
+        ts = t * scale  # scaled once: the products then accumulate straight onto layer_out
         for n0 in range(0, d_out, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < d_out
@@ -192,7 +194,7 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
             if adapter >= 0:
                 bt = tl.load(b_ptr + cols[None, :] * stride_b0 + rk[:, None] * stride_b1,
                              mask=col_ok[None, :] & rk_ok[:, None], other=0.0)
-                y += scale * _mm_f32(t, bt, FP32)
+                y = _mm_f32(ts, bt, y, FP32)
             tl.store(out_ptr + rows[:, None] * d_out + cols[None, :], _cast(y, lo.dtype), mask=ok)
 
 
@@ -230,23 +232,24 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
             g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
+            u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
             if FP32:
-                u = tl.dot(g, b.to(tl.float32), input_precision="ieee")
+                u = tl.dot(g, b.to(tl.float32), u, input_precision="ieee")
             elif W_EXACT:
-                u = _dot(g.to(DT), b.to(DT))
+                u = _dot(g.to(DT), b.to(DT), u)
             else:
-                u = _dot(g.to(DT), b_hi) + _dot(g.to(DT), b_lo)
+                u = _dot(g.to(DT), b_lo, _dot(g.to(DT), b_hi, u))
             tl.store(u_parts_ptr + (chunk * n + rows[:, None]) * R_PAD + rk[None, :], u,
                      mask=row_ok[:, None])
             if NEED_DB:
                 t = tl.load(t_ptr + rows[:, None] * r + rk[None, :],
                             mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
                 if FP32:
-                    db += tl.dot(tl.trans(g), t, input_precision="ieee")
+                    db = tl.dot(tl.trans(g), t, db, input_precision="ieee")
                 else:
                     t_hi, t_lo = _split_hi_lo(t, DT)
                     gt = tl.trans(g.to(DT))
-                    db += _dot(gt, t_hi) + _dot(gt, t_lo)
+                    db = _dot(gt, t_lo, _dot(gt, t_hi, db))
     if NEED_DB:
         db_ptrs = db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD + rk[None, :]
         tl.store(db_ptrs, db, mask=col_ok[:, None])
@@ -294,7 +297,8 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
             if HAS_DROPOUT:
                 keep = dropout_scale(seed_ptr, rows, col0, threshold, 1.0, BLOCK_M, BLOCK_K)
             if NEED_DX:
-                dx = (scale * inv_keep) * _mm_f32(u, a, FP32)
+                dx = _mm_f32(u * (scale * inv_keep), a,
+                             tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32)
                 if HAS_DROPOUT:
                     dx = tl.where(keep != 0.0, dx, 0.0)
                 tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :],
@@ -306,10 +310,10 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
                     xd = tl.where(keep != 0.0, xd, 0.0)
                 ut = tl.trans(u)
                 if FP32:
-                    da += tl.dot(ut, xd.to(tl.float32), input_precision="ieee")
+                    da = tl.dot(ut, xd.to(tl.float32), da, input_precision="ieee")
                 else:
                     u_hi, u_lo = _split_hi_lo(ut, DT)
-                    da += _dot(u_hi, xd.to(DT)) + _dot(u_lo, xd.to(DT))
+                    da = _dot(u_lo, xd.to(DT), _dot(u_hi, xd.to(DT), da))
     if NEED_DA:
         if HAS_DROPOUT:
             da = da * inv_keep
@@ -372,13 +376,14 @@ class Config:
     grad_stages: int = 3
     in_m: int = 32
     in_k: int = 256
-    in_warps: int = 4
+    in_warps: int = 8
     in_stages: int = 3
     waves: int = 2
+    in_m_multi: int = 16  # gathered rows cost registers: smaller row blocks for multi-adapter
 
 
 # The interpreter runs programs one by one over numpy arrays: small tiles waste less on masks.
-_INTERPRETER = Config(16, 32, 32, 1, 1, 16, 64, 1, 1, 16, 32, 1, 1, 1)
+_INTERPRETER = Config(16, 32, 32, 1, 1, 16, 64, 1, 1, 16, 32, 1, 1, 1, 16)
 
 # Measured on an NVIDIA H200 (see README "Tile configurations"); keyed by (r_pad, fp32?), the
 # closest d bucket wins. Until a table entry exists the default Config is used.
@@ -388,16 +393,20 @@ _SMS: dict = {}
 
 
 def config_for(device: torch.device, d: int, r_pad: int, fp32: bool) -> Config:
+    """The tiles for (d, r_pad, fp32 activations): the measured TABLE entry if there is one,
+    else a default sized so that no kernel spills registers at that rank (checked for sm_90 by
+    scripts/check_triton_compile.py)."""
     if device.type != "cuda":
         return _INTERPRETER
     cfg = TABLE.get((r_pad, fp32))
-    if cfg is None:
-        cfg = Config()
-        if r_pad >= 64:
-            cfg = Config(fwd_m=32, grad_n=256, in_k=128)
-        if fp32:
-            cfg = Config(fwd_m=32, fwd_k=64, fwd_n=64, grad_m=32, grad_n=128, in_m=32, in_k=64)
-    return cfg
+    if cfg is not None:
+        return cfg
+    if r_pad <= 32:
+        return Config() if not fp32 else Config(fwd_k=64, fwd_n=64, grad_n=256, in_k=64)
+    # rank 64 and above: the rank-wide operands (t, u and the weight tiles, split hi + lo)
+    # take the registers that wider column tiles would need
+    return Config(fwd_m=32, fwd_k=64 if fp32 else 128, fwd_n=64, fwd_warps=8, grad_m=32,
+                  grad_n=128, in_m=32, in_k=64 if fp32 else 128)
 
 
 def _programs(device: torch.device, waves: int) -> int:
@@ -421,10 +430,13 @@ def _kinds(x_dtype, w_dtype):
 
 # --- launchers -------------------------------------------------------------------------------
 
-def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, cfg=None):
+def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, cfg=None,
+                  out=None):
+    """(out, t); `out` may be layer_out itself (each element is read before it is written)."""
     n, d_in = x.shape
     G, d_out, r = B_bank.shape
-    out = torch.empty((n, d_out), device=x.device, dtype=layer_out.dtype)
+    if out is None:
+        out = torch.empty((n, d_out), device=x.device, dtype=layer_out.dtype)
     t = torch.empty((n, r), device=x.device, dtype=torch.float32)
     if n == 0:
         return out, t
@@ -492,7 +504,8 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
 
     if need_dx or need_dA:
         chunks_in = triton.cdiv(d_in, cfg.in_k)
-        rps = _split_rows(n, cfg.in_m, triton.cdiv(programs, chunks_in))
+        in_m = cfg.in_m_multi if grouped else cfg.in_m
+        rps = _split_rows(n, in_m, triton.cdiv(programs, chunks_in))
         splits = triton.cdiv(n, rps) + extra
         da_parts = torch.empty((splits, r_pad, d_in) if need_dA else (0,), device=dev,
                                dtype=torch.float32)
@@ -501,7 +514,7 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
             x.stride(0), A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rps,
             float(scale), dropout_threshold(p), 1.0 / (1.0 - p), chunks_out,
             DT=dt, FP32=fp32, GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx,
-            NEED_DA=need_dA, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=cfg.in_m, BLOCK_K=cfg.in_k,
+            NEED_DA=need_dA, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=in_m, BLOCK_K=cfg.in_k,
             num_warps=cfg.in_warps, num_stages=cfg.in_stages)
         if need_dA:
             _reduce_parts[(triton.cdiv(d_in, 64), G)](
