@@ -17,8 +17,8 @@ from .. import backends
 
 ROW_LIMIT = 2**32  # rows are indexed with 32-bit counters in the dropout mask (csrc/philox.h)
 
-NO_FORWARD_AD = ("{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-                 "implemented; use reverse mode (backward, torch.autograd.grad, torch.func.vjp)")
+NO_FORWARD_AD = ("{op}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
+                 "implemented; use reverse mode (backward, torch.autograd.grad)")
 
 _ZERO_SEEDS: dict = {}
 _SELECTED: dict = {}
@@ -95,7 +95,8 @@ def scale_value(scale, name: str = "scale"):
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat,
                                                           torch.SymInt)):
         raise TypeError(f"{name}: expected a real number, got {scale!r}")
-    if isinstance(scale, (int, float)):
+    if isinstance(scale, (int, float)) and not torch.compiler.is_compiling():
+        # (while torch.compile traces, a Python float may be a symbolic value: not checked here)
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"{name}: expected a finite number, got {scale}")
@@ -103,7 +104,8 @@ def scale_value(scale, name: str = "scale"):
 
 
 def probability(p, name: str) -> float:
-    if isinstance(p, (torch.SymFloat, torch.SymInt)):
+    if isinstance(p, (torch.SymFloat, torch.SymInt)) or (
+            torch.compiler.is_compiling() and isinstance(p, float)):
         return p
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}")
@@ -124,6 +126,15 @@ def no_autocast(device: torch.device, enabled: bool):
     if enabled:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def refuse_functorch(op: str) -> None:
+    """torch.func transforms (grad, vjp, jvp, vmap, ...) are not supported: say so, rather than
+    fail deep inside (or, for jvp through a library op, return zero tangents)."""
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            f"{op}: torch.func transforms (grad, vjp, jvp, vmap, ...) are not supported; use "
+            f"torch.autograd (backward, torch.autograd.grad). Forward-mode AD is not implemented")
 
 
 def none_grads(count: int) -> tuple:

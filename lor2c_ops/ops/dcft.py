@@ -301,6 +301,7 @@ def dcft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     args = (_common.rows(x, d_in), weight, bias, A, B, C, scale, stride, p, seed)
     with _common.no_autocast(device, autocast):
         if _common.eager_path(x):
+            _common.refuse_functorch("dcft_linear")
             out, _ = _DCFTFunction.apply(*args, _kernels(name))
         else:
             out, _ = dcft_fwd(*args, name)

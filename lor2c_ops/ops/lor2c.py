@@ -281,6 +281,7 @@ def lor2c_residual(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: fl
     args = (_rows(x, d_in), _rows(layer_out, d_out), A, B, ids, scale, p, seed)
     with _common.no_autocast(device, autocast):
         if _common.eager_path(x):
+            _common.refuse_functorch("lor2c_residual")
             out, _ = _LoR2CFunction.apply(*args, _kernels(name))
         else:
             out, _ = lor2c_fwd(*args, name)

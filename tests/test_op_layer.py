@@ -1,0 +1,160 @@
+"""The op layer around the kernels, on every backend: dynamic-shape compilation, empty batches,
+forward-mode AD and torch.func transforms refused clearly, scale arguments, meta tensors, the
+cached backend choice. (Values against the fp64 oracle: tests/test_lor2c.py, test_share.py,
+test_dcft.py.)"""
+import math
+
+import pytest
+import torch
+
+import lor2c_ops as lo
+from lor2c_ops.ops import _common
+
+from backend_devices import skip_unless_runnable
+
+
+def _lor2c_inputs(device, n=5, d=16, r=4, banked=False, G=3):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+    layer_out = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+    shape_a, shape_b = ((G, r, d), (G, d, r)) if banked else ((r, d), (d, r))
+    A = (torch.randn(*shape_a, generator=gen) / math.sqrt(d)).to(device).requires_grad_()
+    B = torch.randn(*shape_b, generator=gen).to(device).requires_grad_()
+    return x, layer_out, A, B
+
+
+def _dcft_inputs(device, n=5):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, generator=gen).to(device).requires_grad_()
+    W = torch.randn(16, 16, generator=gen).to(device)
+    b = torch.randn(16, generator=gen).to(device)
+    A = torch.randn(2, 8, generator=gen).to(device).requires_grad_()
+    B = torch.randn(8, 2, generator=gen).to(device).requires_grad_()
+    C = torch.randn(2, 2, generator=gen).to(device).requires_grad_()
+    return x, W, b, A, B, C
+
+
+def _calls(kind, backend, device):
+    """(leaves, fn(x-like leaves..., scale) -> output) for each kind of call."""
+    if kind == "dcft":
+        x, W, b, A, B, C = _dcft_inputs(device)
+        return (x, A, B, C), (lambda x, A, B, C, s: lo.dcft_linear(x, W, b, A, B, C, s,
+                                                                 backend=backend))
+    banked = kind == "multi"
+    x, layer_out, A, B = _lor2c_inputs(device, banked=banked)
+    if kind == "multi":
+        ids = torch.tensor([0, 2, -1, 1, 0], device=device)
+        return (x, layer_out, A, B), (lambda x, lo_, A, B, s: lo.lor2c_residual(
+            x, lo_, A, B, s, backend=backend, adapter_ids=ids[: x.shape[0]]))
+    return (x, layer_out, A, B), (lambda x, lo_, A, B, s: lo.lor2c_residual(
+        x, lo_, A, B, s, backend=backend))
+
+
+KINDS = ["plain", "multi", "dcft"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_dynamic(backend, kind):
+    """Variable sequence lengths: one graph with dynamic shapes, forward and backward, and a
+    Python-float scale that changes between calls."""
+    device = skip_unless_runnable(backend)
+    torch._dynamo.reset()  # the lambdas share code objects across tests: no recompile limit
+    leaves, fn = _calls(kind, backend, device)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for rows, scale in ((3, 0.5), (5, 1.5), (4, 2.0)):
+        sub = [leaves[0][:rows].detach().requires_grad_()]
+        rest = list(leaves[1:])
+        if kind != "dcft":  # layer_out has x's rows too
+            rest[0] = rest[0][:rows].detach().requires_grad_()
+        got = compiled(*sub, *rest, scale)
+        want = fn(*sub, *rest, scale)
+        torch.testing.assert_close(got, want)
+        g_got = torch.autograd.grad(got.sum(), sub + [rest[-1]])
+        g_want = torch.autograd.grad(want.sum(), sub + [rest[-1]])
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch(backend, kind):
+    device = skip_unless_runnable(backend)
+    leaves, fn = _calls(kind, backend, device)
+    empty = [leaves[0][:0].detach().requires_grad_()]
+    rest = list(leaves[1:])
+    if kind != "dcft":
+        rest[0] = rest[0][:0].detach().requires_grad_()
+    out = fn(*empty, *rest, 0.5)
+    assert out.shape[0] == 0
+    grads = torch.autograd.grad(out.sum(), empty + rest[-2:])
+    assert grads[0].shape == empty[0].shape
+    for g, w in zip(grads[1:], rest[-2:]):
+        assert g.shape == w.shape and torch.count_nonzero(g) == 0, "weights get exact zeros"
+
+
+@pytest.mark.parametrize("kind", ["plain", "dcft"])
+def test_forward_mode_ad_raises(backend, kind):
+    device = skip_unless_runnable(backend)
+    leaves, fn = _calls(kind, backend, device)
+    primal = leaves[0].detach()
+    rest = [t.detach() for t in leaves[1:]]
+    with pytest.raises(NotImplementedError, match="Forward-mode AD is not implemented"):
+        torch.func.jvp(lambda x: fn(x, *rest, 0.5), (primal,), (torch.ones_like(primal),))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        with torch.autograd.forward_ad.dual_level():
+            fn(torch.autograd.forward_ad.make_dual(primal, torch.ones_like(primal)), *rest, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["plain", "dcft"])
+def test_torch_func_transforms_refused_clearly(backend, kind):
+    device = skip_unless_runnable(backend)
+    leaves, fn = _calls(kind, backend, device)
+    primal = leaves[0].detach()
+    rest = [t.detach() for t in leaves[1:]]
+    with pytest.raises(NotImplementedError, match="torch.func transforms .* are not supported"):
+        torch.func.grad(lambda x: fn(x, *rest, 0.5).sum())(primal)
+
+
+def test_scale_that_requires_grad_is_refused():
+    x, layer_out, A, B = _lor2c_inputs("cpu")
+    with pytest.raises(TypeError, match="scale: a tensor that requires grad"):
+        lo.lor2c_residual(x, layer_out, A, B, torch.tensor(2.0, requires_grad=True))
+    with pytest.raises(TypeError, match="scale"):
+        lo.lor2c_residual(x, layer_out, A, B, "2")
+    with pytest.raises(ValueError, match="scale: expected a finite number"):
+        lo.lor2c_residual(x, layer_out, A, B, float("nan"))
+    out = lo.lor2c_residual(x, layer_out, A, B, torch.tensor(2.0))  # a plain tensor is a number
+    torch.testing.assert_close(out, lo.lor2c_residual(x, layer_out, A, B, 2.0))
+
+
+def test_huge_scale_overflows_like_eager(backend):
+    device = skip_unless_runnable(backend)
+    ones = lambda *s: torch.ones(*s, device=device)
+    got = lo.lor2c_residual(ones(3, 16), ones(3, 16), ones(4, 16), ones(16, 4), 1e38,
+                            backend=backend)
+    want = ones(3, 16) + 1e38 * (ones(3, 16) @ ones(4, 16).T @ ones(16, 4).T)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not torch.isnan(got).any()
+
+
+def test_meta_tensors_give_meta_outputs():
+    meta = torch.device("meta")
+    x = torch.empty(2, 3, 16, device=meta)
+    out = lo.lor2c_residual(x, torch.empty(2, 3, 32, device=meta), torch.empty(4, 16, device=meta),
+                            torch.empty(32, 4, device=meta), 0.5, 0.1)
+    assert out.device == meta and out.shape == (2, 3, 32) and out.dtype == torch.float32
+    assert lo.FusedLoR2C(16, r=4, device=meta)(x, x).shape == (2, 3, 16)
+    ids = torch.zeros(2, dtype=torch.int64, device=meta)
+    banked = lo.lor2c_residual(x, x, torch.empty(3, 4, 16, device=meta),
+                               torch.empty(3, 16, 4, device=meta), adapter_ids=ids)
+    assert banked.device == meta and banked.shape == x.shape
+    W = torch.empty(16, 16, device=meta)
+    y = lo.dcft_linear(x, W, None, torch.empty(1, 8, device=meta), torch.empty(8, 1, device=meta),
+                       torch.empty(2, 2, device=meta), 0.5)
+    assert y.device == meta and y.shape == (2, 3, 16)
+
+
+def test_backend_choice_is_cached_and_still_explains_refusals():
+    x, layer_out, A, B = _lor2c_inputs("cpu")
+    lo.lor2c_residual(x, layer_out, A, B)
+    assert (None, "cpu", torch.float32, "lor2c") in _common._SELECTED
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run here"):
+        lo.lor2c_residual(x, layer_out, A, B, backend="cuda")
