@@ -7,9 +7,11 @@
 Runs the per-op scripts (bench_lor2c, bench_share, bench_dcft, bench_sfs) over sweeps of
 tokens n, hidden size d and rank r with shapes named after real models, then bench_e2e, with a
 progress bar. Prints each script's table as it finishes and a summary table at the end; writes
-benchmarks/results/suite-<device>-<commit>-<time>.{json,csv,md} (keyed by device name, torch
-and triton versions and commit) and PNG plots (speedup per op and shape, memory per provider),
-also copied to results/latest-<device>-*.png for the README.
+suite-<device>-<commit>-<time>.{json,csv,md} (keyed by device name, torch and triton versions
+and commit) and PNG plots (speedup per op and shape, memory per provider) to
+benchmarks/results/local/ (git-ignored: a run leaves the working tree clean). With --publish
+they go to benchmarks/results/ instead and the plots are also copied to
+results/latest-<device>-*.png, the README's figures (then commit them).
 """
 from __future__ import annotations
 
@@ -134,11 +136,20 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=["lor2c", "share", "dcft", "sfs", "e2e"],
                         help="run these scripts only")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results, and "
-                        "benchmarks/results/quick for --quick, which git ignores)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write to benchmarks/results/ (tracked) and update the README's "
+                        "results/latest-<device>-*.png; without it results go to the git-ignored "
+                        "benchmarks/results/local/")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results/local, "
+                        "benchmarks/results/quick for --quick, both git-ignored; "
+                        "benchmarks/results with --publish)")
     args = parser.parse_args(argv)
+    if args.publish and args.quick:
+        parser.error("--publish: --quick results are a smoke test at small sizes, not figures "
+                     "to publish")
     if args.out is None:
-        args.out = os.path.join(HERE, "results", *(["quick"] if args.quick else []))
+        args.out = os.path.join(HERE, "results", "quick" if args.quick
+                                else "" if args.publish else "local")
     device = torch.device(args.device)
     jobs = (quick_jobs() if args.quick
             else gpu_jobs() if device.type == "cuda" else cpu_jobs())
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
         base = paths["json"][:-len(".json")]
         for kind, path in plots.draw(entries, meta, base).items():
             paths[kind] = path
-            if not args.quick:
+            if args.publish:
                 shutil.copyfile(path, os.path.join(args.out, f"latest-{device.type}-{kind}.png"))
     print("\nresults: " + ", ".join(paths[k] for k in sorted(paths)))
     print(f"suite time: {meta['seconds'] / 60:.1f} min")
