@@ -5,7 +5,7 @@
 # (git-ignored; --publish writes them to benchmarks/results/ and updates the README's plots).
 # Extra arguments go to benchmarks/run.py (e.g. --quick, --only lor2c e2e, --publish).
 # The full suite takes about 4 min on a quiet 2-core Intel Sapphire Rapids (AVX-512) and about
-# 14 min on a 2-core AMD EPYC with AVX2 only; --quick about 15 s (plus setup, under a second
+# 14 min on a 2-core AMD EPYC with AVX2 only; --quick 1-2 min (plus setup, under a second
 # when nothing changed, a few minutes when the extension has to be built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
