@@ -193,12 +193,14 @@ def rewrite(path, edit_meta=None, edit_tensors=None, text=None):
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header["lor2c_config"])
-    if edit_meta is not None:
-        edit_meta(meta)
+    if text is None:
+        meta = json.loads(header["lor2c_config"])
+        if edit_meta is not None:
+            edit_meta(meta)
+        text = json.dumps(meta)
     if edit_tensors is not None:
         edit_tensors(tensors)
-    header["lor2c_config"] = json.dumps(meta) if text is None else text
+    header["lor2c_config"] = text
     safetensors.torch.save_file(tensors, str(path), metadata=header)
 
 
@@ -276,6 +278,12 @@ def test_header_that_is_not_an_object_or_not_json(llama_file):
     with pytest.raises(ValueError, match="the JSON config is a list, expected an object"):
         lo.load_adapters(model, llama_file)
     rewrite(llama_file, text="{not json")
+    with pytest.raises(ValueError, match="JSON config in the header is corrupt"):
+        lo.load_adapters(model, llama_file)
+    rewrite(llama_file, text='{"num_blocks": ' + "9" * 5000 + "}")  # beyond int() limits
+    with pytest.raises(ValueError, match="JSON config in the header is corrupt"):
+        lo.load_adapters(model, llama_file)
+    rewrite(llama_file, text="[" * 100000 + "]" * 100000)  # deeper than the parser goes
     with pytest.raises(ValueError, match="JSON config in the header is corrupt"):
         lo.load_adapters(model, llama_file)
     _untouched(model, [True] * len(list(model.parameters())))

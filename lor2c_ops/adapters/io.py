@@ -345,7 +345,7 @@ def _open(path):
                          f"lor2c_config metadata of format {FORMAT!r})")
     try:
         meta = json.loads(header["lor2c_config"])
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, ints of > 4300 digits, ...
         raise ValueError(f"{weights}: the JSON config in the header is corrupt: {exc}") from None
     return weights, _check_header(meta, weights), layout
 
