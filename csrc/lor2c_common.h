@@ -1,26 +1,20 @@
 // Host-side helpers shared by the CPU and CUDA bindings of the LoR2C residual op.
 #pragma once
 #include <ATen/ATen.h>
-#include <cmath>
-#include <limits>
 
 #include "philox.h"
 
 namespace lor2c {
 
-// Decodes the op's seed tensor (int64[2] = seed, offset) and p into kernel parameters.
-// Reading the seed needs it on the CPU; the CUDA binding passes the pointer to the kernel instead.
+// Decodes the op's seed tensor values (int64[2] = seed, offset) and p into kernel parameters,
+// with the threshold and seed decoding of csrc/philox.h. Reading the seed needs it on the CPU;
+// the CUDA bindings pass seed = offset = 0 (threshold and 1/(1-p) only) and the pointer to the
+// kernels, which decode it on the device with dropout_seed.
 inline DropoutParams dropout_params(double p, int64_t seed, int64_t offset) {
   DropoutParams dp{};
   dp.enabled = p > 0.0;
-  const auto s = static_cast<uint64_t>(seed);
-  const auto o = static_cast<uint64_t>(offset);
-  dp.key0 = static_cast<uint32_t>(s);
-  dp.key1 = static_cast<uint32_t>(s >> 32);
-  dp.off0 = static_cast<uint32_t>(o);
-  dp.off1 = static_cast<uint32_t>(o >> 32);
-  const double thr = std::floor(p * 4294967296.0);
-  dp.threshold = thr >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(thr);
+  dropout_seed(dp, seed, offset);
+  dp.threshold = dropout_threshold(p);
   dp.inv_keep = dp.enabled ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
   return dp;
 }

@@ -226,12 +226,13 @@ def test_mask_layout_matches_scalar_definition():
     draws = ref_philox.dropout_draws(seed, n, d)
     mask = dropout_mask(seed, n, d, p)
     thr = ref_philox.dropout_threshold(p)
+    kept = torch.tensor(1 / (1 - p), dtype=torch.float32).item()  # the fp32 scale
     elements = [(0, 0), (0, 1), (0, 2), (0, 3), (0, 6), (0, 7), (0, 8), (0, 9), (1, 6), (1, 7),
                 (2, 8), (2, 9), (3, 15), (3, 16), (4, 255), (4, 299)]
     for i, j in elements:
         want = _draw_scalar(int(seed[0]), int(seed[1]), i, j)
         assert int(draws[i, j]) == want, f"draw of ({i}, {j})"
-        assert float(mask[i, j]) == (1 / (1 - p) if want >= thr else 0.0), f"mask of ({i}, {j})"
+        assert float(mask[i, j]) == (kept if want >= thr else 0.0), f"mask of ({i}, {j})"
     # ... and every backend's mask is the reference's at those elements
     seed99 = seed_for(99, "cpu")
     ref96 = dropout_mask(seed99, 64, 96, 0.3) == 0

@@ -1,8 +1,13 @@
-// Philox4x32-10 dropout masks on the CPU, 64 columns (16 counters x 4 draws) per step.
-// Vector paths use 32x32->64-bit multiplies on even/odd lanes (the compiler's own
-// vectorisation falls back to slow 64x64 multiplies), then transpose the four draw vectors
-// into column order, since draw q of counter g belongs to column 4g + q.
+// Philox4x32-10 dropout masks on the CPU: one call per 8 columns, 16-bit draws (csrc/philox.h).
+// Vector paths run 16 (AVX-512) or 8 (AVX2) counters at once, with 32x32->64-bit multiplies on
+// even/odd lanes (the compiler's own vectorisation falls back to slow 64x64 multiplies). Then a
+// 4 x 16 (4 x 8) transpose puts word w of counter g at 32-bit slot 4g + w: read as 16-bit lanes,
+// half h of that word sits at 8g + 2w + h, which is its column. So the draws are compared as
+// unsigned 16-bit lanes, in column order, and the comparison masks widen to the fp32 mask.
 #include "dropout.h"
+
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -14,27 +19,24 @@ namespace cpu {
 namespace {
 
 void draw_scalar(int64_t row, int64_t d, const DropoutParams& dp, float* mask) {
-  const int64_t groups = mask_padded(d) / 4;
-  for (int64_t g = 0; g < groups; ++g) {
-    uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(row), dp.off0, dp.off1};
-    philox4x32_10(c, dp.key0, dp.key1);
-    for (int q = 0; q < 4; ++q) mask[4 * g + q] = c[q] >= dp.threshold ? dp.inv_keep : 0.f;
-  }
+  const int64_t groups = mask_padded(d) / kDropoutGroup;
+  for (int64_t g = 0; g < groups; ++g) dropout_keep8(dp, row, g, mask + kDropoutGroup * g);
 }
 
 #ifdef LOR2C_X86
 
-__attribute__((target("avx512f"))) void draw_avx512(int64_t row, int64_t d,
-                                                    const DropoutParams& dp, float* mask) {
+// 128 columns per step (16 counters), the last step 64 columns when mask_padded(d) asks so.
+__attribute__((target("avx512f,avx512bw"))) void draw_avx512(int64_t row, int64_t d,
+                                                               const DropoutParams& dp,
+                                                               float* mask) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  // Unsigned >= threshold, as a signed compare after flipping the sign bits.
-  const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(dp.threshold ^ 0x80000000u));
+  const __m512i thr = _mm512_set1_epi16(static_cast<short>(dp.threshold));  // <= 65535
   const __m512 keep = _mm512_set1_ps(dp.inv_keep);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t groups = mask_padded(d) / 4;
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+  const int64_t cols = mask_padded(d);
+  for (int64_t col = 0; col < cols; col += 128) {
+    const int64_t g0 = col / kDropoutGroup;
     __m512i c0 = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g0)));
     __m512i c1 = _mm512_set1_epi32(static_cast<int>(row));
     __m512i c2 = _mm512_set1_epi32(static_cast<int>(dp.off0));
@@ -56,12 +58,10 @@ __attribute__((target("avx512f"))) void draw_avx512(int64_t row, int64_t d,
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    const __m512 zero = _mm512_setzero_ps();
-    const __m512 q0 = _mm512_mask_mov_ps(zero, _mm512_cmpge_epi32_mask(_mm512_xor_si512(c0, flip), thr), keep);
-    const __m512 q1 = _mm512_mask_mov_ps(zero, _mm512_cmpge_epi32_mask(_mm512_xor_si512(c1, flip), thr), keep);
-    const __m512 q2 = _mm512_mask_mov_ps(zero, _mm512_cmpge_epi32_mask(_mm512_xor_si512(c2, flip), thr), keep);
-    const __m512 q3 = _mm512_mask_mov_ps(zero, _mm512_cmpge_epi32_mask(_mm512_xor_si512(c3, flip), thr), keep);
-    // 4 x 16 transpose: after the unpacks, 128-bit lane L of u_i holds counter 4L + i.
+    // 4 x 16 transpose of the words: after the unpacks, 128-bit lane L of u_i holds counter
+    // 4L + i; the stores' order is then slot 4g + w (as floats: only shuffles, no arithmetic).
+    const __m512 q0 = _mm512_castsi512_ps(c0), q1 = _mm512_castsi512_ps(c1);
+    const __m512 q2 = _mm512_castsi512_ps(c2), q3 = _mm512_castsi512_ps(c3);
     const __m512 t0 = _mm512_unpacklo_ps(q0, q1), t1 = _mm512_unpackhi_ps(q0, q1);
     const __m512 t2 = _mm512_unpacklo_ps(q2, q3), t3 = _mm512_unpackhi_ps(q2, q3);
     const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
@@ -70,25 +70,31 @@ __attribute__((target("avx512f"))) void draw_avx512(int64_t row, int64_t d,
     const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
     const __m512 s0 = _mm512_shuffle_f32x4(u0, u1, 0x44), s1 = _mm512_shuffle_f32x4(u0, u1, 0xEE);
     const __m512 s2 = _mm512_shuffle_f32x4(u2, u3, 0x44), s3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
-    float* out = mask + 4 * g0;
-    _mm512_storeu_ps(out, _mm512_shuffle_f32x4(s0, s2, 0x88));
-    _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(s0, s2, 0xDD));
-    _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(s1, s3, 0x88));
-    _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+    const __m512 words[4] = {_mm512_shuffle_f32x4(s0, s2, 0x88), _mm512_shuffle_f32x4(s0, s2, 0xDD),
+                             _mm512_shuffle_f32x4(s1, s3, 0x88), _mm512_shuffle_f32x4(s1, s3, 0xDD)};
+    // words[k] holds counters 4k .. 4k+3, i.e. the draws of columns col + 32k .. col + 32k + 31.
+    const int parts = cols - col >= 128 ? 4 : 2;
+    float* out = mask + col;
+    for (int k = 0; k < parts; ++k) {
+      const __mmask32 kept = _mm512_cmpge_epu16_mask(_mm512_castps_si512(words[k]), thr);
+      _mm512_storeu_ps(out + 32 * k, _mm512_maskz_mov_ps(static_cast<__mmask16>(kept), keep));
+      _mm512_storeu_ps(out + 32 * k + 16,
+                       _mm512_maskz_mov_ps(static_cast<__mmask16>(kept >> 16), keep));
+    }
   }
 }
 
+// 64 columns (8 counters) per step.
 __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const DropoutParams& dp,
                                                float* mask) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  // keep iff draw >= thr  <=>  not (thr > draw), compared as signed after flipping sign bits.
-  const __m256i thr = _mm256_set1_epi32(static_cast<int>(dp.threshold ^ 0x80000000u));
+  const __m256i thr = _mm256_set1_epi16(static_cast<short>(dp.threshold));  // <= 65535
   const __m256 keep = _mm256_set1_ps(dp.inv_keep);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t groups = mask_padded(d) / 4;
-  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+  const int64_t cols = mask_padded(d);
+  for (int64_t col = 0; col < cols; col += 64) {
+    const int64_t g0 = col / kDropoutGroup;
     __m256i c0 = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(g0)));
     __m256i c1 = _mm256_set1_epi32(static_cast<int>(row));
     __m256i c2 = _mm256_set1_epi32(static_cast<int>(dp.off0));
@@ -110,23 +116,27 @@ __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const Dro
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    __m256 q[4];
-    const __m256i cs[4] = {c0, c1, c2, c3};
-    for (int i = 0; i < 4; ++i) {
-      const __m256i below = _mm256_cmpgt_epi32(thr, _mm256_xor_si256(cs[i], flip));
-      q[i] = _mm256_andnot_ps(_mm256_castsi256_ps(below), keep);
-    }
-    const __m256 t0 = _mm256_unpacklo_ps(q[0], q[1]), t1 = _mm256_unpackhi_ps(q[0], q[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(q[2], q[3]), t3 = _mm256_unpackhi_ps(q[2], q[3]);
+    // 4 x 8 transpose of the words into slot 4g + w (see the AVX-512 path).
+    const __m256 q0 = _mm256_castsi256_ps(c0), q1 = _mm256_castsi256_ps(c1);
+    const __m256 q2 = _mm256_castsi256_ps(c2), q3 = _mm256_castsi256_ps(c3);
+    const __m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
+    const __m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
     const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
     const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
     const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
     const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-    float* out = mask + 4 * g0;
-    _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
-    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
-    _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
-    _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+    const __m256 words[4] = {_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u2, u3, 0x20),
+                             _mm256_permute2f128_ps(u0, u1, 0x31), _mm256_permute2f128_ps(u2, u3, 0x31)};
+    // words[k]: counters 2k, 2k+1, the draws of columns col + 16k .. col + 16k + 15.
+    float* out = mask + col;
+    for (int k = 0; k < 4; ++k) {
+      const __m256i w = _mm256_castps_si256(words[k]);
+      const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(w, thr), w);  // draw >= thr: ~0
+      const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(ge));
+      const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(ge, 1));
+      _mm256_storeu_ps(out + 16 * k, _mm256_and_ps(_mm256_castsi256_ps(lo), keep));
+      _mm256_storeu_ps(out + 16 * k + 8, _mm256_and_ps(_mm256_castsi256_ps(hi), keep));
+    }
   }
 }
 
@@ -135,11 +145,17 @@ __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const Dro
 using DrawFn = void (*)(int64_t, int64_t, const DropoutParams&, float*);
 
 DrawFn pick_draw() {
+  const char* force = std::getenv("LOR2C_CPU_MASK_PATH");
+  const bool scalar_only = force != nullptr && std::strcmp(force, "scalar") == 0;
+  const bool avx2_at_most = force != nullptr && std::strcmp(force, "avx2") == 0;
+  if (scalar_only) return draw_scalar;
 #ifdef LOR2C_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return draw_avx512;
+  if (!avx2_at_most && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return draw_avx512;
   if (__builtin_cpu_supports("avx2")) return draw_avx2;
 #endif
+  (void)avx2_at_most;
   return draw_scalar;
 }
 

@@ -8,13 +8,15 @@
 namespace lor2c {
 namespace cpu {
 
-// Columns per call of the vectorised generator; mask buffers are padded to a multiple of it.
+// Mask buffers are padded to a multiple of this many columns: 8 Philox counters of 8 columns
+// (the AVX2 step; the AVX-512 path does 16 counters, 128 columns, and a 64-column last step).
 constexpr int64_t kMaskStep = 64;
 
 inline int64_t mask_padded(int64_t d) { return (d + kMaskStep - 1) / kMaskStep * kMaskStep; }
 
 // mask[j] = (draw(row, j) >= threshold) ? inv_keep : 0 for j < mask_padded(d), following the
-// mask convention of csrc/philox.h. Uses AVX-512 or AVX2 when the CPU has them.
+// mask convention of csrc/philox.h. Uses AVX-512 (F + BW) or AVX2 when the CPU has them; the
+// environment variable LOR2C_CPU_MASK_PATH=scalar|avx2 (read once) forces a slower path, for tests.
 void draw_dropout_row(int64_t row, int64_t d, const DropoutParams& dp, float* mask);
 
 }  // namespace cpu

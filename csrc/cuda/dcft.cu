@@ -1,13 +1,15 @@
 // DCFT CUDA kernels (DESIGN.md 2.4), raw pointers only; see dcft_kernels.h for the decomposition.
 //
-// Row kernels: each warp owns kWarpRows rows. Lanes stride over the columns in groups of four
-// (one Philox call gives the dropout draws of four adjacent columns, csrc/philox.h), each lane
-// accumulating RCH rank components for every row it owns; a warp reduction finishes the dot
-// products. The small per-row products (T @ Ck, V @ Ck.T) go through shared memory, then lanes
-// stride over the columns again to expand with Be or Ae. The weight-gradient kernel gives each
-// thread four adjacent columns and a range of rows (a split), and accumulates rank x 4 sums in
-// registers; partials per split are reduced by the binding. Everything accumulates in fp32;
-// row offsets are 64-bit.
+// Row kernels: each warp owns kWarpRows rows. Lanes stride over the columns in groups of four,
+// each lane accumulating RCH rank components for every row it owns; a warp reduction finishes the
+// dot products. One Philox call gives the dropout draws of eight adjacent columns (csrc/philox.h),
+// so lanes 2k and 2k+1, which hold the two halves of such a group, share the calls: each draws
+// half of the warp's rows and they swap keep flags (dropout_pair_keep8). The small per-row
+// products (T @ Ck, V @ Ck.T) go through shared memory, then lanes stride over the columns again
+// to expand with Be or Ae. The weight-gradient kernel gives each thread four adjacent columns and
+// a range of rows (a split), and accumulates rank x 4 sums in registers (lane pairs share the
+// Philox calls of two rows at a time); partials per split are reduced by the binding. Everything
+// accumulates in fp32; row offsets are 64-bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,59 +57,69 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The key and counter words of one call's dropout, read once per thread.
-struct Keys {
-  uint32_t k0, k1, o0, o1;
-};
-
-__device__ __forceinline__ Keys load_keys(const Dropout& dp) {
-  Keys keys{0u, 0u, 0u, 0u};
-  if (dp.enabled) {
-    const uint64_t s = static_cast<uint64_t>(dp.seed[0]);
-    const uint64_t o = static_cast<uint64_t>(dp.seed[1]);
-    keys = {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32), static_cast<uint32_t>(o),
-            static_cast<uint32_t>(o >> 32)};
-  }
-  return keys;
+// The call's dropout parameters (csrc/philox.h), the seed read on the device once per thread.
+__device__ __forceinline__ DropoutParams load_params(const Dropout& dp) {
+  DropoutParams params{};
+  params.threshold = dp.threshold;
+  params.inv_keep = dp.inv_keep;
+  params.enabled = dp.enabled;
+  if (dp.enabled) dropout_seed(params, dp.seed[0], dp.seed[1]);
+  return params;
 }
 
-// m[q] = the dropout multiplier of (row, column 4 * group + q); 1 without dropout.
-__device__ __forceinline__ void mask4(const Dropout& dp, const Keys& keys, int64_t row,
-                                      int64_t group, float m[4]) {
-  if (!dp.enabled) {
+// keep[rr] = the keep flags (bits 0..3; 0xF without dropout) of columns 4 * grp .. 4 * grp + 3
+// of row row0 + rr, rr < kWarpRows (rows >= nr: not drawn). grp has the lane's parity, so lanes
+// 2k and 2k+1 hold the two halves of the 8-column Philox group grp / 2 and share its calls
+// (dropout_pair_keep8): the even lane draws rows rr, the odd lane rows rr + 1. The whole warp
+// must call it together.
+__device__ __forceinline__ void keep4_rows(const DropoutParams& dp, int64_t row0, int nr,
+                                           int64_t grp, int64_t d, unsigned keep[kWarpRows]) {
+  static_assert(kWarpRows % 2 == 0, "rows are drawn in pairs");
+  const int half = static_cast<int>(grp & 1);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) m[q] = 1.f;
-    return;
+  for (int rr = 0; rr < kWarpRows; rr += 2) {
+    unsigned keep8[2] = {0xFFu, 0xFFu};
+    if (dp.enabled) {  // uniform
+      const int mine = rr + half;
+      dropout_pair_keep8(dp, mine < nr && (grp >> 1) * 8 < d, row0 + mine, grp >> 1, keep8);
+    }
+    keep[rr] = (keep8[0] >> (4 * half)) & 0xFu;
+    keep[rr + 1] = (keep8[1] >> (4 * half)) & 0xFu;
   }
-  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(row), keys.o0, keys.o1};
-  philox4x32_10(c, keys.k0, keys.k1);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) m[q] = c[q] >= dp.threshold ? dp.inv_keep : 0.f;
+}
+
+// The multiplier of column q (< 4) of a group with keep flags `keep`: 1 without dropout.
+__device__ __forceinline__ float keep_mult(const DropoutParams& dp, unsigned keep, int q) {
+  return dp.enabled ? (((keep >> q) & 1u) ? dp.inv_keep : 0.f) : 1.f;
 }
 
 // sums[rr * rk + R0 + R] = sum over columns c of W[(R0 + R) * d + c] * v(rr, c), R < RCH, for the
 // warp's rows; v(rr, c) = rows[(row0 + rr) * ld + c] * mask. Result in shared memory `sums`.
+// The whole warp must call it together.
 template <typename T, int RCH>
 __device__ __forceinline__ void warp_project(const T* __restrict__ rows, int64_t ld, int64_t row0,
                                              int nr, const float* __restrict__ W, int64_t d,
-                                             int rk, const Dropout& dp, const Keys& keys,
-                                             int lane, float* sums) {
+                                             int rk, const DropoutParams& dp, int lane,
+                                             float* sums) {
   for (int R0 = 0; R0 < rk; R0 += RCH) {
     float acc[kWarpRows][RCH];
 #pragma unroll
     for (int rr = 0; rr < kWarpRows; ++rr)
 #pragma unroll
       for (int R = 0; R < RCH; ++R) acc[rr][R] = 0.f;
-    for (int64_t grp = lane; grp * 4 < d; grp += 32) {
+    for (int64_t base = 0; base * 4 < d; base += 32) {  // uniform trip count: keep4_rows
+      const int64_t grp = base + lane;
+      unsigned keep[kWarpRows];
+      keep4_rows(dp, row0, nr, grp, d, keep);
       float v[kWarpRows][4];
 #pragma unroll
       for (int rr = 0; rr < kWarpRows; ++rr) {
-        float m[4];
-        mask4(dp, keys, row0 + rr, grp, m);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int64_t c = grp * 4 + q;
-          v[rr][q] = (rr < nr && c < d) ? to_float(rows[(row0 + rr) * ld + c]) * m[q] : 0.f;
+          v[rr][q] = (rr < nr && c < d)
+                         ? to_float(rows[(row0 + rr) * ld + c]) * keep_mult(dp, keep[rr], q)
+                         : 0.f;
         }
       }
 #pragma unroll
@@ -148,9 +160,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
   if (row0 >= n) return;  // the whole warp leaves together; the kernel has no block barriers
   const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
-  const Keys keys = load_keys(dp);
+  const DropoutParams params = load_params(dp);
 
-  warp_project<T, RCH>(x, ldx, row0, nr, Ae, d_in, rk, dp, keys, lane, sT);  // T = xd @ Ae.T
+  warp_project<T, RCH>(x, ldx, row0, nr, Ae, d_in, rk, params, lane, sT);  // T = xd @ Ae.T
   __syncwarp();
   for (int idx = lane; idx < kWarpRows * rk; idx += 32) {  // U = s * T @ Ck
     const int rr = idx / rk, R = idx % rk;
@@ -190,10 +202,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
   if (row0 >= n) return;
   const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
-  const Keys keys = load_keys(dp);
-  const Dropout none{dp.seed, 0u, 1.f, false};
+  const DropoutParams params = load_params(dp);
+  const DropoutParams none{};  // not enabled
 
-  warp_project<T, RCH>(g, ldg, row0, nr, Be, d_out, rk, none, keys, lane, sV);  // V = g @ Be.T
+  warp_project<T, RCH>(g, ldg, row0, nr, Be, d_out, rk, none, lane, sV);  // V = g @ Be.T
   __syncwarp();
   for (int idx = lane; idx < kWarpRows * rk; idx += 32) {  // dT = s * V @ Ck.T
     const int rr = idx / rk, R = idx % rk;
@@ -207,19 +219,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
   __syncwarp();
   if (dx == nullptr) return;
-  for (int64_t grp = lane; grp * 4 < d_in; grp += 32) {  // dx = (dT @ Ae) * mask
+  for (int64_t base = 0; base * 4 < d_in; base += 32) {  // dx = (dT @ Ae) * mask
+    const int64_t grp = base + lane;  // uniform trip count: keep4_rows
+    unsigned keep[kWarpRows];
+    keep4_rows(params, row0, nr, grp, d_in, keep);
 #pragma unroll
     for (int rr = 0; rr < kWarpRows; ++rr) {
       if (rr >= nr) break;
-      float m[4];
-      mask4(dp, keys, row0 + rr, grp, m);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int64_t c = grp * 4 + q;
         if (c >= d_in) break;
         float acc = 0.f;
         for (int R = 0; R < rk; ++R) acc += sD[rr * rk + R] * Ae[R * d_in + c];
-        dx[(row0 + rr) * d_in + c] = from_float<T>(acc * m[q]);
+        dx[(row0 + rr) * d_in + c] = from_float<T>(acc * keep_mult(params, keep[rr], q));
       }
     }
   }
@@ -234,27 +247,40 @@ __global__ void __launch_bounds__(kOuterThreads)
   const int64_t split = blockIdx.y;
   const int64_t begin = split * rows_per_split;
   const int64_t end = begin + rows_per_split < n ? begin + rows_per_split : n;
-  if (grp * 4 >= d) return;  // no barriers below
-  const Keys keys = load_keys(dp);
+  // No barriers below; whole warps past d leave, the others stay together for the shuffles.
+  if ((grp & ~int64_t{31}) * 4 >= d) return;
+  const DropoutParams params = load_params(dp);
+  const int half = static_cast<int>(grp & 1);
   for (int R0 = 0; R0 < rk; R0 += RCH) {
     float acc[RCH][4];
 #pragma unroll
     for (int R = 0; R < RCH; ++R)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[R][q] = 0.f;
-    for (int64_t i = begin; i < end; ++i) {
-      float m[4], v[4];
-      mask4(dp, keys, i, grp, m);
+    for (int64_t i0 = begin; i0 < end; i0 += 2) {
+      // Rows i0 and i0 + 1: lanes 2k and 2k+1 hold the halves of one 8-column Philox group and
+      // share its calls (dropout_pair_keep8), the even lane drawing row i0, the odd one i0 + 1.
+      unsigned keep8[2] = {0xFFu, 0xFFu};
+      if (params.enabled)
+        dropout_pair_keep8(params, i0 + half < end && (grp >> 1) * 8 < d, i0 + half, grp >> 1,
+                           keep8);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t c = grp * 4 + q;
-        v[q] = c < d ? to_float(rows[i * ld + c]) * m[q] : 0.f;
-      }
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = i0 + h;
+        if (i >= end) break;
+        const unsigned keep = (keep8[h] >> (4 * half)) & 0xFu;
+        float v[4];
 #pragma unroll
-      for (int R = 0; R < RCH; ++R) {
-        const float cf = R0 + R < rk ? coef[i * rk + R0 + R] : 0.f;
+        for (int q = 0; q < 4; ++q) {
+          const int64_t c = grp * 4 + q;
+          v[q] = c < d ? to_float(rows[i * ld + c]) * keep_mult(params, keep, q) : 0.f;
+        }
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[R][q] += cf * v[q];
+        for (int R = 0; R < RCH; ++R) {
+          const float cf = R0 + R < rk ? coef[i * rk + R0 + R] : 0.f;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[R][q] += cf * v[q];
+        }
       }
     }
 #pragma unroll

@@ -7,10 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 
 #include "../dcft_common.h"
+#include "../lor2c_common.h"
 #include "dcft_kernels.h"
 
 namespace lor2c {
@@ -33,13 +33,14 @@ Act act_of(const at::Tensor& x) {
   return Act::kFloat32;  // not reached
 }
 
+// The seed stays on the device (the kernels decode it); threshold and 1/(1-p) as for LoR2C.
 Dropout dropout_of(const at::Tensor& seed, double p) {
+  const DropoutParams params = dropout_params(p, 0, 0);
   Dropout dp{};
   dp.seed = seed.data_ptr<int64_t>();
-  dp.enabled = p > 0.0;
-  const double threshold = std::floor(p * 4294967296.0);
-  dp.threshold = threshold >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(threshold);
-  dp.inv_keep = dp.enabled ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
+  dp.threshold = params.threshold;
+  dp.inv_keep = params.inv_keep;
+  dp.enabled = params.enabled;
   return dp;
 }
 

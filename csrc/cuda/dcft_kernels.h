@@ -16,7 +16,7 @@ enum class Act { kFloat32, kFloat16, kBFloat16 };  // the activations' dtype (x,
 
 struct Dropout {
   const int64_t* seed;  // device pointer to (seed, offset)
-  uint32_t threshold;   // keep iff draw >= threshold (csrc/philox.h)
+  uint32_t threshold;   // floor(p * 2^16): keep iff the 16-bit draw >= threshold (philox.h)
   float inv_keep;       // 1 / (1 - p)
   bool enabled;         // p > 0
 };

@@ -103,11 +103,9 @@ __device__ __forceinline__ void store4(T* p, int64_t j, int64_t d, bool vec, con
 }
 
 // ---- dropout ---------------------------------------------------------------------------------
-struct Dropout {
-  uint32_t key0, key1, off0, off1, threshold;
-  float inv_keep;
-  bool enabled;
-};
+// The kernels' dropout parameters are csrc/philox.h's DropoutParams; the mask is drawn in
+// TileIO::store, one Philox call per 8 columns shared by a pair of lanes (dropout_pair_keep8).
+using Dropout = DropoutParams;
 
 // Reads (seed, offset) from device memory: no host synchronisation anywhere.
 __device__ __forceinline__ Dropout load_dropout(const DropoutArgs& a) {
@@ -115,32 +113,8 @@ __device__ __forceinline__ Dropout load_dropout(const DropoutArgs& a) {
   d.enabled = a.enabled;
   d.threshold = a.threshold;
   d.inv_keep = a.inv_keep;
-  if (a.enabled) {
-    const uint64_t s = static_cast<uint64_t>(a.seed[0]);
-    const uint64_t o = static_cast<uint64_t>(a.seed[1]);
-    d.key0 = static_cast<uint32_t>(s);
-    d.key1 = static_cast<uint32_t>(s >> 32);
-    d.off0 = static_cast<uint32_t>(o);
-    d.off1 = static_cast<uint32_t>(o >> 32);
-  }
+  if (a.enabled) dropout_seed(d, a.seed[0], a.seed[1]);
   return d;
-}
-
-// Multipliers of columns 4*group .. 4*group+3 of `row` (csrc/philox.h: counter (group, row,
-// off0, off1), key (key0, key1), column 4*group+c uses output c). Returns the keep flags
-// as bits 0..3.
-__device__ __forceinline__ unsigned draw4(const Dropout& d, int64_t row, int64_t group,
-                                          float m[4]) {
-  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(row), d.off0, d.off1};
-  philox4x32_10(c, d.key0, d.key1);
-  unsigned bits = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const bool keep = c[q] >= d.threshold;
-    m[q] = keep ? d.inv_keep : 0.f;
-    bits |= (keep ? 1u : 0u) << q;
-  }
-  return bits;
 }
 
 // ---- row maps ------------------------------------------------------------------------------
@@ -207,16 +181,21 @@ __device__ __forceinline__ bool find_unit(const MultiTable& m, int64_t b, Unit& 
 
 // ---- activation tile staging -------------------------------------------------------------
 // A ROWS x COLS tile of a row-major (n, d) activation, moved global -> registers -> shared
-// memory (fp32, dropout applied). Columns go in groups of four aligned to multiples of 4,
-// which are also the Philox groups (one call each). Thread tid owns groups tid, tid + 256, ...
-// in row-major order: consecutive threads read consecutive groups of a row (coalesced) and
-// write consecutive 16-byte slots (conflict-free). Loading a tile into registers before
-// the current one is consumed keeps the next tile's global reads in flight during compute.
+// memory (fp32, dropout applied). Columns go in groups of four aligned to multiples of 4.
+// Thread tid owns groups tid, tid + 256, ... in row-major order: consecutive threads read
+// consecutive groups of a row (coalesced) and write consecutive 16-byte slots (conflict-free).
+// Loading a tile into registers before the current one is consumed keeps the next tile's global
+// reads in flight during compute. Dropout: the groups of lanes 2k and 2k+1 are the two halves of
+// one 8-column Philox group (COLS is a multiple of 8, tiles start at multiples of 8), so the pair
+// shares its calls: for steps q, q+1 the even lane draws step q's 8 columns and the odd lane step
+// q+1's (dropout_pair_keep8). Every thread of the block must call store() together.
 template <typename T, int ROWS, int COLS>
 struct TileIO {
   static constexpr int kGroupsPerRow = COLS / 4;
   static constexpr int kGroups = ROWS * kGroupsPerRow / kThreads;
   static_assert(kGroups * kThreads == ROWS * kGroupsPerRow, "tile must split evenly");
+  static_assert(kGroupsPerRow % 2 == 0 && kGroups % 2 == 0,
+                "lane pairs share 8-column Philox groups over pairs of steps");
   Vec4<T> reg[kGroups];
 
   // Rows rows(l0), rows(l0 + 1), ... (see Rows), columns col0.. (< d) of base (row stride ld);
@@ -239,32 +218,40 @@ struct TileIO {
   }
 
   // Writes the tile to S (row stride lds) as fp32 times the dropout multipliers; when `bits`
-  // is not null, bits[row * COLS/4 + group] receives the group's keep flags.
+  // is not null, bits[row * COLS/4 + group] receives the group's keep flags (bits 0..3).
   // The mask of element (i, j) uses i = rows(l0 + row), the row's index in the tensor.
+  // col0 must be a multiple of 8.
   template <typename RowMap>
   __device__ __forceinline__ void store(float* S, int lds, const RowMap& rows, int64_t l0,
                                         int64_t col0, int64_t d, const Dropout& dp,
                                         uint8_t* bits) const {
+    const int half = static_cast<int>(threadIdx.x & 1u);  // this lane's half of its 8 columns
 #pragma unroll
-    for (int q = 0; q < kGroups; ++q) {
-      const int g = static_cast<int>(threadIdx.x) + q * kThreads;
-      const int row = g / kGroupsPerRow, grp = g % kGroupsPerRow;
-      const int64_t j = col0 + 4 * grp;
-      float v[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) v[c] = to_f(reg[q].v[c]);
-      unsigned keep = 0xFu;
-      if (dp.enabled && j < d) {
-        const int64_t i = rows(l0 + row);
-        if (i >= 0) {
-          float m[4];
-          keep = draw4(dp, i, j >> 2, m);
-#pragma unroll
-          for (int c = 0; c < 4; ++c) v[c] *= m[c];  // x * 0 (not 0) keeps NaN/inf as the CPU does
-        }
+    for (int q0 = 0; q0 < kGroups; q0 += 2) {
+      unsigned keep8[2] = {0xFFu, 0xFFu};  // steps q0 and q0 + 1, all 8 columns
+      if (dp.enabled) {  // uniform over the block
+        const int g = static_cast<int>(threadIdx.x) + (q0 + half) * kThreads;  // step q0 + half
+        const int64_t i = rows(l0 + g / kGroupsPerRow);
+        const int64_t j8 = col0 + 8 * ((g % kGroupsPerRow) / 2);
+        dropout_pair_keep8(dp, i >= 0 && j8 < d, i, j8 >> 3, keep8);
       }
-      *reinterpret_cast<float4*>(S + row * lds + 4 * grp) = make_float4(v[0], v[1], v[2], v[3]);
-      if (bits != nullptr) bits[g] = static_cast<uint8_t>(keep);
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int q = q0 + s;
+        const int g = static_cast<int>(threadIdx.x) + q * kThreads;
+        const int row = g / kGroupsPerRow, grp = g % kGroupsPerRow;
+        const unsigned keep = (keep8[s] >> (4 * half)) & 0xFu;
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) v[c] = to_f(reg[q].v[c]);
+        if (dp.enabled) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c)  // x * 0 (not 0) keeps NaN/inf as the CPU does
+            v[c] *= ((keep >> c) & 1u) ? dp.inv_keep : 0.f;
+        }
+        *reinterpret_cast<float4*>(S + row * lds + 4 * grp) = make_float4(v[0], v[1], v[2], v[3]);
+        if (bits != nullptr) bits[g] = static_cast<uint8_t>(keep);
+      }
     }
   }
 };

@@ -43,7 +43,7 @@ cuda::DeviceInfo device_info() {
 
 // The seed stays on the device: the kernels read (seed, offset) themselves.
 cuda::DropoutArgs dropout_args(const at::Tensor& seed, double p) {
-  const DropoutParams dp = dropout_params(p, 0, 0);  // threshold and 1/(1-p) only
+  const DropoutParams dp = dropout_params(p, 0, 0);  // threshold and 1/(1-p) only (philox.h)
   return {seed.data_ptr<int64_t>(), dp.threshold, dp.inv_keep, dp.enabled};
 }
 

@@ -26,7 +26,7 @@ struct DeviceInfo {
 
 struct DropoutArgs {
   const int64_t* seed;  // device pointer to int64[2] = (seed, offset); read by the kernels
-  uint32_t threshold;   // floor(p * 2^32): an element is kept iff its draw >= threshold
+  uint32_t threshold;   // floor(p * 2^16): kept iff its 16-bit draw >= threshold (philox.h)
   float inv_keep;       // 1 / (1 - p)
   bool enabled;         // p > 0 (when false, seed is not read)
 };

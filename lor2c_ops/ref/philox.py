@@ -1,7 +1,7 @@
 """Philox4x32-10 and the dropout mask in plain PyTorch (int64 arithmetic emulating uint32).
 
 Same function as csrc/philox.h and lor2c_ops/triton/philox.py; see csrc/philox.h for the mask
-convention every backend follows.
+convention every backend follows (one call per 8 columns, 16-bit draws).
 """
 from __future__ import annotations
 
@@ -39,8 +39,27 @@ def split_seed(seed: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def dropout_threshold(p: float) -> int:
-    """Draws (uint32) at or above this value keep their element."""
-    return min(int(p * 4294967296.0), _MASK32)
+    """floor(p * 65536), at most 65535: 16-bit draws at or above it keep their element.
+
+    The one Python definition (the Triton launchers import it); csrc/philox.h has the C++ one.
+    """
+    if not p > 0.0:
+        return 0
+    return min(int(p * 65536.0), 0xFFFF)  # p * 2^16 is exact; int() is floor for p >= 0
+
+
+def dropout_draws(seed: torch.Tensor, n: int, d: int, device=None) -> torch.Tensor:
+    """The (n, d) 16-bit draws (int64) of the mask convention: one Philox call per 8 columns."""
+    device = device if device is not None else seed.device
+    key0, key1, off0, off1 = split_seed(seed)
+    groups = (d + 7) // 8
+    rows = torch.arange(n, device=device, dtype=torch.int64)[:, None].expand(n, groups)
+    cols = torch.arange(groups, device=device, dtype=torch.int64)[None, :].expand(n, groups)
+    zero = torch.zeros((n, groups), device=device, dtype=torch.int64)
+    words = philox4x32_10(cols, rows, zero + off0, zero + off1, key0, key1)
+    # column 8g + 2w + h <- half h (low 16 bits first) of word w of counter g
+    halves = [part for w in words for part in (w & 0xFFFF, w >> 16)]
+    return torch.stack(halves, dim=-1).reshape(n, groups * 8)[:, :d]
 
 
 def dropout_mask(seed: torch.Tensor, n: int, d: int, p: float, device=None,
@@ -49,15 +68,5 @@ def dropout_mask(seed: torch.Tensor, n: int, d: int, p: float, device=None,
     device = device if device is not None else seed.device
     if p == 0.0:
         return torch.ones(n, d, device=device, dtype=dtype)
-    key0, key1, off0, off1 = split_seed(seed)
-    rows = torch.arange(n, device=device, dtype=torch.int64)[:, None]
-    cols = torch.arange(d, device=device, dtype=torch.int64)[None, :]
-    c0 = (cols >> 2).expand(n, d)
-    c1 = rows.expand(n, d)
-    zero = torch.zeros((n, d), device=device, dtype=torch.int64)
-    outs = philox4x32_10(c0, c1, zero + off0, zero + off1, key0, key1)
-    lane = (cols & 3).expand(n, d)
-    draw = torch.where(lane == 0, outs[0], torch.where(lane == 1, outs[1],
-                       torch.where(lane == 2, outs[2], outs[3])))
-    keep = draw >= dropout_threshold(p)
+    keep = dropout_draws(seed, n, d, device) >= dropout_threshold(p)
     return keep.to(dtype) * (1.0 / (1.0 - p))

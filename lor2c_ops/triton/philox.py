@@ -26,20 +26,25 @@ def dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constex
                   BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_K) fp32 multipliers (0 or inv_keep) for columns col0 + [0, BLOCK_K).
 
-    col0 must be a multiple of 4: one Philox call gives the draws of 4 adjacent columns.
+    col0 and BLOCK_K must be multiples of 8: one Philox call gives the 16-bit draws of 8
+    adjacent columns (BLOCK_K // 8 calls per row); threshold is the 16-bit one.
     """
+    tl.static_assert(BLOCK_K % 8 == 0, "dropout_scale: BLOCK_K must be a multiple of 8")
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    groups = (col0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
-    zero = tl.zeros((BLOCK_M, BLOCK_K // 4), dtype=tl.uint32)
+    groups = (col0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)
+    zero = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.uint32)
     c0 = zero + groups[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
     c2 = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
     c3 = zero + ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    # join(join(r0, r2), join(r1, r3)) flattens to r0, r1, r2, r3 per counter: column order.
-    draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))
-    keep = draws.to(tl.int64) >= threshold
+    # Column 8g + 2w + h takes half h (low first) of word w. join(join(a0, a2), join(a1, a3))
+    # flattens to a0, a1, a2, a3 (index w); joining the lows' and the highs' (index h) gives 2w + h.
+    lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    draws = tl.reshape(tl.join(lo, hi), (BLOCK_M, BLOCK_K))
+    keep = draws.to(tl.int32) >= threshold  # draws < 2^16: exact as int32
     return tl.where(keep, inv_keep, 0.0)
