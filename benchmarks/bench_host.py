@@ -10,14 +10,18 @@ the device is synchronised only at the end of each batch of calls.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-import lor2c_ops as lo
-from lor2c_ops import backends
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import lor2c_ops as lo  # noqa: E402
+from lor2c_ops import backends  # noqa: E402
 
 TARGET = 0.5
 
@@ -106,8 +110,8 @@ def run(device: torch.device, quick: bool = False) -> list:
             us = host_times(inputs, providers, device, rounds, calls)
             base = us["eager"]
             for name, v in us.items():
-                rows.append(dict(op=op, p=p, provider=name, host_us=v, ratio=v / base,
-                                 dtype=str(dt)[6:]))
+                rows.append(dict(op=op, p=p, provider=name, host_us=v, ms=v / 1e3,
+                                 ratio=v / base, dtype=str(dt)[6:]))
     return rows
 
 
@@ -126,14 +130,18 @@ def report(rows, quick=False) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
+    common.add_output_arguments(ap, "fewer rounds: a smoke test")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    rows = run(torch.device(args.device), args.quick)
+    device = torch.device(args.device)
+    rows = run(device, args.quick)
+    meta = {"bench": "host", "device": common.device_name(device), "device_type": device.type,
+            "commit": common.commit(), **common.versions(), "n": 8, "d": 64, "r": 4}
+    print(f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, on "
+          f"{meta['device']}; commit {meta['commit']}")
     report(rows, args.quick)
-    return rows
+    return common.finish("host", rows, meta, args)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

@@ -112,6 +112,48 @@ def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> di
     return result
 
 
+def host_and_gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 20,
+                    rounds: int = 5) -> tuple[float, float | None]:
+    """(host ms, GPU ms) per call of fn on a GPU: the host time to issue a call (perf_counter
+    over a batch of calls, synchronising only around the batch) and the GPU time with the host
+    taken out (a CUDA-graph replay of `calls` calls; None where fn cannot be captured). A
+    provider is host-bound where its host time exceeds its GPU time."""
+    host = []
+    for _ in range(rounds):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host.append((time.perf_counter() - t0) / calls * 1e3)
+        torch.cuda.synchronize(device)
+    gpu = None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        replays = []
+        for _ in range(rounds):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize(device)
+            replays.append(start.elapsed_time(end) / calls)
+        gpu = statistics.median(replays)
+    except Exception:  # noqa: BLE001 - e.g. a compiled graph that cannot be captured
+        torch.cuda.synchronize(device)
+    return statistics.median(host), gpu
+
+
 def mode_cases(forward: Callable[[], object], inputs: list, grads) -> dict:
     """{"fwd" | "bwd" | "fwd+bwd": (fn, setup)} cases for `timed`: the forward alone (a training
     forward: the graph is built), the backward alone (after an untimed forward) and both. Runs

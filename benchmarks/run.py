@@ -63,6 +63,7 @@ def cpu_jobs() -> list[Job]:
         Job("dcft", ["--n", "4096", "--d", "768", "--p", "0.1"],
             "DCFT linear BERT-base n=4096 k=2 r=1", 12),
         Job("sfs", ["--dense-repeat", "2"], "SFS d=4096 r=8", 6),
+        Job("host", [], "host time per call, tiny shapes", 25),
         # the LLaMA-shaped step is for GPUs (bench_e2e.py --model llama runs a small one here)
         Job("e2e", [], "training step MiniLM-L6", 50),
     ]
@@ -77,6 +78,7 @@ def gpu_jobs() -> list[Job]:
         Job("share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + 8-adapter batch", 60),
         Job("dcft", [], "DCFT linear LLaMA-2-7B n=8192 k=2 r=1", 60),
         Job("sfs", ["--dense-repeat", "3"], "SFS d=4096 r=8", 30),
+        Job("host", [], "host time per call, tiny shapes", 40),
         Job("e2e", [], "training step MiniLM-L6 and LLaMA-shaped", 240),
     ]
 
@@ -84,7 +86,7 @@ def gpu_jobs() -> list[Job]:
 def quick_jobs() -> list[Job]:
     return [Job(name, ["--quick"], f"{name} (quick)", seconds)
             for name, seconds in (("lor2c", 15), ("share", 10), ("dcft", 15), ("sfs", 5),
-                                  ("e2e", 30))]
+                                  ("host", 8), ("e2e", 30))]
 
 
 def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:

@@ -97,6 +97,18 @@ def _sfs(job):
                    _pick(rows, provider="dense"))]
 
 
+def _host(job):
+    rows = job["rows"]
+    out = []
+    for row in rows:
+        if row["provider"] == "eager":
+            continue
+        base = _pick(rows, op=row["op"], p=row["p"], provider="eager")
+        out.append(_entry(f"host time: {row['op']}", f"n=8 d=64 r=4 {row['dtype']}",
+                          f"p={row['p']}", row, base))
+    return out
+
+
 def _e2e(job):
     rows, shapes = job["rows"], job["meta"].get("models", {})
     out = []
@@ -116,7 +128,8 @@ def _e2e(job):
     return out
 
 
-SUMMARISE = {"lor2c": _lor2c, "dcft": _dcft, "share": _share, "sfs": _sfs, "e2e": _e2e}
+SUMMARISE = {"lor2c": _lor2c, "dcft": _dcft, "share": _share, "sfs": _sfs, "e2e": _e2e,
+             "host": _host}
 
 
 def entries(results: list[dict]) -> list[dict]:

@@ -56,18 +56,18 @@ def add_bandwidth(n: int, d: int, dtype) -> float:
     return 3 * a.numel() * a.element_size() / ms / 1e6
 
 
+# The first entry of each list is the launchers' default (config_for), so the table shows
+# where the default stands; all of these compile without spills for sm_90 at r = 16
+# (scripts/check_triton_compile.py).
 FWD = [dict(fwd_m=m, fwd_k=k, fwd_n=nn, fwd_warps=w, fwd_stages=s)
-       for m, k, nn, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 64, 64, 4, 4),
-                              (64, 256, 256, 8, 3), (128, 128, 128, 8, 3), (32, 256, 256, 4, 2),
-                              (16, 256, 256, 4, 3), (64, 128, 256, 8, 4)]]
+       for m, k, nn, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4),
+                              (32, 256, 128, 8, 3), (128, 64, 64, 8, 3)]]
 GRAD = [dict(grad_m=m, grad_n=nn, grad_warps=w, grad_stages=s, waves=v)
-        for m, nn, w, s, v in [(32, 512, 8, 3, 2), (64, 256, 8, 3, 2), (32, 256, 4, 3, 2),
-                               (16, 512, 4, 4, 2), (64, 512, 8, 2, 1), (32, 1024, 8, 2, 2),
-                               (32, 512, 8, 3, 4), (64, 128, 4, 4, 2)]]
+        for m, nn, w, s, v in [(32, 512, 8, 3, 2), (16, 512, 8, 4, 2), (32, 256, 8, 3, 2),
+                               (32, 512, 8, 3, 1), (16, 1024, 8, 3, 2)]]
 INP = [dict(in_m=m, in_k=k, in_warps=w, in_stages=s, waves=v)
-       for m, k, w, s, v in [(32, 256, 4, 3, 2), (64, 128, 4, 3, 2), (32, 128, 4, 4, 2),
-                             (64, 256, 8, 3, 2), (16, 256, 4, 4, 2), (32, 512, 8, 3, 2),
-                             (32, 256, 4, 3, 4), (128, 128, 8, 3, 2)]]
+       for m, k, w, s, v in [(32, 256, 8, 3, 2), (32, 128, 4, 4, 2), (64, 128, 8, 3, 2),
+                             (16, 256, 8, 4, 2), (32, 256, 8, 3, 1)]]
 
 
 def sweep(n, d, r, p, dtype, wdtype, quick, rows):
@@ -131,14 +131,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--shapes", default="16384x4096x16,16384x4096x64,16384x1024x16")
+    ap.add_argument("--shapes", default="16384x4096x16,16384x4096x64,16384x1024x16",
+                    help="n x d x r, comma separated; the first gets the full candidate lists")
     args = ap.parse_args()
     rows = []
-    for spec in args.shapes.split(","):
+    for i, spec in enumerate(args.shapes.split(",")):
         n, d, r = (int(v) for v in spec.split("x"))
         for p in (0.0, 0.1):
-            print(f"== n={n} d={d} r={r} p={p} bf16")
-            sweep(n, d, r, p, torch.bfloat16, torch.bfloat16, args.quick, rows)
+            print(f"== n={n} d={d} r={r} p={p} bf16", flush=True)
+            # the first shape gets the whole candidate list, the others the first two
+            sweep(n, d, r, p, torch.bfloat16, torch.bfloat16, args.quick or i > 0, rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)

@@ -46,7 +46,7 @@ class _Recorder:
 def _record(call):
     launches = []
     saved = {}
-    for name in ("_fwd", "_grad_pass", "_input_pass", "_reduce_parts"):
+    for name in ("_fwd", "_grad_pass", "_sum_chunks", "_input_pass", "_reduce_parts"):
         saved[name] = getattr(tk, name)
         setattr(tk, name, _Recorder(saved[name], launches))
     try:

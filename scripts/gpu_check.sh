@@ -46,16 +46,17 @@ if has build; then  # in the background: the sweep needs only Triton
       --inplace > "$LOG/build.log" 2>&1; echo $? > "$LOG/build.rc" ) &
   BUILD_PID=$!
 fi
-has sweep && stage sweep 260 "$PY" benchmarks/sweep_triton.py --out "$LOG/sweep.json"
-has tests && stage tests-triton 150 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider \
+has sweep && stage sweep "${SWEEP_LIMIT:-260}" "$PY" benchmarks/sweep_triton.py \
+  --out "$LOG/sweep.json" ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"}
+has tests && stage tests-triton "${TESTS_LIMIT:-150}" "$PY" -m pytest -q -n 8 -p no:cacheprovider \
   tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py \
-  -k "triton or reference"
+  tests/test_op_layer.py -k "${TESTS_K:-triton or reference}"
 if has build; then
   wait "$BUILD_PID"
   echo "== build: exit $(cat "$LOG/build.rc") (log: $LOG/build.log)"
   tail -n 3 "$LOG/build.log"
 fi
-has tests && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
+has tests && has build && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
   tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py -k cuda
 has host && stage host 120 "$PY" benchmarks/bench_host.py --device cuda
 has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save

@@ -128,6 +128,31 @@ def no_autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+COMPILED = ("cpu", "cuda")  # the backends served by the compiled extension
+_AUTOGRAD_OPS: dict = {}
+
+
+def compiled_autograd(op: str) -> bool:
+    """Whether the extension has lor2c_ops_ext::<op>, the C++ autograd op of the eager path
+    (a build from older sources may not)."""
+    found = _AUTOGRAD_OPS.get(op)
+    if found is None:
+        from .. import _ext
+        try:
+            found = _ext.has_kernel(op, "AutogradCPU")
+        except RuntimeError:  # no such op in this build
+            found = False
+        _AUTOGRAD_OPS[op] = found
+    return found
+
+
+def refuse_forward_ad(*tensors, op: str) -> None:
+    """The C++ autograd node has no forward-mode formula: refuse dual tensors clearly."""
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(NO_FORWARD_AD.format(op=op))
+
+
 def refuse_functorch(op: str) -> None:
     """torch.func transforms (grad, vjp, jvp, vmap, ...) are not supported: say so, rather than
     fail deep inside (or, for jvp through a library op, return zero tangents)."""

@@ -282,7 +282,11 @@ def lor2c_residual(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: fl
     with _common.no_autocast(device, autocast):
         if _common.eager_path(x):
             _common.refuse_functorch("lor2c_residual")
-            out, _ = _LoR2CFunction.apply(*args, _kernels(name))
+            if name in _common.COMPILED and _common.compiled_autograd("lor2c"):
+                _common.refuse_forward_ad(x, layer_out, A, B, op="lor2c_residual")
+                out = torch.ops.lor2c_ops_ext.lor2c(*args)  # a C++ autograd node, no Python
+            else:
+                out, _ = _LoR2CFunction.apply(*args, _kernels(name))
         else:
             out, _ = lor2c_fwd(*args, name)
     return out.view(*layer_out.shape[:-1], d_out)

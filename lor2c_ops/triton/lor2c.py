@@ -6,9 +6,10 @@ Traffic (the op's minimum is 3 n*d elements each way):
   backward  `_grad_pass`, grid (column chunks of g, row splits): reads g once; writes the chunk's
             share of u = g @ B (u_parts, chunks x n x r_pad fp32: the chunks are wide, 256-1024
             columns, so this stays a few MB) and a per-split partial of dB = g.T @ t;
-            `_input_pass`, grid (column chunks of x, row splits): sums u's shares for its rows,
-            reads x once (mask regenerated), writes dx = s * (u @ A) * mask and a per-split
-            partial of dA = u.T @ dropout(x);
+            `_sum_chunks`: u = the sum of its shares (n x r_pad, small);
+            `_input_pass`, grid (column chunks of x, row splits): reads u and x once for its
+            rows (mask regenerated), writes dx = s * (u @ A) * mask and a per-split partial of
+            dA = u.T @ dropout(x);
             `_reduce_parts`: dA and dB partials summed over splits, in a fixed order (per
             adapter for multi-adapter batches), scaled, written in the weights' dtype.
   Deterministic: no atomics; every sum runs in a fixed order for a given shape and device.
@@ -322,6 +323,18 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
 
 
 @triton.jit
+def _sum_chunks(parts_ptr, out_ptr, n, chunks, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out (n, R_PAD) = sum over the chunks of parts (chunks, n, R_PAD), in chunk order."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = rows[:, None].to(tl.int64) * R_PAD + tl.arange(0, R_PAD)[None, :]
+    ok = rows[:, None] < n
+    acc = tl.zeros((BLOCK, R_PAD), dtype=tl.float32)
+    for c in range(0, chunks):
+        acc += tl.load(parts_ptr + c * n.to(tl.int64) * R_PAD + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=ok)
+
+
+@triton.jit
 def _reduce_parts(parts_ptr, out_ptr, counts_ptr, splits, rows_per_split, width, r, scale,
                   stride_og, stride_o0, stride_o1, part_stride, R_PAD: tl.constexpr,
                   ROWS_ARE_RANK: tl.constexpr, GROUPED: tl.constexpr, SCAN: tl.constexpr,
@@ -405,8 +418,8 @@ def config_for(device: torch.device, d: int, r_pad: int, fp32: bool) -> Config:
         return Config() if not fp32 else Config(fwd_k=64, fwd_n=64, grad_n=256, in_k=64)
     # rank 64 and above: the rank-wide operands (t, u and the weight tiles, split hi + lo)
     # take the registers that wider column tiles would need
-    return Config(fwd_m=32, fwd_k=64 if fp32 else 128, fwd_n=64, fwd_warps=8, grad_m=32,
-                  grad_n=128, in_m=32, in_k=64 if fp32 else 128)
+    return Config(fwd_m=32, fwd_k=64 if fp32 else 128, fwd_n=64, fwd_warps=8, grad_m=16,
+                  grad_n=256, in_m=32, in_k=64 if fp32 else 128)
 
 
 def _programs(device: torch.device, waves: int) -> int:
@@ -503,6 +516,12 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
             ROWS_ARE_RANK=False, GROUPED=grouped, SCAN=_SCAN, BLOCK=64)
 
     if need_dx or need_dA:
+        if chunks_out > 1:  # u summed once (n x r_pad), not once per input-pass column chunk
+            u = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
+            _sum_chunks[(triton.cdiv(n, 128),)](u_parts, u, n, chunks_out, R_PAD=r_pad,
+                                                BLOCK=128)
+        else:
+            u = u_parts
         chunks_in = triton.cdiv(d_in, cfg.in_k)
         in_m = cfg.in_m_multi if grouped else cfg.in_m
         rps = _split_rows(n, in_m, triton.cdiv(programs, chunks_in))
@@ -510,9 +529,9 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
         da_parts = torch.empty((splits, r_pad, d_in) if need_dA else (0,), device=dev,
                                dtype=torch.float32)
         _input_pass[(chunks_in, splits)](
-            x, u_parts, A_bank, dx, da_parts, seed, order_arg, counts_arg, n, G + 1, d_in, r,
+            x, u, A_bank, dx, da_parts, seed, order_arg, counts_arg, n, G + 1, d_in, r,
             x.stride(0), A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rps,
-            float(scale), dropout_threshold(p), 1.0 / (1.0 - p), chunks_out,
+            float(scale), dropout_threshold(p), 1.0 / (1.0 - p), 1,
             DT=dt, FP32=fp32, GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx,
             NEED_DA=need_dA, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=in_m, BLOCK_K=cfg.in_k,
             num_warps=cfg.in_warps, num_stages=cfg.in_stages)
