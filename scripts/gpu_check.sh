@@ -46,11 +46,11 @@ if has build; then  # in the background: the sweep needs only Triton
       --inplace > "$LOG/build.log" 2>&1; echo $? > "$LOG/build.rc" ) &
   BUILD_PID=$!
 fi
-has sweep && stage sweep "${SWEEP_LIMIT:-260}" "$PY" benchmarks/sweep_triton.py \
-  --out "$LOG/sweep.json" ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"}
 has tests && stage tests-triton "${TESTS_LIMIT:-150}" "$PY" -m pytest -q -n 8 -p no:cacheprovider \
   tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py \
   tests/test_op_layer.py -k "${TESTS_K:-triton or reference}"
+has sweep && stage sweep "${SWEEP_LIMIT:-260}" "$PY" benchmarks/sweep_triton.py \
+  --out "$LOG/sweep.json" ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"}
 if has build; then
   wait "$BUILD_PID"
   echo "== build: exit $(cat "$LOG/build.rc") (log: $LOG/build.log)"
@@ -58,6 +58,6 @@ if has build; then
 fi
 has tests && has build && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
   tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py -k cuda
-has host && stage host 120 "$PY" benchmarks/bench_host.py --device cuda
+has host && stage host "${HOST_LIMIT:-120}" "$PY" benchmarks/bench_host.py --device cuda --no-save
 has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save
 exit $STATUS
