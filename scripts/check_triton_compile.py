@@ -116,10 +116,12 @@ def _variants(quick: bool):
         for r in ((16,) if quick else (16, 64)):
             for p in (0.0, 0.1):
                 for grouped in ((False,) if quick else (False, True)):
-                    cases.append((dtype, wdtype, r, p, grouped))
+                    cases.append((dtype, wdtype, r, p, grouped, 16384, 4096))
+    # tiny: one row split, so the passes write dA and dB themselves (DIRECT)
+    cases += [(torch.bfloat16, torch.float32, 16, p, False, 8, 64) for p in (0.0, 0.1)]
     out = []
-    for dtype, wdtype, r, p, grouped in cases:
-        n, d, G = 16384, 4096, 8 if grouped else 1
+    for dtype, wdtype, r, p, grouped, n, d in cases:
+        G = 8 if grouped else 1
         fp32 = dtype == torch.float32
         cfg = tk.config_for(torch.device("cuda"), d, tk.rank_pad(r), fp32)
         x = torch.empty(n, d, device=dev, dtype=dtype)
@@ -130,7 +132,7 @@ def _variants(quick: bool):
         order = torch.empty(n, device=dev, dtype=torch.int64) if grouped else None
         counts = torch.empty(G + 1, device=dev, dtype=torch.int32) if grouped else None
         label = (f"{str(dtype)[6:]}/{str(wdtype)[6:]} r={r} p={p}"
-                 f"{' multi' if grouped else ''}")
+                 f"{' multi' if grouped else ''}{' tiny' if n < 1024 else ''}")
 
         def call(x=x, A=A, B=B, t=t, seed=seed, order=order, counts=counts, p=p, cfg=cfg):
             tk._forward_impl(x, x, A, B, order, counts, 0.5, p, seed, cfg=cfg)

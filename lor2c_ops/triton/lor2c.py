@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..ref.philox import dropout_threshold
 from . import INTERPRET
-from .philox import dropout_scale
+from .philox import dropout_keep
 
 
 def rank_pad(r: int) -> int:
@@ -173,8 +173,8 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
                 xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 if HAS_DROPOUT:  # keep in {0, 1}: x * keep is exact; 1/(1-p) comes after
-                    keep = dropout_scale(seed_ptr, rows, k0, threshold, 1.0, BLOCK_M, BLOCK_K)
-                    xt = tl.where(keep != 0.0, xt, 0.0)
+                    keep = dropout_keep(seed_ptr, rows, k0, threshold, BLOCK_M, BLOCK_K)
+                    xt = tl.where(keep, xt, 0.0)
                 at = tl.load(a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
                              mask=rk_ok[None, :] & col_ok[:, None], other=0.0)
                 t = _mm_act(xt.to(DT), at, t, DT, W_EXACT, FP32)
@@ -204,9 +204,13 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
 @triton.jit
 def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts_ptr,
                n, G1, d_out, r, stride_g, stride_bg, stride_b0, stride_b1, rows_per_split,
+               scale, stride_o0, stride_o1,
                DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr,
-               GROUPED: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
-               SCAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               GROUPED: tl.constexpr, NEED_DB: tl.constexpr, DIRECT: tl.constexpr,
+               R_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """DIRECT (a single row split): db_parts_ptr is dB itself, (d_out, r) at strides
+    (stride_o0, stride_o1), written scaled in its dtype; no reduction launch follows."""
     chunk = tl.program_id(0)
     split = tl.program_id(1)
     if GROUPED:
@@ -252,16 +256,23 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
                     gt = tl.trans(g.to(DT))
                     db = _dot(gt, t_lo, _dot(gt, t_hi, db))
     if NEED_DB:
-        db_ptrs = db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD + rk[None, :]
-        tl.store(db_ptrs, db, mask=col_ok[:, None])
+        if DIRECT:
+            tl.store(db_parts_ptr + cols[:, None] * stride_o0 + rk[None, :] * stride_o1,
+                     _cast(db * scale, db_parts_ptr.dtype.element_ty),
+                     mask=col_ok[:, None] & rk_ok[None, :])
+        else:
+            db_ptrs = (db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD
+                       + rk[None, :])
+            tl.store(db_ptrs, db, mask=col_ok[:, None])
 
 
 @triton.jit
 def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order_ptr, counts_ptr,
                 n, G1, d_in, r, stride_x, stride_ag, stride_a0, stride_a1, rows_per_split,
-                scale, threshold, inv_keep, U_CHUNKS,
+                scale, threshold, inv_keep, U_CHUNKS, stride_o0, stride_o1,
                 DT: tl.constexpr, FP32: tl.constexpr, GROUPED: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                DIRECT: tl.constexpr,
                 R_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     chunk = tl.program_id(0)
@@ -296,19 +307,19 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
                 u += tl.load(u_parts_ptr + (c * n + rows[:, None]) * R_PAD + rk[None, :],
                              mask=row_ok[:, None], other=0.0)
             if HAS_DROPOUT:
-                keep = dropout_scale(seed_ptr, rows, col0, threshold, 1.0, BLOCK_M, BLOCK_K)
+                keep = dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M, BLOCK_K)
             if NEED_DX:
                 dx = _mm_f32(u * (scale * inv_keep), a,
                              tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32)
-                if HAS_DROPOUT:
-                    dx = tl.where(keep != 0.0, dx, 0.0)
-                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :],
-                         _cast(dx, dx_ptr.dtype.element_ty), mask=ok)
+                dx = _cast(dx, dx_ptr.dtype.element_ty)
+                if HAS_DROPOUT:  # masked after the cast (exact either way): in the store's layout
+                    dx = tl.where(keep, dx, 0.0)
+                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :], dx, mask=ok)
             if NEED_DA:
                 xd = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok,
                              other=0.0, eviction_policy="evict_first")
                 if HAS_DROPOUT:
-                    xd = tl.where(keep != 0.0, xd, 0.0)
+                    xd = tl.where(keep, xd, 0.0)
                 ut = tl.trans(u)
                 if FP32:
                     da = tl.dot(ut, xd.to(tl.float32), da, input_precision="ieee")
@@ -318,8 +329,14 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
     if NEED_DA:
         if HAS_DROPOUT:
             da = da * inv_keep
-        da_ptrs = da_parts_ptr + (split * R_PAD + rk[:, None]) * d_in + cols[None, :].to(tl.int64)
-        tl.store(da_ptrs, da, mask=col_ok[None, :])
+        if DIRECT:  # a single row split: da_parts_ptr is dA (r, d_in) itself
+            tl.store(da_parts_ptr + rk[:, None] * stride_o0 + cols[None, :] * stride_o1,
+                     _cast(da * scale, da_parts_ptr.dtype.element_ty),
+                     mask=rk_ok[:, None] & col_ok[None, :])
+        else:
+            da_ptrs = (da_parts_ptr + (split * R_PAD + rk[:, None]) * d_in
+                       + cols[None, :].to(tl.int64))
+            tl.store(da_ptrs, da, mask=col_ok[None, :])
 
 
 @triton.jit
@@ -398,9 +415,24 @@ class Config:
 # The interpreter runs programs one by one over numpy arrays: small tiles waste less on masks.
 _INTERPRETER = Config(16, 32, 32, 1, 1, 16, 64, 1, 1, 16, 32, 1, 1, 1, 16)
 
-# Measured on an NVIDIA H200 (see README "Tile configurations"); keyed by (r_pad, fp32?), the
-# closest d bucket wins. Until a table entry exists the default Config is used.
-TABLE: dict = {}
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6), bf16, n=16384, d=4096, GPU time from
+# CUDA-graph replay against the memory-bound limit (3 n*d elements each way at the 4.30 TB/s of
+# an out-of-place add measured in the same run), by benchmarks/sweep_triton.py:
+#   r=16, p=0:   forward 113.6 us (82%) with fwd_m=32, stages=4 (64/3: 120.8 us, 78%; 32/256/8
+#                warps: 118.9 us); backward 155.5 us (60%): grad pass 65.4 us at 32x512, 8 warps
+#                (256 columns: 77.8 us; 1 wave: 87.3 us), input pass at 32x256, 8 warps best
+#                (in_k=128, 4 warps: +19 us; in_m=64: +125 us).
+#   r=16, p=0.1: forward 132.8 us (70%), backward 267.8 us (35%): regenerating the mask costs the
+#                input pass +112 us against +19 us in the forward (not understood yet).
+#   r=64:        p=0 forward 136.9 us (68%) at 64/128/128, 4 warps; backward 452.8 us (input
+#                pass at 32x128, 4 warps, 4 stages: it spills at p=0.1, so 8 warps here); p=0.1
+#                backward 619 us.
+# Keyed by (r_pad, fp32 activations); other ranks and fp32 use the defaults of config_for.
+TABLE: dict = {
+    (16, False): Config(fwd_m=32, fwd_stages=4),
+    (64, False): Config(fwd_m=64, fwd_k=128, fwd_n=128, fwd_warps=4, fwd_stages=3, grad_m=16,
+                        grad_n=256, in_m=32, in_k=128, in_warps=8, in_stages=4),
+}
 
 _SMS: dict = {}
 
@@ -500,16 +532,20 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
     chunks_out = triton.cdiv(d_out, cfg.grad_n)
     rps = _split_rows(n, cfg.grad_m, triton.cdiv(programs, chunks_out))
     splits = triton.cdiv(n, rps) + extra
+    direct = not grouped and splits == 1  # one row split: the pass writes dB itself
     u_parts = torch.empty((chunks_out, n, r_pad), device=dev, dtype=torch.float32)
-    db_parts = torch.empty((splits, d_out, r_pad) if need_dB else (0,), device=dev,
-                           dtype=torch.float32)
+    if need_dB and not direct:
+        db_parts = torch.empty((splits, d_out, r_pad), device=dev, dtype=torch.float32)
+    else:
+        db_parts = dB
     _grad_pass[(chunks_out, splits)](
         grad, t, B_bank, u_parts, db_parts, order_arg, counts_arg, n, G + 1, d_out, r,
         grad.stride(0), B_bank.stride(0), B_bank.stride(1), B_bank.stride(2), rps,
-        DT=dt, W_EXACT=exact, FP32=fp32, GROUPED=grouped, NEED_DB=need_dB, R_PAD=r_pad,
-        SCAN=_SCAN, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n, num_warps=cfg.grad_warps,
-        num_stages=cfg.grad_stages)
-    if need_dB:
+        float(scale), dB.stride(-2) if need_dB else 0, dB.stride(-1) if need_dB else 0,
+        DT=dt, W_EXACT=exact, FP32=fp32, GROUPED=grouped, NEED_DB=need_dB, DIRECT=direct,
+        R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n,
+        num_warps=cfg.grad_warps, num_stages=cfg.grad_stages)
+    if need_dB and not direct:
         _reduce_parts[(triton.cdiv(d_out, 64), G)](
             db_parts, dB, counts_arg, splits, rps, d_out, r, float(scale),
             dB.stride(0), dB.stride(1), dB.stride(2), d_out * r_pad, R_PAD=r_pad,
@@ -526,16 +562,20 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
         in_m = cfg.in_m_multi if grouped else cfg.in_m
         rps = _split_rows(n, in_m, triton.cdiv(programs, chunks_in))
         splits = triton.cdiv(n, rps) + extra
-        da_parts = torch.empty((splits, r_pad, d_in) if need_dA else (0,), device=dev,
-                               dtype=torch.float32)
+        direct = not grouped and splits == 1  # one row split: the pass writes dA itself
+        if need_dA and not direct:
+            da_parts = torch.empty((splits, r_pad, d_in), device=dev, dtype=torch.float32)
+        else:
+            da_parts = dA
         _input_pass[(chunks_in, splits)](
             x, u, A_bank, dx, da_parts, seed, order_arg, counts_arg, n, G + 1, d_in, r,
             x.stride(0), A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rps,
             float(scale), dropout_threshold(p), 1.0 / (1.0 - p), 1,
+            dA.stride(-2) if need_dA else 0, dA.stride(-1) if need_dA else 0,
             DT=dt, FP32=fp32, GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx,
-            NEED_DA=need_dA, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=in_m, BLOCK_K=cfg.in_k,
-            num_warps=cfg.in_warps, num_stages=cfg.in_stages)
-        if need_dA:
+            NEED_DA=need_dA, DIRECT=direct, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=in_m,
+            BLOCK_K=cfg.in_k, num_warps=cfg.in_warps, num_stages=cfg.in_stages)
+        if need_dA and not direct:
             _reduce_parts[(triton.cdiv(d_in, 64), G)](
                 da_parts, dA, counts_arg, splits, rps, d_in, r, float(scale),
                 dA.stride(0), dA.stride(1), dA.stride(2), r_pad * d_in, R_PAD=r_pad,

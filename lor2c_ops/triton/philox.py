@@ -22,14 +22,12 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_K) fp32 multipliers (0 or inv_keep) for columns col0 + [0, BLOCK_K).
-
-    col0 and BLOCK_K must be multiples of 8: one Philox call gives the 16-bit draws of 8
-    adjacent columns (BLOCK_K // 8 calls per row); threshold is the 16-bit one.
+def dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) booleans: whether each element of columns col0 + [0, BLOCK_K) of
+    `rows` is kept. col0 and BLOCK_K must be multiples of 8: one Philox call gives the 16-bit
+    draws of 8 adjacent columns (BLOCK_K // 8 calls per row); threshold is the 16-bit one.
     """
-    tl.static_assert(BLOCK_K % 8 == 0, "dropout_scale: BLOCK_K must be a multiple of 8")
+    tl.static_assert(BLOCK_K % 8 == 0, "dropout_keep: BLOCK_K must be a multiple of 8")
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -46,5 +44,12 @@ def dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constex
     lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
     hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
     draws = tl.reshape(tl.join(lo, hi), (BLOCK_M, BLOCK_K))
-    keep = draws.to(tl.int32) >= threshold  # draws < 2^16: exact as int32
+    return draws.to(tl.int32) >= threshold  # draws < 2^16: exact as int32
+
+
+@triton.jit
+def dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) fp32 multipliers (0 or inv_keep): dropout_keep as numbers."""
+    keep = dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M, BLOCK_K)
     return tl.where(keep, inv_keep, 0.0)
