@@ -7,8 +7,8 @@ Providers: `eager` (the published code's expression, `layer_out + (dropout(x) @ 
 `compiled` (the same under torch.compile), and each fused backend that runs on the device.
 For forward, backward and both: median time, spread, speedups against eager and compiled
 measured in the same run, achieved bandwidth and the fraction of the memory-bound limit
-(DESIGN.md 2.1: 3 n*d elements moved each way, timed as out-of-place adds in the same run),
-and the bytes each provider keeps for backward.
+(docs/math.md section 1.2: 3 n*d elements moved each way, timed as out-of-place adds in the
+same run), and the bytes each provider keeps for backward.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     python benchmarks/bench_sfs.py --quick           # d=512: a smoke test
     python benchmarks/bench_sfs.py --device cuda
 
-SFS (DESIGN.md 2.3) needs the singular values of B @ A (B: d x r, A: r x d). Providers:
+SFS (docs/math.md section 3.1) needs the singular values of B @ A (B: d x r, A: r x d). Providers:
 `dense`, the published code's `torch.linalg.svdvals(B @ A)` (O(d^3), the product included), and
 `factored`, lor2c_ops.adapters.sfs(A, B): thin QR of B and A.T, then the r x r SVD of
 R_b @ R_a.T (O(d r^2)), the SFS value included. The issue's target: factored at least 100x

@@ -1,4 +1,4 @@
-"""Benchmark of ShareLoR2C weight banks and multi-adapter batches (DESIGN.md 2.2).
+"""Benchmark of ShareLoR2C weight banks and multi-adapter batches (docs/math.md section 2).
 
     python benchmarks/bench_share.py                 # CPU: 12 layers, d=768, r=8, n=4096, fp32
     python benchmarks/bench_share.py --device cuda   # GPU: also d=4096, bf16
@@ -44,8 +44,8 @@ def time_modes(providers: dict, gs, device, repeat: int, limit) -> tuple[float, 
 
 
 def limit_case(x, layer_out):
-    """The memory-bound limit of one layer's adapter, one way (DESIGN.md 2.1: 3 n*d elements),
-    timed as an out-of-place add in the same round-robin as the providers."""
+    """The memory-bound limit of one layer's adapter, one way (docs/math.md section 1.2: 3 n*d
+    elements), timed as an out-of-place add in the same round-robin as the providers."""
     a, b = x.detach().clone(), layer_out.detach().clone()
     return (lambda: torch.add(a, b), None)
 

@@ -146,7 +146,8 @@ def header(meta: dict) -> str:
             ". Forward + backward (ops) or a whole optimizer step (training step); speedup "
             "against the baseline people run today, measured in the same run; memory: peak of a "
             "step above its inputs where measured (peak), else bytes kept for backward (saved); "
-            "of limit: the memory-bound time of DESIGN.md 2.1 timed as out-of-place adds (fresh "
+            "of limit: the memory-bound time of docs/math.md section 1.2 timed as out-of-place "
+            "adds (fresh "
             "outputs, as the op returns) over the op's time; of bandwidth: the same against adds "
             "into preallocated outputs (pure copy bandwidth).")
 

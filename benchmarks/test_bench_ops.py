@@ -18,8 +18,8 @@ round after an untimed forward) and `fwd+bwd`.
 Test ids read provider-mode-shape-dtype (`test_lor2c[cpu-fwd+bwd-n2048-d768-r8-fp32]`) and each
 (op, mode, shape) is one pytest-benchmark group, so the table puts the providers side by side.
 extra_info holds the shape, dtype, device, dropout p, the bytes the op must move at least
-(DESIGN.md 2.1: x and layer_out read, the output written; the same again in backward) and the
-bandwidth that makes at the median time.
+(docs/math.md section 1.2: x and layer_out read, the output written; the same again in
+backward) and the bandwidth that makes at the median time.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def bytes_moved(case: Case) -> int:
         # write dx
         per_mode = {"fwd": 2 * n * d + d * d, "bwd": 3 * n * d + d * d}
     else:
-        # DESIGN.md 2.1: 3 n*d elements each way (d layer_out = g is the identity: no copy)
+        # docs/math.md section 1.2: 3 n*d elements each way (d layer_out = g: no copy)
         per_mode = {"fwd": 3 * n * d, "bwd": 3 * n * d}
     per_mode["fwd+bwd"] = per_mode["fwd"] + per_mode["bwd"]
     extra = n * 8 if case.op == "multi" else 0  # the int64 adapter ids, read each way

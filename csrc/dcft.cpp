@@ -1,4 +1,4 @@
-// Schemas of the DCFT kernels (DESIGN.md 2.4), defined once for every device.
+// Schemas of the DCFT kernels (docs/math.md section 4), defined once for every device.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {

@@ -1,4 +1,5 @@
-// Host-side argument checks shared by the CPU and CUDA bindings of the DCFT op (DESIGN.md 2.4).
+// Host-side argument checks shared by the CPU and CUDA bindings of the DCFT op
+// (docs/math.md section 4).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,4 +1,4 @@
-// Schemas of the LoR2C residual kernels (DESIGN.md 2.1), defined once for every device.
+// Schemas of the LoR2C residual kernels (docs/math.md section 1), defined once for every device.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {

@@ -1,5 +1,5 @@
 """apply_lor2c on real and toy models: outputs against an independent hook implementation of
-DESIGN.md 2.1, training touches only the adapters, remove() restores the model exactly,
+docs/math.md section 1, training touches only the adapters, remove() restores the model exactly,
 torch.compile, autocast bf16, gradient checkpointing, share=True, and bad configurations."""
 import copy
 import os

@@ -1,6 +1,6 @@
-"""DCFT (DESIGN.md 2.4) on every backend: the fused op against conv_transpose2d in fp64 for the
-output and all six gradients, dropout, registration (opcheck, torch.compile), a memory probe
-proving D is never formed, bad sizes, and the DCFTLinear module (merging, parameters)."""
+"""DCFT (docs/math.md section 4) on every backend: the fused op against conv_transpose2d in fp64
+for the output and all six gradients, dropout, registration (opcheck, torch.compile), a memory
+probe proving D is never formed, bad sizes, and the DCFTLinear module (merging, parameters)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""ShareLoR2C weight banks and multi-adapter batches on every backend (DESIGN.md 2.2)."""
+"""ShareLoR2C weight banks and multi-adapter batches on every backend (docs/math.md section 2)."""
 import math
 
 import pytest

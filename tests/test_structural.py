@@ -1,5 +1,5 @@
-"""Structural variants (DESIGN.md 2.3): SFS from the factors, merge, inject, the IMLoR2C
-schedule (optimizer groups updated at every edit), and apply_dcft (DESIGN.md 2.4)."""
+"""Structural variants (docs/math.md section 3): SFS from the factors, merge, inject, the IMLoR2C
+schedule (optimizer groups updated at every edit), and apply_dcft (docs/math.md section 4)."""
 import time
 
 import pytest

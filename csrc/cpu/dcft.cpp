@@ -1,5 +1,5 @@
-// DCFT on the CPU (DESIGN.md 2.4): out = x @ W.T + b + s * dropout(x) @ D and its backward,
-// with D = conv_transpose2d(A.T @ B.T, C, stride) never formed.
+// DCFT on the CPU (docs/math.md section 4): out = x @ W.T + b + s * dropout(x) @ D and its
+// backward, with D = conv_transpose2d(A.T @ B.T, C, stride) never formed.
 //
 // Per row x (length d_in = (m_in - 1) * st + k), with windows X[p, a] = x[p * st + a]:
 //   T = A @ X (r x k),   U = T @ C (r x k),   y[q * st + b] += s * (B @ U)[q, b].

@@ -1,4 +1,4 @@
-// DCFT CUDA kernels (DESIGN.md 2.4), raw pointers only; see dcft_kernels.h for the decomposition.
+// DCFT CUDA kernels (docs/math.md section 4), raw pointers only; see dcft_kernels.h for the decomposition.
 //
 // Row kernels: each warp owns kWarpRows rows. Lanes stride over the columns in groups of four,
 // each lane accumulating RCH rank components for every row it owns; a warp reduction finishes the

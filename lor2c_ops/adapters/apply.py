@@ -460,7 +460,7 @@ class LoR2CHandle:
 
     # SFS -------------------------------------------------------------------------------------
     def sfs(self, k: Optional[int] = None) -> List[float]:
-        """SFS of each adapter (DESIGN.md 2.3), from its factors (thin QR + r x r SVD)."""
+        """SFS of each adapter from its factors (docs/math.md section 3.1: thin QR, r x r SVD)."""
         self._check_live()
         out = []
         for a in self.adapters:

@@ -72,7 +72,7 @@ def normalise_spans(spans) -> Optional[Tuple[Tuple[int, int], ...]]:
 
 @dataclass
 class LoR2CConfig:
-    """Configuration of LoR2C adapters (DESIGN.md 2.1-2.3).
+    """Configuration of LoR2C adapters (docs/math.md sections 1-3).
 
     r, alpha, dropout: rank, scaling alpha / r, and dropout on the span input h_start.
     share: one ShareLoR2C bank (a single down-projection A shared by all adapters, one B each).

@@ -1,4 +1,4 @@
-"""apply_dcft: named nn.Linear modules of a model replaced by DCFTLinear (DESIGN.md 2.4)."""
+"""apply_dcft: named nn.Linear modules of a model become DCFTLinear (docs/math.md section 4)."""
 from __future__ import annotations
 
 import re

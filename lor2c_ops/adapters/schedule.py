@@ -1,5 +1,6 @@
-"""IMLoR2C schedules (DESIGN.md 2.3): merges and injections every `interval` steps or epochs,
-up to `max_merges` / `max_injections`, by default only in the first quarter of training."""
+"""IMLoR2C schedules (docs/math.md section 3.4): merges and injections every `interval` steps
+or epochs, up to `max_merges` / `max_injections`, by default only in the first quarter of
+training."""
 from __future__ import annotations
 
 from typing import List, Optional

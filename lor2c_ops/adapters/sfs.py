@@ -1,4 +1,4 @@
-"""SFS (shape of feature space) of a low-rank product B @ A, from its factors (DESIGN.md 2.3)."""
+"""SFS (shape of feature space) of B @ A, from its factors (docs/math.md section 3.1)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""DCFTLinear: a frozen linear layer with a DCFT adapter (DESIGN.md 2.4)."""
+"""DCFTLinear: a frozen linear layer with a DCFT adapter (docs/math.md section 4)."""
 from __future__ import annotations
 
 import math
@@ -188,7 +188,7 @@ class DCFTLinear(nn.Module):
                            backend=self.backend)
 
     def orthogonal_penalty(self) -> torch.Tensor:
-        """||A A.T - I||_F + ||B.T B - I||_F (DESIGN.md 2.4), differentiable."""
+        """||A A.T - I||_F + ||B.T B - I||_F (docs/math.md section 4.4), differentiable."""
         eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
         return (torch.linalg.matrix_norm(self.lora_A @ self.lora_A.T - eye)
                 + torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye))

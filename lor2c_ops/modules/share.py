@@ -1,4 +1,4 @@
-"""ShareLoR2C: LoR2C adapters whose down-projections are shared within groups (DESIGN.md 2.2)."""
+"""ShareLoR2C: LoR2C adapters sharing down-projections within groups (docs/math.md section 2)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""The DCFT op (DESIGN.md 2.4): registration (schemas, fake kernels, autograd) and public functions.
+"""The DCFT op (docs/math.md section 4): registration (schemas, fake kernels, autograd) and public
+functions.
 
     dcft_linear(x, W, b, A, B, C, s, stride, p) = F.linear(x, W, b) + s * dropout(x) @ D,
     D = conv_transpose2d(A.T @ B.T, C, stride)                      (d_in x d_out, never formed)

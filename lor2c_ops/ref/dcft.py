@@ -1,4 +1,4 @@
-"""DCFT (deconvolution in subspace, DESIGN.md 2.4) in plain PyTorch.
+"""DCFT (deconvolution in subspace, docs/math.md section 4) in plain PyTorch.
 
 `dcft_delta` materialises the delta weight D (d_in x d_out) exactly as the published code does,
 with conv_transpose2d: it is for merging into the base weight and for tests, never for training.

@@ -1,8 +1,9 @@
-"""The LoR2C residual op in plain PyTorch (DESIGN.md 2.1).
+"""The LoR2C residual op in plain PyTorch (docs/math.md section 1).
 
 `eager` is the oracle: the expression itself, differentiated by autograd. `forward` and
-`backward` are the reference backend of the fused op: the closed-form gradients of DESIGN.md
-2.1, with the same saved tensors and the same regenerated mask as the fused kernels.
+`backward` are the reference backend of the fused op: the closed-form gradients of
+docs/math.md section 1.1, with the same saved tensors and the same regenerated mask as the
+fused kernels.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DCFT op (DESIGN.md 2.4) on the Triton LoR2C kernels.
+"""The DCFT op (docs/math.md section 4.5) on the Triton LoR2C kernels.
 
 D = Ae.T @ Ck @ Be, with the expanded factors
     Ae[(j, a), p * st + a] = A[j, p]     (r*k, d_in)      Be[(j, b), q * st + b] = B[q, j]  (r*k, d_out)

@@ -1,4 +1,4 @@
-"""Triton kernels and launchers for the LoR2C residual op (DESIGN.md 2.1, 2.2).
+"""Triton kernels and launchers for the LoR2C residual op (docs/math.md sections 1, 2).
 
 Traffic (the op's minimum is 3 n*d elements each way):
   forward   `_fwd`, one program per block of rows: reads x once (t = dropout(x) @ A.T), then
