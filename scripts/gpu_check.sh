@@ -15,7 +15,7 @@ shift || true
 STAGES="${*:-build tests sweep host bench}"
 mkdir -p "$LOG"
 PY="${PYTHON:-python3}"
-export TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE
+export TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import lor2c_ops from here
 STATUS=0
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...

@@ -479,7 +479,9 @@ def test_bad_input_raises_before_any_kernel(no_kernel, mutate, error, match):
 
 def test_triton_refuses_cpu_tensors_without_interpreter(monkeypatch):
     import lor2c_ops.triton
+    from lor2c_ops.ops import _common
     monkeypatch.setattr(lor2c_ops.triton, "INTERPRET", False)
+    monkeypatch.setattr(_common, "_SELECTED", {})  # the backend choice is cached per process
     x, layer_out, A, B = _good()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         lo.lor2c_residual(x, layer_out, A, B, backend="triton")

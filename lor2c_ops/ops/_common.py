@@ -139,7 +139,7 @@ def compiled_autograd(op: str) -> bool:
     if found is None:
         from .. import _ext
         try:
-            found = _ext.has_kernel(op, "AutogradCPU")
+            found = _ext.has_kernel(op, "Autograd")
         except RuntimeError:  # no such op in this build
             found = False
         _AUTOGRAD_OPS[op] = found
