@@ -101,9 +101,10 @@ def host_times(inputs, providers, device, rounds, calls):
     return {name: statistics.median(v) for name, v in per.items()}
 
 
-def run(device: torch.device, quick: bool = False) -> list:
+def run(device: torch.device, quick: bool = False, rounds: int = 15, calls: int = 100) -> list:
     rows = []
-    rounds, calls = (3, 20) if quick else (15, 100)
+    if quick:
+        rounds, calls = 3, 20
     for p in (0.0, 0.1):
         table, dt = cases(device, p)
         for op, (inputs, providers) in table.items():
@@ -131,10 +132,12 @@ def report(rows, quick=False) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_output_arguments(ap, "fewer rounds: a smoke test")
+    ap.add_argument("--rounds", type=int, default=15, help="round-robin rounds (median taken)")
+    ap.add_argument("--calls", type=int, default=100, help="calls per provider per round")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    rows = run(device, args.quick)
+    rows = run(device, args.quick, args.rounds, args.calls)
     meta = {"bench": "host", "device": common.device_name(device), "device_type": device.type,
             "commit": common.commit(), **common.versions(), "n": 8, "d": 64, "r": 4}
     print(f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, on "

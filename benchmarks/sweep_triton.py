@@ -60,14 +60,14 @@ def add_bandwidth(n: int, d: int, dtype) -> float:
 # where the default stands; all of these compile without spills for sm_90 at r = 16
 # (scripts/check_triton_compile.py).
 FWD = [dict(fwd_m=m, fwd_k=k, fwd_n=nn, fwd_warps=w, fwd_stages=s)
-       for m, k, nn, w, s in [(64, 128, 128, 4, 3), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4),
-                              (32, 256, 128, 8, 3), (128, 64, 64, 8, 3)]]
+       for m, k, nn, w, s in [(32, 128, 128, 4, 4), (32, 128, 128, 4, 5), (32, 64, 128, 4, 6),
+                              (16, 128, 128, 4, 4), (32, 128, 256, 8, 4)]]
 GRAD = [dict(grad_m=m, grad_n=nn, grad_warps=w, grad_stages=s, waves=v)
-        for m, nn, w, s, v in [(32, 512, 8, 3, 2), (16, 512, 8, 4, 2), (32, 256, 8, 3, 2),
-                               (32, 512, 8, 3, 1), (16, 1024, 8, 3, 2)]]
+        for m, nn, w, s, v in [(32, 512, 8, 3, 2), (64, 512, 8, 3, 2), (32, 512, 8, 4, 2),
+                               (64, 256, 8, 4, 2), (32, 512, 8, 3, 4)]]
 INP = [dict(in_m=m, in_k=k, in_warps=w, in_stages=s, waves=v)
-       for m, k, w, s, v in [(32, 256, 8, 3, 2), (32, 128, 4, 4, 2), (64, 128, 8, 3, 2),
-                             (16, 256, 8, 4, 2), (32, 256, 8, 3, 1)]]
+       for m, k, w, s, v in [(32, 256, 8, 3, 2), (32, 256, 8, 4, 2), (16, 256, 4, 4, 2),
+                             (32, 512, 8, 3, 2), (32, 128, 8, 4, 2)]]
 
 
 def sweep(n, d, r, p, dtype, wdtype, quick, rows):

@@ -58,6 +58,7 @@ if has build; then
 fi
 has tests && has build && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
   tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py -k cuda
-has host && stage host "${HOST_LIMIT:-120}" "$PY" benchmarks/bench_host.py --device cuda --no-save
+has host && stage host "${HOST_LIMIT:-120}" "$PY" benchmarks/bench_host.py --device cuda --no-save \
+  ${HOST_ARGS:-}
 has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save
 exit $STATUS
