@@ -291,16 +291,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
   at::Tensor dA = at::empty({0}, A_bank.options()), dB = at::empty({0}, B_bank.options());
   if (need_dA || need_dB) {
-    const at::Tensor all = at::from_blob(partials.data(), {threads, G, part_a + part_b},
-                                         at::TensorOptions().dtype(at::kFloat))
-                               .sum(0);
-    if (need_dA)
-      dA = all.narrow(1, 0, part_a).reshape({G, r, d_in}).contiguous().to(A_bank.scalar_type());
-    if (need_dB)
-      dB = (all.narrow(1, part_a, part_b).reshape({G, r, d_out}) * s)
-               .transpose(1, 2)
-               .contiguous()
-               .to(B_bank.scalar_type());
+    // The threads' partials summed in thread order (deterministic for a thread count) into
+    // the first one's, then written out in the weights' dtype: plain loops, no ATen ops (at
+    // small sizes their dispatch cost was most of the backward's host time).
+    float* sum = partials.data();
+    for (int th = 1; th < threads; ++th) {
+      const float* part = partials.data() + th * per_thread;
+      for (int64_t i = 0; i < per_thread; ++i) sum[i] += part[i];
+    }
+    if (need_dA) dA = at::empty({G, r, d_in}, A_bank.options());
+    if (need_dB) dB = at::empty({G, d_out, r}, B_bank.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_bank.scalar_type(), "dA_dB", [&] {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* pa = sum + g * (part_a + part_b);  // dA (r x d_in) then dB.T (r x d_out)
+        if (need_dA) {
+          scalar_t* out = dA.data_ptr<scalar_t>() + g * r * d_in;
+          for (int64_t i = 0; i < r * d_in; ++i) out[i] = static_cast<scalar_t>(pa[i]);
+        }
+        if (need_dB) {
+          scalar_t* out = dB.data_ptr<scalar_t>() + g * d_out * r;
+          for (int64_t k = 0; k < r; ++k)
+            for (int64_t o = 0; o < d_out; ++o)
+              out[o * r + k] = static_cast<scalar_t>(s * pa[part_a + k * d_out + o]);
+        }
+      }
+    });
   }
   return {dx, dA, dB};
 }
