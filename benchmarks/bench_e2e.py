@@ -66,10 +66,11 @@ import common  # noqa: E402
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops.adapters import find_blocks  # noqa: E402
 
-PROVIDERS = ("lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused", "dcft-published")
-BASELINE = {"lor2c-fused": "lor2c-reference", "lor2c-reference": "lor2c-reference",
-            "lora-peft": "lor2c-reference", "dcft-fused": "dcft-published",
-            "dcft-published": "dcft-published"}
+PROVIDERS = ("floor", "lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused",
+             "dcft-published")
+BASELINE = {"floor": "lor2c-reference", "lor2c-fused": "lor2c-reference",
+            "lor2c-reference": "lor2c-reference", "lora-peft": "lor2c-reference",
+            "dcft-fused": "dcft-published", "dcft-published": "dcft-published"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = {"minilm": ("query", "value"), "llama": ("q_proj", "v_proj")}
 
@@ -98,6 +99,27 @@ def _block_hook(adapter):
         new = adapter(x, out)
         return new if isinstance(output, torch.Tensor) else (new,) + tuple(output[1:])
     return hook
+
+
+def attach_floor(model):
+    """No adapter: the frozen model with one zero trainable vector added to the first block's
+    input, so that backward still runs through every block (what any adapter pays) and the
+    optimizer has a parameter. The time of a step with adapters minus this one is what the
+    adapters themselves cost."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _, blocks = find_blocks(model)
+    w = next(model.parameters())
+    shift = nn.Parameter(torch.zeros(model.config.hidden_size, device=w.device, dtype=w.dtype))
+    model.register_parameter("floor_shift", shift)
+
+    def pre_hook(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (args[0] + shift,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + shift}
+
+    blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return []
 
 
 def attach_published_lor2c(model, r, alpha, dropout):
@@ -205,7 +227,9 @@ def make_provider(name, base, which, args, dropout=None):
     p = args.dropout if dropout is None else dropout
     model = copy.deepcopy(base)
     targets = list(TARGETS[which])
-    if name == "lor2c-fused":
+    if name == "floor":
+        adapters = attach_floor(model)
+    elif name == "lor2c-fused":
         handle = lo.apply_lor2c(model, lo.LoR2CConfig(r=args.r, alpha=args.alpha, dropout=p))
         adapters = list(handle.adapters)
     elif name == "lor2c-reference":
@@ -461,6 +485,15 @@ def check_targets(rows) -> list[str]:
         fused, pub = by.get("dcft-fused"), by.get("dcft-published")
         if fused and pub:
             lines.append(_faster(which, fused, pub))
+        floor = by.get("floor")
+        if floor:  # what the adapters themselves cost per step, over the same model without one
+            for name in ("lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused",
+                         "dcft-published"):
+                if name in by:
+                    extra = by[name]["ms"] - floor["ms"]
+                    lines.append(f"INFO  {which}: {name} adds {extra:.1f} ms per step to the "
+                                 f"no-adapter floor ({floor['ms']:.1f} ms, "
+                                 f"{100 * extra / floor['ms']:.0f}%)")
     return lines
 
 
