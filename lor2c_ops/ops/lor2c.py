@@ -121,17 +121,24 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _library_backward(ctx, grad_out, _grad_t):
+def _grads(ctx, grad_out, bwd):
+    """The gradient tuple of the forward's inputs; bwd(g, x, t, A, B, ids, seed, need_x,
+    need_A, need_B) -> (dx, dA, dB) runs the backward kernels."""
     need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
     if grad_out is None:
         return _common.none_grads(_FWD_ARGS)
     x, t, A, B, ids, seed = ctx.saved_tensors
     dx = dA = dB = None
     if need_x or need_A or need_B:
-        dx, dA, dB = lor2c_bwd(_common.grad_rows(grad_out), x, t, A, B, ids, ctx.scale, ctx.p,
-                               seed, ctx.backend, need_x, need_A, need_B)
+        dx, dA, dB = bwd(_common.grad_rows(grad_out), x, t, A, B, ids, seed, need_x, need_A,
+                         need_B)
     return ((dx if need_x else None, grad_out if need_lo else None, dA if need_A else None,
              dB if need_B else None) + _common.none_grads(_FWD_ARGS - 4))
+
+
+def _library_backward(ctx, grad_out, _grad_t):
+    return _grads(ctx, grad_out, lambda g, x, t, A, B, ids, seed, nx, nA, nB: lor2c_bwd(
+        g, x, t, A, B, ids, ctx.scale, ctx.p, seed, ctx.backend, nx, nA, nB))
 
 
 lor2c_fwd.register_autograd(_library_backward, setup_context=_setup_context)
@@ -154,17 +161,8 @@ class _LoR2CFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_t):
-        need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
-        if grad_out is None:
-            return _common.none_grads(_FWD_ARGS)
-        x, t, A, B, ids, seed = ctx.saved_tensors
-        dx = dA = dB = None
-        if need_x or need_A or need_B:
-            dx, dA, dB = _run_backward(ctx.k, _common.grad_rows(grad_out), x, t, A, B, ids,
-                                       ctx.scale, ctx.p, seed, need_x, need_A, need_B)
-        return ((dx if need_x else None, grad_out if need_lo else None,
-                 dA if need_A else None, dB if need_B else None)
-                + _common.none_grads(_FWD_ARGS - 4))
+        return _grads(ctx, grad_out, lambda g, x, t, A, B, ids, seed, nx, nA, nB: _run_backward(
+            ctx.k, g, x, t, A, B, ids, ctx.scale, ctx.p, seed, nx, nA, nB))
 
     @staticmethod
     def jvp(ctx, *tangents):

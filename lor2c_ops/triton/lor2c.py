@@ -137,6 +137,16 @@ def _segment_units(adapter, counts_ptr, U: tl.constexpr, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED: tl.constexpr,
+              SCAN: tl.constexpr):
+    """(first sorted position, rows, adapter) of backward row split `split`."""
+    if GROUPED:
+        return _locate(split, counts_ptr, G1, rows_per_split, SCAN)
+    start = split * rows_per_split
+    return start, tl.minimum(n - start, rows_per_split), split * 0
+
+
+@triton.jit
 def _rows_of(pos, ok, order_ptr, GROUPED: tl.constexpr):
     if GROUPED:
         return tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
@@ -213,12 +223,7 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
     (stride_o0, stride_o1), written scaled in its dtype; no reduction launch follows."""
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    if GROUPED:
-        start, count, adapter = _locate(split, counts_ptr, G1, rows_per_split, SCAN)
-    else:
-        start = split * rows_per_split
-        count = tl.minimum(n - start, rows_per_split)
-        adapter = split * 0
+    start, count, adapter = _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED, SCAN)
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d_out
     rk = tl.arange(0, R_PAD)
@@ -277,12 +282,7 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
                 BLOCK_K: tl.constexpr):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
-    if GROUPED:
-        start, count, adapter = _locate(split, counts_ptr, G1, rows_per_split, SCAN)
-    else:
-        start = split * rows_per_split
-        count = tl.minimum(n - start, rows_per_split)
-        adapter = split * 0
+    start, count, adapter = _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED, SCAN)
     col0 = chunk * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     col_ok = cols < d_in
