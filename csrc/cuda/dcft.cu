@@ -1,4 +1,6 @@
-// DCFT CUDA kernels (docs/math.md section 4), raw pointers only; see dcft_kernels.h for the decomposition.
+// DCFT CUDA kernels (docs/math.md section 4) and their launchers, raw pointers only, no torch; see
+// dcft_kernels.h for the decomposition. Element conversion, the dropout parameters and the dtype
+// dispatch are the LoR2C kernels' (common.cuh).
 //
 // Row kernels: each warp owns kWarpRows rows. Lanes stride over the columns in groups of four,
 // each lane accumulating RCH rank components for every row it owns; a warp reduction finishes the
@@ -10,18 +12,16 @@
 // a range of rows (a split), and accumulates rank x 4 sums in registers (lane pairs share the
 // Philox calls of two rows at a time); partials per split are reduced by the binding. Everything
 // accumulates in fp32; row offsets are 64-bit.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
-#include "../philox.h"
+#include "common.cuh"
 #include "dcft_kernels.h"
 
 namespace lor2c {
-namespace dcft_cuda {
+namespace cuda {
 namespace {
 
 constexpr int kWarpRows = 4;     // rows per warp in the row kernels
@@ -29,42 +29,10 @@ constexpr int kMaxWarps = 8;     // warps per block in the row kernels
 constexpr int kOuterThreads = 128;
 constexpr size_t kSharedLimit = 48 * 1024;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
-}
-
-// The call's dropout parameters (csrc/philox.h), the seed read on the device once per thread.
-__device__ __forceinline__ DropoutParams load_params(const Dropout& dp) {
-  DropoutParams params{};
-  params.threshold = dp.threshold;
-  params.inv_keep = dp.inv_keep;
-  params.enabled = dp.enabled;
-  if (dp.enabled) dropout_seed(params, dp.seed[0], dp.seed[1]);
-  return params;
 }
 
 // keep[rr] = the keep flags (bits 0..3; 0xF without dropout) of columns 4 * grp .. 4 * grp + 3
@@ -148,11 +116,11 @@ __device__ __forceinline__ void warp_project(const T* __restrict__ rows, int64_t
 
 template <typename T, int RCH>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    forward_rows_kernel(const T* __restrict__ x, int64_t ldx, const float* __restrict__ bias,
-                        const float* __restrict__ Ae, const float* __restrict__ Ck,
-                        const float* __restrict__ Be, T* __restrict__ out,
-                        float* __restrict__ Tsave, int64_t n, int64_t d_in, int64_t d_out, int rk,
-                        float scale, Dropout dp) {
+    dcft_forward_rows_kernel(const T* __restrict__ x, int64_t ldx,
+                             const float* __restrict__ bias, const float* __restrict__ Ae,
+                             const float* __restrict__ Ck, const float* __restrict__ Be,
+                             T* __restrict__ out, float* __restrict__ Tsave, int64_t n,
+                             int64_t d_in, int64_t d_out, int rk, float scale, DropoutArgs dp) {
   extern __shared__ float smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* sT = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
@@ -160,7 +128,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
   if (row0 >= n) return;  // the whole warp leaves together; the kernel has no block barriers
   const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
-  const DropoutParams params = load_params(dp);
+  const DropoutParams params = load_dropout(dp);
 
   warp_project<T, RCH>(x, ldx, row0, nr, Ae, d_in, rk, params, lane, sT);  // T = xd @ Ae.T
   __syncwarp();
@@ -190,11 +158,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
 template <typename T, int RCH>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    backward_rows_kernel(const T* __restrict__ g, int64_t ldg, const float* __restrict__ Ae,
-                         const float* __restrict__ Ck, const float* __restrict__ Be,
-                         float* __restrict__ Vsave, float* __restrict__ dTsave,
-                         T* __restrict__ dx, int64_t n, int64_t d_in, int64_t d_out, int rk,
-                         float scale, Dropout dp) {
+    dcft_backward_rows_kernel(const T* __restrict__ g, int64_t ldg,
+                              const float* __restrict__ Ae, const float* __restrict__ Ck,
+                              const float* __restrict__ Be, float* __restrict__ Vsave,
+                              float* __restrict__ dTsave, T* __restrict__ dx, int64_t n,
+                              int64_t d_in, int64_t d_out, int rk, float scale, DropoutArgs dp) {
   extern __shared__ float smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* sV = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
@@ -202,7 +170,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * warps + warp) * kWarpRows;
   if (row0 >= n) return;
   const int nr = static_cast<int>(n - row0 < kWarpRows ? n - row0 : kWarpRows);
-  const DropoutParams params = load_params(dp);
+  const DropoutParams params = load_dropout(dp);
   const DropoutParams none{};  // not enabled
 
   warp_project<T, RCH>(g, ldg, row0, nr, Be, d_out, rk, none, lane, sV);  // V = g @ Be.T
@@ -240,16 +208,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
 template <typename T, int RCH>
 __global__ void __launch_bounds__(kOuterThreads)
-    outer_partials_kernel(const T* __restrict__ rows, int64_t ld, const float* __restrict__ coef,
-                          float* __restrict__ P, int64_t n, int64_t d, int rk,
-                          int64_t rows_per_split, Dropout dp) {
+    dcft_outer_partials_kernel(const T* __restrict__ rows, int64_t ld,
+                               const float* __restrict__ coef, float* __restrict__ P, int64_t n,
+                               int64_t d, int rk, int64_t rows_per_split, DropoutArgs dp) {
   const int64_t grp = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t begin = split * rows_per_split;
   const int64_t end = begin + rows_per_split < n ? begin + rows_per_split : n;
   // No barriers below; whole warps past d leave, the others stay together for the shuffles.
   if ((grp & ~int64_t{31}) * 4 >= d) return;
-  const DropoutParams params = load_params(dp);
+  const DropoutParams params = load_dropout(dp);
   const int half = static_cast<int>(grp & 1);
   for (int R0 = 0; R0 < rk; R0 += RCH) {
     float acc[RCH][4];
@@ -304,83 +272,75 @@ int row_warps(int64_t rk) {
 
 // Calls body(T{}, RCH) with the activation type and the rank chunk for rk.
 template <typename F>
-cudaError_t dispatch(Act act, int64_t rk, F&& body) {
-  auto by_rank = [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    if (rk <= 2) return body(T{}, std::integral_constant<int, 2>{});
-    if (rk <= 4) return body(T{}, std::integral_constant<int, 4>{});
-    if (rk <= 8) return body(T{}, std::integral_constant<int, 8>{});
-    return body(T{}, std::integral_constant<int, 16>{});
-  };
-  switch (act) {
-    case Act::kFloat32:
-      return by_rank(float{});
-    case Act::kFloat16:
-      return by_rank(__half{});
-    case Act::kBFloat16:
-      return by_rank(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
+cudaError_t dispatch(DType act, int64_t rk, F&& body) {
+  return dispatch_dtype(act, [&](auto tag) -> cudaError_t {
+    if (rk <= 2) return body(tag, std::integral_constant<int, 2>{});
+    if (rk <= 4) return body(tag, std::integral_constant<int, 4>{});
+    if (rk <= 8) return body(tag, std::integral_constant<int, 8>{});
+    return body(tag, std::integral_constant<int, 16>{});
+  });
 }
 
 }  // namespace
 
-int64_t outer_column_blocks(int64_t d) {
+int64_t dcft_outer_column_blocks(int64_t d) {
   const int64_t groups = (d + 3) / 4;
   return (groups + kOuterThreads - 1) / kOuterThreads;
 }
 
-cudaError_t forward_rows(Act act, const void* x, int64_t ldx, const float* bias, const float* Ae,
-                         const float* Ck, const float* Be, void* out, float* T, int64_t n,
-                         int64_t d_in, int64_t d_out, int64_t rk, float scale, Dropout dp,
-                         cudaStream_t stream) {
+cudaError_t dcft_forward_rows(DType act, const void* x, int64_t ldx, const float* bias,
+                              const float* Ae, const float* Ck, const float* Be, void* out,
+                              float* T, int64_t n, int64_t d_in, int64_t d_out, int64_t rk,
+                              float scale, DropoutArgs dp, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (rk < 1 || rk > kMaxRank) return cudaErrorInvalidValue;
+  if (rk < 1 || rk > kDcftMaxRank) return cudaErrorInvalidValue;
   const int warps = row_warps(rk);
   const int64_t rows_per_block = static_cast<int64_t>(warps) * kWarpRows;
   const dim3 grid(static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block));
   const size_t shared = static_cast<size_t>(warps) * 2 * kWarpRows * rk * sizeof(float);
   return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
     using Tp = decltype(tag);
-    forward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
+    dcft_forward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
         static_cast<const Tp*>(x), ldx, bias, Ae, Ck, Be, static_cast<Tp*>(out), T, n, d_in,
         d_out, static_cast<int>(rk), scale, dp);
     return cudaGetLastError();
   });
 }
 
-cudaError_t backward_rows(Act act, const void* g, int64_t ldg, const float* Ae, const float* Ck,
-                          const float* Be, float* V, float* dT, void* dx, int64_t n, int64_t d_in,
-                          int64_t d_out, int64_t rk, float scale, Dropout dp, cudaStream_t stream) {
+cudaError_t dcft_backward_rows(DType act, const void* g, int64_t ldg, const float* Ae,
+                               const float* Ck, const float* Be, float* V, float* dT, void* dx,
+                               int64_t n, int64_t d_in, int64_t d_out, int64_t rk, float scale,
+                               DropoutArgs dp, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (rk < 1 || rk > kMaxRank) return cudaErrorInvalidValue;
+  if (rk < 1 || rk > kDcftMaxRank) return cudaErrorInvalidValue;
   const int warps = row_warps(rk);
   const int64_t rows_per_block = static_cast<int64_t>(warps) * kWarpRows;
   const dim3 grid(static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block));
   const size_t shared = static_cast<size_t>(warps) * 2 * kWarpRows * rk * sizeof(float);
   return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
     using Tp = decltype(tag);
-    backward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
+    dcft_backward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
         static_cast<const Tp*>(g), ldg, Ae, Ck, Be, V, dT, static_cast<Tp*>(dx), n, d_in, d_out,
         static_cast<int>(rk), scale, dp);
     return cudaGetLastError();
   });
 }
 
-cudaError_t outer_partials(Act act, const void* rows, int64_t ld, const float* coef, float* P,
-                           int64_t n, int64_t d, int64_t rk, int64_t splits,
-                           int64_t rows_per_split, Dropout dp, cudaStream_t stream) {
+cudaError_t dcft_outer_partials(DType act, const void* rows, int64_t ld, const float* coef,
+                                float* P, int64_t n, int64_t d, int64_t rk, int64_t splits,
+                                int64_t rows_per_split, DropoutArgs dp, cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
   if (rk < 1 || splits < 1 || splits > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(outer_column_blocks(d)), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(dcft_outer_column_blocks(d)),
+                  static_cast<unsigned>(splits));
   return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
     using Tp = decltype(tag);
-    outer_partials_kernel<Tp, decltype(rch)::value><<<grid, kOuterThreads, 0, stream>>>(
+    dcft_outer_partials_kernel<Tp, decltype(rch)::value><<<grid, kOuterThreads, 0, stream>>>(
         static_cast<const Tp*>(rows), ld, coef, P, n, d, static_cast<int>(rk), rows_per_split,
         dp);
     return cudaGetLastError();
   });
 }
 
-}  // namespace dcft_cuda
+}  // namespace cuda
 }  // namespace lor2c

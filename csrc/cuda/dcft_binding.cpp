@@ -1,58 +1,39 @@
 // ATen glue of the DCFT CUDA kernels (csrc/cuda/dcft.cu): checks, the expanded factors, the
 // launches, the base linear's GEMMs (accumulated onto the kernels' outputs, beta = 1), and the
-// reduction and folding of the weight-gradient partials.
+// reduction and folding of the weight-gradient partials. The argument checks are the CPU entry
+// point's (../dcft_common.h); the dtype mapping, dropout arguments, device checks and
+// launch-error check are binding_common.h's, shared with the LoR2C binding.
+// Compiled only into CUDA builds (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "../dcft_common.h"
-#include "../lor2c_common.h"
+#include "binding_common.h"
 #include "dcft_kernels.h"
 
 namespace lor2c {
 namespace {
 
-using dcft_cuda::Act;
-using dcft_cuda::Dropout;
+using cuda::check_cuda;
+using cuda::check_device;
+using cuda::check_launch;
+using cuda::device_info;
+using cuda::dropout_args;
+using cuda::DropoutArgs;
+using cuda::dtype_of;
 
-Act act_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return Act::kFloat32;
-    case at::kHalf:
-      return Act::kFloat16;
-    case at::kBFloat16:
-      return Act::kBFloat16;
-    default:
-      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-  return Act::kFloat32;  // not reached
-}
-
-// The seed stays on the device (the kernels decode it); threshold and 1/(1-p) as for LoR2C.
-Dropout dropout_of(const at::Tensor& seed, double p) {
-  const DropoutParams params = dropout_params(p, 0, 0);
-  Dropout dp{};
-  dp.seed = seed.data_ptr<int64_t>();
-  dp.threshold = params.threshold;
-  dp.inv_keep = params.inv_keep;
-  dp.enabled = params.enabled;
-  return dp;
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "dcft ", what, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-void check_devices(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
-  for (const at::Tensor* t : others)
-    TORCH_CHECK(t->device() == x.device(), "expected every tensor on ", x.device(), ", got ",
-                t->device());
+// Every tensor of a call on x's device, x a CUDA tensor.
+void check_devices(const at::Tensor& x,
+                   std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  check_cuda(x);
+  for (const auto& [name, t] : others) check_device(*t, name, x.device());
 }
 
 // (k, m) int64 on `options`' device: [a, p] = p * stride + a.
@@ -89,8 +70,8 @@ struct Splits {
 
 // Row splits for outer_partials: enough blocks to fill the device, at most 65535 splits.
 Splits outer_splits(int64_t n, int64_t d) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t columns = dcft_cuda::outer_column_blocks(d);
+  const int64_t sms = device_info().num_sms;
+  const int64_t columns = cuda::dcft_outer_column_blocks(d);
   const int64_t wanted = std::max<int64_t>(1, (4 * sms + columns - 1) / columns);
   const int64_t count = std::min<int64_t>({wanted, std::max<int64_t>(n, 1), 65535});
   const int64_t rows = (n + count - 1) / count;  // n >= 1 here
@@ -98,15 +79,15 @@ Splits outer_splits(int64_t n, int64_t d) {
 }
 
 // sum over rows of coef[i, :] (x) rows[i, :] * mask: (rk, d) float32.
-at::Tensor outer(const at::Tensor& rows, const at::Tensor& coef, int64_t rk, const Dropout& dp,
+at::Tensor outer(const at::Tensor& rows, const at::Tensor& coef, int64_t rk, const DropoutArgs& dp,
                  cudaStream_t stream) {
   const int64_t n = rows.size(0), d = rows.size(1);
   const Splits s = outer_splits(n, d);
   at::Tensor P = at::empty({s.count, rk, d}, rows.options().dtype(at::kFloat));
-  check_launch(dcft_cuda::outer_partials(act_of(rows), rows.data_ptr(), rows.stride(0),
+  check_launch(cuda::dcft_outer_partials(dtype_of(rows), rows.data_ptr(), rows.stride(0),
                                          coef.data_ptr<float>(), P.data_ptr<float>(), n, d, rk,
                                          s.count, s.rows, dp, stream),
-               "outer_partials");
+               "dcft_outer_partials");
   return P.sum(0);
 }
 
@@ -118,11 +99,11 @@ std::tuple<at::Tensor, at::Tensor> dcft_fwd_cuda(const at::Tensor& x, const at::
                                                  const at::Tensor& seed) {
   const DcftSizes z = check_dcft(x, weight, bias, A, B, C, stride, seed, p);
   const bool has_bias = bias.has_value() && bias->defined();
-  check_devices(x, {&weight, &A, &B, &C, &seed});
-  if (has_bias) check_devices(x, {&*bias});
+  check_devices(x, {{"weight", &weight}, {"A", &A}, {"B", &B}, {"C", &C}, {"seed", &seed}});
+  if (has_bias) check_devices(x, {{"bias", &*bias}});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rk = z.r * z.k;
-  TORCH_CHECK(rk <= dcft_cuda::kMaxRank, "cuda backend: r * k <= ", dcft_cuda::kMaxRank,
+  TORCH_CHECK(rk <= cuda::kDcftMaxRank, "cuda backend: r * k <= ", cuda::kDcftMaxRank,
               " supported, got ", rk);
   at::Tensor out = at::empty({z.n, z.d_out}, x.options());
   at::Tensor t = at::empty({z.n, rk}, x.options().dtype(at::kFloat));
@@ -131,14 +112,15 @@ std::tuple<at::Tensor, at::Tensor> dcft_fwd_cuda(const at::Tensor& x, const at::
   const at::Tensor Be = expand(B.t(), z.k, z.stride, z.d_out);
   const at::Tensor Ck = core(C, z.r);
   const at::Tensor biasf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor seedc = seed.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_launch(dcft_cuda::forward_rows(act_of(x), x.data_ptr(), x.stride(0),
+  check_launch(cuda::dcft_forward_rows(dtype_of(x), x.data_ptr(), x.stride(0),
                                        has_bias ? biasf.data_ptr<float>() : nullptr,
                                        Ae.data_ptr<float>(), Ck.data_ptr<float>(),
                                        Be.data_ptr<float>(), out.data_ptr(), t.data_ptr<float>(),
                                        z.n, z.d_in, z.d_out, rk, static_cast<float>(scale),
-                                       dropout_of(seed, p), stream),
-               "forward_rows");
+                                       dropout_args(seedc, p), stream),
+               "dcft_forward_rows");
   out.addmm_(x, weight.t());  // + x @ W.T, accumulated onto bias + s * dropout(x) @ D
   return {out, t};
 }
@@ -150,10 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cuda(
   const DcftSizes z = check_dcft(x, weight, std::nullopt, A, B, C, stride, seed, p);
   check_grad(grad, x, z);
   check_saved_t(t, z);
-  check_devices(x, {&grad, &t, &weight, &A, &B, &C, &seed});
+  check_devices(x, {{"grad", &grad}, {"t", &t}, {"weight", &weight}, {"A", &A}, {"B", &B},
+                    {"C", &C}, {"seed", &seed}});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rk = z.r * z.k;
-  TORCH_CHECK(rk <= dcft_cuda::kMaxRank, "cuda backend: r * k <= ", dcft_cuda::kMaxRank,
+  TORCH_CHECK(rk <= cuda::kDcftMaxRank, "cuda backend: r * k <= ", cuda::kDcftMaxRank,
               " supported, got ", rk);
   at::Tensor dx = need_dx ? at::empty({z.n, z.d_in}, x.options()) : at::empty({0}, x.options());
   at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, B.options());
@@ -168,20 +151,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cuda(
   const at::Tensor Ae = expand(A, z.k, z.stride, z.d_in);
   const at::Tensor Be = expand(B.t(), z.k, z.stride, z.d_out);
   const at::Tensor Ck = core(C, z.r);
-  const Dropout dp = dropout_of(seed, p);
-  const Dropout no_dropout{dp.seed, 0u, 1.0f, false};
+  const at::Tensor seedc = seed.contiguous();
+  const DropoutArgs dp = dropout_args(seedc, p);
+  const DropoutArgs no_dropout{dp.seed, 0u, 1.0f, false};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float s = static_cast<float>(scale);
 
   // V = g @ Be.T, dT = s * V @ Ck.T and dx = (dT @ Ae) * mask, row by row.
   at::Tensor V = at::empty({z.n, rk}, x.options().dtype(at::kFloat));
   at::Tensor dT = at::empty({z.n, rk}, x.options().dtype(at::kFloat));
-  check_launch(dcft_cuda::backward_rows(act_of(x), grad.data_ptr(), grad.stride(0),
+  check_launch(cuda::dcft_backward_rows(dtype_of(x), grad.data_ptr(), grad.stride(0),
                                         Ae.data_ptr<float>(), Ck.data_ptr<float>(),
                                         Be.data_ptr<float>(), V.data_ptr<float>(),
                                         dT.data_ptr<float>(), need_dx ? dx.data_ptr() : nullptr,
                                         z.n, z.d_in, z.d_out, rk, s, dp, stream),
-               "backward_rows");
+               "dcft_backward_rows");
   if (need_dA)  // dA = fold(dT.T @ dropout(x))
     dA = fold(outer(x, dT, rk, dp, stream), z.r, z.k, z.stride, z.m_in).to(A.scalar_type());
   if (need_dB) {  // dB = s * fold(U.T @ g), U = T @ Ck

@@ -2,62 +2,44 @@
 // lor2c_ops_ext::lor2c_fwd / lor2c_bwd and lor2c_multi_fwd / lor2c_multi_bwd (schemas in
 // csrc/lor2c.cpp). Same checks, outputs and dtypes as csrc/cpu/lor2c.cpp, plus device checks;
 // allocation through ATen (the caching allocator), work enqueued on the current stream, no host
-// synchronisation.
+// synchronisation. The dtype mapping, dropout arguments, device checks and launch-error check
+// are binding_common.h's, shared with the DCFT binding.
 // Compiled only into CUDA builds (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "../lor2c_common.h"
+#include "binding_common.h"
 #include "lor2c_kernels.h"
 
 namespace lor2c {
 namespace {
 
-cuda::DType activation_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, name, ": expected a tensor on ", device,
-              " (the device of x), got ", t.device());
-}
-
-cuda::DeviceInfo device_info() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return {prop->multiProcessorCount, static_cast<int64_t>(prop->sharedMemPerBlockOptin)};
-}
-
-// The seed stays on the device: the kernels read (seed, offset) themselves.
-cuda::DropoutArgs dropout_args(const at::Tensor& seed, double p) {
-  const DropoutParams dp = dropout_params(p, 0, 0);  // threshold and 1/(1-p) only (philox.h)
-  return {seed.data_ptr<int64_t>(), dp.threshold, dp.inv_keep, dp.enabled};
-}
+using cuda::check_cuda;
+using cuda::check_device;
+using cuda::check_launch;
+using cuda::device_info;
+using cuda::dropout_args;
+using cuda::dtype_of;
 
 // Checks of a forward: x, layer_out and one adapter's A (r, d_in), B (d_out, r) (a bank's row 0
 // for a multi-adapter call), then that every tensor is on x's device. Returns x's device.
+// TODO(issue 12 item 4): from check_common to the dtype of layer_out (and of grad and t in
+// check_bwd) these are csrc/cpu/lor2c.cpp's check_forward / check_backward again; one definition
+// of each in ../lor2c_common.h, called by both entry points, would remove the copy.
 at::Device check_fwd(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
                      const at::Tensor& B, const at::Tensor& seed, double p) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_cuda(x);
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
   check_rows(layer_out, "layer_out", x.size(0), B.size(0));
   TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
               x.scalar_type(), ", got ", layer_out.scalar_type());
-  activation_dtype(x);
+  dtype_of(x);
   check_device(layer_out, "layer_out", x.device());
   check_device(seed, "seed", x.device());
   return x.device();
@@ -66,7 +48,7 @@ at::Device check_fwd(const at::Tensor& x, const at::Tensor& layer_out, const at:
 // The same for a backward, with grad (n, d_out) and t (n, r) fp32 from the forward.
 at::Device check_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& seed, double p) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_cuda(x);
   check_common(x, A, B, seed, p);
   check_rows(x, "x", x.size(0), x.size(1));
   check_rows(grad, "grad", x.size(0), B.size(0));
@@ -75,7 +57,7 @@ at::Device check_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
                   t.size(0) == x.size(0) && t.size(1) == A.size(0),
               "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
-  activation_dtype(x);
+  dtype_of(x);
   check_device(grad, "grad", x.device());
   check_device(t, "t", x.device());
   check_device(seed, "seed", x.device());
@@ -87,7 +69,7 @@ cuda::FwdArgs fwd_args(const at::Tensor& x, const at::Tensor& layer_out, const a
                        const at::Tensor& Bc, const at::Tensor& out, const at::Tensor& t,
                        double scale, double p, const at::Tensor& seedc) {
   cuda::FwdArgs args{};
-  args.act = activation_dtype(x);
+  args.act = dtype_of(x);
   args.weights_fp32 = Ac.scalar_type() == at::kFloat;
   args.x = x.data_ptr();
   args.ldx = x.stride(0);
@@ -113,7 +95,7 @@ cuda::BwdArgs bwd_args(const at::Tensor& grad, const at::Tensor& x, const at::Te
                        double scale, double p, const at::Tensor& seedc, bool need_dx,
                        bool need_dA, bool need_dB) {
   cuda::BwdArgs args{};
-  args.act = activation_dtype(x);
+  args.act = dtype_of(x);
   args.weights_fp32 = Ac.scalar_type() == at::kFloat;
   args.grad = grad.data_ptr();
   args.ldg = grad.stride(0);
@@ -157,8 +139,9 @@ std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at:
   at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
   if (n == 0) return {out, t};
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
-  C10_CUDA_CHECK(cuda::lor2c_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
-                                        device_info(), at::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::lor2c_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
+                                      device_info(), at::cuda::getCurrentCUDAStream()),
+               "lor2c_fwd_launch");
   return {out, t};
 }
 
@@ -182,10 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
       cuda::lor2c_bwd_plan(n, d_in, d_out, r, need_dx, need_dA, need_dB, info);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
   const at::Tensor workspace = workspace_for(plan, x);
-  C10_CUDA_CHECK(cuda::lor2c_bwd_launch(
-      bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p, seedc, need_dx, need_dA,
-               need_dB),
-      plan, info, at::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::lor2c_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale,
+                                               p, seedc, need_dx, need_dA, need_dB),
+                                      plan, info, at::cuda::getCurrentCUDAStream()),
+               "lor2c_bwd_launch");
   return {dx, dA, dB};
 }
 
@@ -216,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
     const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
     const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
     const at::Tensor& seed) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_cuda(x);
   check_banks(A_bank, B_bank, ids, x.size(0));
   const at::Device device = check_fwd(x, layer_out, A_bank[0], B_bank[0], seed, p);
   check_device(A_bank, "A_bank", device);
@@ -230,9 +213,10 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
   if (n == 0) return {out, t};
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
   MultiRows rows = sort_rows(ids, G);
-  C10_CUDA_CHECK(cuda::lor2c_multi_fwd_launch(
-      fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc), rows.args(G), device_info(),
-      at::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::lor2c_multi_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
+                                            rows.args(G), device_info(),
+                                            at::cuda::getCurrentCUDAStream()),
+               "lor2c_multi_fwd_launch");
   return {out, t};
 }
 
@@ -240,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
     const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
     const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
+  check_cuda(x);
   check_banks(A_bank, B_bank, ids, x.size(0));
   const at::Device device = check_bwd(grad, x, t, A_bank[0], B_bank[0], seed, p);
   check_device(A_bank, "A_bank", device);
@@ -263,10 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
   const at::Tensor workspace = workspace_for(plan, x);
   MultiRows rows = sort_rows(ids, G);
-  C10_CUDA_CHECK(cuda::lor2c_multi_bwd_launch(
-      bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p, seedc, need_dx, need_dA,
-               need_dB),
-      rows.args(G), plan, info, at::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::lor2c_multi_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace,
+                                                     scale, p, seedc, need_dx, need_dA, need_dB),
+                                            rows.args(G), plan, info,
+                                            at::cuda::getCurrentCUDAStream()),
+               "lor2c_multi_bwd_launch");
   return {dx, dA, dB};
 }
 

@@ -1,6 +1,8 @@
-// Host launchers of the LoR2C residual CUDA kernels (csrc/cuda/lor2c.cu). Plain C++: raw
-// pointers and sizes only, no torch types, so the kernels compile and can be checked with nvcc
-// alone; csrc/cuda/lor2c_binding.cpp is the ATen glue that allocates and calls these.
+// Host launchers of the LoR2C residual CUDA kernels: lor2c_fwd.cu (forward), lor2c_bwd.cu
+// (backward) and lor2c_multi_plan.cu (the multi-adapter row plan). Plain C++: raw pointers and
+// sizes only, no torch types, so the kernels compile and can be checked with nvcc alone;
+// csrc/cuda/lor2c_binding.cpp is the ATen glue that allocates and calls these. DType,
+// DropoutArgs and DeviceInfo are shared with the DCFT kernels (common.h).
 //
 // Conventions: x, layer_out and grad are (n, d) with a row stride `ld*` (elements) and unit
 // column stride; A (r, d_in) and B (d_out, r) are contiguous; t and u are contiguous fp32
@@ -12,24 +14,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common.h"
+
 namespace lor2c {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// What the launch configuration depends on; the binding fills it from cudaDeviceProp
-// (multiProcessorCount, sharedMemPerBlockOptin).
-struct DeviceInfo {
-  int num_sms;
-  int64_t max_smem_per_block;  // bytes of dynamic shared memory one block may opt in to
-};
-
-struct DropoutArgs {
-  const int64_t* seed;  // device pointer to int64[2] = (seed, offset); read by the kernels
-  uint32_t threshold;   // floor(p * 2^16): kept iff its 16-bit draw >= threshold (philox.h)
-  float inv_keep;       // 1 / (1 - p)
-  bool enabled;         // p > 0 (when false, seed is not read)
-};
 
 struct FwdArgs {
   DType act;          // dtype of x, layer_out and out
