@@ -1,7 +1,13 @@
-"""Argument checks shared by the ops: each error names the argument and what was expected."""
+"""Argument checks: each error names the argument and what was expected.
+
+The tensor checks serve the ops. The checks of module and configuration arguments (at the end)
+serve the nn.Module front ends, LoR2CConfig and IMLoR2CSchedule: those raise ValueError for any
+bad value, of the wrong kind or out of range, and refuse bools where numbers are expected.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -64,3 +70,50 @@ def finite(value, name: str) -> float:
     if not math.isfinite(result):
         raise ValueError(f"{name}: expected a finite number, got {result}")
     return result
+
+
+# --- module and configuration arguments ------------------------------------------------------
+
+def _or_none(allow_none: bool) -> str:
+    return " or None" if allow_none else ""
+
+
+def positive_int(value, name: str, allow_none: bool = False):
+    """`value` (an int >= 1, not a bool), or None when allowed; else a ValueError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{_or_none(allow_none)}, got {value!r}")
+    return value
+
+
+def non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    return value
+
+
+def int_in_range(value, name: str, low: int, high: int, what: str = "") -> int:
+    """`value` as an int in low..high; `what` says where the bound comes from."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}: expected an int in {low}..{high}{what}, got {value!r}")
+    return value
+
+
+def finite_number(value, name: str, allow_none: bool = False):
+    """A finite real number (not a bool), or None when allowed; Python ints and floats come back
+    as they are, other reals (NumPy scalars) as floats."""
+    if value is None and allow_none:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)):
+        raise ValueError(f"{name}: expected a finite number{_or_none(allow_none)}, got {value!r}")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def dropout_probability(value, name: str = "dropout") -> float:
+    """A module's dropout probability, as a float in [0, 1)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not 0.0 <= float(value) < 1.0):
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return float(value)

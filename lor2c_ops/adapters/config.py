@@ -2,29 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-
-def _positive_int(value, name: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-    return value
-
-
-def _finite(value, name: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-    return value
+from .. import _checks as checks
 
 
 def _names(value, name: str, allow_none: bool = False):
@@ -112,15 +95,14 @@ class LoR2CConfig:
     backend: Optional[str] = None
 
     def __post_init__(self):
-        _positive_int(self.r, "r")
-        _positive_int(self.max_merge_length, "max_merge_length", allow_none=True)
-        _positive_int(self.inject_r, "inject_r", allow_none=True)
-        _positive_int(self.hidden_size, "hidden_size", allow_none=True)
-        _finite(self.alpha, "alpha")
-        _finite(self.inject_alpha, "inject_alpha", allow_none=True)
-        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
-                or not 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        checks.positive_int(self.r, "r")
+        checks.positive_int(self.max_merge_length, "max_merge_length", allow_none=True)
+        checks.positive_int(self.inject_r, "inject_r", allow_none=True)
+        checks.positive_int(self.hidden_size, "hidden_size", allow_none=True)
+        self.alpha = checks.finite_number(self.alpha, "alpha")
+        self.inject_alpha = checks.finite_number(self.inject_alpha, "inject_alpha",
+                                                 allow_none=True)
+        self.dropout = checks.dropout_probability(self.dropout)
         for name in ("share", "freeze_base"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")

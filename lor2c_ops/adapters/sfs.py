@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _checks as checks
+
 
 def factored_singular_values(A: Tensor, B: Tensor) -> Tensor:
     """The r singular values of B @ A (B: (d_out, r), A: (r, d_in)), descending, without forming
@@ -27,8 +29,7 @@ def sfs_from_sigma(sigma: Tensor, full_count: int, k: Optional[int] = None) -> f
     total = float(sigma.sum())
     if k is None:
         return total / full_count
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int or None, got {k!r}")
+    checks.positive_int(k, "k", allow_none=True)
     if total == 0.0:
         return 0.0
     top = torch.sort(sigma, descending=True).values[:k]

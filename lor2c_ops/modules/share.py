@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import _checks as checks
 from ..ops.lor2c import lor2c_residual
 
 
@@ -44,13 +45,11 @@ class ShareLoR2C(nn.Module):
         out_features = in_features if out_features is None else out_features
         for name, value in (("num_adapters", num_adapters), ("in_features", in_features),
                             ("out_features", out_features), ("r", r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+            checks.positive_int(value, name)
         self.num_adapters, self.in_features, self.out_features, self.r = (
             num_adapters, in_features, out_features, r)
-        self.alpha, self.dropout, self.backend = alpha, float(dropout), backend
+        self.alpha, self.backend = alpha, backend
+        self.dropout = checks.dropout_probability(dropout)
         self.scaling = alpha / r
         self.groups = _group_map(groups, num_adapters)
         num_groups = max(self.groups) + 1
