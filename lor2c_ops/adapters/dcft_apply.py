@@ -23,7 +23,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class DCFTHandle:
-    """What apply_dcft returns: `.modules` {name: DCFTLinear}; merge_and_unload(); remove()."""
+    """What apply_dcft returns: `.modules` {name: DCFTLinear}; fold_and_unload(); remove()."""
 
     def __init__(self, model, replaced: Dict[str, tuple], saved_flags):
         self.model = model
@@ -45,7 +45,7 @@ class DCFTHandle:
     def _restore(self, fold: bool) -> nn.Module:
         self._check_live()
         for name, (linear, dcft) in self._replaced.items():
-            dcft.unmerge()  # the weight Parameter is the original Linear's: put it back first
+            dcft.unfold()  # the weight Parameter is the original Linear's: put it back first
             if fold:
                 with torch.no_grad():
                     linear.weight.copy_((linear.weight.float() + dcft.delta_weight())
@@ -56,10 +56,12 @@ class DCFTHandle:
         self.removed = True
         return self.model
 
-    def merge_and_unload(self) -> nn.Module:
+    def fold_and_unload(self) -> nn.Module:
         """Folds each adapter's delta (scaling * D.T) into its Linear's weight, puts the plain
         nn.Linear modules back and returns the model."""
         return self._restore(fold=True)
+
+    merge_and_unload = fold_and_unload  # the older (PEFT's) name, kept as an alias
 
     def remove(self) -> nn.Module:
         """Puts the original nn.Linear modules back unchanged (the adapters are dropped)."""
