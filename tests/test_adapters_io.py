@@ -67,7 +67,7 @@ def test_round_trip_after_merge_and_inject_is_exact(minilm_base, tmp_path, share
     other = fresh(minilm_base)
     h2 = lo.load_adapters(other, path)
     assert h2.spans == h.spans and set(h2.injected) == set(h.injected)
-    assert [a.merged for a in h2.adapters] == [a.merged for a in h.adapters]
+    assert [a.from_merge for a in h2.adapters] == [a.from_merge for a in h.adapters]
     assert [e["kind"] for e in h2.history] == ["merge", "inject"]
     assert torch.equal(out(other), expected)
     trainable = {id(p) for p in other.parameters() if p.requires_grad}
@@ -302,12 +302,13 @@ def test_sizes_are_checked_against_the_files_tensors_before_allocating(
     else:
         rewrite(llama_file, _set("config", field, value))
     import lor2c_ops.adapters.io as io
+    from lor2c_ops.adapters.container import LoR2CAdapters
 
     def no_allocation(*args, **kwargs):
         raise AssertionError("adapters were allocated before the header was checked")
 
-    monkeypatch.setattr(io, "build", no_allocation)
-    monkeypatch.setattr(io, "FusedLoR2C", no_allocation)
+    monkeypatch.setattr(io, "build", no_allocation)  # the span adapters
+    monkeypatch.setattr(LoR2CAdapters, "add_injected", no_allocation)  # the injected LoRAs
     model = tiny_llama()
     with pytest.raises(ValueError, match=message):
         lo.load_adapters(model, llama_file)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import lor2c_ops as lo
-from lor2c_ops.adapters import UntrainedParametersWarning, dense_sfs, sfs
+from lor2c_ops.adapters import (DCFTHandle, SpanAdapter, UntrainedParametersWarning, dense_sfs,
+                                get_handle, sfs)
 
 
 class Attn(nn.Module):
@@ -61,6 +62,29 @@ def snapshot(params):
     return [p.detach().clone() for p in params]
 
 
+# --- the adapters and their container ---------------------------------------------------------
+
+@pytest.mark.parametrize("share", [False, True])
+def test_adapters_are_one_kind_and_the_container_is_public(share):
+    model, h = make(share=share, spans=[(0, 1), (2, 2), (3, 5)])
+    c = h.container
+    assert all(isinstance(a, SpanAdapter) for a in h.adapters)
+    assert c.shared == share and c.handle is h and get_handle(model) is h
+    assert c.dtype == torch.float32 and c.injections() == [] and h.spans == c.spans()
+    x, out = torch.randn(2, 16), torch.randn(2, 16)
+    for a in h.adapters:
+        want = out + a.scaling * x @ a.lora_A.T @ a.lora_B.T
+        torch.testing.assert_close(a.residual(x, out), want)
+    h.inject(1, optimizer=False)
+    (inj_q, inj_v) = c.injections()
+    assert (inj_q.block, inj_q.target.name, inj_v.target.name) == (2, "attention.query",
+                                                                   "attention.value")
+    assert h.injected == {(2, "attention.query"): inj_q.lora, (2, "attention.value"): inj_v.lora}
+    assert inj_q.key == "2:attention__query" and c.injected[inj_q.key] is inj_q.lora
+    h.remove()
+    assert c.handle is None and get_handle(model) is None
+
+
 # --- SFS --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(40, 3, 24), (17, 1, 33), (8, 8, 8)])
@@ -109,13 +133,16 @@ def test_merge_updates_optimizer_and_only_new_params_train(share):
     x = torch.randn(2, 4, 16)
     opt = torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=0.1)
     train_step(model, opt, x)
-    lo_a, up = h.adapters[1], h.adapters[2]
-    A_lo, B_lo, s_lo = lo_a.lora_A.detach().clone(), lo_a.lora_B.detach().clone(), lo_a.scaling
+    lower = h.adapters[1]
+    A_lower, B_lower = lower.lora_A.detach().clone(), lower.lora_B.detach().clone()
+    s_lower = lower.scaling
+    assert not lower.from_merge
     edit = h.merge(1, 2, optimizer=opt)
     assert h.spans == [(0, 0), (1, 2), (3, 3), (4, 4), (5, 5)]
     merged = h.adapters[1]
-    assert merged.merged and merged.scaling == s_lo
-    assert torch.equal(merged.lora_A, A_lo) and torch.equal(merged.lora_B, B_lo)
+    assert merged.from_merge and merged.merged  # `merged`: the older name, kept as an alias
+    assert merged.scaling == s_lower
+    assert torch.equal(merged.lora_A, A_lower) and torch.equal(merged.lora_B, B_lower)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(p) in in_opt for p in edit.added)
     assert not any(id(p) in in_opt for p in edit.removed)
@@ -302,7 +329,7 @@ def test_imlor2c_schedule_in_a_plain_loop():
 
 # --- DCFT ------------------------------------------------------------------------------------
 
-def test_apply_dcft_merge_and_unload():
+def test_apply_dcft_fold_and_unload():
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(2, 3, 16)
@@ -318,9 +345,10 @@ def test_apply_dcft_merge_and_unload():
     with torch.no_grad():
         adapted = model(x)
         model.eval()
-        merged_eval = model(x)
-    torch.testing.assert_close(merged_eval, adapted, atol=1e-5, rtol=1e-5)
-    plain = h.merge_and_unload()
+        folded_eval = model(x)
+    assert d.folded
+    torch.testing.assert_close(folded_eval, adapted, atol=1e-5, rtol=1e-5)
+    plain = h.fold_and_unload()
     assert plain.layers[0].attention.query is q0 and type(q0) is nn.Linear
     torch.testing.assert_close(plain(x), adapted, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain(x), base)
@@ -334,7 +362,7 @@ def test_apply_dcft_remove_restores_and_errors():
     h = lo.apply_dcft(model, r"layers\.0\.attention\.(query|key)", r=1)
     assert len(h.modules) == 2
     model.eval()
-    model(x)  # merges into the shared weight
+    model(x)  # folds D into the shared weight
     h.remove()
     assert torch.equal(model(x), base)
     assert all(p.requires_grad for p in model.parameters())
@@ -346,3 +374,16 @@ def test_apply_dcft_remove_restores_and_errors():
         lo.apply_dcft(model, ["query"], kernel_size=3)  # 16 is not (m - 1) * 3 + 3
     assert all(p.requires_grad for p in model.parameters())
     assert all(type(b.attention.query) is nn.Linear for b in model.layers)
+
+
+def test_dcft_old_names_are_aliases():
+    """"Fold" is the DCFT word for adding D into the weight (a "merge" is MergeLoR2C's); the
+    older names stay as aliases (docs/api.md sections 2.3 and 3.4)."""
+    assert lo.DCFTLinear.merge is lo.DCFTLinear.fold
+    assert lo.DCFTLinear.unmerge is lo.DCFTLinear.unfold
+    assert lo.DCFTLinear.merged is lo.DCFTLinear.folded
+    assert DCFTHandle.merge_and_unload is DCFTHandle.fold_and_unload
+    m = lo.DCFTLinear(8, 8).eval()
+    assert m.folded and m.merged
+    m.unmerge()
+    assert not m.folded

@@ -3,7 +3,7 @@ state), new ones join the param group the removed ones were in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -45,10 +45,16 @@ class StructuralEdit:
                 f"added {count(self.added)}; {state})")
 
 
-def update_optimizer(optimizer: torch.optim.Optimizer, removed, added) -> None:
+def check_optimizer(optimizer) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
+
+
+def update_optimizer(optimizer: torch.optim.Optimizer, removed, added) -> None:
+    """`removed` leave `optimizer` (with their state); `added` join the param group the removed
+    ones were in (the first group when none was)."""
+    check_optimizer(optimizer)
     removed_ids = {id(p) for p in removed}
     target = None
     for group in optimizer.param_groups:

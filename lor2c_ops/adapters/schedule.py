@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import torch
 
-from .apply import LoR2CHandle
+from .. import _checks as checks
+from .handle import LoR2CHandle
 from .optim import StructuralEdit
 
 
@@ -30,11 +31,9 @@ class IMLoR2CSchedule:
     def __init__(self, handle: LoR2CHandle, max_merges: int = 0, max_injections: int = 0,
                  interval: int = 1, unit: str = "step", total: Optional[int] = None,
                  window: float = 0.25, sfs_k: Optional[int] = None, optimizer=None):
-        for name, v in (("max_merges", max_merges), ("max_injections", max_injections)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval: expected a positive int, got {interval!r}")
+        checks.non_negative_int(max_merges, "max_merges")
+        checks.non_negative_int(max_injections, "max_injections")
+        checks.positive_int(interval, "interval")
         if unit not in ("step", "epoch"):
             raise ValueError(f"unit: expected 'step' or 'epoch', got {unit!r}")
         if not 0.0 < float(window) <= 1.0:
