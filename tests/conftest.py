@@ -15,8 +15,21 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 import lor2c_ops  # noqa: E402,F401
 from lor2c_ops import backends  # noqa: E402
+from lor2c_ops.ops import _common, dcft as dcft_op, lor2c as lor2c_op  # noqa: E402
 
 
 @pytest.fixture(params=backends.NAMES)
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Fails the test if any kernel of either op is reached: bad input must be refused before
+    any kernel runs (test_lor2c, test_share, test_dcft)."""
+    def forbidden(backend):
+        raise AssertionError("a kernel ran before the bad input was rejected")
+    for op in (lor2c_op, dcft_op):
+        monkeypatch.setattr(op, "_kernels", forbidden)
+    # the eager path's C++ autograd op reaches the kernels without _kernels: take the Python path
+    monkeypatch.setattr(_common, "compiled_autograd", lambda op: False)

@@ -435,14 +435,6 @@ def test_module_bad_arguments(kwargs, match):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_kernel(monkeypatch):
-    """Fails the test if any kernel is reached: errors must come before any kernel runs."""
-    def forbidden(backend):
-        raise AssertionError("a kernel ran before the bad input was rejected")
-    monkeypatch.setattr(op, "_kernels", forbidden)
-
-
 def _good():
     return torch.randn(6, 10), torch.randn(6, 12), torch.randn(3, 10), torch.randn(12, 3)
 

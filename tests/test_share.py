@@ -272,13 +272,6 @@ def test_compiled_backend_names_missing_kernels(monkeypatch):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_kernel(monkeypatch):
-    def forbidden(backend):
-        raise AssertionError("a kernel ran before the bad input was rejected")
-    monkeypatch.setattr(op, "_kernels", forbidden)
-
-
 @pytest.mark.parametrize("ids, error, match", [
     (torch.tensor([0, 1, 6, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
     (torch.tensor([0, -2, 1, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
