@@ -87,6 +87,12 @@ def positive_int(value, name: str, allow_none: bool = False):
     return value
 
 
+def positive_ints(**named) -> None:
+    """positive_int for each keyword: positive_ints(in_features=d_in, r=r)."""
+    for name, value in named.items():
+        positive_int(value, name)
+
+
 def non_negative_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
@@ -109,6 +115,14 @@ def finite_number(value, name: str, allow_none: bool = False):
             or not math.isfinite(value)):
         raise ValueError(f"{name}: expected a finite number{_or_none(allow_none)}, got {value!r}")
     return value if isinstance(value, (int, float)) else float(value)
+
+
+def floating_dtype(value, name: str) -> torch.dtype:
+    """The floating torch dtype named `value` ("float32", "bfloat16", ...)."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating dtype name, got {value!r}")
+    return dtype
 
 
 def dropout_probability(value, name: str = "dropout") -> float:

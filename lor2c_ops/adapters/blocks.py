@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import _checks as checks
 from .config import LoR2CConfig
 
 # Stacks of blocks, by the end of their dotted path (Hugging Face naming).
@@ -82,9 +83,7 @@ def adapter_factory(model: nn.Module, blocks, config: LoR2CConfig) -> dict:
         param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     if config.dtype is not None:
-        dtype = getattr(torch, config.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype: expected a floating dtype name, got {config.dtype!r}")
+        dtype = checks.floating_dtype(config.dtype, "dtype")
     elif param is not None and param.dtype.is_floating_point:
         dtype = param.dtype
     else:

@@ -5,8 +5,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
-import torch
-
 from .. import _checks as checks
 
 
@@ -117,9 +115,7 @@ class LoR2CConfig:
         if self.dtype is not None and not isinstance(self.dtype, str):
             self.dtype = str(self.dtype).replace("torch.", "")  # JSON-friendly
         if self.dtype is not None:
-            dtype = getattr(torch, self.dtype, None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"dtype: expected a floating dtype name, got {self.dtype!r}")
+            checks.floating_dtype(self.dtype, "dtype")
 
     @property
     def scaling(self) -> float:

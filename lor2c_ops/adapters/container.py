@@ -24,6 +24,17 @@ def injected_key(block: int, name: str) -> str:
     return f"{block}:{name}".replace(".", "__")
 
 
+def shared_widths(spans: Sequence[Tuple[int, int]], dims) -> Tuple[int, int]:
+    """(d_in, d_out) of a bank over `spans`: every span must start at one input width and end
+    at one output width (dims: [(d_in, d_out)] per block)."""
+    d_ins = {dims[s][0] for s, _ in spans}
+    d_outs = {dims[e][1] for _, e in spans}
+    if len(d_ins) != 1 or len(d_outs) != 1:
+        raise ValueError("share=True needs one input and one output width for all spans, "
+                         f"got {sorted(d_ins)} and {sorted(d_outs)}")
+    return d_ins.pop(), d_outs.pop()
+
+
 class Injection(NamedTuple):
     """A LoRA added by inject(): its key, block, target and module."""
     key: str
@@ -65,14 +76,9 @@ class LoR2CAdapters(nn.Module):
                 raise ValueError(f"spans: ({s}, {e}) is out of range for a model with "
                                  f"{self.num_blocks} blocks")
         if config.share:
-            d_ins = {dims[s][0] for s, _ in spans}
-            d_outs = {dims[e][1] for _, e in spans}
-            if len(d_ins) != 1 or len(d_outs) != 1:
-                raise ValueError("share=True needs one input and one output width for all spans, "
-                                 f"got {sorted(d_ins)} and {sorted(d_outs)}")
-            self.bank = ShareLoR2C(len(spans), d_ins.pop(), d_outs.pop(), r=config.r,
-                                   alpha=config.alpha, dropout=config.dropout,
-                                   backend=config.backend, **factory)
+            d_in, d_out = shared_widths(spans, dims)
+            self.bank = ShareLoR2C(len(spans), d_in, d_out, r=config.r, alpha=config.alpha,
+                                   dropout=config.dropout, backend=config.backend, **factory)
             self._shared = [SharedAdapter(self.bank, i, s, e) for i, (s, e) in enumerate(spans)]
         else:
             for s, e in spans:

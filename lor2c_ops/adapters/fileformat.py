@@ -15,9 +15,10 @@ import math
 
 import torch
 
+from .. import _checks as checks
 from .._version import __version__
 from .config import LoR2CConfig, normalise_spans
-from .container import injected_key
+from .container import injected_key, shared_widths
 
 FORMAT = "lor2c_ops.lor2c_adapters"
 FORMAT_VERSION = 2  # 2 added tensors_sha256; version 1 files (no checksum) load with a warning
@@ -198,8 +199,9 @@ def check_header(meta, where: str) -> dict:
     for n, event in enumerate(history):
         h.dict(event, f"history[{n}]")
     dtype = h.str(h.get(meta, "dtype", "dtype"), "dtype")
-    if not isinstance(getattr(torch, dtype, None), torch.dtype) or \
-            not getattr(torch, dtype).is_floating_point:
+    try:
+        checks.floating_dtype(dtype, "dtype")
+    except ValueError:
         h.fail("dtype", f"expected a floating dtype name, got {dtype!r}")
     if version >= 2:
         digest = h.str(h.get(meta, "tensors_sha256", "tensors_sha256"), "tensors_sha256")
@@ -217,14 +219,12 @@ def expected_shapes(meta: dict) -> dict:
     out = {}
     spans = [(a["start"], a["end"]) for a in meta["adapters"]]
     if config.share:
-        d_ins = {dims[s][0] for s, _ in spans}
-        d_outs = {dims[e][1] for _, e in spans}
-        if len(d_ins) != 1 or len(d_outs) != 1:
-            raise ValueError(f"share=True needs one input and one output width for all spans "
-                             f"(header fields 'dims', 'adapters'), got {sorted(d_ins)} and "
-                             f"{sorted(d_outs)}")
-        out["bank.A_bank"] = ((1, r, d_ins.pop()), "config.r, dims")
-        out["bank.B_bank"] = ((len(spans), d_outs.pop(), r), "adapters, dims, config.r")
+        try:
+            d_in, d_out = shared_widths(spans, dims)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (header fields 'dims', 'adapters')") from None
+        out["bank.A_bank"] = ((1, r, d_in), "config.r, dims")
+        out["bank.B_bank"] = ((len(spans), d_out, r), "adapters, dims, config.r")
     else:
         for n, (s, e) in enumerate(spans):
             out[f"lor2c.{n}.lora_A"] = ((r, dims[s][0]), f"config.r, dims[{s}]")

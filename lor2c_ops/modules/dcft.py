@@ -41,9 +41,8 @@ class DCFTLinear(nn.Module):
                  bias: bool = True, device=None, dtype=None, backend: Optional[str] = None,
                  merge_on_eval: bool = True):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("r", r), ("kernel_size", kernel_size)):
-            checks.positive_int(value, name)
+        checks.positive_ints(in_features=in_features, out_features=out_features, r=r,
+                             kernel_size=kernel_size)
         k = kernel_size
         stride = k if stride is None else checks.int_in_range(stride, "stride", 1, k,
                                                                " (kernel_size) or None")

@@ -23,9 +23,7 @@ class FusedLoR2C(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         out_features = in_features if out_features is None else out_features
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("r", r)):
-            checks.positive_int(value, name)
+        checks.positive_ints(in_features=in_features, out_features=out_features, r=r)
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.alpha, self.backend = alpha, backend
         self.dropout = checks.dropout_probability(dropout)

@@ -43,9 +43,8 @@ class ShareLoR2C(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         out_features = in_features if out_features is None else out_features
-        for name, value in (("num_adapters", num_adapters), ("in_features", in_features),
-                            ("out_features", out_features), ("r", r)):
-            checks.positive_int(value, name)
+        checks.positive_ints(num_adapters=num_adapters, in_features=in_features,
+                             out_features=out_features, r=r)
         self.num_adapters, self.in_features, self.out_features, self.r = (
             num_adapters, in_features, out_features, r)
         self.alpha, self.backend = alpha, backend
