@@ -1,11 +1,13 @@
 """`python -m lor2c_ops.info`: versions, and which backends run here and why the others do not."""
 from __future__ import annotations
 
+import os
 import platform
+from typing import Optional
 
 import torch
 
-from . import __version__, backends
+from . import __version__, _ext, backends
 
 
 def report() -> str:
@@ -24,7 +26,35 @@ def report() -> str:
                      f"(default: {backends.select(None, torch.device(device_type), torch.float32)}):")
         for name, reason in backends.available(device_type).items():
             lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if device_type == "cpu":
+            lines.append(f"  cpu kernels' instruction-set path: {cpu_isa_line()}")
     return "\n".join(lines)
+
+
+def cpu_isa() -> tuple[Optional[str], list[str], Optional[str]]:
+    """(path in use, paths this CPU runs widest first, error) of the compiled CPU kernels
+    (csrc/cpu/isa.h): the path is the widest the CPU runs unless LOR2C_CPU_ISA, read when the
+    extension loads, forces a narrower one; (None, [], reason) where it cannot be said."""
+    if not _ext.loaded():
+        return None, [], _ext.LOAD_ERROR
+    ops = torch.ops.lor2c_ops_ext
+    if not hasattr(ops, "cpu_isa"):
+        return None, [], "the compiled extension predates cpu_isa(): rebuild it from these sources"
+    runnable = list(ops.cpu_isa_runnable())
+    try:
+        return ops.cpu_isa(), runnable, None
+    except RuntimeError as exc:  # LOR2C_CPU_ISA invalid, or asking for more than the CPU runs
+        return None, runnable, str(exc).splitlines()[0]
+
+
+def cpu_isa_line() -> str:
+    path, runnable, error = cpu_isa()
+    if path is None:
+        return f"unknown: {error}"
+    forced = os.environ.get("LOR2C_CPU_ISA", "")
+    how = (f"forced by LOR2C_CPU_ISA={forced}" if forced and forced.lower() != "auto"
+           else "the widest this CPU runs")
+    return f"{path} ({how}; this CPU runs {', '.join(runnable)}; LOR2C_CPU_ISA=<path> forces one)"
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@
 // adds g @ W. dA, dB, dC are per-thread partial sums (shifted layout), reduced and folded at the
 // end; T (n x r*k, fp32) is saved by the forward, the dropout mask regenerated from the seed.
 //
-// Vector loops run over contiguous columns in chunks of kLanes; chunk t holds columns whose
-// residues mod st repeat with period nacc = st / gcd(kLanes, st) in t, so the loops visit the
-// chunks of one residue class u = t mod nacc at a time, with per-class lane patterns.
+// The vector loops (compiled once per instruction-set path, csrc/cpu/isa.h: 16-float vectors
+// are one AVX-512 register, two AVX2 or four SSE ones) run over contiguous columns in chunks
+// of kLanes; chunk t holds columns whose residues mod st repeat with period
+// nacc = st / gcd(kLanes, st) in t, so the loops visit the chunks of one residue class
+// u = t mod nacc at a time, with per-class lane patterns.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -102,8 +104,10 @@ at::Tensor fold(const float* P, const Geometry& g, int64_t m, int64_t d) {
 }
 
 // bins[(b * R + q) * st + c % st] = sum over columns c of W[q, c] * rows[b][c], b < kRows.
-LOR2C_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t d, int64_t st,
-                                 int64_t nacc, const float* const* rows, float* __restrict bins) {
+template <typename Arch>
+LOR2C_INLINE void binned_dot_rows_body(const float* __restrict W, int64_t R, int64_t d,
+                                       int64_t st, int64_t nacc, const float* const* rows,
+                                       float* __restrict bins) {
   const int64_t chunks = d / kLanes;
   std::fill(bins, bins + kRows * R * st, 0.f);
   for (int64_t q = 0; q < R; ++q) {
@@ -124,13 +128,19 @@ LOR2C_CLONES void binned_dot_rows(const float* __restrict W, int64_t R, int64_t 
       for (int b = 0; b < kRows; ++b) bins[(b * R + q) * st + c % st] += w[c] * rows[b][c];
   }
 }
+LOR2C_MULTIVERSION(binned_dot_rows,
+                   (const float* __restrict W, int64_t R, int64_t d, int64_t st, int64_t nacc,
+                    const float* const* rows, float* __restrict bins),
+                   (W, R, d, st, nacc, rows, bins))
 
 // out[b][c] = (base ? base[b][c] : 0) + sum_q W[q, c] * pat[(b * R + q) * st + c % st].
 // pv: scratch of kRows * R * kLanes floats (the patterns laid out as lanes).
-LOR2C_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, int64_t d,
-                                       int64_t st, int64_t nacc, const float* __restrict pat,
-                                       const float* const* base, float* const* out,
-                                       float* __restrict pv) {
+template <typename Arch>
+LOR2C_INLINE void periodic_combine_rows_body(const float* __restrict W, int64_t R, int64_t d,
+                                             int64_t st, int64_t nacc,
+                                             const float* __restrict pat,
+                                             const float* const* base, float* const* out,
+                                             float* __restrict pv) {
   const int64_t chunks = d / kLanes;
   for (int64_t u = 0; u < nacc; ++u) {
     for (int64_t bq = 0; bq < kRows * R; ++bq)
@@ -158,11 +168,18 @@ LOR2C_CLONES void periodic_combine_rows(const float* __restrict W, int64_t R, in
     }
   }
 }
+LOR2C_MULTIVERSION(periodic_combine_rows,
+                   (const float* __restrict W, int64_t R, int64_t d, int64_t st, int64_t nacc,
+                    const float* __restrict pat, const float* const* base, float* const* out,
+                    float* __restrict pv),
+                   (W, R, d, st, nacc, pat, base, out, pv))
 
 // P[q, c] += sum_b pat[(b * R + q) * st + c % st] * rows[b][c]: the weight-gradient update.
-LOR2C_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int64_t d, int64_t st,
-                                           int64_t nacc, const float* __restrict pat,
-                                           const float* const* rows) {
+template <typename Arch>
+LOR2C_INLINE void periodic_accumulate_outer_body(float* __restrict P, int64_t R, int64_t d,
+                                                 int64_t st, int64_t nacc,
+                                                 const float* __restrict pat,
+                                                 const float* const* rows) {
   const int64_t chunks = d / kLanes;
   for (int64_t q = 0; q < R; ++q) {
     float* __restrict p = P + q * d;
@@ -184,6 +201,10 @@ LOR2C_CLONES void periodic_accumulate_outer(float* __restrict P, int64_t R, int6
     }
   }
 }
+LOR2C_MULTIVERSION(periodic_accumulate_outer,
+                   (float* __restrict P, int64_t R, int64_t d, int64_t st, int64_t nacc,
+                    const float* __restrict pat, const float* const* rows),
+                   (P, R, d, st, nacc, pat, rows))
 
 // Lays out a per-row (r x k) matrix Q as the periodic coefficients of the R shifted rows:
 // pat[(b * R + j * E + a / st) * st + a % st] = factor * Q[(b * r + j) * k + a]. Entries with

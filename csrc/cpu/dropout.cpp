@@ -9,9 +9,10 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "isa.h"
+
+#ifdef LOR2C_X86
 #include <immintrin.h>
-#define LOR2C_X86 1
 #endif
 
 namespace lor2c {
@@ -144,18 +145,18 @@ __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const Dro
 
 using DrawFn = void (*)(int64_t, int64_t, const DropoutParams&, float*);
 
+// The path of csrc/cpu/isa.h (LOR2C_CPU_ISA); LOR2C_CPU_MASK_PATH=scalar|avx2 (read once) caps
+// the mask's own path further, for tests written before LOR2C_CPU_ISA.
 DrawFn pick_draw() {
+  Isa path = isa();
   const char* force = std::getenv("LOR2C_CPU_MASK_PATH");
-  const bool scalar_only = force != nullptr && std::strcmp(force, "scalar") == 0;
-  const bool avx2_at_most = force != nullptr && std::strcmp(force, "avx2") == 0;
-  if (scalar_only) return draw_scalar;
+  if (force != nullptr && std::strcmp(force, "scalar") == 0) path = Isa::kBaseline;
+  if (force != nullptr && std::strcmp(force, "avx2") == 0 && path == Isa::kAvx512)
+    path = Isa::kAvx2;
 #ifdef LOR2C_X86
-  __builtin_cpu_init();
-  if (!avx2_at_most && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return draw_avx512;
-  if (__builtin_cpu_supports("avx2")) return draw_avx2;
+  if (path == Isa::kAvx512) return draw_avx512;
+  if (path == Isa::kAvx2) return draw_avx2;
 #endif
-  (void)avx2_at_most;
   return draw_scalar;
 }
 

@@ -15,8 +15,9 @@ constexpr int64_t kMaskStep = 64;
 inline int64_t mask_padded(int64_t d) { return (d + kMaskStep - 1) / kMaskStep * kMaskStep; }
 
 // mask[j] = (draw(row, j) >= threshold) ? inv_keep : 0 for j < mask_padded(d), following the
-// mask convention of csrc/philox.h. Uses AVX-512 (F + BW) or AVX2 when the CPU has them; the
-// environment variable LOR2C_CPU_MASK_PATH=scalar|avx2 (read once) forces a slower path, for tests.
+// mask convention of csrc/philox.h. Uses AVX-512 (F + BW), AVX2 or scalar code, following the
+// kernels' path (csrc/cpu/isa.h, LOR2C_CPU_ISA); LOR2C_CPU_MASK_PATH=scalar|avx2 (read once)
+// caps the mask's path alone, for tests.
 void draw_dropout_row(int64_t row, int64_t d, const DropoutParams& dp, float* mask);
 
 }  // namespace cpu

@@ -6,7 +6,8 @@
 // mask is regenerated from (seed, offset, row, column) with Philox (csrc/philox.h), never stored.
 //
 // The hot loops work on fp32 only (half-precision rows are widened into scratch first) and are
-// compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU's features.
+// compiled for AVX-512, AVX2+FMA and baseline x86-64: the path in use is the widest the CPU runs
+// unless LOR2C_CPU_ISA forces another (csrc/cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,7 +38,8 @@ using cpu::store;
 using cpu::vfloat;
 
 // out[b * r + k] = dot(M[k, :], rows[b]) for the kRows rows.
-LOR2C_CLONES void dot_rows(const float* __restrict M, int64_t r, int64_t d,
+template <typename Arch>
+LOR2C_INLINE void dot_rows_body(const float* __restrict M, int64_t r, int64_t d,
                            const float* const* rows, float* __restrict out) {
   const int64_t dv = d / kLanes * kLanes;
   for (int64_t k = 0; k < r; ++k) {
@@ -55,9 +57,13 @@ LOR2C_CLONES void dot_rows(const float* __restrict M, int64_t r, int64_t d,
     }
   }
 }
+LOR2C_MULTIVERSION(dot_rows, (const float* __restrict M, int64_t r, int64_t d,
+                           const float* const* rows, float* __restrict out),
+                   (M, r, d, rows, out))
 
 // out[b][j] = (base ? base[b][j] : 0) + sum_k coef[b * r + k] * M[k, j] for the kRows rows.
-LOR2C_CLONES void combine_rows(const float* __restrict M, int64_t r, int64_t d,
+template <typename Arch>
+LOR2C_INLINE void combine_rows_body(const float* __restrict M, int64_t r, int64_t d,
                                const float* __restrict coef, const float* const* base,
                                float* const* out) {
   const int64_t dv = d / kLanes * kLanes;
@@ -83,9 +89,14 @@ LOR2C_CLONES void combine_rows(const float* __restrict M, int64_t r, int64_t d,
     }
   }
 }
+LOR2C_MULTIVERSION(combine_rows, (const float* __restrict M, int64_t r, int64_t d,
+                               const float* __restrict coef, const float* const* base,
+                               float* const* out),
+                   (M, r, d, coef, base, out))
 
 // P[k, j] += sum_b coef[b * r + k] * rows[b][j]: a rank-kRows update of the r x d partial sum.
-LOR2C_CLONES void accumulate_outer(float* __restrict P, int64_t r, int64_t d,
+template <typename Arch>
+LOR2C_INLINE void accumulate_outer_body(float* __restrict P, int64_t r, int64_t d,
                                    const float* __restrict coef, const float* const* rows) {
   const int64_t dv = d / kLanes * kLanes;
   for (int64_t k = 0; k < r; ++k) {
@@ -105,6 +116,9 @@ LOR2C_CLONES void accumulate_outer(float* __restrict P, int64_t r, int64_t d,
     }
   }
 }
+LOR2C_MULTIVERSION(accumulate_outer, (float* __restrict P, int64_t r, int64_t d,
+                                   const float* __restrict coef, const float* const* rows),
+                   (P, r, d, coef, rows))
 
 // Blocks of up to kRows rows that share an adapter (a row of the weight banks), in the order the
 // kernels visit them. The plain op is one adapter over rows 0..n-1; a multi-adapter batch is

@@ -1,6 +1,6 @@
-// What every CPU kernel of the library shares: the fp32 vector type of the hot loops, the
-// target clones that pick AVX-512 / AVX2 / baseline code at load time, and the staging of
-// blocks of kRows tensor rows as fp32 rows (widened from half precision, dropout applied).
+// What every CPU kernel of the library shares: the fp32 vector type of the hot loops (compiled
+// once per instruction-set path, csrc/cpu/isa.h), and the staging of blocks of kRows tensor rows
+// as fp32 rows (widened from half precision, dropout applied).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -11,12 +11,8 @@
 
 #include "../philox.h"
 #include "dropout.h"
+#include "isa.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOR2C_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOR2C_CLONES
-#endif
 #define LOR2C_INLINE inline __attribute__((always_inline))
 
 namespace lor2c {

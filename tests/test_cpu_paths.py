@@ -1,0 +1,137 @@
+"""The CPU kernels' instruction-set paths (csrc/cpu/isa.h): each path this machine runs, forced
+with LOR2C_CPU_ISA in a subprocess, passes the fp64 oracle tests of the LoR2C, multi-adapter and
+DCFT ops; shapes at the edges of the register tiles and vector widths of every path; the path in
+use is the one asked for and `python -m lor2c_ops.info` names it."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lor2c_ops as lo
+from lor2c_ops import info
+
+from backend_devices import skip_unless_runnable
+from oracle import assert_within_twice_torch, expected
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHS = ("avx512", "avx2", "baseline")
+
+
+def _runnable() -> list:
+    skip_unless_runnable("cpu")
+    return list(torch.ops.lor2c_ops_ext.cpu_isa_runnable())
+
+
+def _forced() -> str | None:
+    value = os.environ.get("LOR2C_CPU_ISA", "").lower()
+    return None if value in ("", "auto") else value
+
+
+# (n, d_in, d_out, r): ranks and widths on both sides of every path's vector width (4, 8, 16
+# floats), of its register tiles (rows x ranks, rows x vectors, ranks x vectors) and of their
+# remainders; fewer rows than a block, and a ragged last block.
+EDGE_SHAPES = [
+    (1, 1, 1, 1),
+    (5, 7, 9, 2),
+    (8, 15, 17, 3),
+    (13, 16, 33, 5),
+    (9, 31, 48, 6),
+    (17, 47, 49, 7),
+    (16, 64, 63, 9),
+    (11, 65, 95, 13),
+    (21, 96, 97, 16),
+    (7, 130, 47, 17),
+    (19, 200, 129, 25),
+    (10, 33, 200, 33),
+    (12, 97, 64, 64),
+    (9, 48, 113, 70),
+]
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+          (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "n{}-{}-{}-r{}".format(*s))
+def test_cpu_tile_edges_match_fp64_oracle(shape, dtypes, p):
+    """On the path in use (the subprocesses of test_cpu_every_path run the others)."""
+    skip_unless_runnable("cpu")
+    n, d_in, d_out, r = shape
+    dtype, wdtype = dtypes
+    gen = torch.Generator().manual_seed(n * 1000 + r)
+    x = torch.randn(n, d_in, generator=gen).to(dtype)
+    layer_out = torch.randn(n, d_out, generator=gen).to(dtype)
+    A = (torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)).to(wdtype)
+    B = torch.randn(d_out, r, generator=gen).to(wdtype)
+    g = torch.randn(n, d_out, generator=gen).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
+    out = lo.lor2c_residual(*leaves, scale=0.7, dropout_p=p, backend="cpu",
+                            generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    (o64, g64), (o_lp, g_lp) = expected(x, layer_out, A, B, 0.7, p, 3, g)
+    assert_within_twice_torch("out", out, o64, o_lp)
+    for name, got, want, plain in zip(("dx", "dlayer_out", "dA", "dB"),
+                                      [t.grad for t in leaves], g64, g_lp):
+        assert_within_twice_torch(name, got, want, plain)
+
+
+def test_cpu_path_in_use_is_the_one_asked_for():
+    runnable = _runnable()
+    assert runnable and runnable[-1] == "baseline" and set(runnable) <= set(PATHS), runnable
+    want = _forced() or runnable[0]
+    assert torch.ops.lor2c_ops_ext.cpu_isa() == want
+    assert info.cpu_isa()[0] == want
+    assert f"instruction-set path: {want} (" in info.report()
+
+
+# The oracle tests of the three ops, run again in a subprocess per forced path.
+_ORACLE_TESTS = [
+    "tests/test_cpu_paths.py",
+    "tests/test_lor2c.py::test_matches_fp64_oracle",
+    "tests/test_lor2c.py::test_noncontiguous_inputs",
+    "tests/test_lor2c.py::test_forward_and_backward_masks_agree",
+    "tests/test_share.py::test_multi_adapter_matches_loop",
+    "tests/test_share.py::test_multi_adapter_shapes",
+    "tests/test_dcft.py::test_matches_conv_transpose_fp64",
+    "tests/test_dcft.py::test_mask_is_lor2c_mask_in_forward_and_backward",
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cpu_every_path(path):
+    """Each path this CPU runs, other than the one in use here (which the other tests cover),
+    forced with LOR2C_CPU_ISA in a fresh process: the variable is read when the library loads."""
+    runnable = _runnable()
+    if path not in runnable:
+        pytest.skip(f"this CPU does not run the {path} path (it runs {', '.join(runnable)})")
+    if path == torch.ops.lor2c_ops_ext.cpu_isa():
+        pytest.skip(f"{path} is the path in use in this process: the other tests ran it")
+    env = dict(os.environ, LOR2C_CPU_ISA=path)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+           "cpu and not every_path", *_ORACLE_TESTS]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0, f"LOR2C_CPU_ISA={path}:\n{tail}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, tail
+
+
+def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
+    runnable = _runnable()
+    path = runnable[-1]
+    res = subprocess.run([sys.executable, "-m", "lor2c_ops.info"], cwd=ROOT, timeout=300,
+                         env=dict(os.environ, LOR2C_CPU_ISA=path), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"instruction-set path: {path} (forced by LOR2C_CPU_ISA={path}" in res.stdout
+    code = ("import torch, lor2c_ops as lo\n"
+            "try:\n"
+            "    lo.lor2c_residual(torch.ones(2, 3), torch.ones(2, 3), torch.ones(1, 3),"
+            " torch.ones(3, 1), backend='cpu')\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=300,
+                         env=dict(os.environ, LOR2C_CPU_ISA="sse9"), capture_output=True, text=True)
+    assert "refused: LOR2C_CPU_ISA=sse9: expected avx512, avx2, baseline or auto" in res.stdout, (
+        res.stdout + res.stderr)
