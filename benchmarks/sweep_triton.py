@@ -74,7 +74,7 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
     torch.manual_seed(0)
     dev = torch.device("cuda")
     x = torch.randn(n, d, device=dev, dtype=dtype)
-    lo = torch.randn(n, d, device=dev, dtype=dtype)
+    layer_out = torch.randn(n, d, device=dev, dtype=dtype)
     A = (torch.randn(1, r, d, device=dev) / d ** 0.5).to(wdtype)
     B = torch.randn(1, d, r, device=dev).to(wdtype)
     g = torch.randn(n, d, device=dev, dtype=dtype)
@@ -82,7 +82,7 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
     bw = add_bandwidth(n, d, dtype)
     limit = 3 * n * d * x.element_size() / bw / 1e6  # ms, one direction
     base = tk.config_for(dev, d, tk.rank_pad(r), dtype == torch.float32)
-    _, t = tk._forward_impl(x, lo, A, B, None, None, 0.5, p, seed, cfg=base)
+    _, t = tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=base)
     best = {}
     for kernel, cands in (("fwd", FWD), ("grad", GRAD), ("input", INP)):
         if quick:
@@ -91,7 +91,7 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
         for cand in cands:
             cfg = dataclasses.replace(base, **cand)
             if kernel == "fwd":
-                fn = lambda cfg=cfg: tk._forward_impl(x, lo, A, B, None, None, 0.5, p, seed, cfg=cfg)
+                fn = lambda cfg=cfg: tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg)
             elif kernel == "grad":  # the grad pass and dB reduction alone (no dx/dA)
                 fn = lambda cfg=cfg: tk._backward_impl(g, x, t, A, B, None, None, 0.5, p, seed,
                                                        False, False, True, cfg=cfg)
@@ -116,7 +116,7 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
     cfg = base
     for cand in best.values():
         cfg = dataclasses.replace(cfg, **cand)
-    fwd_ms = graph_time(lambda: tk._forward_impl(x, lo, A, B, None, None, 0.5, p, seed, cfg=cfg))
+    fwd_ms = graph_time(lambda: tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg))
     bwd_ms = graph_time(lambda: tk._backward_impl(g, x, t, A, B, None, None, 0.5, p, seed, True,
                                                   True, True, cfg=cfg))
     print(f"best n={n} d={d} r={r} p={p} {str(dtype)[6:]}: fwd {fwd_ms*1e3:.1f} us "

@@ -52,26 +52,6 @@ def weight_dtype(weight: torch.Tensor, name: str, activation: torch.dtype) -> No
                          f"float32 (mixed precision), got {_name(weight.dtype)}")
 
 
-def probability(p, name: str) -> float:
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: expected a probability in [0, 1), got {value}")
-    return value
-
-
-def finite(value, name: str) -> float:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number, got {value!r}") from None
-    if not math.isfinite(result):
-        raise ValueError(f"{name}: expected a finite number, got {result}")
-    return result
-
-
 # --- module and configuration arguments ------------------------------------------------------
 
 def _or_none(allow_none: bool) -> str:

@@ -249,7 +249,7 @@ def _check(x, weight, bias, A, B, C, stride):
 def dcft_delta(A: Tensor, B: Tensor, C: Tensor, stride: Optional[int] = None) -> Tensor:
     """The materialised DCFT delta weight D = conv_transpose2d(A.T @ B.T, C, stride): (d_in, d_out).
 
-    For merging into a base weight (W.T + s * D, i.e. W + s * D.T) and for tests; training goes
+    For folding into a base weight (W.T + s * D, i.e. W + s * D.T) and for tests; training goes
     through dcft_linear, which never forms D. Differentiable. A (r, m_in), B (m_out, r), C (k, k)
     of one dtype and device; stride in 1..k, default k; d = (m - 1) * stride + k.
     """

@@ -1,7 +1,7 @@
 """DCFT (deconvolution in subspace, docs/math.md section 4) in plain PyTorch.
 
 `dcft_delta` materialises the delta weight D (d_in x d_out) exactly as the published code does,
-with conv_transpose2d: it is for merging into the base weight and for tests, never for training.
+with conv_transpose2d: it is for folding into the base weight and for tests, never for training.
 `eager` is the published expression, y = F.linear(x, W, b) + s * dropout(x) @ D, differentiated
 by autograd: the oracle.
 
