@@ -28,11 +28,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops import backends  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The op's shapes, once: "large" is this script's default (per device type), "small" the
+# pytest-benchmark default (benchmarks/test_bench_ops.py reads both from here).
+BENCH_OPS = {"dcft": dict(kernel_op="dcft", sizes={
+    ("small", "cpu"): dict(n=1024, d=768, k=2, r=1), ("large", "cpu"): dict(n=4096, d=1024, k=2, r=1),
+    ("small", "cuda"): dict(n=2048, d=1024, k=2, r=1),
+    ("large", "cuda"): dict(n=8192, d=4096, k=2, r=1),
+})}
 
 
 def frozen_linear(x, W, b, A, B, C, scale, stride, p):
@@ -144,6 +153,30 @@ def check_targets(rows, ambiguous: bool) -> list[str]:
     return lines
 
 
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 30
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("dcft", ["--quick"], "dcft (quick)", 15)]
+    if device_type == "cuda":
+        return [common.Job("dcft", [], "DCFT linear LLaMA-2-7B n=8192 k=2 r=1", 60)]
+    return [common.Job("dcft", ["--n", "4096", "--d", "1024"],
+                       "DCFT linear BERT-large n=4096 k=2 r=1", 35),
+            common.Job("dcft", ["--n", "4096", "--d", "768", "--p", "0.1"],
+                       "DCFT linear BERT-base n=4096 k=2 r=1", 12)]
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    m = job["meta"]
+    return summary.per_p(job, "DCFT linear", f"n={m['n']} d={m['d']} k={m['k']} r={m['r']} {m['dtype']}",
+                  "published", over_linear=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int)
@@ -160,7 +193,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     # n = 8192 on the GPU keeps n != d, so that an allocation of D's size can only be D
-    defaults = (8192, 4096, "bf16") if gpu else (4096, 1024, "fp32")
+    large = BENCH_OPS["dcft"]["sizes"]["large", "cuda" if gpu else "cpu"]
+    defaults = (large["n"], large["d"], "bf16" if gpu else "fp32")
     if args.quick:
         defaults = (256, 128, defaults[2])
         args.repeat = min(args.repeat, 5)

@@ -62,6 +62,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops.adapters import find_blocks  # noqa: E402
@@ -507,6 +508,41 @@ def _faster(which, row, base) -> str:
     return (f"{'PASS' if ok else 'MISS'}  {which}: {row['provider']} step faster than "
             f"{base['provider']} ({text}x{ratio:.3f} of medians: {row['ms']:.1f} vs "
             f"{base['ms']:.1f} ms)")
+
+
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 90
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("e2e", ["--quick"], "e2e (quick)", 30)]
+    if device_type == "cuda":
+        return [common.Job("e2e", [], "training step MiniLM-L6 and LLaMA-shaped", 240)]
+    # the LLaMA-shaped step is for GPUs (bench_e2e.py --model llama runs a small one here)
+    return [common.Job("e2e", [], "training step MiniLM-L6", 50)]
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    rows, shapes = job["rows"], job["meta"].get("models", {})
+    out = []
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        mine = [r for r in rows if r.get("model") == model]
+        s = shapes.get(model)
+        shape = (f"hidden {s['hidden']}, {s['layers']} layers, {s['batch']} x {s['seq']} tokens "
+                 f"{s['dtype']}" if s else model)
+        for provider, baseline in (("lor2c-fused", "lor2c-reference"),
+                                   ("lora-peft", "lor2c-reference"),
+                                   ("dcft-fused", "dcft-published")):
+            row = summary.pick(mine, provider=provider)
+            if row:
+                out.append(summary.entry(f"training step {model}", shape, "", row,
+                                  summary.pick(mine, provider=baseline),
+                                  tokens_per_s=row.get("tokens_per_s")))
+    return out
 
 
 def main(argv=None, progress=None):

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops import backends  # noqa: E402
@@ -127,6 +128,32 @@ def report(rows, quick=False) -> None:
                 mark = "(quick: not a target check)"
         print(f"{row['op']:20s} {row['p']:4.1f} {row['provider']:16s} {row['host_us']:9.1f} "
               f"{row['ratio']:8.2f}x {mark}")
+
+
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 50
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("host", ["--quick"], "host (quick)", 8)]
+    return [common.Job("host", [], "host time per call, tiny shapes",
+                       40 if device_type == "cuda" else 25)]
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    rows = job["rows"]
+    out = []
+    for row in rows:
+        if row["provider"] == "eager":
+            continue
+        base = summary.pick(rows, op=row["op"], p=row["p"], provider="eager")
+        out.append(summary.entry(f"host time: {row['op']}", f"n=8 d=64 r=4 {row['dtype']}",
+                          f"p={row['p']}", row, base))
+    return out
 
 
 def main(argv=None):

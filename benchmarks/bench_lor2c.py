@@ -21,11 +21,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops import backends  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The op's shapes, once: "large" is this script's default (per device type), "small" the
+# pytest-benchmark default (benchmarks/test_bench_ops.py reads both from here).
+BENCH_OPS = {"lor2c": dict(kernel_op="lor2c", sizes={
+    ("small", "cpu"): dict(n=2048, d=768, r=8), ("large", "cpu"): dict(n=8192, d=1024, r=8),
+    ("small", "cuda"): dict(n=4096, d=1024, r=16), ("large", "cuda"): dict(n=16384, d=4096, r=16),
+})}
 
 
 def reference_expression(x, layer_out, A, B, scale, p):
@@ -137,6 +145,37 @@ def check_targets(rows, device_type) -> list[str]:
     return lines
 
 
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 10
+
+
+def _job(n, d, r, p, seconds):
+    return common.Job("lor2c", ["--n", str(n), "--d", str(d), "--r", str(r), "--p", *map(str, p)],
+                      f"LoR2C {common.MODELS.get(d, f'd={d}')} n={n} d={d} r={r}", seconds)
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("lor2c", ["--quick"], "lor2c (quick)", 15)]
+    if device_type == "cuda":
+        return [_job(16384, 4096, 16, (0.0, 0.1), 40), _job(4096, 4096, 16, (0.1,), 20),
+                *(_job(16384, 4096, r, (0.1,), 25) for r in (8, 64)),
+                *(_job(16384, d, 8, (0.1,), 20) for d in (768, 1024))]
+    return [_job(8192, 1024, 8, (0.0, 0.1), 22),
+            *(_job(n, 1024, 8, (0.1,), s) for n, s in ((2048, 3), (32768, 25))),  # tokens
+            *(_job(8192, 768, r, (0.1,), 9) for r in (8, 16, 64)),             # ranks
+            _job(2048, 4096, 16, (0.1,), 14)]                                  # hidden size
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    m = job["meta"]
+    return summary.per_p(job, "LoR2C residual", f"n={m['n']} d={m['d']} r={m['r']} {m['dtype']}",
+                  "eager", of_limit=True, of_bandwidth=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int)
@@ -150,7 +189,8 @@ def main(argv=None):
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    defaults = (16384, 4096, 16, "bf16") if gpu else (8192, 1024, 8, "fp32")
+    large = BENCH_OPS["lor2c"]["sizes"]["large", "cuda" if gpu else "cpu"]
+    defaults = (large["n"], large["d"], large["r"], "bf16" if gpu else "fp32")
     if args.quick:
         defaults = (512, 256, 8, defaults[3])
         args.repeat = min(args.repeat, 5)

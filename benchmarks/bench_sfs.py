@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 from lor2c_ops.adapters.sfs import factored_singular_values, sfs  # noqa: E402
 
@@ -72,6 +73,27 @@ def check_targets(rows, args) -> list[str]:
              else f"d={args.d}, r={args.r}; the target shape is d=4096, r=8")
     return [f"{'PASS' if ok else 'MISS'}  factored SFS at least {TARGET:.0f}x faster than "
             f"svdvals(B @ A): x{ratio:,.0f} ({shape})"]
+
+
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 40
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("sfs", ["--quick"], "sfs (quick)", 5)]
+    repeat = "3" if device_type == "cuda" else "2"
+    return [common.Job("sfs", ["--dense-repeat", repeat], "SFS d=4096 r=8",
+                       30 if device_type == "cuda" else 6)]
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    meta, rows = job["meta"], job["rows"]
+    return [summary.entry("SFS", f"d={meta['d']} r={meta['r']} fp32", "", summary.pick(rows, provider="factored"),
+                   summary.pick(rows, provider="dense"))]
 
 
 def main(argv=None):

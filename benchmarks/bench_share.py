@@ -25,11 +25,29 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops.modules.share import ShareLoR2C  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# The ops' shapes, once: "large" follows this script's defaults, "small" is the pytest-benchmark
+# default (benchmarks/test_bench_ops.py reads both from here). share: a bank of L adapters
+# called one by one; multi: a batch mixing G adapters in one launch.
+BENCH_OPS = {
+    "share": dict(kernel_op="lor2c", sizes={
+        ("small", "cpu"): dict(n=2048, d=768, r=8, L=4),
+        ("large", "cpu"): dict(n=4096, d=768, r=8, L=12),
+        ("small", "cuda"): dict(n=4096, d=1024, r=8, L=4),
+        ("large", "cuda"): dict(n=4096, d=4096, r=8, L=12)}),
+    "multi": dict(kernel_op="lor2c_multi", sizes={
+        ("small", "cpu"): dict(n=2048, d=768, r=8, G=4),
+        ("large", "cpu"): dict(n=4096, d=768, r=8, G=8),
+        ("small", "cuda"): dict(n=4096, d=1024, r=8, G=4),
+        ("large", "cuda"): dict(n=4096, d=4096, r=8, G=8)}),
+}
 
 
 def time_modes(providers: dict, gs, device, repeat: int, limit) -> tuple[float, dict]:
@@ -157,6 +175,49 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
     return mode_rows(f"{adapters} adapters in one batch", times, limit_ms,
                      3 * n * d * x.element_size(),
                      {"vs_loop": "python loop", "vs_eager": "eager", "vs_compiled": "compiled"})
+
+
+# --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
+# seconds: each job's run time on a quiet 2-core Sapphire Rapids (CPU) or an H200 (GPU): the
+# progress bar's weights, not limits.
+SUITE_ORDER = 20
+
+
+def suite_jobs(device_type: str, quick: bool) -> list:
+    if quick:
+        return [common.Job("share", ["--quick"], "share (quick)", 10)]
+    if device_type == "cuda":
+        return [common.Job("share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + "
+                           "8-adapter batch", 60)]
+    return [common.Job("share", ["--repeat", "20"],
+                       "ShareLoR2C 12 layers BERT-base + 8-adapter batch", 10)]
+
+
+def summarise(job: dict) -> list[dict]:
+    """This script's rows of the suite summary (benchmarks/summary.py)."""
+    meta, rows = job["meta"], job["rows"]
+    out = []
+    for d, dtype in dict.fromkeys((r["d"], r["dtype"]) for r in rows):
+        mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype
+                and r.get("mode", "fwd+bwd") == "fwd+bwd"]
+        stack = [r for r in mine if "vs_gather_ref" in r]
+        multi = [r for r in mine if "vs_loop" in r]
+        banked = summary.pick(stack, provider="banked")
+        if banked:
+            out.append(summary.entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
+                              f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
+                              summary.pick(stack, provider="gather-ref"),
+                              summary.pick(stack, provider="compiled"),
+                              vs_separate=banked.get("vs_separate"),
+                              of_limit=banked.get("of_limit")))
+        launch = summary.pick(multi, provider="one launch")
+        if launch:
+            out.append(summary.entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
+                              f"{dtype}", launch["case"], launch,
+                              summary.pick(multi, provider="python loop"),
+                              summary.pick(multi, provider="compiled"),
+                              of_limit=launch.get("of_limit")))
+    return out
 
 
 def main(argv=None):

@@ -15,9 +15,23 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+# Hidden sizes named after the models that have them (the suite's job labels).
+MODELS = {384: "MiniLM-L6", 768: "BERT-base", 1024: "BERT-large", 4096: "LLaMA-2-7B"}
+
+
+@dataclass
+class Job:
+    """One run of a benchmark script in the suite. Each bench_<name>.py declares its own jobs
+    (suite_jobs) and summary rows (summarise): adding a benchmark is adding its script."""
+    bench: str           # benchmarks/bench_<bench>.py
+    argv: list
+    label: str
+    seconds: float       # expected run time on the machine the list is for (the bar's weight)
 
 
 def device_name(device: torch.device) -> str:

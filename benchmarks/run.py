@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -35,61 +34,21 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 import summary  # noqa: E402
 
-MODELS = {384: "MiniLM-L6", 768: "BERT-base", 1024: "BERT-large", 4096: "LLaMA-2-7B"}
+def benches() -> list:
+    """(name, module) of every benchmarks/bench_<name>.py, in their SUITE_ORDER: each script
+    declares its own suite jobs and summary rows, so adding one is adding its file."""
+    names = sorted(f[len("bench_"):-len(".py")] for f in os.listdir(HERE)
+                   if f.startswith("bench_") and f.endswith(".py"))
+    modules = [(name, importlib.import_module(f"bench_{name}")) for name in names]
+    return sorted((m for m in modules if hasattr(m[1], "suite_jobs")),
+                  key=lambda m: m[1].SUITE_ORDER)
 
 
-@dataclass
-class Job:
-    bench: str           # benchmarks/bench_<bench>.py
-    argv: list
-    label: str
-    seconds: float       # expected run time on the machine the suite targets (the bar's weight)
+def suite_jobs(device_type: str, quick: bool) -> list:
+    return [job for _, module in benches() for job in module.suite_jobs(device_type, quick)]
 
 
-def lor2c(n, d, r, p, seconds, extra=()):
-    return Job("lor2c", ["--n", str(n), "--d", str(d), "--r", str(r), "--p", *map(str, p), *extra],
-               f"LoR2C {MODELS.get(d, f'd={d}')} n={n} d={d} r={r}", seconds)
-
-
-def cpu_jobs() -> list[Job]:
-    # seconds: measured on a quiet 2-core Sapphire Rapids (the bar's weights, not limits)
-    return [
-        lor2c(8192, 1024, 8, (0.0, 0.1), 22),
-        *(lor2c(n, 1024, 8, (0.1,), s) for n, s in ((2048, 3), (32768, 25))),  # tokens sweep
-        *(lor2c(8192, 768, r, (0.1,), 9) for r in (8, 16, 64)),             # rank sweep
-        lor2c(2048, 4096, 16, (0.1,), 14),                                   # hidden-size sweep
-        Job("share", ["--repeat", "20"], "ShareLoR2C 12 layers BERT-base + 8-adapter batch", 10),
-        Job("dcft", ["--n", "4096", "--d", "1024"], "DCFT linear BERT-large n=4096 k=2 r=1", 35),
-        Job("dcft", ["--n", "4096", "--d", "768", "--p", "0.1"],
-            "DCFT linear BERT-base n=4096 k=2 r=1", 12),
-        Job("sfs", ["--dense-repeat", "2"], "SFS d=4096 r=8", 6),
-        Job("host", [], "host time per call, tiny shapes", 25),
-        # the LLaMA-shaped step is for GPUs (bench_e2e.py --model llama runs a small one here)
-        Job("e2e", [], "training step MiniLM-L6", 50),
-    ]
-
-
-def gpu_jobs() -> list[Job]:
-    return [
-        lor2c(16384, 4096, 16, (0.0, 0.1), 40),
-        lor2c(4096, 4096, 16, (0.1,), 20),
-        *(lor2c(16384, 4096, r, (0.1,), 25) for r in (8, 64)),
-        *(lor2c(16384, d, 8, (0.1,), 20) for d in (768, 1024)),
-        Job("share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + 8-adapter batch", 60),
-        Job("dcft", [], "DCFT linear LLaMA-2-7B n=8192 k=2 r=1", 60),
-        Job("sfs", ["--dense-repeat", "3"], "SFS d=4096 r=8", 30),
-        Job("host", [], "host time per call, tiny shapes", 40),
-        Job("e2e", [], "training step MiniLM-L6 and LLaMA-shaped", 240),
-    ]
-
-
-def quick_jobs() -> list[Job]:
-    return [Job(name, ["--quick"], f"{name} (quick)", seconds)
-            for name, seconds in (("lor2c", 15), ("share", 10), ("dcft", 15), ("sfs", 5),
-                                  ("host", 8), ("e2e", 30))]
-
-
-def run_job(job: Job, device: str, bar: common.Progress) -> tuple[dict, str]:
+def run_job(job: common.Job, device: str, bar: common.Progress) -> tuple[dict, str]:
     module = importlib.import_module(f"bench_{job.bench}")
     argv = [*job.argv, "--device", device, "--no-save"]
     kwargs = {}
@@ -135,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--only", nargs="+", choices=["lor2c", "share", "dcft", "sfs", "e2e"],
+    parser.add_argument("--only", nargs="+", choices=[name for name, _ in benches()],
                         help="run these scripts only")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--publish", action="store_true",
@@ -153,8 +112,7 @@ def main(argv=None) -> int:
         args.out = os.path.join(HERE, "results", "quick" if args.quick
                                 else "" if args.publish else "local")
     device = torch.device(args.device)
-    jobs = (quick_jobs() if args.quick
-            else gpu_jobs() if device.type == "cuda" else cpu_jobs())
+    jobs = suite_jobs(device.type, args.quick)
     if args.only:
         jobs = [job for job in jobs if job.bench in args.only]
 

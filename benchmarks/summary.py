@@ -9,12 +9,18 @@ where measured (GPU; DCFT on every device), else the bytes the graph keeps for b
 """
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import os
+import sys
+
 import common
 
 NOT_FUSED = {"eager", "compiled", "reference", "published", "linear"}
 
 
-def _memory(row: dict) -> tuple:
+def memory(row: dict) -> tuple:
     if row.get("peak_mb") is not None:
         return row["peak_mb"], "peak"
     if row.get("saved_mb") is not None:
@@ -22,9 +28,9 @@ def _memory(row: dict) -> tuple:
     return None, None
 
 
-def _entry(op, shape, case, row, base, compiled=None, **extra) -> dict:
-    mem, kind = _memory(row)
-    base_mem, _ = _memory(base) if base else (None, None)
+def entry(op, shape, case, row, base, compiled=None, **extra) -> dict:
+    mem, kind = memory(row)
+    base_mem, _ = memory(base) if base else (None, None)
     return {"op": op, "shape": shape, "case": case, "provider": row["provider"],
             "ms": row["ms"], "iqr_ms": row.get("iqr_ms"),
             "baseline": base["provider"] if base else None,
@@ -35,108 +41,31 @@ def _entry(op, shape, case, row, base, compiled=None, **extra) -> dict:
             "mem_mb": mem, "baseline_mem_mb": base_mem, "mem_kind": kind, **extra}
 
 
-def _pick(rows, **match):
+def pick(rows, **match):
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _per_p(job, op, shape, baseline, **fields):
+def per_p(job, op, shape, baseline, **fields):
     """Scripts with a row per (p, mode, provider): the fused providers' fwd+bwd rows."""
     rows = job["rows"]
     out = []
     for p in dict.fromkeys(r["p"] for r in rows):
         for row in rows:
             if row["p"] == p and row["mode"] == "fwd+bwd" and row["provider"] not in NOT_FUSED:
-                out.append(_entry(op, shape, f"p={p}", row,
-                                  _pick(rows, p=p, mode="fwd+bwd", provider=baseline),
-                                  _pick(rows, p=p, mode="fwd+bwd", provider="compiled"),
-                                  **{key: row.get(key) for key in fields}))
+                out.append(entry(op, shape, f"p={p}", row,
+                                 pick(rows, p=p, mode="fwd+bwd", provider=baseline),
+                                 pick(rows, p=p, mode="fwd+bwd", provider="compiled"),
+                                 **{key: row.get(key) for key in fields}))
     return out
-
-
-def _lor2c(job):
-    m = job["meta"]
-    return _per_p(job, "LoR2C residual", f"n={m['n']} d={m['d']} r={m['r']} {m['dtype']}",
-                  "eager", of_limit=True, of_bandwidth=True)
-
-
-def _dcft(job):
-    m = job["meta"]
-    return _per_p(job, "DCFT linear", f"n={m['n']} d={m['d']} k={m['k']} r={m['r']} {m['dtype']}",
-                  "published", over_linear=True)
-
-
-def _share(job):
-    meta, rows = job["meta"], job["rows"]
-    out = []
-    for d, dtype in dict.fromkeys((r["d"], r["dtype"]) for r in rows):
-        mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype
-                and r.get("mode", "fwd+bwd") == "fwd+bwd"]
-        stack = [r for r in mine if "vs_gather_ref" in r]
-        multi = [r for r in mine if "vs_loop" in r]
-        banked = _pick(stack, provider="banked")
-        if banked:
-            out.append(_entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
-                              f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
-                              _pick(stack, provider="gather-ref"),
-                              _pick(stack, provider="compiled"),
-                              vs_separate=banked.get("vs_separate"),
-                              of_limit=banked.get("of_limit")))
-        launch = _pick(multi, provider="one launch")
-        if launch:
-            out.append(_entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
-                              f"{dtype}", launch["case"], launch,
-                              _pick(multi, provider="python loop"),
-                              _pick(multi, provider="compiled"),
-                              of_limit=launch.get("of_limit")))
-    return out
-
-
-def _sfs(job):
-    meta, rows = job["meta"], job["rows"]
-    return [_entry("SFS", f"d={meta['d']} r={meta['r']} fp32", "", _pick(rows, provider="factored"),
-                   _pick(rows, provider="dense"))]
-
-
-def _host(job):
-    rows = job["rows"]
-    out = []
-    for row in rows:
-        if row["provider"] == "eager":
-            continue
-        base = _pick(rows, op=row["op"], p=row["p"], provider="eager")
-        out.append(_entry(f"host time: {row['op']}", f"n=8 d=64 r=4 {row['dtype']}",
-                          f"p={row['p']}", row, base))
-    return out
-
-
-def _e2e(job):
-    rows, shapes = job["rows"], job["meta"].get("models", {})
-    out = []
-    for model in dict.fromkeys(r.get("model") for r in rows):
-        mine = [r for r in rows if r.get("model") == model]
-        s = shapes.get(model)
-        shape = (f"hidden {s['hidden']}, {s['layers']} layers, {s['batch']} x {s['seq']} tokens "
-                 f"{s['dtype']}" if s else model)
-        for provider, baseline in (("lor2c-fused", "lor2c-reference"),
-                                   ("lora-peft", "lor2c-reference"),
-                                   ("dcft-fused", "dcft-published")):
-            row = _pick(mine, provider=provider)
-            if row:
-                out.append(_entry(f"training step {model}", shape, "", row,
-                                  _pick(mine, provider=baseline),
-                                  tokens_per_s=row.get("tokens_per_s")))
-    return out
-
-
-SUMMARISE = {"lor2c": _lor2c, "dcft": _dcft, "share": _share, "sfs": _sfs, "e2e": _e2e,
-             "host": _host}
 
 
 def entries(results: list[dict]) -> list[dict]:
+    """The summary rows of a suite run: each job's script says what they are (summarise)."""
     out = []
     for job in results:
-        for entry in SUMMARISE[job["name"]](job):
-            out.append({"job": job["label"], **entry})
+        module = importlib.import_module(f"bench_{job['name']}")
+        for row in module.summarise(job):
+            out.append({"job": job["label"], **row})
     return out
 
 
@@ -172,3 +101,46 @@ def table(rows: list[dict]) -> str:
 def targets(results: list[dict]) -> list[str]:
     """The scripts' PASS/MISS lines, labelled with their job."""
     return [f"{line}  [{job['label']}]" for job in results for line in job.get("targets", [])]
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN = "<!-- suite table: generated by python benchmarks/summary.py <suite json> --readme -->"
+END = "<!-- end of suite table -->"
+
+
+def from_file(path: str) -> tuple:
+    """(meta, summary rows) of a suite results file (benchmarks/run.py's JSON)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("summary") or entries(data["jobs"])
+    return data["meta"], rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="The summary table of a suite results file; --readme writes it into the "
+                    "README between its markers (the README's table is never pasted by hand).")
+    parser.add_argument("results", help="a suite-<device>-<commit>-<time>.json")
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args(argv)
+    meta, rows = from_file(args.results)
+    text = (f"From `{os.path.relpath(args.results, os.path.dirname(README))}` ({meta['device']}, "
+            f"commit {meta['commit']}).\n\n" + table(rows))
+    if not args.readme:
+        print(header(meta) + "\n\n" + table(rows))
+        return 0
+    with open(README) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        print(f"README.md has no suite-table markers ({BEGIN} ... {END})", file=sys.stderr)
+        return 1
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(README, "w") as f:
+        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+    print(f"README.md: suite table from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

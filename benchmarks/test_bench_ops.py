@@ -34,6 +34,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dcft  # noqa: E402
+import bench_lor2c  # noqa: E402
+import bench_share  # noqa: E402
 import common  # noqa: E402
 from bench_dcft import frozen_linear  # noqa: E402
 from bench_dcft import published as dcft_published  # noqa: E402
@@ -49,28 +52,13 @@ SCALE = 2.0    # alpha / r
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# (size, device type) -> op -> shape; the dtype is fp32 on the CPU and bf16 on CUDA.
-# large follows the bench_*.py scripts' defaults.
-SIZES = {
-    ("small", "cpu"): {"lor2c": dict(n=2048, d=768, r=8),
-                       "share": dict(n=2048, d=768, r=8, L=4),
-                       "multi": dict(n=2048, d=768, r=8, G=4),
-                       "dcft": dict(n=1024, d=768, k=2, r=1)},
-    ("large", "cpu"): {"lor2c": dict(n=8192, d=1024, r=8),
-                       "share": dict(n=4096, d=768, r=8, L=12),
-                       "multi": dict(n=4096, d=768, r=8, G=8),
-                       "dcft": dict(n=4096, d=1024, k=2, r=1)},
-    ("small", "cuda"): {"lor2c": dict(n=4096, d=1024, r=16),
-                        "share": dict(n=4096, d=1024, r=8, L=4),
-                        "multi": dict(n=4096, d=1024, r=8, G=4),
-                        "dcft": dict(n=2048, d=1024, k=2, r=1)},
-    ("large", "cuda"): {"lor2c": dict(n=16384, d=4096, r=16),
-                        "share": dict(n=4096, d=4096, r=8, L=12),
-                        "multi": dict(n=4096, d=4096, r=8, G=8),
-                        "dcft": dict(n=8192, d=4096, k=2, r=1)},
-}
-# The op name each fused backend is asked about (backends.Backend.refuses)
-KERNEL_OP = {"lor2c": "lor2c", "share": "lor2c", "multi": "lor2c_multi", "dcft": "dcft"}
+# (size, device type) -> op -> shape, and the op name each fused backend is asked about
+# (backends.Backend.refuses): declared by the scripts themselves (BENCH_OPS); the dtype is fp32
+# on the CPU and bf16 on CUDA.
+_OPS = {**bench_lor2c.BENCH_OPS, **bench_share.BENCH_OPS, **bench_dcft.BENCH_OPS}
+SIZES = {key: {op: spec["sizes"][key] for op, spec in _OPS.items()}
+         for key in (("small", "cpu"), ("large", "cpu"), ("small", "cuda"), ("large", "cuda"))}
+KERNEL_OP = {op: spec["kernel_op"] for op, spec in _OPS.items()}
 
 
 # ---- the eager expressions of the ops that have no bench script function ----------------------

@@ -17,7 +17,9 @@ pytest.importorskip("matplotlib")
 def suite(tmp_path, monkeypatch):
     import run
     monkeypatch.setattr(run, "HERE", str(tmp_path))  # results/ under tmp_path
-    monkeypatch.setattr(run, "cpu_jobs", lambda: [run.Job("sfs", ["--quick"], "SFS tiny", 1)])
+    monkeypatch.setattr(run, "suite_jobs",
+                        lambda device_type, quick: [run.common.Job("sfs", ["--quick"],
+                                                                   "SFS tiny", 1)])
     return run
 
 

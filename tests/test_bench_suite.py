@@ -58,11 +58,38 @@ def test_a_failing_script_fails_the_suite(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c",
          "import sys, runpy; sys.path.insert(0, 'benchmarks'); import run; "
-         "run.quick_jobs = lambda: [run.Job('lor2c', ['--quick', '--dtype', 'fp64'], 'bad', 1),"
-         " run.Job('sfs', ['--quick'], 'good', 1)]; "
+         "run.suite_jobs = lambda t, q: [run.common.Job('lor2c', ['--quick', '--dtype', 'fp64'],"
+         " 'bad', 1), run.common.Job('sfs', ['--quick'], 'good', 1)]; "
          f"sys.exit(run.main(['--quick', '--device', 'cpu', '--no-plots', '--out', {str(tmp_path)!r}]))"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}"
     assert "FAILED bad" in proc.stdout and "FAILED jobs: bad" in proc.stdout
     assert "## good" in proc.stdout
+
+
+def test_each_script_declares_its_suite_jobs_and_summary():
+    """Adding a benchmark is adding its script: run.py finds it, its jobs and its summary rows."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import run
+    names = [name for name, _ in run.benches()]
+    assert names[0] == "lor2c" and names[-1] == "e2e"
+    assert {"lor2c", "share", "dcft", "sfs", "host", "e2e"} <= set(names)
+    for name, module in run.benches():
+        assert callable(module.summarise), name
+        for device_type in ("cpu", "cuda"):
+            for quick in (False, True):
+                jobs = module.suite_jobs(device_type, quick)
+                assert jobs and all(job.bench == name and job.seconds > 0 for job in jobs), name
+
+
+def test_readme_table_is_the_generated_one():
+    """The README's suite table is written by summary.py from a results file, never by hand."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import summary
+    with open(summary.README) as f:
+        readme = f.read()
+    between = readme.split(summary.BEGIN, 1)[1].split(summary.END, 1)[0]
+    source = between.split("`", 2)[1]
+    meta, rows = summary.from_file(os.path.join(ROOT, source))
+    assert summary.table(rows) in between, "regenerate: python benchmarks/summary.py " + source + " --readme"
