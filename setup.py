@@ -5,6 +5,7 @@ Environment: LOR2C_SKIP_EXT=1 installs the pure-Python package only (Triton and 
 backends); LOR2C_SKIP_CUDA=1 builds the CPU kernels only; LOR2C_CUDA_ARCHS="80;90" picks the
 GPU architectures (default sm_80 and sm_90).
 """
+
 import glob
 import os
 
@@ -48,11 +49,15 @@ def _extensions():
         )
     else:
         print(f"lor2c_ops: building the CPU kernels only: {reason}")
-        ext = CppExtension("lor2c_ops._C", sources, extra_compile_args={"cxx": cxx},
-                           extra_link_args=["-fopenmp"])
+        ext = CppExtension(
+            "lor2c_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=find_packages(include=["lor2c_ops", "lor2c_ops.*"]), ext_modules=ext_modules,
-      cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["lor2c_ops", "lor2c_ops.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

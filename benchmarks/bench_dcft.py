@@ -17,6 +17,7 @@ speedups against published and compiled, the overhead against the frozen linear 
 same run, the bytes kept for backward, the peak memory of the step and the number of
 allocations of D's size (d_in x d_out; the published approach makes D and dD every step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The op's shapes, once: "large" is this script's default (per device type), "small" the
 # pytest-benchmark default (benchmarks/test_bench_ops.py reads both from here).
-BENCH_OPS = {"dcft": dict(kernel_op="dcft", sizes={
-    ("small", "cpu"): dict(n=1024, d=768, k=2, r=1), ("large", "cpu"): dict(n=4096, d=1024, k=2, r=1),
-    ("small", "cuda"): dict(n=2048, d=1024, k=2, r=1),
-    ("large", "cuda"): dict(n=8192, d=4096, k=2, r=1),
-})}
+BENCH_OPS = {
+    "dcft": dict(
+        kernel_op="dcft",
+        sizes={
+            ("small", "cpu"): dict(n=1024, d=768, k=2, r=1),
+            ("large", "cpu"): dict(n=4096, d=1024, k=2, r=1),
+            ("small", "cuda"): dict(n=2048, d=1024, k=2, r=1),
+            ("large", "cuda"): dict(n=8192, d=4096, k=2, r=1),
+        },
+    )
+}
 
 
 def frozen_linear(x, W, b, A, B, C, scale, stride, p):
@@ -55,16 +62,24 @@ def published(x, W, b, A, B, C, scale, stride, p):
 
 def providers(device: torch.device, dtype: torch.dtype, include_reference: bool):
     """name -> f(x, W, b, A, B, C, scale, stride, p)."""
-    result = {"linear": frozen_linear, "published": published,
-              "compiled": torch.compile(published, dynamic=False)}
+    result = {
+        "linear": frozen_linear,
+        "published": published,
+        "compiled": torch.compile(published, dynamic=False),
+    }
     for name in backends.NAMES:
         if name == "reference" and not include_reference:
             continue
         if name == "triton" and device.type == "cpu":
             continue  # the interpreter is for testing, not timing
         if backends.BACKENDS[name].refuses(device, dtype) is None:
-            result[name] = (lambda be: lambda x, W, b, A, B, C, s, st, p: lo.dcft_linear(
-                x, W, b, A, B, C, scale=s, stride=st, dropout_p=p, backend=be))(name)
+            result[name] = (
+                lambda be: (
+                    lambda x, W, b, A, B, C, s, st, p: lo.dcft_linear(
+                        x, W, b, A, B, C, scale=s, stride=st, dropout_p=p, backend=be
+                    )
+                )
+            )(name)
     return result
 
 
@@ -89,8 +104,8 @@ def run(args):
     m = lo.ops.dcft.subspace_size(d, k, stride, "d")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
-    W = (torch.randn(d, d, generator=gen) / d**0.5).to(device, dtype)   # frozen
-    b = (torch.randn(d, generator=gen) * 0.1).to(device, dtype)         # frozen
+    W = (torch.randn(d, d, generator=gen) / d**0.5).to(device, dtype)  # frozen
+    b = (torch.randn(d, generator=gen) * 0.1).to(device, dtype)  # frozen
     A = (torch.randn(r, m, generator=gen) * 0.02).to(device, dtype).requires_grad_()
     B = (torch.randn(m, r, generator=gen) * 0.02).to(device, dtype).requires_grad_()
     C = (torch.randn(k, k, generator=gen) * 0.02).to(device, dtype).requires_grad_()
@@ -110,46 +125,63 @@ def run(args):
             modes = common.mode_cases(forward, inputs, g)
             for mode, case in modes.items():
                 cases[name, mode] = case
-            memory[name] = (common.saved_bytes(forward, exclude=(x, W, b, A, B, C)),
-                            *memory_of_step(modes["fwd+bwd"][0], device, d_bytes))
+            memory[name] = (
+                common.saved_bytes(forward, exclude=(x, W, b, A, B, C)),
+                *memory_of_step(modes["fwd+bwd"][0], device, d_bytes),
+            )
         times = common.timed(cases, device, args.repeat)
         results = {}
         for name, (saved, peak, d_allocs) in memory.items():
             results[name] = {mode: times[name, mode] for mode in ("fwd", "bwd", "fwd+bwd")}
             results[name].update(saved=saved, peak=peak, d_allocs=d_allocs)
-            print(f"  p={p} {name:<10} fwd+bwd {results[name]['fwd+bwd'][0]:8.2f} ms",
-                  file=sys.stderr)
+            print(
+                f"  p={p} {name:<10} fwd+bwd {results[name]['fwd+bwd'][0]:8.2f} ms", file=sys.stderr
+            )
 
         for mode in ("fwd", "bwd", "fwd+bwd"):
             for name, entry in results.items():
                 ms, spread = entry[mode]
-                rows.append({
-                    "p": p, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
-                    "vs_published": results["published"][mode][0] / ms,
-                    "vs_compiled": results["compiled"][mode][0] / ms,
-                    "over_linear": ms / results["linear"][mode][0] - 1.0,
-                    "saved_mb": entry["saved"] / 2**20,
-                    "peak_mb": entry["peak"] / 2**20,
-                    "d_allocs": entry["d_allocs"],
-                })
+                rows.append(
+                    {
+                        "p": p,
+                        "mode": mode,
+                        "provider": name,
+                        "ms": ms,
+                        "iqr_ms": spread,
+                        "vs_published": results["published"][mode][0] / ms,
+                        "vs_compiled": results["compiled"][mode][0] / ms,
+                        "over_linear": ms / results["linear"][mode][0] - 1.0,
+                        "saved_mb": entry["saved"] / 2**20,
+                        "peak_mb": entry["peak"] / 2**20,
+                        "d_allocs": entry["d_allocs"],
+                    }
+                )
     return rows
 
 
 def check_targets(rows, ambiguous: bool) -> list[str]:
     lines = []
-    fused = [r for r in rows if r["mode"] == "fwd+bwd"
-             and r["provider"] not in ("linear", "published", "compiled", "reference")]
+    fused = [
+        r
+        for r in rows
+        if r["mode"] == "fwd+bwd"
+        and r["provider"] not in ("linear", "published", "compiled", "reference")
+    ]
     for r in fused:
-        goals = [("2x faster than the published approach", r["vs_published"] >= 2.0),
-                 ("at most 15% slower than the frozen linear alone", r["over_linear"] <= 0.15),
-                 ("no allocation of a d_in x d_out tensor", r["d_allocs"] == 0)]
+        goals = [
+            ("2x faster than the published approach", r["vs_published"] >= 2.0),
+            ("at most 15% slower than the frozen linear alone", r["over_linear"] <= 0.15),
+            ("no allocation of a d_in x d_out tensor", r["d_allocs"] == 0),
+        ]
         if ambiguous:  # n == d_in: an (n, d_out) activation has D's size too
             goals = goals[:2]
         for goal, ok in goals:
-            lines.append(f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
-                         f"(x{r['vs_published']:.2f} published, x{r['vs_compiled']:.2f} compiled, "
-                         f"{100 * r['over_linear']:+.1f}% vs linear, {r['d_allocs']} D-sized "
-                         f"allocations, peak {r['peak_mb']:.1f} MB)")
+            lines.append(
+                f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
+                f"(x{r['vs_published']:.2f} published, x{r['vs_compiled']:.2f} compiled, "
+                f"{100 * r['over_linear']:+.1f}% vs linear, {r['d_allocs']} D-sized "
+                f"allocations, peak {r['peak_mb']:.1f} MB)"
+            )
     return lines
 
 
@@ -164,17 +196,29 @@ def suite_jobs(device_type: str, quick: bool) -> list:
         return [common.Job("dcft", ["--quick"], "dcft (quick)", 15)]
     if device_type == "cuda":
         return [common.Job("dcft", [], "DCFT linear LLaMA-2-7B n=8192 k=2 r=1", 60)]
-    return [common.Job("dcft", ["--n", "4096", "--d", "1024"],
-                       "DCFT linear BERT-large n=4096 k=2 r=1", 35),
-            common.Job("dcft", ["--n", "4096", "--d", "768", "--p", "0.1"],
-                       "DCFT linear BERT-base n=4096 k=2 r=1", 12)]
+    return [
+        common.Job(
+            "dcft", ["--n", "4096", "--d", "1024"], "DCFT linear BERT-large n=4096 k=2 r=1", 35
+        ),
+        common.Job(
+            "dcft",
+            ["--n", "4096", "--d", "768", "--p", "0.1"],
+            "DCFT linear BERT-base n=4096 k=2 r=1",
+            12,
+        ),
+    ]
 
 
 def summarise(job: dict) -> list[dict]:
     """This script's rows of the suite summary (benchmarks/summary.py)."""
     m = job["meta"]
-    return summary.per_p(job, "DCFT linear", f"n={m['n']} d={m['d']} k={m['k']} r={m['r']} {m['dtype']}",
-                  "published", over_linear=True)
+    return summary.per_p(
+        job,
+        "DCFT linear",
+        f"n={m['n']} d={m['d']} k={m['k']} r={m['r']} {m['dtype']}",
+        "published",
+        over_linear=True,
+    )
 
 
 def main(argv=None):
@@ -187,8 +231,11 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--include-reference", action="store_true",
-                        help="also time the pure-PyTorch fallback backend")
+    parser.add_argument(
+        "--include-reference",
+        action="store_true",
+        help="also time the pure-PyTorch fallback backend",
+    )
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -205,25 +252,53 @@ def main(argv=None):
     device = torch.device(args.device)
     rows = run(args)
     stride = args.stride or args.k
-    meta = {"bench": "dcft", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "n": args.n, "d": args.d,
-            "k": args.k, "stride": stride, "r": args.r, "dtype": args.dtype}
-    table = common.format_table(rows, [
-        ("p", "p", ""), ("mode", "mode", ""), ("provider", "provider", ""),
-        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
-        ("vs_published", "vs published", ".2f"), ("vs_compiled", "vs compiled", ".2f"),
-        ("over_linear", "vs frozen linear", "+.1%"), ("saved_mb", "saved MB", ".2f"),
-        ("peak_mb", "peak MB", ".1f"), ("d_allocs", "D-sized allocs", "d")])
-    print(f"DCFT linear layer, n={args.n} d_in=d_out={args.d} k={args.k} stride={stride} "
-          f"r={args.r} {args.dtype} on {meta['device']}; commit {meta['commit']}")
-    print("vs published / vs compiled: speedup against the published approach (eager / "
-          "torch.compile); vs frozen linear: extra time over F.linear alone; memory of one "
-          "forward + backward (peak above the inputs; D-sized allocs: allocations of d_in * d_out elements)\n")
+    meta = {
+        "bench": "dcft",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "stride": stride,
+        "r": args.r,
+        "dtype": args.dtype,
+    }
+    table = common.format_table(
+        rows,
+        [
+            ("p", "p", ""),
+            ("mode", "mode", ""),
+            ("provider", "provider", ""),
+            ("ms", "median ms", ".2f"),
+            ("iqr_ms", "IQR ms", ".2f"),
+            ("vs_published", "vs published", ".2f"),
+            ("vs_compiled", "vs compiled", ".2f"),
+            ("over_linear", "vs frozen linear", "+.1%"),
+            ("saved_mb", "saved MB", ".2f"),
+            ("peak_mb", "peak MB", ".1f"),
+            ("d_allocs", "D-sized allocs", "d"),
+        ],
+    )
+    print(
+        f"DCFT linear layer, n={args.n} d_in=d_out={args.d} k={args.k} stride={stride} "
+        f"r={args.r} {args.dtype} on {meta['device']}; commit {meta['commit']}"
+    )
+    print(
+        "vs published / vs compiled: speedup against the published approach (eager / "
+        "torch.compile); vs frozen linear: extra time over F.linear alone; memory of one "
+        "forward + backward (peak above the inputs; D-sized allocs: allocations of "
+        "d_in * d_out elements)\n"
+    )
     print(table)
     print()
     if args.quick:
-        print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
-    for line in ([] if args.quick else check_targets(rows, ambiguous=args.n == args.d)):
+        print(
+            "quick run: a smoke test at small sizes, where per-call overhead dominates; the "
+            "targets apply to the full sizes"
+        )
+    for line in [] if args.quick else check_targets(rows, ambiguous=args.n == args.d):
         print(line)
     return common.finish("dcft", rows, meta, args)
 

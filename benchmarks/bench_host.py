@@ -7,6 +7,7 @@ Target (issue 10): every fused backend at most half the eager expression's host 
 round-robin (providers interleaved) so that load from other processes hits them alike; on a GPU
 the device is synchronised only at the end of each batch of calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def _eager_multi(x, layer_out, A_bank, B_bank, ids, p):
     t = torch.einsum("nd,grd->ngr", xd, A_bank)
     sel = torch.nn.functional.one_hot(ids.clamp(min=0), A_bank.shape[0]).to(x.dtype)
     sel = sel * (ids >= 0).to(x.dtype)[:, None]
-    u = (t * sel[:, :, None])
+    u = t * sel[:, :, None]
     return layer_out + 2.0 * torch.einsum("ngr,gor->no", u, B_bank)
 
 
@@ -60,24 +61,54 @@ def cases(device, p):
     W = torch.randn(d, d, device=device, dtype=dt)
     bias = torch.randn(d, device=device, dtype=dt)
     Ad, Bd, Cd = mk(1, 32), mk(32, 1), mk(2, 2)
-    fused = [name for name in ("cpu", "triton", "cuda")
-             if backends.BACKENDS[name].refuses(device, dt, "lor2c") is None]
+    fused = [
+        name
+        for name in ("cpu", "triton", "cuda")
+        if backends.BACKENDS[name].refuses(device, dt, "lor2c") is None
+    ]
     out = {
-        "lor2c": ((x, lout, A, B), dict(
-            eager=lambda: _eager_lor2c(x, lout, A, B, p),
-            **{f"fused ({b})": (lambda b=b: lo.lor2c_residual(x, lout, A, B, 2.0, p, backend=b))
-               for b in fused})),
-        "multi-adapter (4)": ((x, lout, Ab, Bb), dict(
-            eager=lambda: _eager_multi(x, lout, Ab, Bb, ids, p),
-            **{f"fused ({b})": (lambda b=b: lo.lor2c_residual(x, lout, Ab, Bb, 2.0, p, backend=b,
-                                                              adapter_ids=ids))
-               for b in fused
-               if backends.BACKENDS[b].refuses(device, dt, "lor2c_multi") is None})),
-        "dcft": ((x, Ad, Bd, Cd), dict(
-            eager=lambda: _eager_dcft(x, W, bias, Ad, Bd, Cd, p),
-            **{f"fused ({b})": (lambda b=b: lo.dcft_linear(x, W, bias, Ad, Bd, Cd, 2.0,
-                                                           dropout_p=p, backend=b))
-               for b in fused if backends.BACKENDS[b].refuses(device, dt, "dcft") is None})),
+        "lor2c": (
+            (x, lout, A, B),
+            dict(
+                eager=lambda: _eager_lor2c(x, lout, A, B, p),
+                **{
+                    f"fused ({b})": (
+                        lambda b=b: lo.lor2c_residual(x, lout, A, B, 2.0, p, backend=b)
+                    )
+                    for b in fused
+                },
+            ),
+        ),
+        "multi-adapter (4)": (
+            (x, lout, Ab, Bb),
+            dict(
+                eager=lambda: _eager_multi(x, lout, Ab, Bb, ids, p),
+                **{
+                    f"fused ({b})": (
+                        lambda b=b: lo.lor2c_residual(
+                            x, lout, Ab, Bb, 2.0, p, backend=b, adapter_ids=ids
+                        )
+                    )
+                    for b in fused
+                    if backends.BACKENDS[b].refuses(device, dt, "lor2c_multi") is None
+                },
+            ),
+        ),
+        "dcft": (
+            (x, Ad, Bd, Cd),
+            dict(
+                eager=lambda: _eager_dcft(x, W, bias, Ad, Bd, Cd, p),
+                **{
+                    f"fused ({b})": (
+                        lambda b=b: lo.dcft_linear(
+                            x, W, bias, Ad, Bd, Cd, 2.0, dropout_p=p, backend=b
+                        )
+                    )
+                    for b in fused
+                    if backends.BACKENDS[b].refuses(device, dt, "dcft") is None
+                },
+            ),
+        ),
     }
     return out, dt
 
@@ -112,8 +143,17 @@ def run(device: torch.device, quick: bool = False, rounds: int = 15, calls: int 
             us = host_times(inputs, providers, device, rounds, calls)
             base = us["eager"]
             for name, v in us.items():
-                rows.append(dict(op=op, p=p, provider=name, host_us=v, ms=v / 1e3,
-                                 ratio=v / base, dtype=str(dt)[6:]))
+                rows.append(
+                    dict(
+                        op=op,
+                        p=p,
+                        provider=name,
+                        host_us=v,
+                        ms=v / 1e3,
+                        ratio=v / base,
+                        dtype=str(dt)[6:],
+                    )
+                )
     return rows
 
 
@@ -126,8 +166,10 @@ def report(rows, quick=False) -> None:
             mark = ("PASS" if ok else "MISS") + f" (target <= {TARGET}x eager)"
             if quick:
                 mark = "(quick: not a target check)"
-        print(f"{row['op']:20s} {row['p']:4.1f} {row['provider']:16s} {row['host_us']:9.1f} "
-              f"{row['ratio']:8.2f}x {mark}")
+        print(
+            f"{row['op']:20s} {row['p']:4.1f} {row['provider']:16s} {row['host_us']:9.1f} "
+            f"{row['ratio']:8.2f}x {mark}"
+        )
 
 
 # --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
@@ -139,8 +181,11 @@ SUITE_ORDER = 50
 def suite_jobs(device_type: str, quick: bool) -> list:
     if quick:
         return [common.Job("host", ["--quick"], "host (quick)", 8)]
-    return [common.Job("host", [], "host time per call, tiny shapes",
-                       40 if device_type == "cuda" else 25)]
+    return [
+        common.Job(
+            "host", [], "host time per call, tiny shapes", 40 if device_type == "cuda" else 25
+        )
+    ]
 
 
 def summarise(job: dict) -> list[dict]:
@@ -151,8 +196,15 @@ def summarise(job: dict) -> list[dict]:
         if row["provider"] == "eager":
             continue
         base = summary.pick(rows, op=row["op"], p=row["p"], provider="eager")
-        out.append(summary.entry(f"host time: {row['op']}", f"n=8 d=64 r=4 {row['dtype']}",
-                          f"p={row['p']}", row, base))
+        out.append(
+            summary.entry(
+                f"host time: {row['op']}",
+                f"n=8 d=64 r=4 {row['dtype']}",
+                f"p={row['p']}",
+                row,
+                base,
+            )
+        )
     return out
 
 
@@ -165,10 +217,20 @@ def main(argv=None):
     torch.manual_seed(0)
     device = torch.device(args.device)
     rows = run(device, args.quick, args.rounds, args.calls)
-    meta = {"bench": "host", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "n": 8, "d": 64, "r": 4}
-    print(f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, on "
-          f"{meta['device']}; commit {meta['commit']}")
+    meta = {
+        "bench": "host",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "n": 8,
+        "d": 64,
+        "r": 4,
+    }
+    print(
+        f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, on "
+        f"{meta['device']}; commit {meta['commit']}"
+    )
     report(rows, args.quick)
     return common.finish("host", rows, meta, args)
 

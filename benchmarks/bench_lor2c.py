@@ -10,6 +10,7 @@ measured in the same run, achieved bandwidth and the fraction of the memory-boun
 (docs/math.md section 1.2: 3 n*d elements moved each way, timed as out-of-place adds in the
 same run), and the bytes each provider keeps for backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The op's shapes, once: "large" is this script's default (per device type), "small" the
 # pytest-benchmark default (benchmarks/test_bench_ops.py reads both from here).
-BENCH_OPS = {"lor2c": dict(kernel_op="lor2c", sizes={
-    ("small", "cpu"): dict(n=2048, d=768, r=8), ("large", "cpu"): dict(n=8192, d=1024, r=8),
-    ("small", "cuda"): dict(n=4096, d=1024, r=16), ("large", "cuda"): dict(n=16384, d=4096, r=16),
-})}
+BENCH_OPS = {
+    "lor2c": dict(
+        kernel_op="lor2c",
+        sizes={
+            ("small", "cpu"): dict(n=2048, d=768, r=8),
+            ("large", "cpu"): dict(n=8192, d=1024, r=8),
+            ("small", "cuda"): dict(n=4096, d=1024, r=16),
+            ("large", "cuda"): dict(n=16384, d=4096, r=16),
+        },
+    )
+}
 
 
 def reference_expression(x, layer_out, A, B, scale, p):
@@ -42,16 +50,23 @@ def reference_expression(x, layer_out, A, B, scale, p):
 
 def providers(device: torch.device, dtype: torch.dtype, include_reference: bool):
     """name -> f(x, layer_out, A, B, scale, p)."""
-    result = {"eager": reference_expression,
-              "compiled": torch.compile(reference_expression, dynamic=False)}
+    result = {
+        "eager": reference_expression,
+        "compiled": torch.compile(reference_expression, dynamic=False),
+    }
     for name in backends.NAMES:
         if name == "reference" and not include_reference:
             continue
         if name == "triton" and device.type == "cpu":
             continue  # the interpreter is for testing, not timing
         if backends.BACKENDS[name].refuses(device, dtype) is None:
-            result[name] = (lambda b: lambda x, lo_, A, B, s, p: lo.lor2c_residual(
-                x, lo_, A, B, scale=s, dropout_p=p, backend=b))(name)
+            result[name] = (
+                lambda b: (
+                    lambda x, lo_, A, B, s, p: lo.lor2c_residual(
+                        x, lo_, A, B, scale=s, dropout_p=p, backend=b
+                    )
+                )
+            )(name)
     return result
 
 
@@ -77,10 +92,13 @@ def run(args) -> list[dict]:
     bytes_moved = 3 * n * d * a.element_size()
     rows = []
     for p in args.p:
-        cases = {("add", "fresh"): (lambda: torch.add(a, b), None),
-                 ("add", "into"): (lambda: torch.add(a, b, out=into), None)}
+        cases = {
+            ("add", "fresh"): (lambda: torch.add(a, b), None),
+            ("add", "into"): (lambda: torch.add(a, b, out=into), None),
+        }
         saved = {}
         for name, f in providers(device, dtype, args.include_reference).items():
+
             def forward(f=f):
                 return f(x, layer_out, A, B, scale, p)
 
@@ -103,45 +121,69 @@ def run(args) -> list[dict]:
             factor = 2 if mode == "fwd+bwd" else 1  # 3 n*d elements each way
             for name in saved:
                 ms, spread = times[name, mode]
-                host_ms, gpu_ms = split.get(name, (None, None)) if mode == "fwd+bwd" else (None, None)
-                rows.append({
-                    "host_ms": host_ms, "gpu_ms": gpu_ms,
-                    "gpu_of_limit": factor * fresh_ms / gpu_ms if gpu_ms else None,
-                    "p": p, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
-                    "vs_eager": times["eager", mode][0] / ms,
-                    "vs_compiled": times["compiled", mode][0] / ms,
-                    "gbps": factor * bytes_moved / (ms * 1e-3) / 1e9,
-                    "of_limit": factor * fresh_ms / ms,
-                    "of_bandwidth": factor * into_ms / ms,
-                    "saved_mb": saved[name] / 2**20,
-                    "peak_mb": peaks[name] / 2**20 if name in peaks else None,
-                    "limit_ms": factor * fresh_ms,
-                })
-            print(f"  p={p} {mode:<8} " + "  ".join(
-                f"{name} {times[name, mode][0]:.2f} ms" for name in saved), file=sys.stderr)
+                host_ms, gpu_ms = (
+                    split.get(name, (None, None)) if mode == "fwd+bwd" else (None, None)
+                )
+                rows.append(
+                    {
+                        "host_ms": host_ms,
+                        "gpu_ms": gpu_ms,
+                        "gpu_of_limit": factor * fresh_ms / gpu_ms if gpu_ms else None,
+                        "p": p,
+                        "mode": mode,
+                        "provider": name,
+                        "ms": ms,
+                        "iqr_ms": spread,
+                        "vs_eager": times["eager", mode][0] / ms,
+                        "vs_compiled": times["compiled", mode][0] / ms,
+                        "gbps": factor * bytes_moved / (ms * 1e-3) / 1e9,
+                        "of_limit": factor * fresh_ms / ms,
+                        "of_bandwidth": factor * into_ms / ms,
+                        "saved_mb": saved[name] / 2**20,
+                        "peak_mb": peaks[name] / 2**20 if name in peaks else None,
+                        "limit_ms": factor * fresh_ms,
+                    }
+                )
+            print(
+                f"  p={p} {mode:<8} "
+                + "  ".join(f"{name} {times[name, mode][0]:.2f} ms" for name in saved),
+                file=sys.stderr,
+            )
     return rows, bandwidth
 
 
 def check_targets(rows, device_type) -> list[str]:
     lines = []
-    fused = [r for r in rows if r["mode"] == "fwd+bwd" and r["provider"] not in ("eager", "compiled", "reference")]
+    fused = [
+        r
+        for r in rows
+        if r["mode"] == "fwd+bwd" and r["provider"] not in ("eager", "compiled", "reference")
+    ]
     for r in fused:
         if device_type == "cpu":
-            goals = [("2x faster than eager", r["vs_eager"] >= 2.0),
-                     ("1.2x faster than compiled", r["vs_compiled"] >= 1.2),
-                     ("within 2x of the memory-bound limit", r["of_limit"] >= 0.5)]
+            goals = [
+                ("2x faster than eager", r["vs_eager"] >= 2.0),
+                ("1.2x faster than compiled", r["vs_compiled"] >= 1.2),
+                ("within 2x of the memory-bound limit", r["of_limit"] >= 0.5),
+            ]
         else:  # GPU time (CUDA-graph replay) against the limit; wall time against the baselines
             frac = r["gpu_of_limit"] if r["gpu_of_limit"] is not None else r["of_limit"]
             target = 0.85 if r["p"] == 0.0 else 0.8
-            goals = [(f"GPU time {100 * target:.0f}% of the memory-bound limit", frac >= target),
-                     ("faster than eager (wall)", r["vs_eager"] > 1.0),
-                     ("faster than compiled (wall)", r["vs_compiled"] > 1.0),
-                     ("not host-bound", r["host_ms"] is None or r["gpu_ms"] is None
-                      or r["host_ms"] <= r["gpu_ms"])]
+            goals = [
+                (f"GPU time {100 * target:.0f}% of the memory-bound limit", frac >= target),
+                ("faster than eager (wall)", r["vs_eager"] > 1.0),
+                ("faster than compiled (wall)", r["vs_compiled"] > 1.0),
+                (
+                    "not host-bound",
+                    r["host_ms"] is None or r["gpu_ms"] is None or r["host_ms"] <= r["gpu_ms"],
+                ),
+            ]
         for goal, ok in goals:
-            lines.append(f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
-                         f"(x{r['vs_eager']:.2f} eager, x{r['vs_compiled']:.2f} compiled, "
-                         f"{100 * r['of_limit']:.0f}% of limit)")
+            lines.append(
+                f"{'PASS' if ok else 'MISS'}  {r['provider']} p={r['p']}: {goal} "
+                f"(x{r['vs_eager']:.2f} eager, x{r['vs_compiled']:.2f} compiled, "
+                f"{100 * r['of_limit']:.0f}% of limit)"
+            )
     return lines
 
 
@@ -152,28 +194,43 @@ SUITE_ORDER = 10
 
 
 def _job(n, d, r, p, seconds):
-    return common.Job("lor2c", ["--n", str(n), "--d", str(d), "--r", str(r), "--p", *map(str, p)],
-                      f"LoR2C {common.MODELS.get(d, f'd={d}')} n={n} d={d} r={r}", seconds)
+    return common.Job(
+        "lor2c",
+        ["--n", str(n), "--d", str(d), "--r", str(r), "--p", *map(str, p)],
+        f"LoR2C {common.MODELS.get(d, f'd={d}')} n={n} d={d} r={r}",
+        seconds,
+    )
 
 
 def suite_jobs(device_type: str, quick: bool) -> list:
     if quick:
         return [common.Job("lor2c", ["--quick"], "lor2c (quick)", 15)]
     if device_type == "cuda":
-        return [_job(16384, 4096, 16, (0.0, 0.1), 40), _job(4096, 4096, 16, (0.1,), 20),
-                *(_job(16384, 4096, r, (0.1,), 25) for r in (8, 64)),
-                *(_job(16384, d, 8, (0.1,), 20) for d in (768, 1024))]
-    return [_job(8192, 1024, 8, (0.0, 0.1), 22),
-            *(_job(n, 1024, 8, (0.1,), s) for n, s in ((2048, 3), (32768, 25))),  # tokens
-            *(_job(8192, 768, r, (0.1,), 9) for r in (8, 16, 64)),             # ranks
-            _job(2048, 4096, 16, (0.1,), 14)]                                  # hidden size
+        return [
+            _job(16384, 4096, 16, (0.0, 0.1), 40),
+            _job(4096, 4096, 16, (0.1,), 20),
+            *(_job(16384, 4096, r, (0.1,), 25) for r in (8, 64)),
+            *(_job(16384, d, 8, (0.1,), 20) for d in (768, 1024)),
+        ]
+    return [
+        _job(8192, 1024, 8, (0.0, 0.1), 22),
+        *(_job(n, 1024, 8, (0.1,), s) for n, s in ((2048, 3), (32768, 25))),  # tokens
+        *(_job(8192, 768, r, (0.1,), 9) for r in (8, 16, 64)),  # ranks
+        _job(2048, 4096, 16, (0.1,), 14),
+    ]  # hidden size
 
 
 def summarise(job: dict) -> list[dict]:
     """This script's rows of the suite summary (benchmarks/summary.py)."""
     m = job["meta"]
-    return summary.per_p(job, "LoR2C residual", f"n={m['n']} d={m['d']} r={m['r']} {m['dtype']}",
-                  "eager", of_limit=True, of_bandwidth=True)
+    return summary.per_p(
+        job,
+        "LoR2C residual",
+        f"n={m['n']} d={m['d']} r={m['r']} {m['dtype']}",
+        "eager",
+        of_limit=True,
+        of_bandwidth=True,
+    )
 
 
 def main(argv=None):
@@ -184,8 +241,11 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--include-reference", action="store_true",
-                        help="also time the pure-PyTorch fallback backend")
+    parser.add_argument(
+        "--include-reference",
+        action="store_true",
+        help="also time the pure-PyTorch fallback backend",
+    )
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -200,27 +260,60 @@ def main(argv=None):
 
     device = torch.device(args.device)
     rows, bandwidth = run(args)
-    meta = {"bench": "lor2c", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "n": args.n, "d": args.d,
-            "r": args.r, "dtype": args.dtype, "add_bandwidth_gbps": bandwidth / 1e9}
-    table = common.format_table(rows, [
-        ("p", "p", ""), ("mode", "mode", ""), ("provider", "provider", ""),
-        ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("vs_eager", "vs eager", ".2f"),
-        ("vs_compiled", "vs compiled", ".2f"), ("gbps", "GB/s", ".1f"),
-        ("of_limit", "of limit", ".0%"), ("of_bandwidth", "of bandwidth", ".0%"),
-        ("saved_mb", "saved MB", ".1f")]
-        + ([("peak_mb", "peak MB", ".1f"), ("host_ms", "host ms", ".3f"),
-            ("gpu_ms", "GPU ms (graph)", ".3f"), ("gpu_of_limit", "GPU of limit", ".0%")]
-           if device.type == "cuda" else []))
-    print(f"LoR2C residual, n={args.n} d={args.d} r={args.r} {args.dtype} on {meta['device']}; "
-          f"add bandwidth {bandwidth / 1e9:.1f} GB/s; commit {meta['commit']}")
-    print("limit: 3 n*d elements moved each way, timed as out-of-place adds (fresh outputs, as the"
-          " op returns); bandwidth: the same adds into preallocated outputs\n")
+    meta = {
+        "bench": "lor2c",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "n": args.n,
+        "d": args.d,
+        "r": args.r,
+        "dtype": args.dtype,
+        "add_bandwidth_gbps": bandwidth / 1e9,
+    }
+    table = common.format_table(
+        rows,
+        [
+            ("p", "p", ""),
+            ("mode", "mode", ""),
+            ("provider", "provider", ""),
+            ("ms", "median ms", ".2f"),
+            ("iqr_ms", "IQR ms", ".2f"),
+            ("vs_eager", "vs eager", ".2f"),
+            ("vs_compiled", "vs compiled", ".2f"),
+            ("gbps", "GB/s", ".1f"),
+            ("of_limit", "of limit", ".0%"),
+            ("of_bandwidth", "of bandwidth", ".0%"),
+            ("saved_mb", "saved MB", ".1f"),
+        ]
+        + (
+            [
+                ("peak_mb", "peak MB", ".1f"),
+                ("host_ms", "host ms", ".3f"),
+                ("gpu_ms", "GPU ms (graph)", ".3f"),
+                ("gpu_of_limit", "GPU of limit", ".0%"),
+            ]
+            if device.type == "cuda"
+            else []
+        ),
+    )
+    print(
+        f"LoR2C residual, n={args.n} d={args.d} r={args.r} {args.dtype} on {meta['device']}; "
+        f"add bandwidth {bandwidth / 1e9:.1f} GB/s; commit {meta['commit']}"
+    )
+    print(
+        "limit: 3 n*d elements moved each way, timed as out-of-place adds (fresh outputs, as the"
+        " op returns); bandwidth: the same adds into preallocated outputs\n"
+    )
     print(table)
     print()
     if args.quick:
-        print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
-    for line in ([] if args.quick else check_targets(rows, device.type)):
+        print(
+            "quick run: a smoke test at small sizes, where per-call overhead dominates; the "
+            "targets apply to the full sizes"
+        )
+    for line in [] if args.quick else check_targets(rows, device.type):
         print(line)
     return common.finish("lor2c", rows, meta, args)
 

@@ -12,6 +12,7 @@ R_b @ R_a.T (O(d r^2)), the SFS value included. The issue's target: factored at 
 faster at d = 4096, r = 8. Also reported: how far the factored singular values are from the
 dense ones (relative to the largest), and the two SFS values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,22 +58,39 @@ def run(args) -> list[dict]:
     sfs_fact = sfs(A, B)
     rows = []
     for name, (ms, spread) in times.items():
-        rows.append({"provider": name, "d": d, "r": r, "ms": ms, "iqr_ms": spread,
-                     "speedup": times["dense"][0] / ms,
-                     "sfs": sfs_dense if name == "dense" else sfs_fact,
-                     "repeat": args.dense_repeat if name == "dense" else args.repeat})
-    accuracy = {"sigma_max_rel_err": sigma_err, "dense_tail_rel": tail,
-                "sfs_dense": sfs_dense, "sfs_factored": sfs_fact}
+        rows.append(
+            {
+                "provider": name,
+                "d": d,
+                "r": r,
+                "ms": ms,
+                "iqr_ms": spread,
+                "speedup": times["dense"][0] / ms,
+                "sfs": sfs_dense if name == "dense" else sfs_fact,
+                "repeat": args.dense_repeat if name == "dense" else args.repeat,
+            }
+        )
+    accuracy = {
+        "sigma_max_rel_err": sigma_err,
+        "dense_tail_rel": tail,
+        "sfs_dense": sfs_dense,
+        "sfs_factored": sfs_fact,
+    }
     return rows, accuracy
 
 
 def check_targets(rows, args) -> list[str]:
     ratio = {r["provider"]: r for r in rows}["factored"]["speedup"]
     ok = ratio >= TARGET
-    shape = (f"d={args.d}, r={args.r}" if (args.d, args.r) == (4096, 8)
-             else f"d={args.d}, r={args.r}; the target shape is d=4096, r=8")
-    return [f"{'PASS' if ok else 'MISS'}  factored SFS at least {TARGET:.0f}x faster than "
-            f"svdvals(B @ A): x{ratio:,.0f} ({shape})"]
+    shape = (
+        f"d={args.d}, r={args.r}"
+        if (args.d, args.r) == (4096, 8)
+        else f"d={args.d}, r={args.r}; the target shape is d=4096, r=8"
+    )
+    return [
+        f"{'PASS' if ok else 'MISS'}  factored SFS at least {TARGET:.0f}x faster than "
+        f"svdvals(B @ A): x{ratio:,.0f} ({shape})"
+    ]
 
 
 # --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
@@ -85,15 +103,25 @@ def suite_jobs(device_type: str, quick: bool) -> list:
     if quick:
         return [common.Job("sfs", ["--quick"], "sfs (quick)", 5)]
     repeat = "3" if device_type == "cuda" else "2"
-    return [common.Job("sfs", ["--dense-repeat", repeat], "SFS d=4096 r=8",
-                       30 if device_type == "cuda" else 6)]
+    return [
+        common.Job(
+            "sfs", ["--dense-repeat", repeat], "SFS d=4096 r=8", 30 if device_type == "cuda" else 6
+        )
+    ]
 
 
 def summarise(job: dict) -> list[dict]:
     """This script's rows of the suite summary (benchmarks/summary.py)."""
     meta, rows = job["meta"], job["rows"]
-    return [summary.entry("SFS", f"d={meta['d']} r={meta['r']} fp32", "", summary.pick(rows, provider="factored"),
-                   summary.pick(rows, provider="dense"))]
+    return [
+        summary.entry(
+            "SFS",
+            f"d={meta['d']} r={meta['r']} fp32",
+            "",
+            summary.pick(rows, provider="factored"),
+            summary.pick(rows, provider="dense"),
+        )
+    ]
 
 
 def main(argv=None):
@@ -101,8 +129,12 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=50, help="repeats of the factored SFS")
-    parser.add_argument("--dense-repeat", type=int, default=3,
-                        help="repeats of the dense SVD (seconds each on a CPU)")
+    parser.add_argument(
+        "--dense-repeat",
+        type=int,
+        default=3,
+        help="repeats of the dense SVD (seconds each on a CPU)",
+    )
     common.add_output_arguments(parser, quick_help="d=512: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -112,17 +144,39 @@ def main(argv=None):
 
     device = torch.device(args.device)
     rows, accuracy = run(args)
-    meta = {"bench": "sfs", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "d": args.d, "r": args.r,
-            "dtype": "fp32", **accuracy}
+    meta = {
+        "bench": "sfs",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "d": args.d,
+        "r": args.r,
+        "dtype": "fp32",
+        **accuracy,
+    }
     print(f"SFS of B @ A, d={args.d} r={args.r} fp32 on {meta['device']}; commit {meta['commit']}")
-    print("dense: torch.linalg.svdvals(B @ A), product included; factored: lor2c_ops sfs(A, B), "
-          "thin QR + r x r SVD\n")
-    print(common.format_table(rows, [
-        ("provider", "provider", ""), ("ms", "median ms", ".4g"), ("iqr_ms", "IQR ms", ".3g"),
-        ("repeat", "runs", ""), ("speedup", "vs dense", ",.0f"), ("sfs", "SFS", ".6g")]))
-    print(f"\nfactored singular values vs dense: max error {accuracy['sigma_max_rel_err']:.1e} of "
-          f"the largest; dense values past r: {accuracy['dense_tail_rel']:.1e} of the largest")
+    print(
+        "dense: torch.linalg.svdvals(B @ A), product included; factored: lor2c_ops sfs(A, B), "
+        "thin QR + r x r SVD\n"
+    )
+    print(
+        common.format_table(
+            rows,
+            [
+                ("provider", "provider", ""),
+                ("ms", "median ms", ".4g"),
+                ("iqr_ms", "IQR ms", ".3g"),
+                ("repeat", "runs", ""),
+                ("speedup", "vs dense", ",.0f"),
+                ("sfs", "SFS", ".6g"),
+            ],
+        )
+    )
+    print(
+        f"\nfactored singular values vs dense: max error {accuracy['sigma_max_rel_err']:.1e} of "
+        f"the largest; dense values past r: {accuracy['dense_tail_rel']:.1e} of the largest"
+    )
     for line in check_targets(rows, args):
         print(line)
     return common.finish("sfs", rows, meta, args)

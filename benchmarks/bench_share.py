@@ -14,6 +14,7 @@ op, scatter back) and against a loop-free PyTorch expression (`eager`, and `comp
 Forward, backward and both; median and spread (round-robin on a CPU), speedups, GB/s and the
 fraction of the memory-bound limit measured in the same run, bytes kept for backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # default (benchmarks/test_bench_ops.py reads both from here). share: a bank of L adapters
 # called one by one; multi: a batch mixing G adapters in one launch.
 BENCH_OPS = {
-    "share": dict(kernel_op="lor2c", sizes={
-        ("small", "cpu"): dict(n=2048, d=768, r=8, L=4),
-        ("large", "cpu"): dict(n=4096, d=768, r=8, L=12),
-        ("small", "cuda"): dict(n=4096, d=1024, r=8, L=4),
-        ("large", "cuda"): dict(n=4096, d=4096, r=8, L=12)}),
-    "multi": dict(kernel_op="lor2c_multi", sizes={
-        ("small", "cpu"): dict(n=2048, d=768, r=8, G=4),
-        ("large", "cpu"): dict(n=4096, d=768, r=8, G=8),
-        ("small", "cuda"): dict(n=4096, d=1024, r=8, G=4),
-        ("large", "cuda"): dict(n=4096, d=4096, r=8, G=8)}),
+    "share": dict(
+        kernel_op="lor2c",
+        sizes={
+            ("small", "cpu"): dict(n=2048, d=768, r=8, L=4),
+            ("large", "cpu"): dict(n=4096, d=768, r=8, L=12),
+            ("small", "cuda"): dict(n=4096, d=1024, r=8, L=4),
+            ("large", "cuda"): dict(n=4096, d=4096, r=8, L=12),
+        },
+    ),
+    "multi": dict(
+        kernel_op="lor2c_multi",
+        sizes={
+            ("small", "cpu"): dict(n=2048, d=768, r=8, G=4),
+            ("large", "cpu"): dict(n=4096, d=768, r=8, G=8),
+            ("small", "cuda"): dict(n=4096, d=1024, r=8, G=4),
+            ("large", "cuda"): dict(n=4096, d=4096, r=8, G=8),
+        },
+    ),
 }
 
 
@@ -74,9 +83,16 @@ def mode_rows(case, times, limit_ms, bytes_one_way, baselines, extra=None):
     rows = []
     for (name, mode), (ms, spread) in times.items():
         factor = 2 if mode == "fwd+bwd" else 1
-        row = {"case": case, "mode": mode, "provider": name, "ms": ms, "iqr_ms": spread,
-               "gbps": factor * bytes_one_way / (ms * 1e-3) / 1e9,
-               "of_limit": factor * limit_ms / ms, **(extra or {}).get(name, {})}
+        row = {
+            "case": case,
+            "mode": mode,
+            "provider": name,
+            "ms": ms,
+            "iqr_ms": spread,
+            "gbps": factor * bytes_one_way / (ms * 1e-3) / 1e9,
+            "of_limit": factor * limit_ms / ms,
+            **(extra or {}).get(name, {}),
+        }
         for key, base in baselines.items():
             row[key] = times[base, mode][0] / ms
         rows.append(row)
@@ -85,34 +101,41 @@ def mode_rows(case, times, limit_ms, bytes_one_way, baselines, extra=None):
 
 def stack_case(device, dtype, layers, n, d, r, p, repeat):
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(layers)]
-    los = [torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(layers)]
+    xs = [
+        torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(layers)
+    ]
+    los = [
+        torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(layers)
+    ]
     gs = [torch.randn(n, d, generator=gen).to(device, dtype) for _ in range(layers)]
     share = ShareLoR2C(layers, d, r=r, dropout=p).to(device, dtype)
     torch.nn.init.normal_(share.B_bank, std=0.01)
     A = torch.nn.Parameter(share.A_bank.detach()[0].clone())
-    Bs = [torch.nn.Parameter(share.B_bank.detach()[l].clone()) for l in range(layers)]
+    Bs = [torch.nn.Parameter(share.B_bank.detach()[i].clone()) for i in range(layers)]
     zero = torch.zeros(1, dtype=torch.int64, device=device)
-    index = [torch.tensor([l], device=device) for l in range(layers)]
+    index = [torch.tensor([i], device=device) for i in range(layers)]
 
     def banked():
-        return [share(l, xs[l], los[l]) for l in range(layers)]
+        return [share(i, xs[i], los[i]) for i in range(layers)]
 
     def separate():
-        return [lo.lor2c_residual(xs[l], los[l], A, Bs[l], share.scaling, p) for l in range(layers)]
+        return [lo.lor2c_residual(xs[i], los[i], A, Bs[i], share.scaling, p) for i in range(layers)]
 
     def gather_ref():
         outs = []
-        for l in range(layers):
+        for i in range(layers):
             a = share.A_bank.index_select(0, zero)[0]
-            b = share.B_bank.index_select(0, index[l])[0]
-            outs.append(los[l] + (F.dropout(xs[l], p) @ a.T @ b.T) * share.scaling)
+            b = share.B_bank.index_select(0, index[i])[0]
+            outs.append(los[i] + (F.dropout(xs[i], p) @ a.T @ b.T) * share.scaling)
         return outs
 
     bank = [share.A_bank, share.B_bank]
-    providers = {"gather-ref": (gather_ref, xs + bank),
-                 "compiled": (torch.compile(gather_ref), xs + bank),
-                 "separate": (separate, xs + [A, *Bs]), "banked": (banked, xs + bank)}
+    providers = {
+        "gather-ref": (gather_ref, xs + bank),
+        "compiled": (torch.compile(gather_ref), xs + bank),
+        "separate": (separate, xs + [A, *Bs]),
+        "banked": (banked, xs + bank),
+    }
     limit_ms, times = time_modes(providers, gs, device, repeat, limit_case(xs[0], los[0]))
     memory = {}
     for name, (forward, inputs) in providers.items():
@@ -125,10 +148,14 @@ def stack_case(device, dtype, layers, n, d, r, p, repeat):
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         memory[name] = {"saved_mb": saved / 2**20, "peak_mb": peak}
         print(f"  stack {name:<10} {times[name, 'fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
-    return mode_rows(f"{layers}-layer stack", times, layers * limit_ms,
-                     layers * 3 * n * d * xs[0].element_size(),
-                     {"vs_gather_ref": "gather-ref", "vs_compiled": "compiled",
-                      "vs_separate": "separate"}, memory)
+    return mode_rows(
+        f"{layers}-layer stack",
+        times,
+        layers * limit_ms,
+        layers * 3 * n * d * xs[0].element_size(),
+        {"vs_gather_ref": "gather-ref", "vs_compiled": "compiled", "vs_separate": "separate"},
+        memory,
+    )
 
 
 def multi_reference(x, layer_out, A_bank, B_bank, ids, scale, p):
@@ -137,8 +164,8 @@ def multi_reference(x, layer_out, A_bank, B_bank, ids, scale, p):
     and project back through all the B's. Row i gets A_bank[ids[i]], B_bank[ids[i]]."""
     G, r, d_in = A_bank.shape
     n = x.shape[0]
-    h = F.dropout(x, p, training=True) @ A_bank.reshape(G * r, d_in).T          # (n, G*r)
-    use = (ids[:, None] == torch.arange(G, device=ids.device)).to(h.dtype)      # (n, G)
+    h = F.dropout(x, p, training=True) @ A_bank.reshape(G * r, d_in).T  # (n, G*r)
+    use = (ids[:, None] == torch.arange(G, device=ids.device)).to(h.dtype)  # (n, G)
     h = (h.view(n, G, r) * use[:, :, None]).view(n, G * r)
     return layer_out + (h @ B_bank.permute(1, 0, 2).reshape(-1, G * r).T) * scale
 
@@ -167,14 +194,22 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
         return multi_reference(x, layer_out, A, B, ids, 2.0, p)
 
     inputs = [x, layer_out, A, B]
-    providers = {"python loop": (python_loop, inputs), "eager": (eager, inputs),
-                 "compiled": (torch.compile(eager), inputs), "one launch": (one_launch, inputs)}
+    providers = {
+        "python loop": (python_loop, inputs),
+        "eager": (eager, inputs),
+        "compiled": (torch.compile(eager), inputs),
+        "one launch": (one_launch, inputs),
+    }
     limit_ms, times = time_modes(providers, g, device, repeat, limit_case(x, layer_out))
     for name in providers:
         print(f"  multi {name:<11} {times[name, 'fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
-    return mode_rows(f"{adapters} adapters in one batch", times, limit_ms,
-                     3 * n * d * x.element_size(),
-                     {"vs_loop": "python loop", "vs_eager": "eager", "vs_compiled": "compiled"})
+    return mode_rows(
+        f"{adapters} adapters in one batch",
+        times,
+        limit_ms,
+        3 * n * d * x.element_size(),
+        {"vs_loop": "python loop", "vs_eager": "eager", "vs_compiled": "compiled"},
+    )
 
 
 # --- in the suite (benchmarks/run.py collects suite_jobs; summary.py calls summarise) ----------
@@ -187,10 +222,16 @@ def suite_jobs(device_type: str, quick: bool) -> list:
     if quick:
         return [common.Job("share", ["--quick"], "share (quick)", 10)]
     if device_type == "cuda":
-        return [common.Job("share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + "
-                           "8-adapter batch", 60)]
-    return [common.Job("share", ["--repeat", "20"],
-                       "ShareLoR2C 12 layers BERT-base + 8-adapter batch", 10)]
+        return [
+            common.Job(
+                "share", [], "ShareLoR2C 12 layers BERT-base and LLaMA-2-7B + 8-adapter batch", 60
+            )
+        ]
+    return [
+        common.Job(
+            "share", ["--repeat", "20"], "ShareLoR2C 12 layers BERT-base + 8-adapter batch", 10
+        )
+    ]
 
 
 def summarise(job: dict) -> list[dict]:
@@ -198,25 +239,40 @@ def summarise(job: dict) -> list[dict]:
     meta, rows = job["meta"], job["rows"]
     out = []
     for d, dtype in dict.fromkeys((r["d"], r["dtype"]) for r in rows):
-        mine = [r for r in rows if r["d"] == d and r["dtype"] == dtype
-                and r.get("mode", "fwd+bwd") == "fwd+bwd"]
+        mine = [
+            r
+            for r in rows
+            if r["d"] == d and r["dtype"] == dtype and r.get("mode", "fwd+bwd") == "fwd+bwd"
+        ]
         stack = [r for r in mine if "vs_gather_ref" in r]
         multi = [r for r in mine if "vs_loop" in r]
         banked = summary.pick(stack, provider="banked")
         if banked:
-            out.append(summary.entry("ShareLoR2C stack", f"{meta['layers']} layers n={meta['n']} d={d} "
-                              f"r={meta['r']} {dtype}", f"p={meta['p']}", banked,
-                              summary.pick(stack, provider="gather-ref"),
-                              summary.pick(stack, provider="compiled"),
-                              vs_separate=banked.get("vs_separate"),
-                              of_limit=banked.get("of_limit")))
+            out.append(
+                summary.entry(
+                    "ShareLoR2C stack",
+                    f"{meta['layers']} layers n={meta['n']} d={d} r={meta['r']} {dtype}",
+                    f"p={meta['p']}",
+                    banked,
+                    summary.pick(stack, provider="gather-ref"),
+                    summary.pick(stack, provider="compiled"),
+                    vs_separate=banked.get("vs_separate"),
+                    of_limit=banked.get("of_limit"),
+                )
+            )
         launch = summary.pick(multi, provider="one launch")
         if launch:
-            out.append(summary.entry("multi-adapter batch", f"n={meta['n']} d={d} r={meta['r']} "
-                              f"{dtype}", launch["case"], launch,
-                              summary.pick(multi, provider="python loop"),
-                              summary.pick(multi, provider="compiled"),
-                              of_limit=launch.get("of_limit")))
+            out.append(
+                summary.entry(
+                    "multi-adapter batch",
+                    f"n={meta['n']} d={d} r={meta['r']} {dtype}",
+                    launch["case"],
+                    launch,
+                    summary.pick(multi, provider="python loop"),
+                    summary.pick(multi, provider="compiled"),
+                    of_limit=launch.get("of_limit"),
+                )
+            )
     return out
 
 
@@ -245,37 +301,80 @@ def main(argv=None):
         for row in multi_case(device, dtype, 8, args.n, d, args.r, args.p, args.repeat):
             rows.append({"d": d, "dtype": dt, **row})
 
-    meta = {"bench": "share", "device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "layers": args.layers, "n": args.n,
-            "r": args.r, "p": args.p}
-    print(f"ShareLoR2C banks and multi-adapter batches, n={args.n} rows per layer, r={args.r}, "
-          f"p={args.p}, on {meta['device']}; commit {meta['commit']}\n")
+    meta = {
+        "bench": "share",
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "layers": args.layers,
+        "n": args.n,
+        "r": args.r,
+        "p": args.p,
+    }
+    print(
+        f"ShareLoR2C banks and multi-adapter batches, n={args.n} rows per layer, r={args.r}, "
+        f"p={args.p}, on {meta['device']}; commit {meta['commit']}\n"
+    )
     stack = [r for r in rows if "vs_gather_ref" in r]
     multi = [r for r in rows if "vs_loop" in r]
-    head = [("d", "d", ""), ("dtype", "dtype", ""), ("case", "case", ""), ("mode", "mode", ""),
-            ("provider", "provider", ""), ("ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f")]
+    head = [
+        ("d", "d", ""),
+        ("dtype", "dtype", ""),
+        ("case", "case", ""),
+        ("mode", "mode", ""),
+        ("provider", "provider", ""),
+        ("ms", "median ms", ".2f"),
+        ("iqr_ms", "IQR ms", ".2f"),
+    ]
     tail = [("gbps", "GB/s", ".1f"), ("of_limit", "of limit", ".0%")]
-    print(common.format_table(stack, head + [
-        ("vs_gather_ref", "vs gather-ref", ".2f"), ("vs_compiled", "vs compiled", ".2f"),
-        ("vs_separate", "vs separate", ".2f")] + tail + [("saved_mb", "saved MB", ".1f")]
-        + ([("peak_mb", "peak MB", ".1f")] if device.type == "cuda" else [])))
+    print(
+        common.format_table(
+            stack,
+            head
+            + [
+                ("vs_gather_ref", "vs gather-ref", ".2f"),
+                ("vs_compiled", "vs compiled", ".2f"),
+                ("vs_separate", "vs separate", ".2f"),
+            ]
+            + tail
+            + [("saved_mb", "saved MB", ".1f")]
+            + ([("peak_mb", "peak MB", ".1f")] if device.type == "cuda" else []),
+        )
+    )
     print()
-    print(common.format_table(multi, head + [
-        ("vs_loop", "vs loop", ".2f"), ("vs_eager", "vs eager", ".2f"),
-        ("vs_compiled", "vs compiled", ".2f")] + tail))
+    print(
+        common.format_table(
+            multi,
+            head
+            + [
+                ("vs_loop", "vs loop", ".2f"),
+                ("vs_eager", "vs eager", ".2f"),
+                ("vs_compiled", "vs compiled", ".2f"),
+            ]
+            + tail,
+        )
+    )
     print()
     if args.quick:
-        print("quick run: a smoke test at small sizes, where per-call overhead dominates; the targets apply to the full sizes")
-    for r in ([] if args.quick else stack):
+        print(
+            "quick run: a smoke test at small sizes, where per-call overhead dominates; the "
+            "targets apply to the full sizes"
+        )
+    for r in [] if args.quick else stack:
         if r["provider"] == "banked" and r["mode"] == "fwd+bwd":
             # "no slower than separate": within the timer's spread on a shared machine
             ok_b = r["vs_separate"] >= 1 / 1.05
             ok_a = r["vs_gather_ref"] > 1.0
-            print(f"{'PASS' if ok_b else 'MISS'}  d={r['d']} {r['dtype']}: banked no slower than "
-                  f"separate parameters (x{r['vs_separate']:.2f})")
-            print(f"{'PASS' if ok_a else 'MISS'}  d={r['d']} {r['dtype']}: banked faster than "
-                  f"gather + reference (x{r['vs_gather_ref']:.2f}; x{r['vs_compiled']:.2f} "
-                  f"against it under torch.compile)")
+            print(
+                f"{'PASS' if ok_b else 'MISS'}  d={r['d']} {r['dtype']}: banked no slower than "
+                f"separate parameters (x{r['vs_separate']:.2f})"
+            )
+            print(
+                f"{'PASS' if ok_a else 'MISS'}  d={r['d']} {r['dtype']}: banked faster than "
+                f"gather + reference (x{r['vs_gather_ref']:.2f}; x{r['vs_compiled']:.2f} "
+                f"against it under torch.compile)"
+            )
     return common.finish("share", rows, meta, args)
 
 

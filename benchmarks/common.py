@@ -5,6 +5,7 @@ perf_counter loop, round-robin over the providers so that load from other proces
 alike), with the interquartile range as the spread. The memory-bound limit of an op is
 measured in the same run as the op: the time of out-of-place adds moving the same bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,10 +29,11 @@ MODELS = {384: "MiniLM-L6", 768: "BERT-base", 1024: "BERT-large", 4096: "LLaMA-2
 class Job:
     """One run of a benchmark script in the suite. Each bench_<name>.py declares its own jobs
     (suite_jobs) and summary rows (summarise): adding a benchmark is adding its script."""
-    bench: str           # benchmarks/bench_<bench>.py
+
+    bench: str  # benchmarks/bench_<bench>.py
     argv: list
     label: str
-    seconds: float       # expected run time on the machine the list is for (the bar's weight)
+    seconds: float  # expected run time on the machine the list is for (the bar's weight)
 
 
 def device_name(device: torch.device) -> str:
@@ -51,9 +53,13 @@ def device_name(device: torch.device) -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -62,6 +68,7 @@ def versions() -> dict:
     info = {"torch": torch.__version__}
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
@@ -73,14 +80,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 15,
-          setup: Callable[[], object] | None = None) -> tuple[float, float]:
+def bench(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 3,
+    repeat: int = 15,
+    setup: Callable[[], object] | None = None,
+) -> tuple[float, float]:
     """(median, interquartile range) of fn's run time in milliseconds.
 
     `setup`, when given, runs untimed before each call (e.g. a forward before a timed backward).
     """
     if device.type == "cuda" and setup is None:
         import triton.testing
+
         q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
         return q[1], q[2] - q[0]
     for _ in range(warmup):
@@ -108,8 +121,9 @@ def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> di
     change of load slows every provider alike instead of whichever happened to be running.
     """
     if device.type == "cuda":
-        return {key: bench(fn, device, repeat=repeat, setup=pre)
-                for key, (fn, pre) in cases.items()}
+        return {
+            key: bench(fn, device, repeat=repeat, setup=pre) for key, (fn, pre) in cases.items()
+        }
     samples = {key: [] for key in cases}
     for it in range(warmup + repeat):
         for key, (fn, pre) in cases.items():
@@ -126,8 +140,9 @@ def timed(cases: dict, device: torch.device, repeat: int, warmup: int = 2) -> di
     return result
 
 
-def host_and_gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 20,
-                    rounds: int = 5) -> tuple[float, float | None]:
+def host_and_gpu_ms(
+    fn: Callable[[], object], device: torch.device, calls: int = 20, rounds: int = 5
+) -> tuple[float, float | None]:
     """(host ms, GPU ms) per call of fn on a GPU: the host time to issue a call (perf_counter
     over a batch of calls, synchronising only around the batch) and the GPU time with the host
     taken out (a CUDA-graph replay of `calls` calls; None where fn cannot be captured). A
@@ -172,6 +187,7 @@ def mode_cases(forward: Callable[[], object], inputs: list, grads) -> dict:
     """{"fwd" | "bwd" | "fwd+bwd": (fn, setup)} cases for `timed`: the forward alone (a training
     forward: the graph is built), the backward alone (after an untimed forward) and both. Runs
     both once first, so that compilation and warm-up stay out of the timings."""
+
     def both():
         return torch.autograd.grad(forward(), inputs, grads)
 
@@ -207,6 +223,7 @@ def allocation_events(step: Callable[[], object], device: torch.device) -> list[
     """(time ns, bytes) of every allocation (> 0) and free (< 0) during one call of step(), from
     the profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with native_stderr_to_null(), profile(activities=activities, profile_memory=True) as prof:
         step()
@@ -229,8 +246,9 @@ def peak_of(events: list[tuple[int, int]]) -> int:
     return peak
 
 
-def memory_bound_ms(numel: int, dtype: torch.dtype, device: torch.device, elements_moved: int,
-                    repeat: int = 15) -> dict:
+def memory_bound_ms(
+    numel: int, dtype: torch.dtype, device: torch.device, elements_moved: int, repeat: int = 15
+) -> dict:
     """The time to move `elements_moved` elements, measured with adds of `numel` elements.
 
     Two figures: `out_of_place` adds (`a + b`: a fresh output, as the op must return one; on a
@@ -244,9 +262,11 @@ def memory_bound_ms(numel: int, dtype: torch.dtype, device: torch.device, elemen
     moved = elements_moved * a.element_size()
     fresh_ms, _ = bench(lambda: torch.add(a, b), device, repeat=repeat)
     into_ms, _ = bench(lambda: torch.add(a, b, out=out), device, repeat=repeat)
-    return {"out_of_place_ms": moved / bytes_per_add * fresh_ms,
-            "bandwidth_ms": moved / bytes_per_add * into_ms,
-            "bandwidth": bytes_per_add / (into_ms * 1e-3)}
+    return {
+        "out_of_place_ms": moved / bytes_per_add * fresh_ms,
+        "bandwidth_ms": moved / bytes_per_add * into_ms,
+        "bandwidth": bytes_per_add / (into_ms * 1e-3),
+    }
 
 
 def saved_bytes(run_forward: Callable[[], torch.Tensor], exclude: tuple) -> int:
@@ -271,10 +291,14 @@ def add_output_arguments(parser, quick_help: str = "small sizes: a smoke test") 
     """--device, --quick, --out and --no-save, the same in every benchmark script."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                      "results"))
-    parser.add_argument("--no-save", action="store_true",
-                        help="print only; write no results file (the suite runner writes one)")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
+    parser.add_argument(
+        "--no-save",
+        action="store_true",
+        help="print only; write no results file (the suite runner writes one)",
+    )
 
 
 def finish(name: str, rows: list[dict], meta: dict, args) -> dict:
@@ -327,8 +351,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         left = elapsed / frac - elapsed if frac > 0.02 else None
         eta = f", ~{_clock(left)} left" if left is not None and frac < 1 else ""
-        return (f"[{bar}] {self.index}/{len(self.weights)} {_clock(elapsed)}{eta}  "
-                f"{self.label}")
+        return f"[{bar}] {self.index}/{len(self.weights)} {_clock(elapsed)}{eta}  {self.label}"
 
     def _draw(self) -> None:
         if self.tty:

@@ -24,6 +24,7 @@ move a median by more than 10% (time.sleep-based self-test: tests/test_bench_com
 This file imports neither torch nor lor2c_ops (tests/test_bench_compare.py runs it in
 subprocesses on a trivial benchmark, which must start fast).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,18 +38,31 @@ SIZES = ("small", "large")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Options that ask for timings: with none of them, the run is a smoke test (see above).
-_TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_save", "benchmark_autosave",
-                   "benchmark_json", "benchmark_compare")
+_TIMING_OPTIONS = (
+    "benchmark_only",
+    "benchmark_enable",
+    "benchmark_save",
+    "benchmark_autosave",
+    "benchmark_json",
+    "benchmark_compare",
+)
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("lor2c_ops benchmarks")
-    group.addoption("--bench-size", choices=SIZES, default="small",
-                    help="problem sizes of benchmarks/test_bench_ops.py: small (default, quick) "
-                         "or large (the sizes of the bench_*.py scripts)")
-    group.addoption("--bench-device", choices=DEVICES, default="auto",
-                    help="device of the benchmarks: auto (default: CUDA when available), cpu "
-                         "or cuda")
+    group.addoption(
+        "--bench-size",
+        choices=SIZES,
+        default="small",
+        help="problem sizes of benchmarks/test_bench_ops.py: small (default, quick) "
+        "or large (the sizes of the bench_*.py scripts)",
+    )
+    group.addoption(
+        "--bench-device",
+        choices=DEVICES,
+        default="auto",
+        help="device of the benchmarks: auto (default: CUDA when available), cpu or cuda",
+    )
 
 
 def pytest_configure(config):
@@ -59,6 +73,7 @@ def pytest_configure(config):
         return  # pytest-benchmark is not installed or was disabled with -p no:benchmark
     if option.benchmark_compare and not option.benchmark_compare_fail:
         from pytest_benchmark.utils import parse_compare_fail
+
         option.benchmark_compare_fail = [parse_compare_fail(DEFAULT_COMPARE_FAIL)]
     if not any(getattr(option, name, None) for name in _TIMING_OPTIONS):
         option.benchmark_disable = True
@@ -68,16 +83,23 @@ def pytest_report_header(config):
     option = config.option
     if not hasattr(option, "benchmark_compare"):
         return None
-    lines = [f"lor2c_ops benchmarks: --bench-size={option.bench_size} "
-             f"--bench-device={option.bench_device}"]
+    lines = [
+        f"lor2c_ops benchmarks: --bench-size={option.bench_size} "
+        f"--bench-device={option.bench_device}"
+    ]
     if option.benchmark_disable and not option.benchmark_enable:
-        lines.append("lor2c_ops benchmarks: smoke run, each case once and untimed "
-                     "(time them with --benchmark-only)")
+        lines.append(
+            "lor2c_ops benchmarks: smoke run, each case once and untimed "
+            "(time them with --benchmark-only)"
+        )
     if option.benchmark_compare_fail:
         from pytest_benchmark.utils import PercentageRegressionCheck
+
         checks = ", ".join(
             f"{c.field}:{c.threshold:g}{'%' if isinstance(c, PercentageRegressionCheck) else ' s'}"
-            for c in option.benchmark_compare_fail)
-        lines.append(f"lor2c_ops benchmarks: a regression beyond {checks} against the compared "
-                     "run fails")
+            for c in option.benchmark_compare_fail
+        )
+        lines.append(
+            f"lor2c_ops benchmarks: a regression beyond {checks} against the compared run fails"
+        )
     return lines

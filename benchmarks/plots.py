@@ -2,10 +2,11 @@
 
 Each figure answers one question per panel, on a scale of its own: the ops against their PyTorch
 baselines (a few x), host time per call at tiny shapes, a whole training step (around 1x), SFS
-(thousands of x) in the speedup figure; bytes kept for backward and peak memory of a step in the memory figure. Every row says
-what is compared with what; a 1x line is drawn, and results where the first is slower (or needs
-more memory) are red and hatched.
+(thousands of x) in the speedup figure; bytes kept for backward and peak memory of a step in
+the memory figure. Every row says what is compared with what; a 1x line is drawn, and results
+where the first is slower (or needs more memory) are red and hatched.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,17 +24,28 @@ ROW_INCHES = 0.42
 LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85}
 
 # how the summary's provider names read in the plots
-PROVIDERS = {"cpu": "fused (cpu)", "triton": "fused (triton)", "cuda": "fused (cuda)",
-             "reference": "reference", "banked": "fused, banks read in place",
-             "one launch": "fused, one launch", "factored": "from the factors",
-             "lor2c-fused": "LoR2C fused", "lora-peft": "PEFT LoRA on q/v",
-             "dcft-fused": "DCFT fused"}
-BASELINES = {"eager": "the published expression (eager)",
-             "published": "the published code (dense D, eager)",
-             "gather-ref": "bank[idx] gathers + reference (eager)",
-             "python loop": "a Python loop over the adapters",
-             "dense": "svdvals(B @ A)", "lor2c-reference": "LoR2C as published",
-             "dcft-published": "DCFT as published", "compiled": "torch.compile"}
+PROVIDERS = {
+    "cpu": "fused (cpu)",
+    "triton": "fused (triton)",
+    "cuda": "fused (cuda)",
+    "reference": "reference",
+    "banked": "fused, banks read in place",
+    "one launch": "fused, one launch",
+    "factored": "from the factors",
+    "lor2c-fused": "LoR2C fused",
+    "lora-peft": "PEFT LoRA on q/v",
+    "dcft-fused": "DCFT fused",
+}
+BASELINES = {
+    "eager": "the published expression (eager)",
+    "published": "the published code (dense D, eager)",
+    "gather-ref": "bank[idx] gathers + reference (eager)",
+    "python loop": "a Python loop over the adapters",
+    "dense": "svdvals(B @ A)",
+    "lor2c-reference": "LoR2C as published",
+    "dcft-published": "DCFT as published",
+    "compiled": "torch.compile",
+}
 
 
 def _name(table: dict, key) -> str:
@@ -56,8 +68,10 @@ def _kind(entry: dict) -> str:
 
 
 def _fmt(value: float) -> str:
-    return format(value, ",.0f" if value >= 100 else ".1f" if value >= 10
-                  else ".2f" if value >= 0.995 else ".2g")
+    return format(
+        value,
+        ",.0f" if value >= 100 else ".1f" if value >= 10 else ".2f" if value >= 0.995 else ".2g",
+    )
 
 
 def _bars(ax, ys, values, color, height, worse, text, log):
@@ -69,10 +83,18 @@ def _bars(ax, ys, values, color, height, worse, text, log):
             bar.set_hatch("///")
             bar.set_edgecolor("white")
         x = v * 1.03 if log else v
-        ax.annotate(text(v), (x, bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=7.5, zorder=5,
-                    color=WORSE if worse(v) else "black", bbox=LABEL_BOX,
-                    fontweight="bold" if worse(v) else "normal")
+        ax.annotate(
+            text(v),
+            (x, bar.get_y() + bar.get_height() / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7.5,
+            zorder=5,
+            color=WORSE if worse(v) else "black",
+            bbox=LABEL_BOX,
+            fontweight="bold" if worse(v) else "normal",
+        )
     return bars
 
 
@@ -87,8 +109,11 @@ def _log_limits(ax, values, low=None, unit="x"):
     left, right = (low if low is not None else lo / 1.6), hi * 3.5  # room for the labels
     ax.set_xlim(left, right)
     if right / left < 1000:  # a few decades: label 1-2-5 steps, not only powers of ten
-        ticks = [m * 10 ** e for e in range(math.floor(math.log10(left)),
-                                             math.ceil(math.log10(right)) + 1) for m in (1, 2, 5)]
+        ticks = [
+            m * 10**e
+            for e in range(math.floor(math.log10(left)), math.ceil(math.log10(right)) + 1)
+            for m in (1, 2, 5)
+        ]
         ticks = [t for t in ticks if left <= t <= right]
         ax.set_xticks(ticks, [f"{t:g}{unit}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -98,8 +123,14 @@ def _legend(ax, handles):
     """To the right of the panel (never over a bar), labels wrapped."""
     for h in handles:
         h.set_label(textwrap.fill(h.get_label(), 34))
-    ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              borderaxespad=0.0, frameon=False)
+    ax.legend(
+        handles=handles,
+        fontsize=7.5,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        frameon=False,
+    )
 
 
 def _setup(ax, labels, title):
@@ -111,10 +142,15 @@ def _setup(ax, labels, title):
 
 # --- speedup ------------------------------------------------------------------------------------
 
-def _speedup_ops(ax, rows, title="Ops, forward + backward: time of the baseline / time of the "
-                                  "fused op"):
-    labels = [f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
-              f"{_name(BASELINES, e['baseline'])}" for e in rows]
+
+def _speedup_ops(
+    ax, rows, title="Ops, forward + backward: time of the baseline / time of the fused op"
+):
+    labels = [
+        f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
+        f"{_name(BASELINES, e['baseline'])}"
+        for e in rows
+    ]
     compiled = [e.get("vs_compiled") for e in rows]
     both = any(compiled)
     h = 0.38 if both else 0.7
@@ -134,70 +170,129 @@ def _speedup_ops(ax, rows, title="Ops, forward + backward: time of the baseline 
     _log_limits(ax, values, low=min(0.5, min(values) / 1.6))
     _one_x(ax)
     _setup(ax, labels, title)
-    ax.set_xlabel("speedup (x, log scale; right of the dashed 1x line: the fused op is faster)",
-                  fontsize=8)
+    ax.set_xlabel(
+        "speedup (x, log scale; right of the dashed 1x line: the fused op is faster)", fontsize=8
+    )
     handles = [Patch(color=FUSED, label="vs the baseline named in the row, eager")]
     if both:
-        handles.append(Patch(color=COMPILED, label="vs torch.compile of that baseline "
-                             "(multi-adapter batch: of a loop-free PyTorch expression)"))
-    handles.append(Patch(facecolor=WORSE, hatch="///", edgecolor="white",
-                         label="slower than the baseline (< 1x)"))
+        handles.append(
+            Patch(
+                color=COMPILED,
+                label="vs torch.compile of that baseline "
+                "(multi-adapter batch: of a loop-free PyTorch expression)",
+            )
+        )
+    handles.append(
+        Patch(
+            facecolor=WORSE, hatch="///", edgecolor="white", label="slower than the baseline (< 1x)"
+        )
+    )
     _legend(ax, handles)
 
 
 def _speedup_host(ax, rows):
-    _speedup_ops(ax, rows, "Host time per call at tiny shapes (launch and dispatch overhead): "
-                           "time of the baseline / time of the fused op")
+    _speedup_ops(
+        ax,
+        rows,
+        "Host time per call at tiny shapes (launch and dispatch overhead): "
+        "time of the baseline / time of the fused op",
+    )
 
 
 def _speedup_step(ax, rows):
-    labels = [f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
-              f"{_name(BASELINES, e['baseline'])}" for e in rows]
+    labels = [
+        f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
+        f"{_name(BASELINES, e['baseline'])}"
+        for e in rows
+    ]
     values = [e["speedup"] for e in rows]
-    _bars(ax, list(range(len(rows))), values, FUSED, 0.6, lambda v: v < 1,
-          lambda v: f"{_fmt(v)}x" + (" slower" if v < 1 else ""), log=False)
+    _bars(
+        ax,
+        list(range(len(rows))),
+        values,
+        FUSED,
+        0.6,
+        lambda v: v < 1,
+        lambda v: f"{_fmt(v)}x" + (" slower" if v < 1 else ""),
+        log=False,
+    )
     spread = max(abs(v - 1) for v in values + [1.1])
     ax.set_xlim(0, 1 + spread * 1.8)
     _one_x(ax)
-    _setup(ax, labels, "Whole training step (forward, backward, AdamW): time of the second / "
-                       "time of the first")
-    ax.set_xlabel("speedup (x, linear scale; right of the dashed 1x line: the first is faster)",
-                  fontsize=8)
-    _legend(ax, [Patch(color=FUSED, label="the first is faster (>= 1x)"),
-                 Patch(facecolor=WORSE, hatch="///", edgecolor="white",
-                       label="the first is slower (< 1x)")])
+    _setup(
+        ax,
+        labels,
+        "Whole training step (forward, backward, AdamW): time of the second / time of the first",
+    )
+    ax.set_xlabel(
+        "speedup (x, linear scale; right of the dashed 1x line: the first is faster)", fontsize=8
+    )
+    _legend(
+        ax,
+        [
+            Patch(color=FUSED, label="the first is faster (>= 1x)"),
+            Patch(
+                facecolor=WORSE, hatch="///", edgecolor="white", label="the first is slower (< 1x)"
+            ),
+        ],
+    )
 
 
 def _speedup_sfs(ax, rows):
-    labels = [f"SFS, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
-              f"{_name(BASELINES, e['baseline'])}" for e in rows]
+    labels = [
+        f"SFS, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs {_name(BASELINES, e['baseline'])}"
+        for e in rows
+    ]
     values = [e["speedup"] for e in rows]
-    _bars(ax, list(range(len(rows))), values, FUSED, 0.6, lambda v: v < 1,
-          lambda v: f"{_fmt(v)}x", log=True)
+    _bars(
+        ax,
+        list(range(len(rows))),
+        values,
+        FUSED,
+        0.6,
+        lambda v: v < 1,
+        lambda v: f"{_fmt(v)}x",
+        log=True,
+    )
     _log_limits(ax, values, low=0.5)
     _one_x(ax)
-    _setup(ax, labels, "Shape of feature space (SFS): time of the dense SVD / time from the "
-                       "factors")
+    _setup(
+        ax, labels, "Shape of feature space (SFS): time of the dense SVD / time from the factors"
+    )
     ax.set_xlabel("speedup (x, log scale of its own: far beyond the ops above)", fontsize=8)
     _legend(ax, [Patch(color=FUSED, label="SFS from the factors (thin QR + r x r SVD) is faster")])
 
 
 def speedup(entries: list[dict], meta: dict, path: str) -> None:
-    panels = [(kind, draw, [e for e in entries if e["speedup"] and _kind(e) == kind])
-              for kind, draw in (("ops", _speedup_ops), ("host", _speedup_host),
-                                 ("step", _speedup_step), ("sfs", _speedup_sfs))]
+    panels = [
+        (kind, draw, [e for e in entries if e["speedup"] and _kind(e) == kind])
+        for kind, draw in (
+            ("ops", _speedup_ops),
+            ("host", _speedup_host),
+            ("step", _speedup_step),
+            ("sfs", _speedup_sfs),
+        )
+    ]
     panels = [p for p in panels if p[2]]
     if not panels:
         return _empty(meta, path, "no speedups measured")
-    weights = [len(rows) * (2 if kind in ("ops", "host") else 1) * 0.5 + 1.4
-               for kind, _, rows in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 0.8 + ROW_INCHES * sum(weights)),
-                             gridspec_kw={"height_ratios": weights}, squeeze=False)
+    weights = [
+        len(rows) * (2 if kind in ("ops", "host") else 1) * 0.5 + 1.4 for kind, _, rows in panels
+    ]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(12, 0.8 + ROW_INCHES * sum(weights)),
+        gridspec_kw={"height_ratios": weights},
+        squeeze=False,
+    )
     for ax, (_, draw, rows) in zip(axes[:, 0], panels):
         draw(ax, rows)
-    fig.suptitle(f"lor2c_ops speedups: {meta['device']}, torch {meta['torch']}, commit "
-                 f"{meta['commit']}{' (quick: small sizes, a smoke test)' if meta.get('quick') else ''}",
-                 fontsize=10.5)
+    fig.suptitle(
+        f"lor2c_ops speedups: {meta['device']}, torch {meta['torch']}, commit "
+        f"{meta['commit']}{' (quick: small sizes, a smoke test)' if meta.get('quick') else ''}",
+        fontsize=10.5,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -205,16 +300,28 @@ def speedup(entries: list[dict], meta: dict, path: str) -> None:
 
 # --- memory -------------------------------------------------------------------------------------
 
+
 def _memory_panel(ax, rows, kind):
-    labels = [f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
-              f"{_name(BASELINES, e['baseline'])}" for e in rows]
+    labels = [
+        f"{e['op']}, {_shape(e)}\n{_name(PROVIDERS, e['provider'])} vs "
+        f"{_name(BASELINES, e['baseline'])}"
+        for e in rows
+    ]
     floor = 1e-3  # MB: a bar of zero bytes on a log axis
     h = 0.38
     first = [max(e["mem_mb"], floor) for e in rows]
     base = [max(e["baseline_mem_mb"], floor) for e in rows]
     n = range(len(rows))
-    _bars(ax, [i + h / 2 for i in n], base, BASE, h, lambda v: False,
-          lambda v: f"{_fmt(v)} MB", log=True)
+    _bars(
+        ax,
+        [i + h / 2 for i in n],
+        base,
+        BASE,
+        h,
+        lambda v: False,
+        lambda v: f"{_fmt(v)} MB",
+        log=True,
+    )
     worse = {i for i in n if first[i] > base[i] * 1.001}
     colors = [WORSE if i in worse else FUSED for i in n]
     bars = ax.barh([i - h / 2 for i in n], first, height=h, color=colors, edgecolor="white")
@@ -222,21 +329,49 @@ def _memory_panel(ax, rows, kind):
         if i in worse:
             bar.set_hatch("///")
         ratio = base[i] / first[i]
-        note = (f" ({ratio:,.0f}x less)" if ratio >= 10 else f" ({ratio:.2f}x less)" if ratio > 1.001
-                else f" ({1 / ratio:.2f}x more)" if i in worse else "")
-        ax.annotate(f"{_fmt(first[i])} MB{note}", (first[i] * 1.03, i - h / 2), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=7.5, zorder=5,
-                    bbox=LABEL_BOX,
-                    color=WORSE if i in worse else "black",
-                    fontweight="bold" if i in worse else "normal")
+        note = (
+            f" ({ratio:,.0f}x less)"
+            if ratio >= 10
+            else f" ({ratio:.2f}x less)"
+            if ratio > 1.001
+            else f" ({1 / ratio:.2f}x more)"
+            if i in worse
+            else ""
+        )
+        ax.annotate(
+            f"{_fmt(first[i])} MB{note}",
+            (first[i] * 1.03, i - h / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7.5,
+            zorder=5,
+            bbox=LABEL_BOX,
+            color=WORSE if i in worse else "black",
+            fontweight="bold" if i in worse else "normal",
+        )
     _log_limits(ax, first + base, unit=" MB")
-    _setup(ax, labels, "Bytes the autograd graph keeps for backward (ops)" if kind == "saved"
-           else "Peak memory of a forward + backward or a training step, above its inputs")
+    _setup(
+        ax,
+        labels,
+        "Bytes the autograd graph keeps for backward (ops)"
+        if kind == "saved"
+        else "Peak memory of a forward + backward or a training step, above its inputs",
+    )
     ax.set_xlabel("MB (log scale; less is better)", fontsize=8)
-    _legend(ax, [Patch(color=FUSED, label="the first named in the row"),
-                 Patch(color=BASE, label="the baseline (the second in the row)"),
-                 Patch(facecolor=WORSE, hatch="///", edgecolor="white",
-                       label="the first needs more memory than the baseline")])
+    _legend(
+        ax,
+        [
+            Patch(color=FUSED, label="the first named in the row"),
+            Patch(color=BASE, label="the baseline (the second in the row)"),
+            Patch(
+                facecolor=WORSE,
+                hatch="///",
+                edgecolor="white",
+                label="the first needs more memory than the baseline",
+            ),
+        ],
+    )
 
 
 def memory(entries: list[dict], meta: dict, path: str) -> None:
@@ -246,12 +381,19 @@ def memory(entries: list[dict], meta: dict, path: str) -> None:
     if not panels:
         return _empty(meta, path, "no memory measured")
     weights = [len(r) + 1.4 for _, r in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 0.8 + ROW_INCHES * sum(weights)),
-                             gridspec_kw={"height_ratios": weights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(12, 0.8 + ROW_INCHES * sum(weights)),
+        gridspec_kw={"height_ratios": weights},
+        squeeze=False,
+    )
     for ax, (kind, r) in zip(axes[:, 0], panels):
         _memory_panel(ax, r, kind)
-    fig.suptitle(f"lor2c_ops memory: {meta['device']}, torch {meta['torch']}, commit "
-                 f"{meta['commit']}", fontsize=10.5)
+    fig.suptitle(
+        f"lor2c_ops memory: {meta['device']}, torch {meta['torch']}, commit {meta['commit']}",
+        fontsize=10.5,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -260,8 +402,9 @@ def memory(entries: list[dict], meta: dict, path: str) -> None:
 def _empty(meta: dict, path: str, why: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 1.5))
     ax.axis("off")
-    ax.text(0.5, 0.5, f"{why} ({meta['device']}, commit {meta['commit']})", ha="center",
-            va="center")
+    ax.text(
+        0.5, 0.5, f"{why} ({meta['device']}, commit {meta['commit']})", ha="center", va="center"
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

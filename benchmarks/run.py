@@ -13,6 +13,7 @@ benchmarks/results/local/ (git-ignored: a run leaves the working tree clean). Wi
 they go to benchmarks/results/ instead and the plots are also copied to
 results/latest-<device>-*.png, the README's figures (then commit them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,19 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 import summary  # noqa: E402
 
+
 def benches() -> list:
     """(name, module) of every benchmarks/bench_<name>.py, in their SUITE_ORDER: each script
     declares its own suite jobs and summary rows, so adding one is adding its file."""
-    names = sorted(f[len("bench_"):-len(".py")] for f in os.listdir(HERE)
-                   if f.startswith("bench_") and f.endswith(".py"))
+    names = sorted(
+        f[len("bench_") : -len(".py")]
+        for f in os.listdir(HERE)
+        if f.startswith("bench_") and f.endswith(".py")
+    )
     modules = [(name, importlib.import_module(f"bench_{name}")) for name in names]
-    return sorted((m for m in modules if hasattr(m[1], "suite_jobs")),
-                  key=lambda m: m[1].SUITE_ORDER)
+    return sorted(
+        (m for m in modules if hasattr(m[1], "suite_jobs")), key=lambda m: m[1].SUITE_ORDER
+    )
 
 
 def suite_jobs(device_type: str, quick: bool) -> list:
@@ -56,13 +62,17 @@ def run_job(job: common.Job, device: str, bar: common.Progress) -> tuple[dict, s
         kwargs["progress"] = bar.note
     printed, errors = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors), \
-                common.native_stderr_to_null():
+        with (
+            contextlib.redirect_stdout(printed),
+            contextlib.redirect_stderr(errors),
+            common.native_stderr_to_null(),
+        ):
             result = module.main(argv, **kwargs)
     except (Exception, SystemExit) as error:
         detail = errors.getvalue().strip().splitlines()[-3:]
-        raise JobFailed(f"{type(error).__name__}: {error}" + "".join(
-            f"\n    {line}" for line in detail)) from error
+        raise JobFailed(
+            f"{type(error).__name__}: {error}" + "".join(f"\n    {line}" for line in detail)
+        ) from error
     return result, printed.getvalue()
 
 
@@ -70,15 +80,17 @@ class JobFailed(RuntimeError):
     pass
 
 
-def write(out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict],
-          logs: list[str]) -> dict:
+def write(
+    out_dir: str, stamp: str, meta: dict, jobs: list[dict], entries: list[dict], logs: list[str]
+) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"suite-{meta['device_type']}-{meta['commit']}-{stamp}")
     paths = {"json": base + ".json", "csv": base + ".csv", "md": base + ".md"}
     with open(paths["json"], "w") as f:
         json.dump({"meta": meta, "summary": entries, "jobs": jobs}, f, indent=1)
-    flat = [{"job": job["label"], "bench": job["name"], **row} for job in jobs
-            for row in job["rows"]]
+    flat = [
+        {"job": job["label"], "bench": job["name"], **row} for job in jobs for row in job["rows"]
+    ]
     keys = list(dict.fromkeys(k for row in flat for k in row))
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -94,35 +106,53 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--only", nargs="+", choices=[name for name, _ in benches()],
-                        help="run these scripts only")
+    parser.add_argument(
+        "--only", nargs="+", choices=[name for name, _ in benches()], help="run these scripts only"
+    )
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--publish", action="store_true",
-                        help="write to benchmarks/results/ (tracked) and update the README's "
-                        "results/latest-<device>-*.png; without it results go to the git-ignored "
-                        "benchmarks/results/local/")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results/local, "
-                        "benchmarks/results/quick for --quick, both git-ignored; "
-                        "benchmarks/results with --publish)")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write to benchmarks/results/ (tracked) and update the README's "
+        "results/latest-<device>-*.png; without it results go to the git-ignored "
+        "benchmarks/results/local/",
+    )
+    parser.add_argument(
+        "--out",
+        help="results folder (default: benchmarks/results/local, "
+        "benchmarks/results/quick for --quick, both git-ignored; "
+        "benchmarks/results with --publish)",
+    )
     args = parser.parse_args(argv)
     if args.publish and args.quick:
-        parser.error("--publish: --quick results are a smoke test at small sizes, not figures "
-                     "to publish")
+        parser.error(
+            "--publish: --quick results are a smoke test at small sizes, not figures to publish"
+        )
     if args.out is None:
-        args.out = os.path.join(HERE, "results", "quick" if args.quick
-                                else "" if args.publish else "local")
+        args.out = os.path.join(
+            HERE, "results", "quick" if args.quick else "" if args.publish else "local"
+        )
     device = torch.device(args.device)
     jobs = suite_jobs(device.type, args.quick)
     if args.only:
         jobs = [job for job in jobs if job.bench in args.only]
 
-    meta = {"device": common.device_name(device), "device_type": device.type,
-            "commit": common.commit(), **common.versions(), "quick": args.quick,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"lor2c_ops benchmark suite on {meta['device']} (torch {meta['torch']}, triton "
-          f"{meta['triton']}, commit {meta['commit']}): {len(jobs)} jobs\n", flush=True)
-    bar = common.Progress([job.seconds for job in jobs],
-                          stream=os.fdopen(os.dup(2), "w", buffering=1))
+    meta = {
+        "device": common.device_name(device),
+        "device_type": device.type,
+        "commit": common.commit(),
+        **common.versions(),
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(
+        f"lor2c_ops benchmark suite on {meta['device']} (torch {meta['torch']}, triton "
+        f"{meta['triton']}, commit {meta['commit']}): {len(jobs)} jobs\n",
+        flush=True,
+    )
+    bar = common.Progress(
+        [job.seconds for job in jobs], stream=os.fdopen(os.dup(2), "w", buffering=1)
+    )
     results, logs, failed = [], [], []
     t0 = time.perf_counter()
     for job in jobs:
@@ -142,8 +172,9 @@ def main(argv=None) -> int:
         print(log, flush=True)
         logs.append(log)
         targets = [line for line in printed.splitlines() if line.startswith(("PASS", "MISS"))]
-        results.append({"label": job.label, "argv": job.argv, "seconds": seconds,
-                        "targets": targets, **result})
+        results.append(
+            {"label": job.label, "argv": job.argv, "seconds": seconds, "targets": targets, **result}
+        )
         bar.finish()
     bar.clear()
     meta["seconds"] = time.perf_counter() - t0
@@ -158,7 +189,8 @@ def main(argv=None) -> int:
     paths = write(args.out, stamp, meta, results, entries, logs)
     if not args.no_plots and entries:
         import plots
-        base = paths["json"][:-len(".json")]
+
+        base = paths["json"][: -len(".json")]
         for kind, path in plots.draw(entries, meta, base).items():
             paths[kind] = path
             if args.publish:

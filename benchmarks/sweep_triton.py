@@ -7,6 +7,7 @@ in the same run (out-of-place bf16 adds moving the same bytes).
 Prints one table per (shape, kernel) and the best configuration of each; lor2c_ops/triton/lor2c.py
 TABLE holds what a sweep chose, with the figures written next to it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,15 +60,36 @@ def add_bandwidth(n: int, d: int, dtype) -> float:
 # The first entry of each list is the launchers' default (config_for), so the table shows
 # where the default stands; all of these compile without spills for sm_90 at r = 16
 # (scripts/check_triton_compile.py).
-FWD = [dict(fwd_m=m, fwd_k=k, fwd_n=nn, fwd_warps=w, fwd_stages=s)
-       for m, k, nn, w, s in [(32, 128, 128, 4, 4), (32, 128, 128, 4, 5), (32, 64, 128, 4, 6),
-                              (16, 128, 128, 4, 4), (32, 128, 256, 8, 4)]]
-GRAD = [dict(grad_m=m, grad_n=nn, grad_warps=w, grad_stages=s, waves=v)
-        for m, nn, w, s, v in [(32, 512, 8, 3, 2), (64, 512, 8, 3, 2), (32, 512, 8, 4, 2),
-                               (64, 256, 8, 4, 2), (32, 512, 8, 3, 4)]]
-INP = [dict(in_m=m, in_k=k, in_warps=w, in_stages=s, waves=v)
-       for m, k, w, s, v in [(32, 256, 8, 3, 2), (32, 256, 8, 4, 2), (16, 256, 4, 4, 2),
-                             (32, 512, 8, 3, 2), (32, 128, 8, 4, 2)]]
+FWD = [
+    dict(fwd_m=m, fwd_k=k, fwd_n=nn, fwd_warps=w, fwd_stages=s)
+    for m, k, nn, w, s in [
+        (32, 128, 128, 4, 4),
+        (32, 128, 128, 4, 5),
+        (32, 64, 128, 4, 6),
+        (16, 128, 128, 4, 4),
+        (32, 128, 256, 8, 4),
+    ]
+]
+GRAD = [
+    dict(grad_m=m, grad_n=nn, grad_warps=w, grad_stages=s, waves=v)
+    for m, nn, w, s, v in [
+        (32, 512, 8, 3, 2),
+        (64, 512, 8, 3, 2),
+        (32, 512, 8, 4, 2),
+        (64, 256, 8, 4, 2),
+        (32, 512, 8, 3, 4),
+    ]
+]
+INP = [
+    dict(in_m=m, in_k=k, in_warps=w, in_stages=s, waves=v)
+    for m, k, w, s, v in [
+        (32, 256, 8, 3, 2),
+        (32, 256, 8, 4, 2),
+        (16, 256, 4, 4, 2),
+        (32, 512, 8, 3, 2),
+        (32, 128, 8, 4, 2),
+    ]
+]
 
 
 def sweep(n, d, r, p, dtype, wdtype, quick, rows):
@@ -75,7 +97,7 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
     dev = torch.device("cuda")
     x = torch.randn(n, d, device=dev, dtype=dtype)
     layer_out = torch.randn(n, d, device=dev, dtype=dtype)
-    A = (torch.randn(1, r, d, device=dev) / d ** 0.5).to(wdtype)
+    A = (torch.randn(1, r, d, device=dev) / d**0.5).to(wdtype)
     B = torch.randn(1, d, r, device=dev).to(wdtype)
     g = torch.randn(n, d, device=dev, dtype=dtype)
     seed = torch.tensor([1234, 5], device=dev, dtype=torch.int64)
@@ -91,13 +113,17 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
         for cand in cands:
             cfg = dataclasses.replace(base, **cand)
             if kernel == "fwd":
-                fn = lambda cfg=cfg: tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg)
+                fn = lambda cfg=cfg: tk._forward_impl(
+                    x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg
+                )
             elif kernel == "grad":  # the grad pass and dB reduction alone (no dx/dA)
-                fn = lambda cfg=cfg: tk._backward_impl(g, x, t, A, B, None, None, 0.5, p, seed,
-                                                       False, False, True, cfg=cfg)
+                fn = lambda cfg=cfg: tk._backward_impl(
+                    g, x, t, A, B, None, None, 0.5, p, seed, False, False, True, cfg=cfg
+                )
             else:  # the whole backward with this input-pass config (grad pass at base)
-                fn = lambda cfg=cfg: tk._backward_impl(g, x, t, A, B, None, None, 0.5, p, seed,
-                                                       True, True, True, cfg=cfg)
+                fn = lambda cfg=cfg: tk._backward_impl(
+                    g, x, t, A, B, None, None, 0.5, p, seed, True, True, True, cfg=cfg
+                )
             try:
                 t0 = time.perf_counter()
                 ms = graph_time(fn)
@@ -107,32 +133,66 @@ def sweep(n, d, r, p, dtype, wdtype, quick, rows):
                 continue
             lim = limit if kernel != "grad" else limit / 3  # the grad pass alone reads g only
             results.append((ms, cand))
-            row = dict(n=n, d=d, r=r, p=p, dtype=str(dtype)[6:], kernel=kernel, ms=ms,
-                       limit_ms=lim, frac=lim / ms, cfg=cand, first_call_s=compile_s)
+            row = dict(
+                n=n,
+                d=d,
+                r=r,
+                p=p,
+                dtype=str(dtype)[6:],
+                kernel=kernel,
+                ms=ms,
+                limit_ms=lim,
+                frac=lim / ms,
+                cfg=cand,
+                first_call_s=compile_s,
+            )
             rows.append(row)
-            print(f"  {kernel:5s} {ms*1e3:8.1f} us  {100*lim/ms:5.1f}% of limit  {cand}")
+            print(f"  {kernel:5s} {ms * 1e3:8.1f} us  {100 * lim / ms:5.1f}% of limit  {cand}")
         if results:
             best[kernel] = min(results, key=lambda v: v[0])[1]
     cfg = base
     for cand in best.values():
         cfg = dataclasses.replace(cfg, **cand)
-    fwd_ms = graph_time(lambda: tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg))
-    bwd_ms = graph_time(lambda: tk._backward_impl(g, x, t, A, B, None, None, 0.5, p, seed, True,
-                                                  True, True, cfg=cfg))
-    print(f"best n={n} d={d} r={r} p={p} {str(dtype)[6:]}: fwd {fwd_ms*1e3:.1f} us "
-          f"({100*limit/fwd_ms:.0f}%), bwd {bwd_ms*1e3:.1f} us ({100*limit/bwd_ms:.0f}%), "
-          f"both {100*2*limit/(fwd_ms+bwd_ms):.0f}% of the limit at {bw:.0f} GB/s; {cfg}")
-    rows.append(dict(n=n, d=d, r=r, p=p, dtype=str(dtype)[6:], kernel="best", fwd_ms=fwd_ms,
-                     bwd_ms=bwd_ms, limit_ms=limit, bandwidth_gbs=bw,
-                     frac_both=2 * limit / (fwd_ms + bwd_ms), cfg=dataclasses.asdict(cfg)))
+    fwd_ms = graph_time(
+        lambda: tk._forward_impl(x, layer_out, A, B, None, None, 0.5, p, seed, cfg=cfg)
+    )
+    bwd_ms = graph_time(
+        lambda: tk._backward_impl(
+            g, x, t, A, B, None, None, 0.5, p, seed, True, True, True, cfg=cfg
+        )
+    )
+    print(
+        f"best n={n} d={d} r={r} p={p} {str(dtype)[6:]}: fwd {fwd_ms * 1e3:.1f} us "
+        f"({100 * limit / fwd_ms:.0f}%), bwd {bwd_ms * 1e3:.1f} us ({100 * limit / bwd_ms:.0f}%), "
+        f"both {100 * 2 * limit / (fwd_ms + bwd_ms):.0f}% of the limit at {bw:.0f} GB/s; {cfg}"
+    )
+    rows.append(
+        dict(
+            n=n,
+            d=d,
+            r=r,
+            p=p,
+            dtype=str(dtype)[6:],
+            kernel="best",
+            fwd_ms=fwd_ms,
+            bwd_ms=bwd_ms,
+            limit_ms=limit,
+            bandwidth_gbs=bw,
+            frac_both=2 * limit / (fwd_ms + bwd_ms),
+            cfg=dataclasses.asdict(cfg),
+        )
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--shapes", default="16384x4096x16,16384x4096x64,16384x1024x16",
-                    help="n x d x r, comma separated; the first gets the full candidate lists")
+    ap.add_argument(
+        "--shapes",
+        default="16384x4096x16,16384x4096x64,16384x1024x16",
+        help="n x d x r, comma separated; the first gets the full candidate lists",
+    )
     args = ap.parse_args()
     rows = []
     for i, spec in enumerate(args.shapes.split(",")):

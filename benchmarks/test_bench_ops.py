@@ -21,6 +21,7 @@ extra_info holds the shape, dtype, device, dropout p, the bytes the op must move
 (docs/math.md section 1.2: x and layer_out read, the output written; the same again in
 backward) and the bandwidth that makes at the median time.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,8 @@ import lor2c_ops as lo  # noqa: E402
 from lor2c_ops import backends  # noqa: E402
 from lor2c_ops.ops.dcft import subspace_size  # noqa: E402
 
-P = 0.1        # dropout probability: the training case, mask generation included
-SCALE = 2.0    # alpha / r
+P = 0.1  # dropout probability: the training case, mask generation included
+SCALE = 2.0  # alpha / r
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -56,12 +57,15 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # (backends.Backend.refuses): declared by the scripts themselves (BENCH_OPS); the dtype is fp32
 # on the CPU and bf16 on CUDA.
 _OPS = {**bench_lor2c.BENCH_OPS, **bench_share.BENCH_OPS, **bench_dcft.BENCH_OPS}
-SIZES = {key: {op: spec["sizes"][key] for op, spec in _OPS.items()}
-         for key in (("small", "cpu"), ("large", "cpu"), ("small", "cuda"), ("large", "cuda"))}
+SIZES = {
+    key: {op: spec["sizes"][key] for op, spec in _OPS.items()}
+    for key in (("small", "cpu"), ("large", "cpu"), ("small", "cuda"), ("large", "cuda"))
+}
 KERNEL_OP = {op: spec["kernel_op"] for op, spec in _OPS.items()}
 
 
 # ---- the eager expressions of the ops that have no bench script function ----------------------
+
 
 def share_expression(x, layer_out, A_bank, B_bank, group: int, index: int, scale, p):
     """Adapter `index` of a shared bank in eager PyTorch: the reference expression on bank rows."""
@@ -69,6 +73,7 @@ def share_expression(x, layer_out, A_bank, B_bank, group: int, index: int, scale
 
 
 # ---- configuration from the command line -------------------------------------------------------
+
 
 def bench_device(config) -> torch.device:
     choice = config.getoption("bench_device", "auto")
@@ -130,14 +135,17 @@ def pytest_generate_tests(metafunc):
     device = bench_device(metafunc.config)
     dtype = bench_dtype(device)
     shape = tuple(SIZES[metafunc.config.getoption("bench_size", "small"), device.type][op].items())
-    cases = [Case(op, provider, mode, shape, dtype, device)
-             for mode in MODES for provider in providers(op, device, dtype)]
+    cases = [
+        Case(op, provider, mode, shape, dtype, device)
+        for mode in MODES
+        for provider in providers(op, device, dtype)
+    ]
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
 # ---- inputs and providers ----------------------------------------------------------------------
 
-_INPUTS: dict = {}    # the inputs of the last (op, shape, dtype, device): an op's cases share them
+_INPUTS: dict = {}  # the inputs of the last (op, shape, dtype, device): an op's cases share them
 _COMPILED: dict = {}  # expression -> its torch.compile: compiled once per run, shared by modes
 
 
@@ -162,9 +170,16 @@ def make_inputs(op: str, shape: dict, dtype: torch.dtype, device: torch.device) 
     if op == "dcft":
         d, k = shape["d"], shape["k"]
         m = subspace_size(d, k, k, "d")
-        t = dict(x=randn(n, d, grad=True), W=randn(d, d, std=d**-0.5), b=randn(d, std=0.1),
-                 A=randn(r, m, std=0.02, grad=True), B=randn(m, r, std=0.02, grad=True),
-                 C=randn(k, k, std=0.02, grad=True), g=randn(n, d), stride=k)
+        t = dict(
+            x=randn(n, d, grad=True),
+            W=randn(d, d, std=d**-0.5),
+            b=randn(d, std=0.1),
+            A=randn(r, m, std=0.02, grad=True),
+            B=randn(m, r, std=0.02, grad=True),
+            C=randn(k, k, std=0.02, grad=True),
+            g=randn(n, d),
+            stride=k,
+        )
     else:
         d = shape["d"]
         t = dict(x=randn(n, d, grad=True), layer_out=randn(n, d, grad=True), g=randn(n, d))
@@ -177,9 +192,11 @@ def make_inputs(op: str, shape: dict, dtype: torch.dtype, device: torch.device) 
             t.update(bank=bank, index=1)  # adapter 1 of L, its A the shared row of group 0
         else:
             G = shape["G"]
-            t.update(A=randn(G, r, d, std=d**-0.5, grad=True),
-                     B=randn(G, d, r, std=0.01, grad=True),
-                     ids=torch.randint(0, G, (n,), generator=gen).to(device))
+            t.update(
+                A=randn(G, r, d, std=d**-0.5, grad=True),
+                B=randn(G, d, r, std=0.01, grad=True),
+                ids=torch.randint(0, G, (n,), generator=gen).to(device),
+            )
     _INPUTS[key] = t
     return t
 
@@ -192,28 +209,45 @@ def make_forward(case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]
         args = (t["x"], t["layer_out"], t["A"], t["B"])
         inputs = list(args)
         if fused:
-            return (lambda: lo.lor2c_residual(*args, scale=SCALE, dropout_p=P, backend=provider),
-                    inputs)
+            return (
+                lambda: lo.lor2c_residual(*args, scale=SCALE, dropout_p=P, backend=provider),
+                inputs,
+            )
         f = reference_expression if provider == "eager" else compiled(reference_expression)
         return lambda: f(*args, SCALE, P), inputs
     if op == "share":
         bank, index = t["bank"], t["index"]
         inputs = [t["x"], t["layer_out"], bank.A_bank, bank.B_bank]
         if fused:
-            module = lo.ShareLoR2C(bank.num_adapters, bank.in_features, r=bank.r,
-                                   alpha=bank.alpha, dropout=P, backend=provider, device="meta")
+            module = lo.ShareLoR2C(
+                bank.num_adapters,
+                bank.in_features,
+                r=bank.r,
+                alpha=bank.alpha,
+                dropout=P,
+                backend=provider,
+                device="meta",
+            )
             module.A_bank, module.B_bank = bank.A_bank, bank.B_bank  # the same parameters
             return lambda: module(index, t["x"], t["layer_out"]), inputs
         f = share_expression if provider == "eager" else compiled(share_expression)
         group = bank.groups[index]
-        return (lambda: f(t["x"], t["layer_out"], bank.A_bank, bank.B_bank, group, index,
-                          bank.scaling, P), inputs)
+        return (
+            lambda: f(
+                t["x"], t["layer_out"], bank.A_bank, bank.B_bank, group, index, bank.scaling, P
+            ),
+            inputs,
+        )
     if op == "multi":
         args = (t["x"], t["layer_out"], t["A"], t["B"])
         inputs = list(args)
         if fused:
-            return (lambda: lo.lor2c_residual(*args, scale=SCALE, dropout_p=P, backend=provider,
-                                              adapter_ids=t["ids"]), inputs)
+            return (
+                lambda: lo.lor2c_residual(
+                    *args, scale=SCALE, dropout_p=P, backend=provider, adapter_ids=t["ids"]
+                ),
+                inputs,
+            )
         f = multi_expression if provider == "eager" else compiled(multi_expression)
         return lambda: f(*args, t["ids"], SCALE, P), inputs
     # dcft
@@ -221,10 +255,15 @@ def make_forward(case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]
     inputs = [t["x"]] if provider == "linear" else [t["x"], t["A"], t["B"], t["C"]]
     scale = 1.0 / dict(case.shape)["r"]
     if fused:
-        return (lambda: lo.dcft_linear(*args, scale=scale, stride=t["stride"], dropout_p=P,
-                                       backend=provider), inputs)
-    f = {"linear": frozen_linear, "eager": dcft_published,
-         "compiled": compiled(dcft_published)}[provider]
+        return (
+            lambda: lo.dcft_linear(
+                *args, scale=scale, stride=t["stride"], dropout_p=P, backend=provider
+            ),
+            inputs,
+        )
+    f = {"linear": frozen_linear, "eager": dcft_published, "compiled": compiled(dcft_published)}[
+        provider
+    ]
     return lambda: f(*args, scale, t["stride"], P), inputs
 
 
@@ -256,6 +295,7 @@ def device_name(device: torch.device) -> str:
 
 # ---- the benchmark -----------------------------------------------------------------------------
 
+
 def run_case(benchmark, case: Case) -> None:
     t = make_inputs(case.op, dict(case.shape), case.dtype, case.device)
     forward, inputs = make_forward(case, t)
@@ -286,9 +326,16 @@ def run_case(benchmark, case: Case) -> None:
 
     benchmark.group = case.group
     benchmark.extra_info.update(
-        op=case.op, provider=case.provider, mode=case.mode, shape=dict(case.shape),
-        dtype=DTYPE_NAMES[case.dtype], device=device_name(case.device), dropout_p=P,
-        bytes_moved=bytes_moved(case), threads=torch.get_num_threads())
+        op=case.op,
+        provider=case.provider,
+        mode=case.mode,
+        shape=dict(case.shape),
+        dtype=DTYPE_NAMES[case.dtype],
+        device=device_name(case.device),
+        dropout_p=P,
+        bytes_moved=bytes_moved(case),
+        threads=torch.get_num_threads(),
+    )
     if not benchmark.disabled:  # (a smoke run calls each case once, untimed)
         fwd_bwd()  # compile and warm the allocator outside the timing
     if case.mode == "fwd":
@@ -304,10 +351,12 @@ def run_case(benchmark, case: Case) -> None:
             once = time.perf_counter() - t0
             # as pytest-benchmark sizes a plain benchmark(...): --benchmark-max-time, at least
             # --benchmark-min-rounds
-            rounds = max(benchmark._min_rounds,
-                         math.ceil(float(benchmark._max_time) / max(once, 1e-6)))
-        benchmark.pedantic(bwd, setup=setup, rounds=rounds,
-                           warmup_rounds=0 if benchmark.disabled else 1)
+            rounds = max(
+                benchmark._min_rounds, math.ceil(float(benchmark._max_time) / max(once, 1e-6))
+            )
+        benchmark.pedantic(
+            bwd, setup=setup, rounds=rounds, warmup_rounds=0 if benchmark.disabled else 1
+        )
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median > 0:
         benchmark.extra_info["gbps"] = bytes_moved(case) / stats.stats.median / 1e9

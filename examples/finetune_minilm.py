@@ -12,6 +12,7 @@ does) and a linear head classifies them. The base model is frozen: only the adap
 head train. Prints the trainable parameters, the loss with a progress bar, tokens/s, and the
 held-out accuracy before and after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,32 +97,60 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8, help="adapter rank")
     p.add_argument("--alpha", type=float, default=16, help="scaling = alpha / r")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on the adapter input")
-    p.add_argument("--share", action="store_true",
-                   help="ShareLoR2C: one down-projection A shared by all adapters")
-    p.add_argument("--merge", type=int, default=0, metavar="N",
-                   help="MergeLoR2C: merge the adjacent pair with the smallest SFS, N times")
-    p.add_argument("--inject", type=int, default=0, metavar="N",
-                   help="InjectLoR2C: replace the adapter with the largest SFS by a LoRA on its "
-                        "block's query and value projections, N times")
-    p.add_argument("--interval", type=int, default=5,
-                   help="steps between structural events (in the first quarter of training)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="ShareLoR2C: one down-projection A shared by all adapters",
+    )
+    p.add_argument(
+        "--merge",
+        type=int,
+        default=0,
+        metavar="N",
+        help="MergeLoR2C: merge the adjacent pair with the smallest SFS, N times",
+    )
+    p.add_argument(
+        "--inject",
+        type=int,
+        default=0,
+        metavar="N",
+        help="InjectLoR2C: replace the adapter with the largest SFS by a LoRA on its "
+        "block's query and value projections, N times",
+    )
+    p.add_argument(
+        "--interval",
+        type=int,
+        default=5,
+        help="steps between structural events (in the first quarter of training)",
+    )
     p.add_argument("--max-merge-length", type=int, default=None)
-    p.add_argument("--dcft", action="store_true",
-                   help="DCFT on the query and value projections instead of LoR2C")
+    p.add_argument(
+        "--dcft",
+        action="store_true",
+        help="DCFT on the query and value projections instead of LoR2C",
+    )
     p.add_argument("--dcft-r", type=int, default=1)
     p.add_argument("--kernel-size", type=int, default=2, help="DCFT deconvolution kernel size")
-    p.add_argument("--backend", default=None,
-                   help="force a backend of the fused ops (reference, cpu, triton, cuda)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="force a backend of the fused ops (reference, cpu, triton, cuda)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, metavar="PATH",
-                   help="save the LoR2C adapters (safetensors + JSON) to this directory")
+    p.add_argument(
+        "--save",
+        default=None,
+        metavar="PATH",
+        help="save the LoR2C adapters (safetensors + JSON) to this directory",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.dcft and (args.share or args.merge or args.inject or args.save):
-        p.error("--dcft replaces LoR2C: it does not combine with --share, --merge, --inject "
-                "or --save")
+        p.error(
+            "--dcft replaces LoR2C: it does not combine with --share, --merge, --inject or --save"
+        )
     for name in ("steps", "batch_size", "max_length", "r", "interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -156,41 +185,73 @@ def main(argv=None) -> dict:
     texts = POSITIVE[:16] + NEGATIVE[:16]
     labels = torch.tensor([1] * 16 + [0] * 16)
     held_texts, held_labels = POSITIVE[16:] + NEGATIVE[16:], torch.tensor([1] * 4 + [0] * 4)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length,
-                    return_tensors="pt").to(device)
-    held = tokenizer(held_texts, padding="max_length", truncation=True,
-                     max_length=args.max_length, return_tensors="pt").to(device)
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=args.max_length,
+        return_tensors="pt",
+    ).to(device)
+    held = tokenizer(
+        held_texts,
+        padding="max_length",
+        truncation=True,
+        max_length=args.max_length,
+        return_tensors="pt",
+    ).to(device)
     labels, held_labels = labels.to(device), held_labels.to(device)
 
     # the adapters: the base model is frozen, the adapters (and the head) train
     if args.dcft:
-        handle = lo.apply_dcft(encoder, ["query", "value"], r=args.dcft_r,
-                               kernel_size=args.kernel_size, alpha=args.dcft_r,
-                               dropout=args.dropout, backend=args.backend)
-        what = (f"DCFT (r={args.dcft_r}, kernel {args.kernel_size}) on "
-                f"{len(handle.modules)} query/value projections")
+        handle = lo.apply_dcft(
+            encoder,
+            ["query", "value"],
+            r=args.dcft_r,
+            kernel_size=args.kernel_size,
+            alpha=args.dcft_r,
+            dropout=args.dropout,
+            backend=args.backend,
+        )
+        what = (
+            f"DCFT (r={args.dcft_r}, kernel {args.kernel_size}) on "
+            f"{len(handle.modules)} query/value projections"
+        )
     else:
-        config = lo.LoR2CConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
-                                share=args.share, max_merge_length=args.max_merge_length,
-                                backend=args.backend)
+        config = lo.LoR2CConfig(
+            r=args.r,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            share=args.share,
+            max_merge_length=args.max_merge_length,
+            backend=args.backend,
+        )
         handle = lo.apply_lor2c(encoder, config)
-        what = (f"{'ShareLoR2C' if args.share else 'LoR2C'} (r={args.r}) on "
-                f"{len(handle.adapters)} blocks, spans {handle.spans}")
+        what = (
+            f"{'ShareLoR2C' if args.share else 'LoR2C'} (r={args.r}) on "
+            f"{len(handle.adapters)} blocks, spans {handle.spans}"
+        )
     model = SentenceClassifier(encoder).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     total = count(model.parameters())
     print(f"model: all-MiniLM-L6-v2 + linear head; adapters: {what}")
-    print(f"trainable parameters: {count(trainable):,} of {total:,} "
-          f"({100 * count(trainable) / total:.3f}%): adapters "
-          f"{count(trainable) - count(model.classifier.parameters()):,}, head "
-          f"{count(model.classifier.parameters()):,}")
+    print(
+        f"trainable parameters: {count(trainable):,} of {total:,} "
+        f"({100 * count(trainable) / total:.3f}%): adapters "
+        f"{count(trainable) - count(model.classifier.parameters()):,}, head "
+        f"{count(model.classifier.parameters()):,}"
+    )
 
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     schedule = None
     if args.merge or args.inject:
-        schedule = lo.IMLoR2CSchedule(handle, max_merges=args.merge, max_injections=args.inject,
-                                      interval=args.interval, total=args.steps,
-                                      optimizer=optimizer)
+        schedule = lo.IMLoR2CSchedule(
+            handle,
+            max_merges=args.merge,
+            max_injections=args.inject,
+            interval=args.interval,
+            total=args.steps,
+            optimizer=optimizer,
+        )
 
     def evaluate():
         model.eval()
@@ -205,12 +266,17 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     order = torch.empty(0, dtype=torch.long)
     losses, tokens, seconds = [], 0, 0.0
-    bar = tqdm(range(args.steps), desc="fine-tuning", unit="step", disable=args.no_progress,
-               file=sys.stderr)
+    bar = tqdm(
+        range(args.steps),
+        desc="fine-tuning",
+        unit="step",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
     for step in bar:
         if len(order) < args.batch_size:
             order = torch.cat([order, torch.randperm(len(texts), generator=g)])
-        rows, order = order[:args.batch_size].to(device), order[args.batch_size:]
+        rows, order = order[: args.batch_size].to(device), order[args.batch_size :]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -226,8 +292,10 @@ def main(argv=None) -> dict:
         losses.append(loss.item())
         if schedule is not None:
             for edit in schedule.step():
-                message = (f"step {step + 1}: {edit.kind} {edit.detail}: -"
-                           f"{count(edit.removed):,} +{count(edit.added):,} parameters")
+                message = (
+                    f"step {step + 1}: {edit.kind} {edit.detail}: -"
+                    f"{count(edit.removed):,} +{count(edit.added):,} parameters"
+                )
                 if args.no_progress:
                     print(message)
                 else:
@@ -237,17 +305,24 @@ def main(argv=None) -> dict:
 
     after = evaluate()
     k = min(10, len(losses))
-    print(f"loss: first step {losses[0]:.4f}, mean of the last {k} steps "
-          f"{sum(losses[-k:]) / k:.4f}")
-    print(f"held-out: loss {before[0]:.4f} -> {after[0]:.4f}, accuracy "
-          f"{before[1]:.0%} -> {after[1]:.0%}")
-    print(f"throughput: {tokens / seconds:,.0f} tokens/s ({tokens:,} tokens, {args.steps} steps "
-          f"in {seconds:.1f} s, forward + backward + optimizer, on {device.type})")
+    print(
+        f"loss: first step {losses[0]:.4f}, mean of the last {k} steps {sum(losses[-k:]) / k:.4f}"
+    )
+    print(
+        f"held-out: loss {before[0]:.4f} -> {after[0]:.4f}, accuracy "
+        f"{before[1]:.0%} -> {after[1]:.0%}"
+    )
+    print(
+        f"throughput: {tokens / seconds:,.0f} tokens/s ({tokens:,} tokens, {args.steps} steps "
+        f"in {seconds:.1f} s, forward + backward + optimizer, on {device.type})"
+    )
     result = {"losses": losses, "before": before, "after": after, "tokens_per_s": tokens / seconds}
     if schedule is not None:
-        print(f"structural edits: {schedule.merges} merges, {schedule.injections} injections; "
-              f"spans {handle.spans}, injected LoRAs on {sorted(handle.injected)}; adapter "
-              f"parameters now {handle.num_trainable():,}")
+        print(
+            f"structural edits: {schedule.merges} merges, {schedule.injections} injections; "
+            f"spans {handle.spans}, injected LoRAs on {sorted(handle.injected)}; adapter "
+            f"parameters now {handle.num_trainable():,}"
+        )
     if args.save:
         print(f"saved adapters: {lo.save_adapters(handle, args.save)}")
     return result

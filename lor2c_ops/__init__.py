@@ -6,6 +6,7 @@
 
 `python -m lor2c_ops.info` lists the backends available here and why the others are not.
 """
+
 from ._version import __version__
 from . import _ext  # noqa: F401  (loads the compiled kernels when they were built)
 from .backends import available as available_backends
@@ -13,10 +14,30 @@ from .modules import DCFTLinear, FusedLoR2C, ShareLoR2C
 from .ops.dcft import dcft_delta, dcft_linear
 from .ops.lor2c import lor2c_residual
 
-__all__ = ["__version__", "available_backends", "DCFTLinear", "FusedLoR2C", "ShareLoR2C",
-           "dcft_delta", "dcft_linear", "lor2c_residual"]
-from .adapters import (IMLoR2CSchedule, LoR2CConfig, apply_dcft, apply_lor2c,  # noqa: E402
-                       load_adapters, save_adapters)
+__all__ = [
+    "__version__",
+    "available_backends",
+    "DCFTLinear",
+    "FusedLoR2C",
+    "ShareLoR2C",
+    "dcft_delta",
+    "dcft_linear",
+    "lor2c_residual",
+]
+from .adapters import (
+    IMLoR2CSchedule,
+    LoR2CConfig,
+    apply_dcft,
+    apply_lor2c,  # noqa: E402
+    load_adapters,
+    save_adapters,
+)
 
-__all__ += ["IMLoR2CSchedule", "LoR2CConfig", "apply_dcft", "apply_lor2c", "load_adapters",
-            "save_adapters"]
+__all__ += [
+    "IMLoR2CSchedule",
+    "LoR2CConfig",
+    "apply_dcft",
+    "apply_lor2c",
+    "load_adapters",
+    "save_adapters",
+]

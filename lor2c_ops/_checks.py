@@ -4,6 +4,7 @@ The tensor checks serve the ops. The checks of module and configuration argument
 serve the nn.Module front ends, LoR2CConfig and IMLoR2CSchedule: those raise ValueError for any
 bad value, of the wrong kind or out of range, and refuse bools where numbers are expected.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,14 @@ def tensor(value, name: str, dim: int | None = None, min_dim: int | None = None)
     if dim is not None and value.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(value.shape)}")
     if min_dim is not None and value.dim() < min_dim:
-        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape "
-                         f"{tuple(value.shape)}")
+        raise ValueError(
+            f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(value.shape)}"
+        )
     if value.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected a floating-point tensor (float32, float16, bfloat16 "
-                         f"or float64), got {_name(value.dtype)}")
+        raise ValueError(
+            f"{name}: expected a floating-point tensor (float32, float16, bfloat16 "
+            f"or float64), got {_name(value.dtype)}"
+        )
 
 
 def same_device(named: dict) -> None:
@@ -36,23 +40,29 @@ def same_device(named: dict) -> None:
     first_name, first = next(iter(devices.items()))
     for name, device in devices.items():
         if device != first:
-            raise ValueError(f"{name}: expected a tensor on {first} (as {first_name}), got {device};"
-                             " nothing is copied between devices implicitly")
+            raise ValueError(
+                f"{name}: expected a tensor on {first} (as {first_name}), got {device};"
+                " nothing is copied between devices implicitly"
+            )
 
 
 def same_dtype(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
     if a.dtype != b.dtype:
-        raise ValueError(f"{b_name}: expected dtype {_name(a.dtype)} (as {a_name}), got "
-                         f"{_name(b.dtype)}")
+        raise ValueError(
+            f"{b_name}: expected dtype {_name(a.dtype)} (as {a_name}), got {_name(b.dtype)}"
+        )
 
 
 def weight_dtype(weight: torch.Tensor, name: str, activation: torch.dtype) -> None:
     if weight.dtype not in (activation, torch.float32):
-        raise ValueError(f"{name}: expected dtype {_name(activation)} (as the activations) or "
-                         f"float32 (mixed precision), got {_name(weight.dtype)}")
+        raise ValueError(
+            f"{name}: expected dtype {_name(activation)} (as the activations) or "
+            f"float32 (mixed precision), got {_name(weight.dtype)}"
+        )
 
 
 # --- module and configuration arguments ------------------------------------------------------
+
 
 def _or_none(allow_none: bool) -> str:
     return " or None" if allow_none else ""
@@ -91,8 +101,7 @@ def finite_number(value, name: str, allow_none: bool = False):
     as they are, other reals (NumPy scalars) as floats."""
     if value is None and allow_none:
         return None
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number{_or_none(allow_none)}, got {value!r}")
     return value if isinstance(value, (int, float)) else float(value)
 
@@ -107,7 +116,10 @@ def floating_dtype(value, name: str) -> torch.dtype:
 
 def dropout_probability(value, name: str = "dropout") -> float:
     """A module's dropout probability, as a float in [0, 1)."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not 0.0 <= float(value) < 1.0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) < 1.0
+    ):
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
     return float(value)

@@ -2,6 +2,7 @@
 
 Importing lor2c_ops never fails because of it: the backends that need it report the reason.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Every backend answers two questions: is it usable on this machine at all (`unavailable`), and
 can it run these particular inputs (`refuses`). Both return None for yes, or the reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ def _triton_unavailable() -> Optional[str]:
 def triton_interpreting() -> bool:
     """Triton runs kernels on CPU tensors only in its interpreter, chosen at kernel definition."""
     from .triton import INTERPRET
+
     return INTERPRET
 
 
@@ -41,8 +43,9 @@ class Backend:
     unavailable: Callable[[], Optional[str]]
     device_refusal: Callable[[torch.device], Optional[str]]
 
-    def refuses(self, device: torch.device, dtype: torch.dtype,
-                op: Optional[str] = None) -> Optional[str]:
+    def refuses(
+        self, device: torch.device, dtype: torch.dtype, op: Optional[str] = None
+    ) -> Optional[str]:
         """Why this backend cannot run `op` ("lor2c", "lor2c_multi", ...) on these inputs."""
         reason = self.unavailable()
         if reason is None:
@@ -51,11 +54,16 @@ class Backend:
             # The extension registers lor2c_ops_ext::<op>_fwd / _bwd per dispatch key; a build
             # from older sources may lack some (e.g. no CUDA lor2c_multi kernels): say which.
             key = _COMPILED[self.name]
-            missing = [f"{op}_{part}" for part in ("fwd", "bwd")
-                       if not _ext.has_kernel(f"{op}_{part}", key)]
+            missing = [
+                f"{op}_{part}"
+                for part in ("fwd", "bwd")
+                if not _ext.has_kernel(f"{op}_{part}", key)
+            ]
             if missing:
-                reason = (f"the compiled extension has no {key} kernel for {op} "
-                          f"(lor2c_ops_ext::{' and '.join(missing)}): rebuild it from these sources")
+                reason = (
+                    f"the compiled extension has no {key} kernel for {op} "
+                    f"(lor2c_ops_ext::{' and '.join(missing)}): rebuild it from these sources"
+                )
         if reason is None and dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reason = f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
@@ -76,8 +84,10 @@ def _triton_device(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         if triton_interpreting():
             return None
-        return ("it runs on CPU tensors only in the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before importing lor2c_ops")
+        return (
+            "it runs on CPU tensors only in the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing lor2c_ops"
+        )
     return f"it runs on CUDA tensors, not {device.type}"
 
 
@@ -92,7 +102,9 @@ def _cuda_unavailable() -> Optional[str]:
         return _ext.LOAD_ERROR
     if not _ext.has_kernel("lor2c_fwd", "CUDA"):
         if torch.version.cuda is None:
-            return "the extension was built without CUDA kernels (the installed torch is a CPU build)"
+            return (
+                "the extension was built without CUDA kernels (the installed torch is a CPU build)"
+            )
         return "the extension was built without CUDA kernels (no CUDA toolkit at build time)"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
@@ -100,20 +112,24 @@ def _cuda_unavailable() -> Optional[str]:
 
 
 BACKENDS = {
-    "reference": Backend("reference", _HALF_AND_FLOAT + (torch.float64,), lambda: None,
-                         lambda device: None),
+    "reference": Backend(
+        "reference", _HALF_AND_FLOAT + (torch.float64,), lambda: None, lambda device: None
+    ),
     "cpu": Backend("cpu", _HALF_AND_FLOAT, _cpu_unavailable, _cpu_device),
     "triton": Backend("triton", _HALF_AND_FLOAT, _triton_unavailable, _triton_device),
     "cuda": Backend("cuda", _HALF_AND_FLOAT, _cuda_unavailable, _cuda_device),
 }
 
 
-def select(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-           op: Optional[str] = None) -> str:
-    """The backend to run `op` on (device, dtype): `backend` if it can, else the fastest that can."""
+def select(
+    backend: Optional[str], device: torch.device, dtype: torch.dtype, op: Optional[str] = None
+) -> str:
+    """The backend to run `op` on (device, dtype): `backend` if it can, else the fastest one."""
     if backend is not None:
         if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {', '.join(NAMES)} or None, got {backend!r}")
+            raise ValueError(
+                f"backend: expected one of {', '.join(NAMES)} or None, got {backend!r}"
+            )
         reason = BACKENDS[backend].refuses(device, dtype, op)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")

@@ -1,4 +1,5 @@
 """`python -m lor2c_ops.info`: versions, and which backends run here and why the others do not."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,14 @@ from . import __version__, _ext, backends
 
 
 def report() -> str:
-    lines = [f"lor2c_ops {__version__}", f"torch {torch.__version__} (CUDA build: "
-             f"{torch.version.cuda or 'no'})", f"python {platform.python_version()}"]
+    lines = [
+        f"lor2c_ops {__version__}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"python {platform.python_version()}",
+    ]
     try:
         import triton
+
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton: not installed")
@@ -22,10 +27,14 @@ def report() -> str:
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name(0)}")
     for device_type in device_types:
-        lines.append(f"\nbackends for {device_type} tensors "
-                     f"(default: {backends.select(None, torch.device(device_type), torch.float32)}):")
+        lines.append(
+            f"\nbackends for {device_type} tensors "
+            f"(default: {backends.select(None, torch.device(device_type), torch.float32)}):"
+        )
         for name, reason in backends.available(device_type).items():
-            lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            lines.append(
+                f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}"
+            )
         if device_type == "cpu":
             lines.append(f"  cpu kernels' instruction-set path: {cpu_isa_line()}")
     return "\n".join(lines)
@@ -52,8 +61,11 @@ def cpu_isa_line() -> str:
     if path is None:
         return f"unknown: {error}"
     forced = os.environ.get("LOR2C_CPU_ISA", "")
-    how = (f"forced by LOR2C_CPU_ISA={forced}" if forced and forced.lower() != "auto"
-           else "the widest this CPU runs")
+    how = (
+        f"forced by LOR2C_CPU_ISA={forced}"
+        if forced and forced.lower() != "auto"
+        else "the widest this CPU runs"
+    )
     return f"{path} ({how}; this CPU runs {', '.join(runnable)}; LOR2C_CPU_ISA=<path> forces one)"
 
 

@@ -11,6 +11,7 @@ configuration the launchers would pick (lor2c_ops/triton/lor2c.py config_for) an
 rank variants. Fails (exit 1) if a kernel does not compile, spills registers, or a bf16/fp16
 variant has no tensor-core instruction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lor2c_ops.triton import lor2c as tk  # noqa: E402
 
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-        torch.int64: "*i64", torch.int32: "*i32"}
+_PTR = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+}
 
 
 class _Recorder:
@@ -40,6 +46,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def record(*args, **kwargs):
             self.launches.append((self.fn, args, kwargs))
+
         return record
 
 
@@ -62,16 +69,19 @@ def _signature(fn, args, kwargs):
     for i, (name, value) in enumerate(zip(fn.arg_names, args)):
         # what the JIT specialises a real launch on: 16-byte aligned pointers and integers
         # divisible by 16 (row strides, sizes) are marked so
-        if isinstance(value, torch.Tensor) or (isinstance(value, int) and not
-                                               isinstance(value, bool) and value % 16 == 0
-                                               and value != 0):
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value % 16 == 0
+            and value != 0
+        ):
             attrs[(i,)] = [["tt.divisibility", 16]]
         if isinstance(value, torch.Tensor):
             sig[name] = _PTR[value.dtype]
         elif isinstance(value, bool):
             sig[name] = "i1"
         elif isinstance(value, int):
-            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         elif isinstance(value, float):
             sig[name] = "fp32"
         else:
@@ -89,6 +99,7 @@ def _signature(fn, args, kwargs):
 def _ptxas(arch: int) -> str:
     """The ptxas Triton itself uses for this architecture (its PTX version needs that one)."""
     from triton.backends.nvidia.compiler import get_ptxas
+
     return get_ptxas(arch).path
 
 
@@ -98,24 +109,39 @@ def _resources(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        text = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}",
-                               "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True).stderr
+        text = subprocess.run(
+            [
+                _ptxas(arch),
+                f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}",
+                "-v",
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        ).stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return dict(regs=int(regs.group(1)) if regs else -1,
-                spill=int(spill.group(1)) if spill else (0 if regs else -1))
+    return dict(
+        regs=int(regs.group(1)) if regs else -1,
+        spill=int(spill.group(1)) if spill else (0 if regs else -1),
+    )
 
 
 def _variants(quick: bool):
     """(label, call) pairs: every launcher path at the configurations it would pick."""
     dev = torch.device("meta")
     cases = []
-    for dtype, wdtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                          (torch.float16, torch.float16), (torch.float32, torch.float32)):
-        for r in ((16,) if quick else (16, 64)):
+    for dtype, wdtype in (
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.float32),
+    ):
+        for r in (16,) if quick else (16, 64):
             for p in (0.0, 0.1):
-                for grouped in ((False,) if quick else (False, True)):
+                for grouped in (False,) if quick else (False, True):
                     cases.append((dtype, wdtype, r, p, grouped, 16384, 4096))
     # tiny: one row split, so the passes write dA and dB themselves (DIRECT)
     cases += [(torch.bfloat16, torch.float32, 16, p, False, 8, 64) for p in (0.0, 0.1)]
@@ -131,13 +157,15 @@ def _variants(quick: bool):
         seed = torch.empty(2, device=dev, dtype=torch.int64)
         order = torch.empty(n, device=dev, dtype=torch.int64) if grouped else None
         counts = torch.empty(G + 1, device=dev, dtype=torch.int32) if grouped else None
-        label = (f"{str(dtype)[6:]}/{str(wdtype)[6:]} r={r} p={p}"
-                 f"{' multi' if grouped else ''}{' tiny' if n < 1024 else ''}")
+        label = (
+            f"{str(dtype)[6:]}/{str(wdtype)[6:]} r={r} p={p}"
+            f"{' multi' if grouped else ''}{' tiny' if n < 1024 else ''}"
+        )
 
         def call(x=x, A=A, B=B, t=t, seed=seed, order=order, counts=counts, p=p, cfg=cfg):
             tk._forward_impl(x, x, A, B, order, counts, 0.5, p, seed, cfg=cfg)
-            tk._backward_impl(x, x, t, A, B, order, counts, 0.5, p, seed, True, True, True,
-                              cfg=cfg)
+            tk._backward_impl(x, x, t, A, B, order, counts, 0.5, p, seed, True, True, True, cfg=cfg)
+
         out.append((label, call))
     return out
 
@@ -151,22 +179,31 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 64)
     failures = 0
     seen = set()
-    print(f"{'variant':34s} {'kernel':14s} {'warps':>5s} {'stg':>3s} {'smem KB':>8s} "
-          f"{'regs':>5s} {'spill':>5s} {'mma':>5s} {'v4 ld/st':>9s}")
+    print(
+        f"{'variant':34s} {'kernel':14s} {'warps':>5s} {'stg':>3s} {'smem KB':>8s} "
+        f"{'regs':>5s} {'spill':>5s} {'mma':>5s} {'v4 ld/st':>9s}"
+    )
     for label, call in _variants(args.quick):
         if args.only not in label:
             continue
         for fn, fargs, kwargs in _record(call):
             sig, consts, attrs, options = _signature(fn, fargs, kwargs)
-            key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
-                   tuple(sorted(options.items())))
+            key = (
+                fn.__name__,
+                tuple(sorted(sig.items())),
+                tuple(sorted(consts.items())),
+                tuple(sorted(options.items())),
+            )
             if key in seen:
                 continue
             seen.add(key)
             name = fn.__name__
             try:
-                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                   target=target, options=options)
+                k = triton.compile(
+                    ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                    target=target,
+                    options=options,
+                )
             except Exception as exc:  # noqa: BLE001 - reported, counted as a failure
                 failures += 1
                 print(f"{label:34s} {name:14s} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
@@ -179,10 +216,12 @@ def main(argv=None) -> int:
             needs_mma = half and name in ("_fwd", "_grad_pass", "_input_pass")
             bad = res["spill"] != 0 or (needs_mma and mma == 0)
             failures += bad
-            print(f"{label:34s} {name:14s} {options.get('num_warps', 4):5d} "
-                  f"{options.get('num_stages', 3):3d} {k.metadata.shared / 1024:8.1f} "
-                  f"{res['regs']:5d} {res['spill']:5d} {mma:5d} {v4:9d}"
-                  f"{'  <- spills or no tensor cores' if bad else ''}")
+            print(
+                f"{label:34s} {name:14s} {options.get('num_warps', 4):5d} "
+                f"{options.get('num_stages', 3):3d} {k.metadata.shared / 1024:8.1f} "
+                f"{res['regs']:5d} {res['spill']:5d} {mma:5d} {v4:9d}"
+                f"{'  <- spills or no tensor cores' if bad else ''}"
+            )
     print(f"{len(seen)} kernels compiled for sm_{args.arch}; {failures} problem(s)")
     return 1 if failures else 0
 

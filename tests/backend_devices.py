@@ -1,6 +1,7 @@
 """Where each backend's tests run, shared by conftest.py and the test files. A module of its own
 (not `from conftest import ...`): a pytest session that also collects benchmarks/ has two
 modules named conftest, and such an import would get whichever loaded last."""
+
 import pytest
 import torch
 

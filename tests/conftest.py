@@ -27,8 +27,10 @@ def backend(request):
 def no_kernel(monkeypatch):
     """Fails the test if any kernel of either op is reached: bad input must be refused before
     any kernel runs (test_lor2c, test_share, test_dcft)."""
+
     def forbidden(backend):
         raise AssertionError("a kernel ran before the bad input was rejected")
+
     for op in (lor2c_op, dcft_op):
         monkeypatch.setattr(op, "_kernels", forbidden)
     # the eager path's C++ autograd op reaches the kernels without _kernels: take the Python path

@@ -3,6 +3,7 @@
 A backend's error against the fp64 oracle must be at most twice the error of plain PyTorch
 computing the same expression in the same precision (plus a tiny floor for exact cases).
 """
+
 import torch
 
 from lor2c_ops.ops.lor2c import draw_seed
@@ -30,8 +31,9 @@ def expected(x, lo, A, B, scale, p, generator_seed, g):
     n, d = x.reshape(-1, x.shape[-1]).shape
     mask = None
     if p > 0:
-        mask = dropout_mask(seed_for(generator_seed, x.device), n, d, p,
-                            dtype=torch.float64).reshape(x.shape)
+        mask = dropout_mask(
+            seed_for(generator_seed, x.device), n, d, p, dtype=torch.float64
+        ).reshape(x.shape)
     oracle = eager_with_grads(x, lo, A, B, scale, mask, g, torch.float64)
     plain = eager_with_grads(x, lo, A, B, scale, mask, g, x.dtype)
     return oracle, plain
@@ -39,10 +41,13 @@ def expected(x, lo, A, B, scale, p, generator_seed, g):
 
 def assert_within_twice_torch(name, actual, oracle, plain):
     actual, oracle, plain = actual.double(), oracle.double(), plain.double()
-    assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    assert actual.shape == oracle.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    )
     err = (actual - oracle).abs().max().item() if actual.numel() else 0.0
     torch_err = (plain - oracle).abs().max().item() if actual.numel() else 0.0
     floor = 1e-6 * (oracle.abs().max().item() if oracle.numel() else 0.0) + 1e-7
     assert err <= 2 * torch_err + floor, (
         f"{name}: max error {err:.3g} vs fp64 exceeds twice plain PyTorch's {torch_err:.3g} "
-        f"(+ floor {floor:.2g})")
+        f"(+ floor {floor:.2g})"
+    )

@@ -1,5 +1,6 @@
 """save_adapters / load_adapters: exact round trip onto a fresh base model (after merges and
 injections), atomic saves, clear errors that change nothing, and no pickle."""
+
 import copy
 import json
 import os
@@ -29,9 +30,15 @@ def fresh(base):
 
 def tiny_llama(hidden=32):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaModel(cfg).eval()
 
 
@@ -97,6 +104,7 @@ def test_interrupted_save_keeps_the_previous_file(minilm_base, tmp_path, monkeyp
     lo.save_adapters(h, path)
     good = path.read_bytes()
     import safetensors.torch as st
+
     real = st.save_file
 
     def dies_half_way(tensors, filename, metadata=None):
@@ -156,6 +164,7 @@ def test_wrong_family_shape_or_corrupt_file_raise_and_change_nothing(minilm_base
 def test_misshapen_tensor_is_named(minilm_base, tmp_path):
     path = lo.save_adapters(trained_handle(fresh(minilm_base)), tmp_path / "a.safetensors")
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -181,6 +190,7 @@ def test_nothing_is_unpickled(minilm_base, tmp_path, monkeypatch):
 
 # --- untrusted files: every header field checked, checksum, permissions ----------------------
 
+
 def tiny_gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)
@@ -190,6 +200,7 @@ def tiny_gpt2():
 def rewrite(path, edit_meta=None, edit_tensors=None, text=None):
     """Rewrites the adapter file at `path` with its JSON header (and tensors) edited."""
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -227,6 +238,7 @@ def _set(*path_and_value):
             del d[path[-1]]
         else:
             d[path[-1]] = value
+
     return edit
 
 
@@ -234,7 +246,10 @@ _DELETE = object()
 
 MALFORMED = [
     (_set("adapters", _DELETE), r"'adapters': missing"),
-    (_set("injected", 0, "block", 99), r"'injected\[0\]\.block': expected an int in 0\.\.2, got 99"),
+    (
+        _set("injected", 0, "block", 99),
+        r"'injected\[0\]\.block': expected an int in 0\.\.2, got 99",
+    ),
     (_set("adapters", 0, "scaling", "2.0x"), r"'adapters\[0\]\.scaling': expected a number"),
     (_set("adapters", 0, "scaling", float("nan")), r"'adapters\[0\]\.scaling': expected a finite"),
     (_set("adapters", 1, "end", 7), r"'adapters\[1\]\.end': expected an int in 0\.\.2, got 7"),
@@ -289,14 +304,22 @@ def test_header_that_is_not_an_object_or_not_json(llama_file):
     _untouched(model, [True] * len(list(model.parameters())))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("r", 200000, r"tensor 'lor2c\.0\.lora_A' has shape \(4, 32\), the header \(config\.r, "
-                  r"dims\[1\]\) needs \(200000, 32\)"),
-    ("r", 10**9, r"needs \(1000000000, 32\)"),
-    ("injected_r", 10**12, r"injected\.0:self_attn__q_proj\.lora_A.*injected\[0\]\.r"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "r",
+            200000,
+            r"tensor 'lor2c\.0\.lora_A' has shape \(4, 32\), the header \(config\.r, "
+            r"dims\[1\]\) needs \(200000, 32\)",
+        ),
+        ("r", 10**9, r"needs \(1000000000, 32\)"),
+        ("injected_r", 10**12, r"injected\.0:self_attn__q_proj\.lora_A.*injected\[0\]\.r"),
+    ],
+)
 def test_sizes_are_checked_against_the_files_tensors_before_allocating(
-        llama_file, monkeypatch, field, value, message):
+    llama_file, monkeypatch, field, value, message
+):
     if field == "injected_r":
         rewrite(llama_file, _set("injected", 0, "r", value))
     else:
@@ -328,11 +351,12 @@ def test_corrupt_tensor_data_fails_its_checksum(llama_file):
     good = llama_file.read_bytes()
     assert len(read_adapters(llama_file)[0]["tensors_sha256"]) == 64
     llama_file.write_bytes(good[:-100] + b"\xff" * 100)  # the issue's probe: NaN weights
-    with pytest.raises(ValueError, match=re.escape(str(llama_file)) + ".*does not match the "
-                       "checksum in its header"):
+    with pytest.raises(
+        ValueError, match=re.escape(str(llama_file)) + ".*does not match the checksum in its header"
+    ):
         lo.load_adapters(model, llama_file)
     middle = len(good) - 300
-    llama_file.write_bytes(good[:middle] + bytes([good[middle] ^ 1]) + good[middle + 1:])
+    llama_file.write_bytes(good[:middle] + bytes([good[middle] ^ 1]) + good[middle + 1 :])
     with pytest.raises(ValueError, match="checksum"):
         read_adapters(llama_file)
     _untouched(model, [True] * len(list(model.parameters())))
@@ -360,8 +384,11 @@ def test_format_1_files_without_checksum_still_load_with_a_warning(llama_file):
 def test_passing_the_json_config_says_what_to_pass(tmp_path):
     h = trained_handle(tiny_llama())
     lo.save_adapters(h, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"adapter_config\.json: this is the JSON copy of the "
-                       r"config.*pass the directory"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_config\.json: this is the JSON copy of the "
+        r"config.*pass the directory",
+    ):
         lo.load_adapters(tiny_llama(), tmp_path / "run" / "adapter_config.json")
     renamed = tmp_path / "config.safetensors"
     renamed.write_bytes((tmp_path / "run" / "adapter_config.json").read_bytes())

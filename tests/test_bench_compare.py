@@ -5,6 +5,7 @@ Each run is pytest-benchmark in a subprocess with benchmarks/conftest.py (copied
 time.sleep benchmarks, so the outcome does not depend on the machine's load: the slowdowns are
 +2% (50 -> 51 ms) and +50% (50 -> 75 ms), far from the 10% threshold on either side.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,11 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-CONFTEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "benchmarks", "conftest.py")
+CONFTEST = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "conftest.py"
+)
 
-BENCHMARKS = '''
+BENCHMARKS = """
 import os
 import time
 
@@ -30,7 +32,7 @@ def test_steady(benchmark):
 
 def test_slow(benchmark):
     benchmark.pedantic(time.sleep, args=(float(os.environ["SLOW_MS"]) / 1e3,), rounds=5)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,25 @@ def run(root, steady_ms: float, slow_ms: float, *args: str) -> subprocess.Comple
     # only pytest-benchmark: other installed plugins would add a second to every start
     env.update(STEADY_MS=str(steady_ms), SLOW_MS=str(slow_ms), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "pytest_benchmark.plugin", "-p", "no:cacheprovider",
-         "--benchmark-only",
-         f"--benchmark-storage={root / 'storage'}", "--benchmark-columns=median", *args],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "pytest_benchmark.plugin",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            f"--benchmark-storage={root / 'storage'}",
+            "--benchmark-columns=median",
+            *args,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def regressed(result: subprocess.CompletedProcess) -> list[str]:
@@ -58,8 +75,11 @@ def regressed(result: subprocess.CompletedProcess) -> list[str]:
     text = result.stdout + result.stderr
     if "Performance has regressed" not in text:
         return []
-    return sorted(name for name in ("test_steady", "test_slow")
-                  if any(line.startswith("\t" + name) for line in text.splitlines()))
+    return sorted(
+        name
+        for name in ("test_steady", "test_slow")
+        if any(line.startswith("\t" + name) for line in text.splitlines())
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Where benchmarks/run.py writes (issue 13, item 16): a plain run leaves the working tree clean
 (results in the git-ignored benchmarks/results/local/); only --publish writes to the tracked
 benchmarks/results/ and replaces the README's latest-<device>-*.png."""
+
 import os
 import subprocess
 import sys
@@ -16,10 +17,13 @@ pytest.importorskip("matplotlib")
 @pytest.fixture
 def suite(tmp_path, monkeypatch):
     import run
+
     monkeypatch.setattr(run, "HERE", str(tmp_path))  # results/ under tmp_path
-    monkeypatch.setattr(run, "suite_jobs",
-                        lambda device_type, quick: [run.common.Job("sfs", ["--quick"],
-                                                                   "SFS tiny", 1)])
+    monkeypatch.setattr(
+        run,
+        "suite_jobs",
+        lambda device_type, quick: [run.common.Job("sfs", ["--quick"], "SFS tiny", 1)],
+    )
     return run
 
 
@@ -30,7 +34,9 @@ def _files(folder):
 def test_plain_run_writes_to_the_ignored_local_folder(suite, tmp_path):
     assert suite.main(["--device", "cpu"]) == 0
     local = _files(tmp_path / "results" / "local")
-    assert any(f.endswith(".json") for f in local) and any(f.endswith("-speedup.png") for f in local)
+    assert any(f.endswith(".json") for f in local) and any(
+        f.endswith("-speedup.png") for f in local
+    )
     assert not any(f.startswith("latest-") for f in local)
     assert [f for f in _files(tmp_path / "results") if f != "local"] == []
 
@@ -50,8 +56,11 @@ def test_publish_refuses_quick(suite):
 
 
 def test_local_results_are_git_ignored():
-    git = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/local/x.json"],
-                         cwd=ROOT, capture_output=True)
+    git = subprocess.run(
+        ["git", "check-ignore", "-q", "benchmarks/results/local/x.json"],
+        cwd=ROOT,
+        capture_output=True,
+    )
     if git.returncode == 128:
         pytest.skip("not a git checkout")
     assert git.returncode == 0

@@ -4,6 +4,7 @@ on a two-class sentiment task built from real sentences. Only the adapters train
 classification head is a fixed random projection), so the drop in loss is theirs. The fused CPU
 kernels and the pure-PyTorch reference backend give the same loss curve (fp32): same
 initialisation, same batches, and the same dropout masks (Philox, identical on every backend)."""
+
 import copy
 import os
 
@@ -58,19 +59,20 @@ def data(one_thread):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     texts = POSITIVE + NEGATIVE
     labels = torch.tensor([1] * len(POSITIVE) + [0] * len(NEGATIVE))
-    enc = tok(texts, padding="max_length", truncation=True, max_length=MAX_LEN,
-              return_tensors="pt")
+    enc = tok(texts, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
     base = transformers.AutoModel.from_pretrained(path).eval()
     g = torch.Generator().manual_seed(0)
-    order = torch.cat([torch.randperm(len(texts), generator=g) for _ in range(
-        -(-STEPS * BATCH // len(texts)))])
-    batches = [order[i * BATCH:(i + 1) * BATCH] for i in range(STEPS)]
+    order = torch.cat(
+        [torch.randperm(len(texts), generator=g) for _ in range(-(-STEPS * BATCH // len(texts)))]
+    )
+    batches = [order[i * BATCH : (i + 1) * BATCH] for i in range(STEPS)]
     return base, enc, labels, batches
 
 
 def classify(model, head, enc, rows):
-    out = model(input_ids=enc["input_ids"][rows],
-                attention_mask=enc["attention_mask"][rows]).last_hidden_state
+    out = model(
+        input_ids=enc["input_ids"][rows], attention_mask=enc["attention_mask"][rows]
+    ).last_hidden_state
     mask = enc["attention_mask"][rows, :, None].to(out.dtype)
     return head((out * mask).sum(1) / mask.sum(1))  # mean pooling, as sentence-transformers
 

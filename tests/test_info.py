@@ -1,4 +1,5 @@
 """Backend reporting, and the package working without its compiled extension."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=300,
+    )
 
 
 def test_info_lists_every_backend_with_a_reason():
@@ -24,8 +31,13 @@ def test_info_lists_every_backend_with_a_reason():
 
 
 def test_info_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "lor2c_ops.info"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lor2c_ops.info"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "backends for cpu tensors" in result.stdout
 
@@ -38,7 +50,8 @@ def test_import_without_the_extension_falls_back():
         "reason = backends.available('cpu')['cpu']\n"
         "assert reason and 'extension' in reason, reason\n"
         "assert backends.select(None, torch.device('cpu'), torch.float32) == 'reference'\n"
-        "x = torch.randn(4, 6); A = torch.randn(2, 6); B = torch.randn(5, 2); lo_ = torch.randn(4, 5)\n"
+        "x = torch.randn(4, 6); A = torch.randn(2, 6); B = torch.randn(5, 2)\n"
+        "lo_ = torch.randn(4, 5)\n"
         "y = lo.lor2c_residual(x, lo_, A, B, scale=0.5)\n"
         "torch.testing.assert_close(y, lo_ + 0.5 * x @ A.T @ B.T)\n"
         "try:\n"
@@ -47,7 +60,8 @@ def test_import_without_the_extension_falls_back():
         "    assert 'extension' in str(e), e\n"
         "else:\n"
         "    raise AssertionError('backend=cpu ran without the extension')\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     result = _python(code)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 

@@ -1,5 +1,6 @@
 """The LoR2C residual op on every backend: values and gradients against the fp64 oracle,
 dropout, registration (opcheck, torch.compile), memory saved for backward, and bad input."""
+
 import math
 import os
 import subprocess
@@ -47,16 +48,22 @@ def make(lead, d_in, d_out, r, dtype, wdtype, device, seed=0):
 
 def run(backend, x, layer_out, A, B, g, scale, p, generator_seed):
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
-    out = lo.lor2c_residual(*leaves, scale=scale, dropout_p=p,
-                            generator=torch.Generator().manual_seed(generator_seed),
-                            backend=backend)
+    out = lo.lor2c_residual(
+        *leaves,
+        scale=scale,
+        dropout_p=p,
+        generator=torch.Generator().manual_seed(generator_seed),
+        backend=backend,
+    )
     out.backward(g)
     return out.detach(), [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}"
+)
 def test_matches_fp64_oracle(backend, shape, dtypes, p):
     device = skip_unless_runnable(backend)
     lead, d_in, d_out, r = shape
@@ -68,17 +75,19 @@ def test_matches_fp64_oracle(backend, shape, dtypes, p):
     for name, got, want, plain in zip(("dx", "dlayer_out", "dA", "dB"), grads, g64, g_plain):
         assert_within_twice_torch(name, got, want, plain)
     assert grads[0].dtype == x.dtype and grads[1].dtype == x.dtype
-    assert grads[2].dtype == dtypes[1] and grads[3].dtype == dtypes[1], "weight grads keep the weights' dtype"
+    assert grads[2].dtype == dtypes[1] and grads[3].dtype == dtypes[1], (
+        "weight grads keep the weights' dtype"
+    )
     assert torch.equal(grads[1], g), "d layer_out is the output gradient itself"
 
 
 def test_noncontiguous_inputs(backend):
     device = skip_unless_runnable(backend)
     x_full, lo_full, A, B, g = make((24,), 150, 90, 7, torch.float32, torch.float32, device)
-    x = x_full[:, 10:110]                      # row stride 150, a view
+    x = x_full[:, 10:110]  # row stride 150, a view
     xt = torch.randn(100, 24, device=device).t()  # column stride 24: must be handled too
-    layer_out = lo_full[::2].repeat(2, 1)      # ordinary
-    A = A[:, :100].t().contiguous().t()        # a transposed (column-major) weight
+    layer_out = lo_full[::2].repeat(2, 1)  # ordinary
+    A = A[:, :100].t().contiguous().t()  # a transposed (column-major) weight
     for xin in (x, xt):
         out, grads = run(backend, xin, layer_out, A, B, g, 1.5, 0.1, generator_seed=7)
         (o64, g64), (o_plain, g_plain) = expected(xin, layer_out, A, B, 1.5, 0.1, 7, g)
@@ -104,21 +113,37 @@ def test_gradcheck_fp64(p):
     B = torch.randn(6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def f(x, layer_out, A, B):  # a fixed generator seed: the same mask at every evaluation
-        return lo.lor2c_residual(x, layer_out, A, B, scale=0.5, dropout_p=p,
-                                 generator=torch.Generator().manual_seed(3), backend="reference")
+        return lo.lor2c_residual(
+            x,
+            layer_out,
+            A,
+            B,
+            scale=0.5,
+            dropout_p=p,
+            generator=torch.Generator().manual_seed(3),
+            backend="reference",
+        )
 
     assert torch.autograd.gradcheck(f, (x, layer_out, A, B))
 
 
 # --- dropout -----------------------------------------------------------------------------------
 
+
 def _dropped(backend, device, p, generator_seed, n=64, d=96):
     """The forward's mask and the backward's mask of one call, read through identity weights."""
     x = torch.ones(n, d, device=device, requires_grad=True)
     eye = torch.eye(d, device=device)
     layer_out = torch.zeros(n, d, device=device)
-    out = lo.lor2c_residual(x, layer_out, eye, eye, dropout_p=p, backend=backend,
-                            generator=torch.Generator().manual_seed(generator_seed))
+    out = lo.lor2c_residual(
+        x,
+        layer_out,
+        eye,
+        eye,
+        dropout_p=p,
+        backend=backend,
+        generator=torch.Generator().manual_seed(generator_seed),
+    )
     out.backward(torch.ones_like(out))
     return out.detach() == 0, x.grad == 0
 
@@ -158,13 +183,15 @@ def test_default_generator_follows_manual_seed(backend):
     masks = []
     for _ in range(2):
         torch.manual_seed(1234)
-        masks.append(lo.lor2c_residual(x, torch.zeros_like(x), eye, eye, dropout_p=0.4,
-                                       backend=backend) == 0)
+        masks.append(
+            lo.lor2c_residual(x, torch.zeros_like(x), eye, eye, dropout_p=0.4, backend=backend) == 0
+        )
     assert torch.equal(masks[0], masks[1])
 
 
 def test_masks_equal_across_backends():
     from lor2c_ops import backends
+
     masks = {}
     for name in backends.NAMES:
         device = backend_device(name)
@@ -182,8 +209,11 @@ def test_masks_equal_across_backends():
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -193,8 +223,12 @@ def _philox_scalar(ctr, key):
     k0, k1 = key
     for _ in range(10):
         p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1,
-                          p0 & 0xFFFFFFFF)
+        c0, c1, c2, c3 = (
+            (p1 >> 32) ^ c1 ^ k0,
+            p1 & 0xFFFFFFFF,
+            (p0 >> 32) ^ c3 ^ k1,
+            p0 & 0xFFFFFFFF,
+        )
         k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
     return c0, c1, c2, c3
 
@@ -227,8 +261,24 @@ def test_mask_layout_matches_scalar_definition():
     mask = dropout_mask(seed, n, d, p)
     thr = ref_philox.dropout_threshold(p)
     kept = torch.tensor(1 / (1 - p), dtype=torch.float32).item()  # the fp32 scale
-    elements = [(0, 0), (0, 1), (0, 2), (0, 3), (0, 6), (0, 7), (0, 8), (0, 9), (1, 6), (1, 7),
-                (2, 8), (2, 9), (3, 15), (3, 16), (4, 255), (4, 299)]
+    elements = [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (0, 6),
+        (0, 7),
+        (0, 8),
+        (0, 9),
+        (1, 6),
+        (1, 7),
+        (2, 8),
+        (2, 9),
+        (3, 15),
+        (3, 16),
+        (4, 255),
+        (4, 299),
+    ]
     for i, j in elements:
         want = _draw_scalar(int(seed[0]), int(seed[1]), i, j)
         assert int(draws[i, j]) == want, f"draw of ({i}, {j})"
@@ -237,8 +287,9 @@ def test_mask_layout_matches_scalar_definition():
     seed99 = seed_for(99, "cpu")
     ref96 = dropout_mask(seed99, 64, 96, 0.3) == 0
     for i, j in [(0, 6), (0, 7), (0, 8), (0, 9), (63, 95), (17, 33)]:
-        assert bool(ref96[i, j]) == (_draw_scalar(int(seed99[0]), int(seed99[1]), i, j)
-                                     < ref_philox.dropout_threshold(0.3))
+        assert bool(ref96[i, j]) == (
+            _draw_scalar(int(seed99[0]), int(seed99[1]), i, j) < ref_philox.dropout_threshold(0.3)
+        )
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -272,8 +323,13 @@ def test_cpu_mask_fallback_paths(path):
     """The CPU mask's scalar and AVX2 code (the default is the widest the CPU has)."""
     skip_unless_runnable("cpu")
     env = dict(os.environ, LOR2C_CPU_MASK_PATH=path)
-    res = subprocess.run([sys.executable, "-c", _FORCED_PATH_CHECK], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _FORCED_PATH_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -286,6 +342,7 @@ def test_eval_mode_and_p_zero_need_no_mask(backend):
 
 
 # --- memory ------------------------------------------------------------------------------------
+
 
 def test_saved_for_backward_is_x_and_t_only(backend):
     device = skip_unless_runnable(backend)
@@ -318,6 +375,7 @@ def test_saved_for_backward_is_x_and_t_only(backend):
 
 # --- registration ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck(backend, p):
     device = skip_unless_runnable(backend)
@@ -326,12 +384,17 @@ def test_opcheck(backend, p):
     for t in (x, layer_out, A, B):
         t.requires_grad_()
     torch.library.opcheck(op.lor2c_fwd, (x, layer_out, A, B, None, 0.5, p, seed, backend))
-    _, t = op.lor2c_fwd(x.detach(), layer_out.detach(), A.detach(), B.detach(), None, 0.5, p,
-                        seed, backend)
-    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed,
-                                         backend, True, True, True))
-    torch.library.opcheck(op.lor2c_bwd, (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed,
-                                         backend, False, True, False))
+    _, t = op.lor2c_fwd(
+        x.detach(), layer_out.detach(), A.detach(), B.detach(), None, 0.5, p, seed, backend
+    )
+    torch.library.opcheck(
+        op.lor2c_bwd,
+        (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed, backend, True, True, True),
+    )
+    torch.library.opcheck(
+        op.lor2c_bwd,
+        (g, x.detach(), t, A.detach(), B.detach(), None, 0.5, p, seed, backend, False, True, False),
+    )
 
 
 class _Block(torch.nn.Module):
@@ -378,17 +441,22 @@ def test_compile_with_dropout_traces_without_graph_break(backend):
 
 # --- autocast and mixed precision --------------------------------------------------------------
 
+
 def test_autocast_matches_expression(backend):
     device = skip_unless_runnable(backend)
     x, layer_out, A, B, g = make((30,), 48, 40, 4, torch.float32, torch.float32, device)
-    cases = [(x, layer_out), (x.to(torch.bfloat16), layer_out),
-             (x, layer_out.to(torch.bfloat16)), (x.to(torch.bfloat16), layer_out.to(torch.bfloat16))]
+    cases = [
+        (x, layer_out),
+        (x.to(torch.bfloat16), layer_out),
+        (x, layer_out.to(torch.bfloat16)),
+        (x.to(torch.bfloat16), layer_out.to(torch.bfloat16)),
+    ]
     for xi, li in cases:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             want = li + 0.5 * (xi @ A.T @ B.T)
             got = lo.lor2c_residual(xi, li, A, B, scale=0.5, backend=backend)
         assert got.dtype == want.dtype, (xi.dtype, li.dtype)
-        exact = (li.double() + 0.5 * (xi.double() @ A.double().T @ B.double().T))
+        exact = li.double() + 0.5 * (xi.double() @ A.double().T @ B.double().T)
         assert (got.double() - exact).abs().max() <= 2 * (want.double() - exact).abs().max() + 1e-6
 
 
@@ -404,6 +472,7 @@ def test_mixed_precision_weight_grads_in_weight_dtype(backend):
 
 
 # --- the module --------------------------------------------------------------------------------
+
 
 def test_fresh_module_is_identity_and_reset():
     adapter = lo.FusedLoR2C(20, 30, r=5, alpha=10)
@@ -423,11 +492,16 @@ def test_fresh_module_is_identity_and_reset():
     assert half.lora_A.dtype == torch.float16
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"in_features": 0}, "in_features"), ({"in_features": 4, "r": 0}, "r"),
-    ({"in_features": 4, "dropout": 1.0}, "dropout"), ({"in_features": 4, "out_features": -1}, "out_features"),
-    ({"in_features": True}, "in_features"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"in_features": 0}, "in_features"),
+        ({"in_features": 4, "r": 0}, "r"),
+        ({"in_features": 4, "dropout": 1.0}, "dropout"),
+        ({"in_features": 4, "out_features": -1}, "out_features"),
+        ({"in_features": True}, "in_features"),
+    ],
+)
 def test_module_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.FusedLoR2C(**kwargs)
@@ -435,32 +509,79 @@ def test_module_bad_arguments(kwargs, match):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def _good():
     return torch.randn(6, 10), torch.randn(6, 12), torch.randn(3, 10), torch.randn(12, 3)
 
 
-@pytest.mark.parametrize("mutate, error, match", [
-    (lambda a: {"x": torch.randn(6, 11)}, ValueError, r"x: expected last dimension 10"),
-    (lambda a: {"A": torch.randn(3, 10, 1)}, ValueError, r"A: expected a 2-D tensor"),
-    (lambda a: {"B": torch.randn(12, 4)}, ValueError, r"B: expected shape \(d_out, 3\)"),
-    (lambda a: {"layer_out": torch.randn(5, 12)}, ValueError, r"layer_out: expected shape \(6, 12\)"),
-    (lambda a: {"layer_out": torch.randn(6, 13)}, ValueError, r"layer_out: expected shape \(6, 12\)"),
-    (lambda a: {"layer_out": torch.randn(1, 12)}, ValueError, r"layer_out: expected shape"),
-    (lambda a: {"layer_out": torch.randn(6, 12, dtype=torch.float64)}, ValueError, r"layer_out: expected dtype float32"),
-    (lambda a: {"A": torch.randn(3, 10, dtype=torch.float16), "B": torch.randn(12, 3, dtype=torch.float16)}, ValueError, r"A: expected dtype float32"),
-    (lambda a: {"B": torch.randn(12, 3, dtype=torch.float64)}, ValueError, r"B: expected dtype float32"),
-    (lambda a: {"x": torch.randint(0, 3, (6, 10))}, ValueError, r"x: expected a floating-point"),
-    (lambda a: {"x": [[1.0]]}, TypeError, r"x: expected a torch.Tensor"),
-    (lambda a: {"A": torch.randn(0, 10), "B": torch.randn(12, 0)}, ValueError, r"A: expected rank r >= 1"),
-    (lambda a: {"dropout_p": 1.0}, ValueError, r"dropout_p: expected a probability in \[0, 1\)"),
-    (lambda a: {"dropout_p": -0.1}, ValueError, r"dropout_p"),
-    (lambda a: {"dropout_p": "x"}, TypeError, r"dropout_p"),
-    (lambda a: {"scale": float("nan")}, ValueError, r"scale: expected a finite number"),
-    (lambda a: {"backend": "fastest"}, ValueError, r"backend: expected one of reference, cpu, triton, cuda"),
-    (lambda a: {"backend": "cuda"}, RuntimeError, r"backend='cuda' cannot run here: "),
-    (lambda a: {"generator": 5}, TypeError, r"generator: expected a torch.Generator"),
-    (lambda a: {"A": torch.randn(3, 10, device="meta")}, ValueError, r"A: expected a tensor on cpu"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: {"x": torch.randn(6, 11)}, ValueError, r"x: expected last dimension 10"),
+        (lambda a: {"A": torch.randn(3, 10, 1)}, ValueError, r"A: expected a 2-D tensor"),
+        (lambda a: {"B": torch.randn(12, 4)}, ValueError, r"B: expected shape \(d_out, 3\)"),
+        (
+            lambda a: {"layer_out": torch.randn(5, 12)},
+            ValueError,
+            r"layer_out: expected shape \(6, 12\)",
+        ),
+        (
+            lambda a: {"layer_out": torch.randn(6, 13)},
+            ValueError,
+            r"layer_out: expected shape \(6, 12\)",
+        ),
+        (lambda a: {"layer_out": torch.randn(1, 12)}, ValueError, r"layer_out: expected shape"),
+        (
+            lambda a: {"layer_out": torch.randn(6, 12, dtype=torch.float64)},
+            ValueError,
+            r"layer_out: expected dtype float32",
+        ),
+        (
+            lambda a: {
+                "A": torch.randn(3, 10, dtype=torch.float16),
+                "B": torch.randn(12, 3, dtype=torch.float16),
+            },
+            ValueError,
+            r"A: expected dtype float32",
+        ),
+        (
+            lambda a: {"B": torch.randn(12, 3, dtype=torch.float64)},
+            ValueError,
+            r"B: expected dtype float32",
+        ),
+        (
+            lambda a: {"x": torch.randint(0, 3, (6, 10))},
+            ValueError,
+            r"x: expected a floating-point",
+        ),
+        (lambda a: {"x": [[1.0]]}, TypeError, r"x: expected a torch.Tensor"),
+        (
+            lambda a: {"A": torch.randn(0, 10), "B": torch.randn(12, 0)},
+            ValueError,
+            r"A: expected rank r >= 1",
+        ),
+        (
+            lambda a: {"dropout_p": 1.0},
+            ValueError,
+            r"dropout_p: expected a probability in \[0, 1\)",
+        ),
+        (lambda a: {"dropout_p": -0.1}, ValueError, r"dropout_p"),
+        (lambda a: {"dropout_p": "x"}, TypeError, r"dropout_p"),
+        (lambda a: {"scale": float("nan")}, ValueError, r"scale: expected a finite number"),
+        (
+            lambda a: {"backend": "fastest"},
+            ValueError,
+            r"backend: expected one of reference, cpu, triton, cuda",
+        ),
+        (lambda a: {"backend": "cuda"}, RuntimeError, r"backend='cuda' cannot run here: "),
+        (lambda a: {"generator": 5}, TypeError, r"generator: expected a torch.Generator"),
+        (
+            lambda a: {"A": torch.randn(3, 10, device="meta")},
+            ValueError,
+            r"A: expected a tensor on cpu",
+        ),
+    ],
+)
 def test_bad_input_raises_before_any_kernel(no_kernel, mutate, error, match):
     x, layer_out, A, B = _good()
     args = {"x": x, "layer_out": layer_out, "A": A, "B": B, "dropout_p": 0.1}
@@ -472,6 +593,7 @@ def test_bad_input_raises_before_any_kernel(no_kernel, mutate, error, match):
 def test_triton_refuses_cpu_tensors_without_interpreter(monkeypatch):
     import lor2c_ops.triton
     from lor2c_ops.ops import _common
+
     monkeypatch.setattr(lor2c_ops.triton, "INTERPRET", False)
     monkeypatch.setattr(_common, "_SELECTED", {})  # the backend choice is cached per process
     x, layer_out, A, B = _good()
@@ -481,17 +603,19 @@ def test_triton_refuses_cpu_tensors_without_interpreter(monkeypatch):
 
 def test_default_backend_on_cpu_is_the_compiled_one():
     from lor2c_ops import backends
+
     assert backends.select(None, torch.device("cpu"), torch.float32) == "cpu"
     assert backends.select(None, torch.device("cpu"), torch.float64) == "reference"
 
 
 # --- 64-bit offsets ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements():
     """Row offsets past 2^31 elements: the output and layer_out rows past the boundary."""
     n, d_in, d_out, r = (2**31) // 16 + 3, 4, 16, 1
-    x = torch.ones(1, d_in, dtype=torch.bfloat16).expand(n, d_in)     # stride-0 rows: no memory
+    x = torch.ones(1, d_in, dtype=torch.bfloat16).expand(n, d_in)  # stride-0 rows: no memory
     layer_out = torch.arange(16, dtype=torch.bfloat16).expand(n, d_out)
     A = torch.ones(r, d_in)
     B = torch.ones(d_out, r)

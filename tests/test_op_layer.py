@@ -2,6 +2,7 @@
 forward-mode AD and torch.func transforms refused clearly, scale arguments, meta tensors, the
 cached backend choice. (Values against the fp64 oracle: tests/test_lor2c.py, test_share.py,
 test_dcft.py.)"""
+
 import math
 
 import pytest
@@ -38,16 +39,21 @@ def _calls(kind, backend, device):
     """(leaves, fn(x-like leaves..., scale) -> output) for each kind of call."""
     if kind == "dcft":
         x, W, b, A, B, C = _dcft_inputs(device)
-        return (x, A, B, C), (lambda x, A, B, C, s: lo.dcft_linear(x, W, b, A, B, C, s,
-                                                                 backend=backend))
+        return (x, A, B, C), (
+            lambda x, A, B, C, s: lo.dcft_linear(x, W, b, A, B, C, s, backend=backend)
+        )
     banked = kind == "multi"
     x, layer_out, A, B = _lor2c_inputs(device, banked=banked)
     if kind == "multi":
         ids = torch.tensor([0, 2, -1, 1, 0], device=device)
-        return (x, layer_out, A, B), (lambda x, lo_, A, B, s: lo.lor2c_residual(
-            x, lo_, A, B, s, backend=backend, adapter_ids=ids[: x.shape[0]]))
-    return (x, layer_out, A, B), (lambda x, lo_, A, B, s: lo.lor2c_residual(
-        x, lo_, A, B, s, backend=backend))
+        return (x, layer_out, A, B), (
+            lambda x, lo_, A, B, s: lo.lor2c_residual(
+                x, lo_, A, B, s, backend=backend, adapter_ids=ids[: x.shape[0]]
+            )
+        )
+    return (x, layer_out, A, B), (
+        lambda x, lo_, A, B, s: lo.lor2c_residual(x, lo_, A, B, s, backend=backend)
+    )
 
 
 KINDS = ["plain", "multi", "dcft"]
@@ -129,8 +135,9 @@ def test_scale_that_requires_grad_is_refused():
 def test_huge_scale_overflows_like_eager(backend):
     device = skip_unless_runnable(backend)
     ones = lambda *s: torch.ones(*s, device=device)
-    got = lo.lor2c_residual(ones(3, 16), ones(3, 16), ones(4, 16), ones(16, 4), 1e38,
-                            backend=backend)
+    got = lo.lor2c_residual(
+        ones(3, 16), ones(3, 16), ones(4, 16), ones(16, 4), 1e38, backend=backend
+    )
     want = ones(3, 16) + 1e38 * (ones(3, 16) @ ones(4, 16).T @ ones(16, 4).T)
     assert torch.equal(torch.isinf(got), torch.isinf(want)) and not torch.isnan(got).any()
 
@@ -138,17 +145,35 @@ def test_huge_scale_overflows_like_eager(backend):
 def test_meta_tensors_give_meta_outputs():
     meta = torch.device("meta")
     x = torch.empty(2, 3, 16, device=meta)
-    out = lo.lor2c_residual(x, torch.empty(2, 3, 32, device=meta), torch.empty(4, 16, device=meta),
-                            torch.empty(32, 4, device=meta), 0.5, 0.1)
+    out = lo.lor2c_residual(
+        x,
+        torch.empty(2, 3, 32, device=meta),
+        torch.empty(4, 16, device=meta),
+        torch.empty(32, 4, device=meta),
+        0.5,
+        0.1,
+    )
     assert out.device == meta and out.shape == (2, 3, 32) and out.dtype == torch.float32
     assert lo.FusedLoR2C(16, r=4, device=meta)(x, x).shape == (2, 3, 16)
     ids = torch.zeros(2, dtype=torch.int64, device=meta)
-    banked = lo.lor2c_residual(x, x, torch.empty(3, 4, 16, device=meta),
-                               torch.empty(3, 16, 4, device=meta), adapter_ids=ids)
+    banked = lo.lor2c_residual(
+        x,
+        x,
+        torch.empty(3, 4, 16, device=meta),
+        torch.empty(3, 16, 4, device=meta),
+        adapter_ids=ids,
+    )
     assert banked.device == meta and banked.shape == x.shape
     W = torch.empty(16, 16, device=meta)
-    y = lo.dcft_linear(x, W, None, torch.empty(1, 8, device=meta), torch.empty(8, 1, device=meta),
-                       torch.empty(2, 2, device=meta), 0.5)
+    y = lo.dcft_linear(
+        x,
+        W,
+        None,
+        torch.empty(1, 8, device=meta),
+        torch.empty(8, 1, device=meta),
+        torch.empty(2, 2, device=meta),
+        0.5,
+    )
     assert y.device == meta and y.shape == (2, 3, 16)
 
 

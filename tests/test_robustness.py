@@ -1,6 +1,7 @@
 """What held under the new-user and hostile-input probes of issue 13 stays held: 4 threads give
 bit-identical results, 1000 calls leak nothing. (Interrupted saves, path traversal and pickle
 refusal are in test_adapters_io.py.)"""
+
 import gc
 import os
 import threading
@@ -60,6 +61,7 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_a_thousand_calls_leak_nothing():
     import tracemalloc
+
     inputs = _inputs()
     for seed in range(50):  # warm up: caches, the allocator, autograd's first graphs
         _step(*inputs, seed)

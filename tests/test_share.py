@@ -1,4 +1,5 @@
 """ShareLoR2C weight banks and multi-adapter batches on every backend (docs/math.md section 2)."""
+
 import math
 
 import pytest
@@ -16,17 +17,18 @@ from lor2c_ops.ref.philox import dropout_mask
 
 def _stack(device, dtype, d, layers, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    weights = [(torch.randn(d, d, generator=gen) / math.sqrt(d)).to(device, dtype)
-               for _ in range(layers)]
+    weights = [
+        (torch.randn(d, d, generator=gen) / math.sqrt(d)).to(device, dtype) for _ in range(layers)
+    ]
     h0 = torch.randn(6, 5, d, generator=gen).to(device, dtype)
     return weights, h0
 
 
 def _run_stack(weights, h0, adapter_call):
-    """h_{l+1} = tanh(h_l W_l) + adapter_l(h_l, .), then a scalar loss."""
+    """h_{i+1} = tanh(h_i W_i) + adapter_i(h_i, .), then a scalar loss."""
     h = h0
-    for l, w in enumerate(weights):
-        h = adapter_call(l, h, torch.tanh(h @ w))
+    for i, w in enumerate(weights):
+        h = adapter_call(i, h, torch.tanh(h @ w))
     return h.float().square().mean()
 
 
@@ -37,19 +39,22 @@ def test_banks_match_separate_weights(backend, dtype):
     share = ShareLoR2C(layers, d, r=r, dropout=0.0, backend=backend).to(device, dtype)
     torch.nn.init.normal_(share.B_bank)
     A = torch.nn.Parameter(share.A_bank.detach()[0].clone())
-    Bs = [torch.nn.Parameter(share.B_bank.detach()[l].clone()) for l in range(layers)]
+    Bs = [torch.nn.Parameter(share.B_bank.detach()[i].clone()) for i in range(layers)]
     weights, h0 = _stack(device, dtype, d, layers)
 
-    loss_bank = _run_stack(weights, h0, lambda l, h, out: share(l, h, out))
+    loss_bank = _run_stack(weights, h0, lambda i, h, out: share(i, h, out))
     loss_bank.backward()
-    loss_sep = _run_stack(weights, h0, lambda l, h, out: lo.lor2c_residual(
-        h, out, A, Bs[l], share.scaling, backend=backend))
+    loss_sep = _run_stack(
+        weights,
+        h0,
+        lambda i, h, out: lo.lor2c_residual(h, out, A, Bs[i], share.scaling, backend=backend),
+    )
     loss_sep.backward()
 
     assert torch.equal(loss_bank, loss_sep)
     assert torch.equal(share.A_bank.grad[0], A.grad), "shared A: the sum of every layer's share"
-    for l in range(layers):
-        assert torch.equal(share.B_bank.grad[l], Bs[l].grad)
+    for i in range(layers):
+        assert torch.equal(share.B_bank.grad[i], Bs[i].grad)
 
 
 def test_parameter_count_and_initialisation():
@@ -87,6 +92,7 @@ def test_several_groups(backend):
 
 # --- multi-adapter batches ---------------------------------------------------------------------
 
+
 def _multi_inputs(device, dtype, wdtype, n=53, d_in=40, d_out=36, r=5, G=6, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=gen).to(device, dtype)
@@ -115,22 +121,35 @@ def _loop_over_adapters(x, layer_out, A, B, ids, scale, mask, g, dtype):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                    (torch.bfloat16, torch.float32)],
-                         ids=["fp32", "bf16", "bf16-fp32w"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=["fp32", "bf16", "bf16-fp32w"],
+)
 def test_multi_adapter_matches_loop(backend, dtypes, p):
     device = skip_unless_runnable(backend)
     x, layer_out, A, B, g, ids = _multi_inputs(device, *dtypes)
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
-    out = lo.lor2c_residual(*leaves, scale=0.5, dropout_p=p, adapter_ids=ids, backend=backend,
-                            generator=torch.Generator().manual_seed(8))
+    out = lo.lor2c_residual(
+        *leaves,
+        scale=0.5,
+        dropout_p=p,
+        adapter_ids=ids,
+        backend=backend,
+        generator=torch.Generator().manual_seed(8),
+    )
     out.backward(g)
     mask = dropout_mask(seed_for(8, device), *x.shape, p, dtype=torch.float64) if p else None
     o64, g64 = _loop_over_adapters(x, layer_out, A, B, ids, 0.5, mask, g, torch.float64)
     o_lp, g_lp = _loop_over_adapters(x, layer_out, A, B, ids, 0.5, mask, g, x.dtype)
     assert_within_twice_torch("out", out, o64, o_lp)
-    for name, got, want, plain in zip(("dx", "dlayer_out", "dA_bank", "dB_bank"),
-                                      [t.grad for t in leaves], g64, g_lp):
+    for name, got, want, plain in zip(
+        ("dx", "dlayer_out", "dA_bank", "dB_bank"), [t.grad for t in leaves], g64, g_lp
+    ):
         assert_within_twice_torch(name, got, want, plain)
     unused = torch.tensor([1, 4], device=device)
     assert torch.count_nonzero(leaves[2].grad[unused]) == 0
@@ -141,11 +160,15 @@ def test_multi_adapter_matches_loop(backend, dtypes, p):
     assert leaves[2].grad.dtype == dtypes[1]
 
 
-@pytest.mark.parametrize("n, d_in, d_out, r, G, ids", [
-    (150, 70, 37, 70, 3, [2, 2, 0, -1, 2, 0, 2]),  # r > 64: rank chunks; one adapter absent
-    (70, 33, 20, 8, 1, [0, 0, -1]),                # G = 1, more rows than a block
-    (9, 12, 10, 4, 4, [-1]),                       # no row has an adapter
-], ids=["r70", "G1", "all-none"])
+@pytest.mark.parametrize(
+    "n, d_in, d_out, r, G, ids",
+    [
+        (150, 70, 37, 70, 3, [2, 2, 0, -1, 2, 0, 2]),  # r > 64: rank chunks; one adapter absent
+        (70, 33, 20, 8, 1, [0, 0, -1]),  # G = 1, more rows than a block
+        (9, 12, 10, 4, 4, [-1]),  # no row has an adapter
+    ],
+    ids=["r70", "G1", "all-none"],
+)
 def test_multi_adapter_shapes(backend, n, d_in, d_out, r, G, ids):
     device = skip_unless_runnable(backend)
     gen = torch.Generator().manual_seed(5)
@@ -157,19 +180,28 @@ def test_multi_adapter_shapes(backend, n, d_in, d_out, r, G, ids):
     g = torch.randn(n, d_out, generator=gen).to(device)
     ids = torch.tensor(ids, device=device).repeat(n)[:n]
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
-    out = lo.lor2c_residual(*leaves, scale=0.7, dropout_p=0.2, adapter_ids=ids, backend=backend,
-                            generator=torch.Generator().manual_seed(4))
+    out = lo.lor2c_residual(
+        *leaves,
+        scale=0.7,
+        dropout_p=0.2,
+        adapter_ids=ids,
+        backend=backend,
+        generator=torch.Generator().manual_seed(4),
+    )
     out.backward(g)
     mask = dropout_mask(seed_for(4, device), n, d_in, 0.2, dtype=torch.float64)
     o64, g64 = _loop_over_adapters(x, layer_out, A, B, ids, 0.7, mask, g, torch.float64)
     o32, g32 = _loop_over_adapters(x, layer_out, A, B, ids, 0.7, mask, g, torch.float32)
     # without any adapter row, autograd leaves x, A and B without a gradient: zeros
-    g64 = [torch.zeros_like(t, dtype=torch.float64) if gr is None else gr
-           for t, gr in zip((x, layer_out, A, B), g64)]
+    g64 = [
+        torch.zeros_like(t, dtype=torch.float64) if gr is None else gr
+        for t, gr in zip((x, layer_out, A, B), g64)
+    ]
     g32 = [torch.zeros_like(t) if gr is None else gr for t, gr in zip((x, layer_out, A, B), g32)]
     assert_within_twice_torch("out", out, o64, o32)
-    for name, got, want, plain in zip(("dx", "dlayer_out", "dA_bank", "dB_bank"),
-                                      [t.grad for t in leaves], g64, g32):
+    for name, got, want, plain in zip(
+        ("dx", "dlayer_out", "dA_bank", "dB_bank"), [t.grad for t in leaves], g64, g32
+    ):
         assert_within_twice_torch(name, got, want, plain)
     used = torch.zeros(G, dtype=torch.bool, device=device)
     used[ids[ids >= 0]] = True
@@ -196,10 +228,12 @@ def test_multi_adapter_mask_is_the_plain_ops_mask(backend):
     x, layer_out, A, B, _, _ = _multi_inputs(device, torch.float32, torch.float32)
     ids = torch.full((x.shape[0],), 2, device=device)
     kw = dict(scale=1.0, dropout_p=0.4, backend=backend)
-    multi = lo.lor2c_residual(x, layer_out, A, B, adapter_ids=ids,
-                              generator=torch.Generator().manual_seed(3), **kw)
-    plain = lo.lor2c_residual(x, layer_out, A[2], B[2], generator=torch.Generator().manual_seed(3),
-                              **kw)
+    multi = lo.lor2c_residual(
+        x, layer_out, A, B, adapter_ids=ids, generator=torch.Generator().manual_seed(3), **kw
+    )
+    plain = lo.lor2c_residual(
+        x, layer_out, A[2], B[2], generator=torch.Generator().manual_seed(3), **kw
+    )
     torch.testing.assert_close(multi, plain, rtol=1e-6, atol=1e-6)
 
 
@@ -210,7 +244,11 @@ def test_share_module_multi_adapter_batch():
     ids = torch.tensor([2, 0, -1, 1, 2])
     out = share(ids, x, torch.zeros(5, 10))
     for i, a in enumerate(ids.tolist()):
-        want = torch.zeros(10) if a < 0 else share.scaling * x[i] @ share.A_bank[a].T @ share.B_bank[a].T
+        want = (
+            torch.zeros(10)
+            if a < 0
+            else share.scaling * x[i] @ share.A_bank[a].T @ share.B_bank[a].T
+        )
         torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one A per adapter"):
         ShareLoR2C(3, 10)(ids, x, torch.zeros(5, 10))
@@ -224,8 +262,9 @@ def test_opcheck_multi(backend):
     for p in (0.0, 0.2):
         torch.library.opcheck(op.lor2c_fwd, (*args, ids, 0.7, p, seed, backend))
         _, t = op.lor2c_fwd(x, layer_out, A, B, ids, 0.7, p, seed, backend)
-        torch.library.opcheck(op.lor2c_bwd, (g, x, t, A, B, ids, 0.7, p, seed, backend,
-                                             True, True, True))
+        torch.library.opcheck(
+            op.lor2c_bwd, (g, x, t, A, B, ids, 0.7, p, seed, backend, True, True, True)
+        )
 
 
 def test_compile_fullgraph_banked_and_multi(backend):
@@ -272,13 +311,21 @@ def test_compiled_backend_names_missing_kernels(monkeypatch):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ids, error, match", [
-    (torch.tensor([0, 1, 6, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
-    (torch.tensor([0, -2, 1, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
-    (torch.tensor([0.0, 1.0, 2.0, 3.0]), ValueError, r"adapter_ids: expected an integer tensor"),
-    (torch.tensor([0, 1, 2]), ValueError, r"adapter_ids: expected shape \(4,\)"),
-    ([0, 1, 2, 3], TypeError, r"adapter_ids: expected an integer torch.Tensor"),
-])
+
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        (torch.tensor([0, 1, 6, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
+        (torch.tensor([0, -2, 1, 2]), ValueError, r"adapter_ids: expected values in \[-1, 6\)"),
+        (
+            torch.tensor([0.0, 1.0, 2.0, 3.0]),
+            ValueError,
+            r"adapter_ids: expected an integer tensor",
+        ),
+        (torch.tensor([0, 1, 2]), ValueError, r"adapter_ids: expected shape \(4,\)"),
+        ([0, 1, 2, 3], TypeError, r"adapter_ids: expected an integer torch.Tensor"),
+    ],
+)
 def test_bad_adapter_ids(no_kernel, ids, error, match):
     x, layer_out = torch.randn(4, 8), torch.randn(4, 6)
     A, B = torch.randn(6, 2, 8), torch.randn(6, 6, 2)

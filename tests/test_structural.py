@@ -1,5 +1,6 @@
 """Structural variants (docs/math.md section 3): SFS from the factors, merge, inject, the IMLoR2C
 schedule (optimizer groups updated at every edit), and apply_dcft (docs/math.md section 4)."""
+
 import time
 
 import pytest
@@ -7,8 +8,14 @@ import torch
 from torch import nn
 
 import lor2c_ops as lo
-from lor2c_ops.adapters import (DCFTHandle, SpanAdapter, UntrainedParametersWarning, dense_sfs,
-                                get_handle, sfs)
+from lor2c_ops.adapters import (
+    DCFTHandle,
+    SpanAdapter,
+    UntrainedParametersWarning,
+    dense_sfs,
+    get_handle,
+    sfs,
+)
 
 
 class Attn(nn.Module):
@@ -64,6 +71,7 @@ def snapshot(params):
 
 # --- the adapters and their container ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("share", [False, True])
 def test_adapters_are_one_kind_and_the_container_is_public(share):
     model, h = make(share=share, spans=[(0, 1), (2, 2), (3, 5)])
@@ -77,8 +85,11 @@ def test_adapters_are_one_kind_and_the_container_is_public(share):
         torch.testing.assert_close(a.residual(x, out), want)
     h.inject(1, optimizer=False)
     (inj_q, inj_v) = c.injections()
-    assert (inj_q.block, inj_q.target.name, inj_v.target.name) == (2, "attention.query",
-                                                                   "attention.value")
+    assert (inj_q.block, inj_q.target.name, inj_v.target.name) == (
+        2,
+        "attention.query",
+        "attention.value",
+    )
     assert h.injected == {(2, "attention.query"): inj_q.lora, (2, "attention.value"): inj_v.lora}
     assert inj_q.key == "2:attention__query" and c.injected[inj_q.key] is inj_q.lora
     h.remove()
@@ -86,6 +97,7 @@ def test_adapters_are_one_kind_and_the_container_is_public(share):
 
 
 # --- SFS --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(40, 3, 24), (17, 1, 33), (8, 8, 8)])
 @pytest.mark.parametrize("k", [None, 1, 2])
@@ -126,6 +138,7 @@ def test_sfs_is_much_faster_than_the_dense_svd():
 
 
 # --- merge -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("share", [False, True])
 def test_merge_updates_optimizer_and_only_new_params_train(share):
@@ -187,6 +200,7 @@ def test_merge_picks_smallest_sfs_pair_and_respects_max_merge_length():
 
 # --- inject ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("share", [False, True])
 def test_inject_attaches_trainable_lora_on_query_and_value(share):
     model, h = make(share=share)
@@ -241,11 +255,15 @@ def test_inject_without_optimizer_returns_what_to_add_and_remove_restores():
 
 # --- no silent path: the handle knows the optimizer, or warns -----------------------------------
 
+
 def test_edit_without_an_optimizer_warns_with_the_new_parameters():
     model, h = make()
-    with pytest.warns(UntrainedParametersWarning, match=r"2 new parameters \(lor2c_adapters"
-                      r"\.lor2c\.1\.lora_A \(3, 16\), lor2c_adapters\.lor2c\.1\.lora_B "
-                      r"\(16, 3\)\); they will not train") as record:
+    with pytest.warns(
+        UntrainedParametersWarning,
+        match=r"2 new parameters \(lor2c_adapters"
+        r"\.lor2c\.1\.lora_A \(3, 16\), lor2c_adapters\.lor2c\.1\.lora_B "
+        r"\(16, 3\)\); they will not train",
+    ) as record:
         edit = h.merge(1, 2)
     assert record[0].filename == __file__  # points at the caller's line
     assert edit.added_names == ["lor2c_adapters.lor2c.1.lora_A", "lor2c_adapters.lor2c.1.lora_B"]
@@ -298,22 +316,28 @@ def test_structural_edit_repr_is_short():
     opt = torch.optim.SGD(h.parameters(), lr=0.1)
     merge = h.merge(1, 2, optimizer=opt)
     inject = h.inject(0, optimizer=False)
-    assert repr(merge) == ("StructuralEdit(merge: adapters 1 (1, 1) and 2 (2, 2) -> one over "
-                           "(1, 2); removed 4 tensors, 192 values; added 2 tensors, 96 values; "
-                           "optimizer updated)")
-    assert repr(inject) == ("StructuralEdit(inject: adapter 0 -> LoRA on block 0 "
-                            "['attention.query', 'attention.value']; removed 2 tensors, 96 "
-                            "values; added 4 tensors, 192 values; optimizer not updated)")
+    assert repr(merge) == (
+        "StructuralEdit(merge: adapters 1 (1, 1) and 2 (2, 2) -> one over "
+        "(1, 2); removed 4 tensors, 192 values; added 2 tensors, 96 values; "
+        "optimizer updated)"
+    )
+    assert repr(inject) == (
+        "StructuralEdit(inject: adapter 0 -> LoRA on block 0 "
+        "['attention.query', 'attention.value']; removed 2 tensors, 96 "
+        "values; added 4 tensors, 192 values; optimizer not updated)"
+    )
     assert "\n" not in repr(merge) and "tensor(" not in repr(inject)
 
 
 # --- schedule --------------------------------------------------------------------------------
 
+
 def test_imlor2c_schedule_in_a_plain_loop():
     model, h = make()
     opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
-    sched = lo.IMLoR2CSchedule(h, max_merges=2, max_injections=1, interval=2, total=16,
-                               optimizer=opt)
+    sched = lo.IMLoR2CSchedule(
+        h, max_merges=2, max_injections=1, interval=2, total=16, optimizer=opt
+    )
     x = torch.randn(2, 4, 16)
     kinds = []
     for _ in range(16):
@@ -329,6 +353,7 @@ def test_imlor2c_schedule_in_a_plain_loop():
 
 # --- DCFT ------------------------------------------------------------------------------------
 
+
 def test_apply_dcft_fold_and_unload():
     torch.manual_seed(0)
     model = Net()
@@ -336,8 +361,9 @@ def test_apply_dcft_fold_and_unload():
     base = model(x).detach()
     q0 = model.layers[0].attention.query
     h = lo.apply_dcft(model, ["query", "value"], r=2, kernel_size=2, alpha=2)
-    assert set(h.modules) == {f"layers.{i}.attention.{n}" for i in range(6)
-                              for n in ("query", "value")}
+    assert set(h.modules) == {
+        f"layers.{i}.attention.{n}" for i in range(6) for n in ("query", "value")
+    }
     d = model.layers[0].attention.query
     assert isinstance(d, lo.DCFTLinear) and d.weight is q0.weight
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -377,7 +403,7 @@ def test_apply_dcft_remove_restores_and_errors():
 
 
 def test_dcft_old_names_are_aliases():
-    """"Fold" is the DCFT word for adding D into the weight (a "merge" is MergeLoR2C's); the
+    """ "Fold" is the DCFT word for adding D into the weight (a "merge" is MergeLoR2C's); the
     older names stay as aliases (docs/api.md sections 2.3 and 3.4)."""
     assert lo.DCFTLinear.merge is lo.DCFTLinear.fold
     assert lo.DCFTLinear.unmerge is lo.DCFTLinear.unfold

@@ -2,6 +2,7 @@
 by the callback during Trainer.train() hand the new parameters to the Trainer's optimizer (which
 then changes them), take the removed ones out of it (which it then no longer touches), and
 injected LoRAs are never frozen again, across epochs. Tiny BERT, in-memory data, CPU only."""
+
 import os
 import types
 
@@ -31,10 +32,17 @@ def one_thread():
 
 def tiny_bert(layers=4):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                                  num_attention_heads=4, intermediate_size=48,
-                                  max_position_embeddings=32, num_labels=2,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 
@@ -44,8 +52,9 @@ def dataset():
     for i in range(N_EXAMPLES):
         ids = torch.randint(1, VOCAB, (SEQ,), generator=g)
         label = int(ids[:3].sum() % 2)  # learnable from the tokens
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
-                     "labels": label})
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": label}
+        )
     return rows
 
 
@@ -70,8 +79,9 @@ class Probe(transformers.TrainerCallback):
     def _check(self, state, model, optimizer):
         opt = _unwrap_optimizer(optimizer)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        assert optimizer_params(opt) == trainable, "the optimizer must hold exactly the " \
-                                                   "trainable parameters"
+        assert optimizer_params(opt) == trainable, (
+            "the optimizer must hold exactly the trainable parameters"
+        )
         for lora in self.handle.injected.values():  # never re-frozen
             assert lora.lora_A.requires_grad and lora.lora_B.requires_grad
         for item in self.pending:
@@ -85,13 +95,16 @@ class Probe(transformers.TrainerCallback):
                 assert torch.equal(p.detach(), before), "a removed parameter changed"
                 assert p not in opt.state and p.grad is None
             if after >= 2:
-                missing = [i for i, (p, _) in enumerate(item["added"])
-                           if id(p) not in item["changed"]]
-                assert not missing, (f"{item['edit'].kind}: new parameters {missing} did not "
-                                     f"change in the two steps after the edit")
+                missing = [
+                    i for i, (p, _) in enumerate(item["added"]) if id(p) not in item["changed"]
+                ]
+                assert not missing, (
+                    f"{item['edit'].kind}: new parameters {missing} did not "
+                    f"change in the two steps after the edit"
+                )
                 self.checked.append(item)
         self.pending = [i for i in self.pending if i not in self.checked]
-        new = self.schedule.edits[self.seen:]
+        new = self.schedule.edits[self.seen :]
         self.seen = len(self.schedule.edits)
         for edit in new:
             # a later edit of the same event may replace what an earlier one added (with share,
@@ -99,16 +112,22 @@ class Probe(transformers.TrainerCallback):
             gone = {id(p) for p in edit.removed}
             for item in self.pending:
                 item["added"] = [(p, b) for p, b in item["added"] if id(p) not in gone]
-            self.pending.append({
-                "edit": edit, "step": state.global_step, "changed": {},
-                "added": [(p, p.detach().clone()) for p in edit.added],
-                "removed": [(p, p.detach().clone()) for p in edit.removed]})
+            self.pending.append(
+                {
+                    "edit": edit,
+                    "step": state.global_step,
+                    "changed": {},
+                    "added": [(p, p.detach().clone()) for p in edit.added],
+                    "removed": [(p, p.detach().clone()) for p in edit.removed],
+                }
+            )
             self.steps_of_edits.append(state.global_step)
         live = {id(p) for p in model.parameters()}
         in_opt = optimizer_params(opt)
-        for item in self.pending[len(self.pending) - len(new):]:
-            assert all(id(p) in live and p.requires_grad and id(p) in in_opt
-                       for p, _ in item["added"])
+        for item in self.pending[len(self.pending) - len(new) :]:
+            assert all(
+                id(p) in live and p.requires_grad and id(p) in in_opt for p, _ in item["added"]
+            )
             assert not any(id(p) in live or id(p) in in_opt for p, _ in item["removed"])
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -120,19 +139,35 @@ class Probe(transformers.TrainerCallback):
 
 def train(tmp_path, schedule_kw, share=False, epochs=3, layers=4):
     model = tiny_bert(layers)
-    handle = lo.apply_lor2c(model, lo.LoR2CConfig(r=4, alpha=8, share=share,
-                                                  trainable=("classifier",)))
+    handle = lo.apply_lor2c(
+        model, lo.LoR2CConfig(r=4, alpha=8, share=share, trainable=("classifier",))
+    )
     schedule = IMLoR2CSchedule(handle, **schedule_kw)
     probe = Probe(schedule)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-        learning_rate=2e-2, lr_scheduler_type="constant", weight_decay=0.0,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        use_cpu=True, seed=0, dataloader_num_workers=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
-                                   callbacks=[trainer_callback(schedule), probe])
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
-                     if not p.requires_grad}
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=epochs,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(),
+        callbacks=[trainer_callback(schedule), probe],
+    )
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     # the base model never moved
@@ -145,11 +180,14 @@ def train(tmp_path, schedule_kw, share=False, epochs=3, layers=4):
 
 
 @pytest.mark.parametrize("share", [False, True])
-@pytest.mark.parametrize("kind, kw", [
-    ("MergeLoR2C", dict(max_merges=2)),
-    ("InjectLoR2C", dict(max_injections=2)),
-    ("IMLoR2C", dict(max_merges=1, max_injections=1)),
-])
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("MergeLoR2C", dict(max_merges=2)),
+        ("InjectLoR2C", dict(max_injections=2)),
+        ("IMLoR2C", dict(max_merges=1, max_injections=1)),
+    ],
+)
 def test_edits_in_trainer_reach_the_optimizer_by_step(tmp_path, kind, kw, share):
     model, handle, schedule, probe, trainer = train(tmp_path, dict(kw, interval=1), share=share)
     # total taken from the Trainer (12 steps): events in the first quarter (steps 1 to 3)
@@ -218,6 +256,8 @@ def test_plain_loop_inject_hands_every_new_parameter_to_the_optimizer(share):
     step()
     step()
     for a in handle.adapters:  # the remaining LoR2C adapters keep training
-        assert not torch.equal(a.lora_B.detach(), before[id(a.lora_B)] if not share
-                               else before[id(handle.container.bank.B_bank)][a.row])
+        assert not torch.equal(
+            a.lora_B.detach(),
+            before[id(a.lora_B)] if not share else before[id(handle.container.bank.B_bank)][a.row],
+        )
     assert all(not torch.equal(p.detach(), before[id(p)]) for p in edit.added)

@@ -14,6 +14,7 @@ The pieces, one role per file: blocks.py reads the model (its blocks, widths, fa
 defines the adapters, targets.py finds what inject() adapts, hooks.py runs them, container.py
 owns them, handle.py edits them; this file puts them on a model.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -28,8 +29,9 @@ from .optim import check_optimizer
 
 
 def _is_trainable(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == t or name.startswith(t + ".") or ("." + t + ".") in ("." + name)
-               for t in patterns)
+    return any(
+        name == t or name.startswith(t + ".") or ("." + t + ".") in ("." + name) for t in patterns
+    )
 
 
 def build(model: nn.Module, config: LoR2CConfig, spans=None):
@@ -46,8 +48,9 @@ def build(model: nn.Module, config: LoR2CConfig, spans=None):
     if spans is None:
         spans = config.spans if config.spans is not None else [(i, i) for i in range(len(blocks))]
     spans = normalise_spans(spans)
-    container = LoR2CAdapters(config, spans, dims, adapter_factory(model, blocks, config), path,
-                              model_family(model))
+    container = LoR2CAdapters(
+        config, spans, dims, adapter_factory(model, blocks, config), path, model_family(model)
+    )
     container.train(model.training)
     return container, blocks
 
@@ -67,8 +70,9 @@ def attach(model: nn.Module, container: LoR2CAdapters, blocks) -> LoR2CHandle:
     return handle
 
 
-def apply_lor2c(model: nn.Module, config: Optional[LoR2CConfig] = None,
-                optimizer=None) -> LoR2CHandle:
+def apply_lor2c(
+    model: nn.Module, config: Optional[LoR2CConfig] = None, optimizer=None
+) -> LoR2CHandle:
     """Attaches LoR2C adapters to `model` (in place) and returns the handle.
 
     Finds the stack of blocks (config.layers_path, or by name for Hugging Face models), freezes

@@ -1,5 +1,6 @@
 """What apply_lor2c reads from a model before it attaches anything: the stack of blocks, their
 widths, the model family, and the device and dtype the adapters get."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -11,8 +12,18 @@ from .. import _checks as checks
 from .config import LoR2CConfig
 
 # Stacks of blocks, by the end of their dotted path (Hugging Face naming).
-_STACK_SUFFIXES = ("encoder.layer", "encoder.layers", "model.layers", "decoder.layers",
-                  "transformer.h", "transformer.layers", "layers", "layer", "h", "blocks")
+_STACK_SUFFIXES = (
+    "encoder.layer",
+    "encoder.layers",
+    "model.layers",
+    "decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "layers",
+    "layer",
+    "h",
+    "blocks",
+)
 
 
 def find_blocks(model: nn.Module, layers_path: Optional[str] = None):
@@ -21,11 +32,14 @@ def find_blocks(model: nn.Module, layers_path: Optional[str] = None):
         try:
             stack = model.get_submodule(layers_path)
         except AttributeError as exc:
-            raise ValueError(f"layers_path: {layers_path!r} is not a submodule of "
-                             f"{type(model).__name__} ({exc})") from None
+            raise ValueError(
+                f"layers_path: {layers_path!r} is not a submodule of {type(model).__name__} ({exc})"
+            ) from None
         if not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) == 0:
-            raise ValueError(f"layers_path: expected a non-empty nn.ModuleList or nn.Sequential "
-                             f"at {layers_path!r}, got {type(stack).__name__}")
+            raise ValueError(
+                f"layers_path: expected a non-empty nn.ModuleList or nn.Sequential "
+                f"at {layers_path!r}, got {type(stack).__name__}"
+            )
         return layers_path, stack
     found = []
     for name, module in model.named_modules():
@@ -33,21 +47,27 @@ def find_blocks(model: nn.Module, layers_path: Optional[str] = None):
             if any(name == s or name.endswith("." + s) for s in _STACK_SUFFIXES):
                 found.append((name, module))
     if not found:
-        raise ValueError(f"cannot find the stack of blocks of {type(model).__name__} (looked for "
-                         f"an nn.ModuleList named like {', '.join(_STACK_SUFFIXES)}); pass "
-                         f"LoR2CConfig(layers_path=...)")
+        raise ValueError(
+            f"cannot find the stack of blocks of {type(model).__name__} (looked for "
+            f"an nn.ModuleList named like {', '.join(_STACK_SUFFIXES)}); pass "
+            f"LoR2CConfig(layers_path=...)"
+        )
     if len(found) > 1:
         names = [n for n, _ in found]
-        raise ValueError(f"{type(model).__name__} has several stacks of blocks {names}; choose one "
-                         f"with LoR2CConfig(layers_path=...)")
+        raise ValueError(
+            f"{type(model).__name__} has several stacks of blocks {names}; choose one "
+            f"with LoR2CConfig(layers_path=...)"
+        )
     return found[0]
 
 
 def model_family(model: nn.Module) -> dict:
     """{"class", "model_type"} of `model`: what saved adapters are checked against."""
     cfg = getattr(model, "config", None)
-    return {"class": type(model).__name__,
-            "model_type": getattr(cfg, "model_type", None) if cfg is not None else None}
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None) if cfg is not None else None,
+    }
 
 
 def _block_dims(block: nn.Module) -> Optional[Tuple[int, int]]:
@@ -70,8 +90,10 @@ def hidden_dims(model: nn.Module, blocks, config: LoR2CConfig) -> List[Tuple[int
             return [(value, value)] * len(blocks)
     dims = [_block_dims(b) for b in blocks]
     if any(d is None for d in dims):
-        raise ValueError("cannot tell the hidden size of the blocks (no model.config.hidden_size "
-                         "and no nn.Linear inside a block); pass LoR2CConfig(hidden_size=...)")
+        raise ValueError(
+            "cannot tell the hidden size of the blocks (no model.config.hidden_size "
+            "and no nn.Linear inside a block); pass LoR2CConfig(hidden_size=...)"
+        )
     return dims
 
 

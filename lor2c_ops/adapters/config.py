@@ -1,4 +1,5 @@
 """LoR2CConfig: what apply_lor2c attaches, and how the structural edits behave."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,10 @@ def normalise_spans(spans) -> Optional[Tuple[Tuple[int, int], ...]]:
     out.sort()
     for (s0, e0), (s1, e1) in zip(out, out[1:]):
         if s1 <= e0:
-            raise ValueError(f"spans: ({s0}, {e0}) and ({s1}, {e1}) overlap; each block may end "
-                             f"or lie inside at most one span")
+            raise ValueError(
+                f"spans: ({s0}, {e0}) and ({s1}, {e1}) overlap; each block may end "
+                f"or lie inside at most one span"
+            )
     return tuple(out)
 
 
@@ -98,8 +101,7 @@ class LoR2CConfig:
         checks.positive_int(self.inject_r, "inject_r", allow_none=True)
         checks.positive_int(self.hidden_size, "hidden_size", allow_none=True)
         self.alpha = checks.finite_number(self.alpha, "alpha")
-        self.inject_alpha = checks.finite_number(self.inject_alpha, "inject_alpha",
-                                                 allow_none=True)
+        self.inject_alpha = checks.finite_number(self.inject_alpha, "inject_alpha", allow_none=True)
         self.dropout = checks.dropout_probability(self.dropout)
         for name in ("share", "freeze_base"):
             if not isinstance(getattr(self, name), bool):
@@ -110,8 +112,9 @@ class LoR2CConfig:
         _optional_str(self.layers_path, "layers_path")
         _optional_str(self.backend, "backend")
         if not isinstance(self.hidden_states_kwarg, str):
-            raise ValueError(f"hidden_states_kwarg: expected a string, got "
-                             f"{self.hidden_states_kwarg!r}")
+            raise ValueError(
+                f"hidden_states_kwarg: expected a string, got {self.hidden_states_kwarg!r}"
+            )
         if self.dtype is not None and not isinstance(self.dtype, str):
             self.dtype = str(self.dtype).replace("torch.", "")  # JSON-friendly
         if self.dtype is not None:
@@ -125,8 +128,7 @@ class LoR2CConfig:
         d = dataclasses.asdict(self)
         d["spans"] = None if self.spans is None else [list(s) for s in self.spans]
         d["trainable"] = list(self.trainable)
-        d["inject_targets"] = (None if self.inject_targets is None
-                               else list(self.inject_targets))
+        d["inject_targets"] = None if self.inject_targets is None else list(self.inject_targets)
         return d
 
     @classmethod

@@ -1,6 +1,7 @@
 """LoR2CAdapters: the submodule (`model.lor2c_adapters`) that owns a model's adapters and their
 hooks. Its public members are what the handle, the schedules and save / load use; nothing
 outside this file touches its private state."""
+
 from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -30,13 +31,16 @@ def shared_widths(spans: Sequence[Tuple[int, int]], dims) -> Tuple[int, int]:
     d_ins = {dims[s][0] for s, _ in spans}
     d_outs = {dims[e][1] for _, e in spans}
     if len(d_ins) != 1 or len(d_outs) != 1:
-        raise ValueError("share=True needs one input and one output width for all spans, "
-                         f"got {sorted(d_ins)} and {sorted(d_outs)}")
+        raise ValueError(
+            "share=True needs one input and one output width for all spans, "
+            f"got {sorted(d_ins)} and {sorted(d_outs)}"
+        )
     return d_ins.pop(), d_outs.pop()
 
 
 class Injection(NamedTuple):
     """A LoRA added by inject(): its key, block, target and module."""
+
     key: str
     block: int
     target: InjectTarget
@@ -54,8 +58,15 @@ class LoR2CAdapters(nn.Module):
     `add_injected` (each returns what it removed and added; the caller reinstalls the hooks);
     `install(blocks)` / `uninstall()` of the hooks."""
 
-    def __init__(self, config: LoR2CConfig, spans: Sequence[Tuple[int, int]], dims,
-                 factory: dict, layers_path: str, family: dict):
+    def __init__(
+        self,
+        config: LoR2CConfig,
+        spans: Sequence[Tuple[int, int]],
+        dims,
+        factory: dict,
+        layers_path: str,
+        family: dict,
+    ):
         super().__init__()
         self.config = config
         self.layers_path, self.family = layers_path, family
@@ -73,12 +84,21 @@ class LoR2CAdapters(nn.Module):
         self._factory = factory
         for s, e in spans:
             if e >= self.num_blocks:
-                raise ValueError(f"spans: ({s}, {e}) is out of range for a model with "
-                                 f"{self.num_blocks} blocks")
+                raise ValueError(
+                    f"spans: ({s}, {e}) is out of range for a model with {self.num_blocks} blocks"
+                )
         if config.share:
             d_in, d_out = shared_widths(spans, dims)
-            self.bank = ShareLoR2C(len(spans), d_in, d_out, r=config.r, alpha=config.alpha,
-                                   dropout=config.dropout, backend=config.backend, **factory)
+            self.bank = ShareLoR2C(
+                len(spans),
+                d_in,
+                d_out,
+                r=config.r,
+                alpha=config.alpha,
+                dropout=config.dropout,
+                backend=config.backend,
+                **factory,
+            )
             self._shared = [SharedAdapter(self.bank, i, s, e) for i, (s, e) in enumerate(spans)]
         else:
             for s, e in spans:
@@ -86,9 +106,18 @@ class LoR2CAdapters(nn.Module):
 
     def _new_span(self, start: int, end: int, from_merge: bool = False) -> SpanLoR2C:
         cfg = self.config
-        return SpanLoR2C(start, end, self.dims[start][0], self.dims[end][1], r=cfg.r,
-                         alpha=cfg.alpha, dropout=cfg.dropout, backend=cfg.backend,
-                         from_merge=from_merge, **self._factory)
+        return SpanLoR2C(
+            start,
+            end,
+            self.dims[start][0],
+            self.dims[end][1],
+            r=cfg.r,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            backend=cfg.backend,
+            from_merge=from_merge,
+            **self._factory,
+        )
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("lor2c_adapters is a container; call the model")
@@ -114,8 +143,10 @@ class LoR2CAdapters(nn.Module):
 
     def injections(self) -> List[Injection]:
         """The injected LoRAs, in the order they were added."""
-        return [Injection(key, block, target, self.injected[key])
-                for key, (block, target) in self._injections.items()]
+        return [
+            Injection(key, block, target, self.injected[key])
+            for key, (block, target) in self._injections.items()
+        ]
 
     # structural edits --------------------------------------------------------------------------
     def merge_pair(self, i: int, j: int) -> Tuple[Params, Params]:
@@ -134,7 +165,7 @@ class LoR2CAdapters(nn.Module):
         new.scaling = lower.scaling
         new.train(self.training)
         spans = list(self.lor2c)
-        spans[i:j + 1] = [new]
+        spans[i : j + 1] = [new]
         self.lor2c = nn.ModuleList(spans)
         return [lower.lora_A, lower.lora_B, upper.lora_A, upper.lora_B], [new.lora_A, new.lora_B]
 
@@ -163,15 +194,23 @@ class LoR2CAdapters(nn.Module):
             a.row = n
         return [old], [bank.B_bank]
 
-    def add_injected(self, block: int, target: InjectTarget, r: int, alpha: float,
-                     device) -> FusedLoR2C:
+    def add_injected(
+        self, block: int, target: InjectTarget, r: int, alpha: float, device
+    ) -> FusedLoR2C:
         """A new LoRA (the fused op with layer_out = the target's output) on `target` in block
         `block`, with the config's dropout and backend, in the adapters' dtype on `device` (the
         target's weight's), in this container's training mode."""
         cfg = self.config
-        lora = FusedLoR2C(target.in_features, target.out_features, r=r, alpha=alpha,
-                          dropout=cfg.dropout, backend=cfg.backend, device=device,
-                          dtype=self.dtype)
+        lora = FusedLoR2C(
+            target.in_features,
+            target.out_features,
+            r=r,
+            alpha=alpha,
+            dropout=cfg.dropout,
+            backend=cfg.backend,
+            device=device,
+            dtype=self.dtype,
+        )
         lora.train(self.training)
         key = injected_key(block, target.name)
         self.injected[key] = lora
@@ -185,10 +224,16 @@ class LoR2CAdapters(nn.Module):
         kw = self.config.hidden_states_kwarg
         for a in self.adapters:
             if a.start != a.end:
-                self._hooks.append(blocks[a.start].register_forward_pre_hook(
-                    CaptureInput(self._store, a.start, kw), with_kwargs=True))
-            self._hooks.append(blocks[a.end].register_forward_hook(
-                AddResidual(a, self._store, kw), with_kwargs=True))
+                self._hooks.append(
+                    blocks[a.start].register_forward_pre_hook(
+                        CaptureInput(self._store, a.start, kw), with_kwargs=True
+                    )
+                )
+            self._hooks.append(
+                blocks[a.end].register_forward_hook(
+                    AddResidual(a, self._store, kw), with_kwargs=True
+                )
+            )
         per_module: dict = {}
         for inj in self.injections():
             t = inj.target

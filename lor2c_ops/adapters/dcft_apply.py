@@ -1,4 +1,5 @@
 """apply_dcft: named nn.Linear modules of a model become DCFTLinear (docs/math.md section 4)."""
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,9 @@ class DCFTHandle:
             dcft.unfold()  # the weight Parameter is the original Linear's: put it back first
             if fold:
                 with torch.no_grad():
-                    linear.weight.copy_((linear.weight.float() + dcft.delta_weight())
-                                        .to(linear.weight.dtype))
+                    linear.weight.copy_(
+                        (linear.weight.float() + dcft.delta_weight()).to(linear.weight.dtype)
+                    )
             _set_submodule(self.model, name, linear)
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
@@ -68,10 +70,18 @@ class DCFTHandle:
         return self._restore(fold=False)
 
 
-def apply_dcft(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 1,
-               kernel_size: int = 2, stride: Optional[int] = None, alpha: float = 1,
-               dropout: float = 0.0, backend: Optional[str] = None, freeze_base: bool = True,
-               merge_on_eval: bool = True) -> DCFTHandle:
+def apply_dcft(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str]],
+    r: int = 1,
+    kernel_size: int = 2,
+    stride: Optional[int] = None,
+    alpha: float = 1,
+    dropout: float = 0.0,
+    backend: Optional[str] = None,
+    freeze_base: bool = True,
+    merge_on_eval: bool = True,
+) -> DCFTHandle:
     """Replaces the nn.Linear modules named by `target_modules` (names or name suffixes like
     "query"; a single string is a regular expression matched against full names) with
     DCFTLinear.from_linear (same weight Parameters), freezes the rest of the model, and returns
@@ -82,17 +92,27 @@ def apply_dcft(model: nn.Module, target_modules: Union[str, Sequence[str]], r: i
         raise ValueError("target_modules: expected module names, got an empty list")
     hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
     if not hits:
-        raise ValueError(f"target_modules: {target_modules!r} matches no module of "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"target_modules: {target_modules!r} matches no module of {type(model).__name__}"
+        )
     for n, m in hits:
         if not isinstance(m, nn.Linear):
             raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, not an nn.Linear")
     saved = [(p, p.requires_grad) for p in model.parameters()]
     try:  # every check (sizes vs kernel / stride) runs before any module is swapped
-        new = {n: DCFTLinear.from_linear(m, r=r, kernel_size=kernel_size, stride=stride,
-                                         alpha=alpha, dropout=dropout, backend=backend,
-                                         merge_on_eval=merge_on_eval)
-               for n, m in hits}
+        new = {
+            n: DCFTLinear.from_linear(
+                m,
+                r=r,
+                kernel_size=kernel_size,
+                stride=stride,
+                alpha=alpha,
+                dropout=dropout,
+                backend=backend,
+                merge_on_eval=merge_on_eval,
+            )
+            for n, m in hits
+        }
     except BaseException:
         for p, flag in saved:  # from_linear froze the weights it got to
             p.requires_grad_(flag)

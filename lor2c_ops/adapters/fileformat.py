@@ -7,6 +7,7 @@ checks it field by field (each failure one ValueError naming the file and the fi
 expected_shapes() derives from it every tensor's name and shape, and check_layout() holds the
 file's own tensors to those. io.py reads and writes the files.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,8 +24,12 @@ from .container import injected_key, shared_widths
 FORMAT = "lor2c_ops.lor2c_adapters"
 FORMAT_VERSION = 2  # 2 added tensors_sha256; version 1 files (no checksum) load with a warning
 READABLE_VERSIONS = (1, 2)
-_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                 "F64": torch.float64}
+_FLOAT_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 def tensors_sha256(tensors: dict) -> str:
@@ -40,6 +45,7 @@ def tensors_sha256(tensors: dict) -> str:
             h.update(ctypes.string_at(t.data_ptr(), nbytes))
     return h.hexdigest()
 
+
 def describe(handle, digest: str) -> dict:
     """The header's JSON for the adapters of `handle` (a LoR2CHandle) whose tensors hash to
     `digest`. Saved files say "merged" for an adapter's from_merge."""
@@ -54,13 +60,28 @@ def describe(handle, digest: str) -> dict:
         "dims": [list(d) for d in c.dims],
         "config": c.config.to_dict(),
         "share": c.config.share,
-        "adapters": [{"start": a.start, "end": a.end, "merged": bool(a.from_merge),
-                      "scaling": float(a.scaling)} for a in c.adapters],
-        "injected": [{"key": inj.key, "block": inj.block, "module": inj.target.name,
-                      "in_features": inj.lora.in_features,
-                      "out_features": inj.lora.out_features, "r": inj.lora.r,
-                      "alpha": inj.lora.alpha, "scaling": float(inj.lora.scaling)}
-                     for inj in c.injections()],
+        "adapters": [
+            {
+                "start": a.start,
+                "end": a.end,
+                "merged": bool(a.from_merge),
+                "scaling": float(a.scaling),
+            }
+            for a in c.adapters
+        ],
+        "injected": [
+            {
+                "key": inj.key,
+                "block": inj.block,
+                "module": inj.target.name,
+                "in_features": inj.lora.in_features,
+                "out_features": inj.lora.out_features,
+                "r": inj.lora.r,
+                "alpha": inj.lora.alpha,
+                "scaling": float(inj.lora.scaling),
+            }
+            for inj in c.injections()
+        ],
         "history": c.history,
         "dtype": str(c.dtype).replace("torch.", ""),
         "tensors_sha256": digest,
@@ -74,8 +95,7 @@ class _Header:
         self.where = where
 
     def fail(self, field: str, message: str):
-        raise ValueError(f"{self.where}: malformed adapter file: header field {field!r}: "
-                         f"{message}")
+        raise ValueError(f"{self.where}: malformed adapter file: header field {field!r}: {message}")
 
     def get(self, d: dict, key: str, field: str):
         if key not in d:
@@ -129,14 +149,18 @@ def check_header(meta, where: str) -> dict:
     meta["_config"] (the LoR2CConfig) and meta["_version"] added."""
     h = _Header(where)
     if not isinstance(meta, dict):
-        raise ValueError(f"{where}: malformed adapter file: the JSON config is a "
-                         f"{type(meta).__name__}, expected an object")
+        raise ValueError(
+            f"{where}: malformed adapter file: the JSON config is a "
+            f"{type(meta).__name__}, expected an object"
+        )
     if h.get(meta, "format", "format") != FORMAT:
         h.fail("format", f"expected {FORMAT!r}, got {meta['format']!r}")
     version = h.get(meta, "format_version", "format_version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise ValueError(f"{where}: adapter format version {version!r}; this lor2c_ops "
-                         f"({__version__}) reads versions {list(READABLE_VERSIONS)}")
+        raise ValueError(
+            f"{where}: adapter format version {version!r}; this lor2c_ops "
+            f"({__version__}) reads versions {list(READABLE_VERSIONS)}"
+        )
     family = h.dict(h.get(meta, "family", "family"), "family")
     for key in ("class", "model_type"):
         h.str(family.get(key), f"family.{key}", none=True)
@@ -212,6 +236,7 @@ def check_header(meta, where: str) -> dict:
 
 # --- the header against the file's own tensors ---------------------------------------------------
 
+
 def expected_shapes(meta: dict) -> dict:
     """{tensor name: (shape, what in the header sets it)} from the header alone."""
     config, dims = meta["_config"], meta["dims"]
@@ -231,10 +256,14 @@ def expected_shapes(meta: dict) -> dict:
             out[f"lor2c.{n}.lora_B"] = ((dims[e][1], r), f"dims[{e}], config.r")
     for n, inj in enumerate(meta["injected"]):
         key = injected_key(inj["block"], inj["module"])
-        out[f"injected.{key}.lora_A"] = ((inj["r"], inj["in_features"]),
-                                        f"injected[{n}].r, injected[{n}].in_features")
-        out[f"injected.{key}.lora_B"] = ((inj["out_features"], inj["r"]),
-                                        f"injected[{n}].out_features, injected[{n}].r")
+        out[f"injected.{key}.lora_A"] = (
+            (inj["r"], inj["in_features"]),
+            f"injected[{n}].r, injected[{n}].in_features",
+        )
+        out[f"injected.{key}.lora_B"] = (
+            (inj["out_features"], inj["r"]),
+            f"injected[{n}].out_features, injected[{n}].r",
+        )
     return out
 
 
@@ -248,13 +277,19 @@ def check_layout(meta: dict, layout: dict, where: str) -> None:
     missing = sorted(set(expected) - set(layout))
     unexpected = sorted(set(layout) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: tensors do not match the adapter structure of the header: "
-                         f"missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{where}: tensors do not match the adapter structure of the header: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
     for name, (shape, fields) in expected.items():
         got, dtype = layout[name]
         if tuple(got) != tuple(shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(got)}, the header "
-                             f"({fields}) needs {tuple(shape)}")
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {tuple(got)}, the header "
+                f"({fields}) needs {tuple(shape)}"
+            )
         if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{where}: tensor {name!r} has dtype {dtype}, expected one of "
-                             f"{sorted(_FLOAT_DTYPES)}")
+            raise ValueError(
+                f"{where}: tensor {name!r} has dtype {dtype}, expected one of "
+                f"{sorted(_FLOAT_DTYPES)}"
+            )

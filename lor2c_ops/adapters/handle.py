@@ -2,6 +2,7 @@
 of docs/math.md section 3 (merge: MergeLoR2C, inject: InjectLoR2C) with the optimizer kept in
 step, and remove(). The handle decides which edit and checks its arguments; the container
 (LoR2CAdapters) carries it out."""
+
 from __future__ import annotations
 
 import warnings
@@ -90,13 +91,19 @@ class LoR2CHandle:
         pairs = []
         for i in range(len(ads) - 1):
             lower, upper = ads[i], ads[i + 1]
-            if upper.start == lower.end + 1 and (limit is None
-                                                 or upper.end - lower.start + 1 <= limit):
+            if upper.start == lower.end + 1 and (
+                limit is None or upper.end - lower.start + 1 <= limit
+            ):
                 pairs.append((i, i + 1))
         return pairs
 
-    def merge(self, i: Optional[int] = None, j: Optional[int] = None, optimizer=None,
-              k: Optional[int] = None) -> StructuralEdit:
+    def merge(
+        self,
+        i: Optional[int] = None,
+        j: Optional[int] = None,
+        optimizer=None,
+        k: Optional[int] = None,
+    ) -> StructuralEdit:
         """Merges adapters i and j = i + 1 (adjacent) into one over lower.start..upper.end,
         initialised from the lower adapter's A, B and scaling. i None: the mergeable pair with
         the smallest summed SFS (with `k`).
@@ -112,28 +119,40 @@ class LoR2CHandle:
         if i is None:
             pairs = self.mergeable_pairs()
             if not pairs:
-                raise ValueError("merge: no adjacent pair of adapters can be merged (max_merge_"
-                                 f"length={self.config.max_merge_length}, spans={self.spans})")
+                raise ValueError(
+                    "merge: no adjacent pair of adapters can be merged (max_merge_"
+                    f"length={self.config.max_merge_length}, spans={self.spans})"
+                )
             scores = self.sfs(k)
             i, j = min(pairs, key=lambda p: scores[p[0]] + scores[p[1]])
         if j is None:
             j = i + 1
         for name, v in (("i", i), ("j", j)):
             if not _index(v, len(ads)):
-                raise ValueError(f"merge: {name} must be an adapter index in 0..{len(ads) - 1}, "
-                                 f"got {v!r}")
+                raise ValueError(
+                    f"merge: {name} must be an adapter index in 0..{len(ads) - 1}, got {v!r}"
+                )
         lower, upper = ads[i], ads[j]
         if j != i + 1 or upper.start != lower.end + 1:
-            raise ValueError(f"merge: adapters {i} {lower.start, lower.end} and {j} "
-                             f"{upper.start, upper.end} are not adjacent (the upper one must "
-                             f"start at the block after the lower one ends)")
+            raise ValueError(
+                f"merge: adapters {i} {lower.start, lower.end} and {j} "
+                f"{upper.start, upper.end} are not adjacent (the upper one must "
+                f"start at the block after the lower one ends)"
+            )
         limit = self.config.max_merge_length
         length = upper.end - lower.start + 1
         if limit is not None and length > limit:
-            raise ValueError(f"merge: the span ({lower.start}, {upper.end}) would cover {length} "
-                             f"blocks, more than max_merge_length={limit}")
-        detail = {"i": i, "j": j, "lower": [lower.start, lower.end],
-                  "upper": [upper.start, upper.end], "span": [lower.start, upper.end]}
+            raise ValueError(
+                f"merge: the span ({lower.start}, {upper.end}) would cover {length} "
+                f"blocks, more than max_merge_length={limit}"
+            )
+        detail = {
+            "i": i,
+            "j": j,
+            "lower": [lower.start, lower.end],
+            "upper": [upper.start, upper.end],
+            "span": [lower.start, upper.end],
+        }
         removed, added = self.container.merge_pair(i, j)
         return self._finish("merge", detail, removed, added, optimizer)
 
@@ -142,8 +161,11 @@ class LoR2CHandle:
         """Indices of adapters inject() may pick: single-block, not created by a merge, on a block
         without injected LoRAs."""
         done = {inj.block for inj in self.container.injections()}
-        return [i for i, a in enumerate(self.adapters)
-                if a.start == a.end and not a.from_merge and a.start not in done]
+        return [
+            i
+            for i, a in enumerate(self.adapters)
+            if a.start == a.end and not a.from_merge and a.start not in done
+        ]
 
     def inject_targets(self, block: int) -> List[str]:
         """Names (inside block `block`) of what inject() puts a LoRA on: the query and value
@@ -154,8 +176,9 @@ class LoR2CHandle:
     def _targets(self, block: int) -> List[InjectTarget]:
         return find_targets(self.blocks[block], block, self.config.inject_targets)
 
-    def inject(self, i: Optional[int] = None, optimizer=None,
-               k: Optional[int] = None) -> StructuralEdit:
+    def inject(
+        self, i: Optional[int] = None, optimizer=None, k: Optional[int] = None
+    ) -> StructuralEdit:
         """Removes adapter i (None: the injectable one with the largest SFS) and attaches a
         trainable LoRA (the fused op with layer_out = x W.T + b) on that block's query and value
         projections (inject_targets(block)). Updates the optimizer like merge()."""
@@ -165,17 +188,21 @@ class LoR2CHandle:
         allowed = self.injectable()
         if i is None:
             if not allowed:
-                raise ValueError("inject: no adapter can be injected (each must cover one block, "
-                                 "not come from a merge, and its block must have no LoRA yet)")
+                raise ValueError(
+                    "inject: no adapter can be injected (each must cover one block, "
+                    "not come from a merge, and its block must have no LoRA yet)"
+                )
             scores = self.sfs(k)
             i = max(allowed, key=lambda n: scores[n])
         if not _index(i, len(ads)):
             raise ValueError(f"inject: i must be an adapter index in 0..{len(ads) - 1}, got {i!r}")
         if i not in allowed:
             a = ads[i]
-            raise ValueError(f"inject: adapter {i} over ({a.start}, {a.end}) cannot be injected "
-                             f"(it must cover one block, not come from a merge, and its block "
-                             f"must have no LoRA yet)")
+            raise ValueError(
+                f"inject: adapter {i} over ({a.start}, {a.end}) cannot be injected "
+                f"(it must cover one block, not come from a merge, and its block "
+                f"must have no LoRA yet)"
+            )
         block = ads[i].start
         targets = self._targets(block)
         cfg = self.config
@@ -207,8 +234,9 @@ class LoR2CHandle:
         for p in removed:
             p.grad = None  # no stale gradient left behind on a parameter that left the model
         names = {id(p): n for n, p in self.model.named_parameters()}
-        edit = StructuralEdit(kind, detail, removed, added,
-                              added_names=[names.get(id(p), "?") for p in added])
+        edit = StructuralEdit(
+            kind, detail, removed, added, added_names=[names.get(id(p), "?") for p in added]
+        )
         edit.apply_to(opt)
         if opt is None and optimizer is not False:
             listed = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(edit.added_names, added))
@@ -217,7 +245,10 @@ class LoR2CHandle:
                 f"they will not train. Pass optimizer= to {kind}(), call "
                 f"handle.attach_optimizer(opt) once, or add edit.added to your optimizer (and "
                 f"drop edit.removed); pass optimizer=False if you build the optimizer after the "
-                f"edits.", UntrainedParametersWarning, stacklevel=3)
+                f"edits.",
+                UntrainedParametersWarning,
+                stacklevel=3,
+            )
         return edit
 
     # the optimizer ---------------------------------------------------------------------------
@@ -258,5 +289,7 @@ class LoR2CHandle:
         return self.model
 
     def __repr__(self) -> str:
-        return (f"LoR2CHandle(spans={self.spans}, share={self.config.share}, "
-                f"injected={sorted(self.injected)}, removed={self.removed})")
+        return (
+            f"LoR2CHandle(spans={self.spans}, share={self.config.share}, "
+            f"injected={sorted(self.injected)}, removed={self.removed})"
+        )

@@ -8,6 +8,7 @@ injected LoRA puts a forward hook on its Linear / Conv1D. Hooks run outside Hugg
 gradient checkpointing (which checkpoints `forward`), and torch.compile of the whole model traces
 them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,14 +22,18 @@ def hidden_input(args, kwargs, name: str, index: int) -> torch.Tensor:
         return args[0]
     if name in kwargs and isinstance(kwargs[name], torch.Tensor):
         return kwargs[name]
-    raise TypeError(f"LoR2C: block {index} was called without the hidden states as its first "
-                    f"positional argument or as keyword {name!r}; set "
-                    f"LoR2CConfig(hidden_states_kwarg=...)")
+    raise TypeError(
+        f"LoR2C: block {index} was called without the hidden states as its first "
+        f"positional argument or as keyword {name!r}; set "
+        f"LoR2CConfig(hidden_states_kwarg=...)"
+    )
 
 
 def _not_hidden(output, index: int) -> TypeError:
-    return TypeError(f"LoR2C: block {index} returned {type(output).__name__}; expected a tensor "
-                     f"or a tuple/list whose first element is the hidden states")
+    return TypeError(
+        f"LoR2C: block {index} returned {type(output).__name__}; expected a tensor "
+        f"or a tuple/list whose first element is the hidden states"
+    )
 
 
 def hidden_output(output, index: int) -> torch.Tensor:
@@ -73,8 +78,10 @@ class AddResidual:
         else:
             x = self.store.pop(a.start, None)
             if x is None:
-                raise RuntimeError(f"LoR2C: block {a.end} ran without block {a.start} before it; "
-                                   f"the span ({a.start}, {a.end}) needs h_{a.start}")
+                raise RuntimeError(
+                    f"LoR2C: block {a.end} ran without block {a.start} before it; "
+                    f"the span ({a.start}, {a.end}) needs h_{a.start}"
+                )
         out = hidden_output(output, a.end)
         return replace_hidden(output, a.residual(x, out), a.end)
 

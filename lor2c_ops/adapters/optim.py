@@ -1,5 +1,6 @@
 """Keeping an optimizer in step with structural edits: removed parameters leave it (with their
 state), new ones join the param group the removed ones were in."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,10 @@ class StructuralEdit:
     def _what(self) -> str:
         d = self.detail
         if self.kind == "merge" and {"i", "j", "lower", "upper", "span"} <= set(d):
-            return (f"adapters {d['i']} {tuple(d['lower'])} and {d['j']} {tuple(d['upper'])} -> "
-                    f"one over {tuple(d['span'])}")
+            return (
+                f"adapters {d['i']} {tuple(d['lower'])} and {d['j']} {tuple(d['upper'])} -> "
+                f"one over {tuple(d['span'])}"
+            )
         if self.kind == "inject" and {"i", "block", "modules"} <= set(d):
             return f"adapter {d['i']} -> LoRA on block {d['block']} {list(d['modules'])}"
         return ", ".join(f"{k}={v!r}" for k, v in d.items())
@@ -41,14 +44,17 @@ class StructuralEdit:
             return f"{len(params)} tensors, {sum(p.numel() for p in params):,} values"
 
         state = "optimizer updated" if self.optimizer_updated else "optimizer not updated"
-        return (f"StructuralEdit({self.kind}: {self._what()}; removed {count(self.removed)}; "
-                f"added {count(self.added)}; {state})")
+        return (
+            f"StructuralEdit({self.kind}: {self._what()}; removed {count(self.removed)}; "
+            f"added {count(self.added)}; {state})"
+        )
 
 
 def check_optimizer(optimizer) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
 
 
 def update_optimizer(optimizer: torch.optim.Optimizer, removed, added) -> None:

@@ -1,6 +1,7 @@
 """IMLoR2C schedules (docs/math.md section 3.4): merges and injections every `interval` steps
 or epochs, up to `max_merges` / `max_injections`, by default only in the first quarter of
 training."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -28,9 +29,18 @@ class IMLoR2CSchedule:
     injectable) are skipped.
     """
 
-    def __init__(self, handle: LoR2CHandle, max_merges: int = 0, max_injections: int = 0,
-                 interval: int = 1, unit: str = "step", total: Optional[int] = None,
-                 window: float = 0.25, sfs_k: Optional[int] = None, optimizer=None):
+    def __init__(
+        self,
+        handle: LoR2CHandle,
+        max_merges: int = 0,
+        max_injections: int = 0,
+        interval: int = 1,
+        unit: str = "step",
+        total: Optional[int] = None,
+        window: float = 0.25,
+        sfs_k: Optional[int] = None,
+        optimizer=None,
+    ):
         checks.non_negative_int(max_merges, "max_merges")
         checks.non_negative_int(max_injections, "max_injections")
         checks.positive_int(interval, "interval")
@@ -82,8 +92,11 @@ class IMLoR2CSchedule:
         return {"count": self.count, "merges": self.merges, "injections": self.injections}
 
     def load_state_dict(self, state: dict) -> None:
-        self.count, self.merges, self.injections = (state["count"], state["merges"],
-                                                    state["injections"])
+        self.count, self.merges, self.injections = (
+            state["count"],
+            state["merges"],
+            state["injections"],
+        )
 
 
 def _unwrap_optimizer(optimizer):
@@ -132,7 +145,8 @@ def trainer_callback(schedule: IMLoR2CSchedule, infer_total: bool = True):
                     f"IMLoR2C schedule: structural edits (max_merges={schedule.max_merges}, "
                     f"max_injections={schedule.max_injections}) are not supported with "
                     f"{args.world_size} processes: the DDP/FSDP wrapper would not see the new "
-                    f"parameters; run the schedule in a single process")
+                    f"parameters; run the schedule in a single process"
+                )
             if infer_total and schedule.total is None:
                 total = state.max_steps if schedule.unit == "step" else state.num_train_epochs
                 if total:

@@ -1,4 +1,5 @@
 """SFS (shape of feature space) of B @ A, from its factors (docs/math.md section 3.1)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,8 +15,9 @@ def factored_singular_values(A: Tensor, B: Tensor) -> Tensor:
     the d_out x d_in product: B = Q_b R_b, A.T = Q_a R_a (thin QR), svdvals(R_b @ R_a.T).
     O((d_in + d_out) r^2). Computed in float32, or float64 for float64 factors."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"expected A (r, d_in) and B (d_out, r), got A {tuple(A.shape)} and "
-                         f"B {tuple(B.shape)}")
+        raise ValueError(
+            f"expected A (r, d_in) and B (d_out, r), got A {tuple(A.shape)} and B {tuple(B.shape)}"
+        )
     dt = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     with torch.no_grad():
         _, r_b = torch.linalg.qr(B.detach().to(dt), mode="reduced")

@@ -1,6 +1,7 @@
 """The adapters of apply_lor2c: one kind of object, SpanAdapter, over blocks start..end, whose
 weights are either its own (SpanLoR2C, a FusedLoR2C) or one row of a shared bank
 (SharedAdapter, a view into a ShareLoR2C)."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -65,8 +66,7 @@ class SharedAdapter(SpanAdapter):
     """An adapter of a ShareLoR2C bank: row `row` of B_bank and its group's row of A_bank (read
     in place; the bank owns the parameters)."""
 
-    def __init__(self, bank: ShareLoR2C, row: int, start: int, end: int,
-                 from_merge: bool = False):
+    def __init__(self, bank: ShareLoR2C, row: int, start: int, end: int, from_merge: bool = False):
         self.bank, self.row = bank, row
         self._set_span(start, end, from_merge)
 

@@ -1,4 +1,5 @@
 """nn.Module front ends of the fused ops, one file per op family."""
+
 from .dcft import DCFTLinear
 from .lor2c import FusedLoR2C
 from .share import ShareLoR2C

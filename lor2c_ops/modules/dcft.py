@@ -1,4 +1,5 @@
 """DCFTLinear: a frozen linear layer with a DCFT adapter (docs/math.md section 4)."""
+
 from __future__ import annotations
 
 import math
@@ -36,16 +37,31 @@ class DCFTLinear(nn.Module):
     LoR2CHandle.merge().
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int = 1, kernel_size: int = 2,
-                 stride: Optional[int] = None, alpha: float = 1, dropout: float = 0.0,
-                 bias: bool = True, device=None, dtype=None, backend: Optional[str] = None,
-                 merge_on_eval: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 1,
+        kernel_size: int = 2,
+        stride: Optional[int] = None,
+        alpha: float = 1,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        backend: Optional[str] = None,
+        merge_on_eval: bool = True,
+    ):
         super().__init__()
-        checks.positive_ints(in_features=in_features, out_features=out_features, r=r,
-                             kernel_size=kernel_size)
+        checks.positive_ints(
+            in_features=in_features, out_features=out_features, r=r, kernel_size=kernel_size
+        )
         k = kernel_size
-        stride = k if stride is None else checks.int_in_range(stride, "stride", 1, k,
-                                                               " (kernel_size) or None")
+        stride = (
+            k
+            if stride is None
+            else checks.int_in_range(stride, "stride", 1, k, " (kernel_size) or None")
+        )
         dropout = checks.dropout_probability(dropout)
         self.m_in = subspace_size(in_features, k, stride, "in_features")
         self.m_out = subspace_size(out_features, k, stride, "out_features")
@@ -54,8 +70,9 @@ class DCFTLinear(nn.Module):
         self.dropout, self.backend, self.merge_on_eval = dropout, backend, merge_on_eval
         self.scaling = alpha / r
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, **factory), requires_grad=False
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
@@ -87,17 +104,36 @@ class DCFTLinear(nn.Module):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 1, kernel_size: int = 2,
-                    stride: Optional[int] = None, alpha: float = 1, dropout: float = 0.0,
-                    backend: Optional[str] = None, merge_on_eval: bool = True) -> "DCFTLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 1,
+        kernel_size: int = 2,
+        stride: Optional[int] = None,
+        alpha: float = 1,
+        dropout: float = 0.0,
+        backend: Optional[str] = None,
+        merge_on_eval: bool = True,
+    ) -> "DCFTLinear":
         """Wraps an existing nn.Linear: its weight and bias Parameters are reused (not copied) and
         frozen; the adapter is created on their device and in their dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, r=r, kernel_size=kernel_size,
-                     stride=stride, alpha=alpha, dropout=dropout, bias=False, device="meta",
-                     dtype=w.dtype, backend=backend, merge_on_eval=merge_on_eval)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            r=r,
+            kernel_size=kernel_size,
+            stride=stride,
+            alpha=alpha,
+            dropout=dropout,
+            bias=False,
+            device="meta",
+            dtype=w.dtype,
+            backend=backend,
+            merge_on_eval=merge_on_eval,
+        )
         module.weight = w
         module.bias = linear.bias
         for p in (module.weight, module.bias):
@@ -105,8 +141,9 @@ class DCFTLinear(nn.Module):
                 p.requires_grad_(False)
         for name in ("lora_A", "lora_B", "lora_C"):
             meta = getattr(module, name)
-            setattr(module, name, nn.Parameter(torch.empty(meta.shape, device=w.device,
-                                                           dtype=w.dtype)))
+            setattr(
+                module, name, nn.Parameter(torch.empty(meta.shape, device=w.device, dtype=w.dtype))
+            )
         module.reset_parameters()
         module.train(linear.training)
         return module
@@ -120,8 +157,11 @@ class DCFTLinear(nn.Module):
 
     def _adapter_key(self):
         params = (self.lora_A, self.lora_B, self.lora_C)
-        return (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
-                float(self.scaling), self.stride)
+        return (
+            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
+            float(self.scaling),
+            self.stride,
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * D.T (out_features, in_features) in float32: what fold() adds to the weight."""
@@ -168,12 +208,15 @@ class DCFTLinear(nn.Module):
             raise RuntimeError(
                 f"DCFTLinear: the weight was modified while the adapter was merged into it "
                 f"(folded), so it cannot {action} exactly; set the base weight only while "
-                f"unfolded (call train() or unfold() first)")
+                f"unfolded (call train() or unfold() first)"
+            )
 
     def _require_unfolded(self, action: str) -> None:
         if getattr(self, "_original", None) is not None:
-            raise RuntimeError(f"DCFTLinear: cannot {action} while the adapter is folded into the "
-                               f"weight; call train() or unfold() first")
+            raise RuntimeError(
+                f"DCFTLinear: cannot {action} while the adapter is folded into the "
+                f"weight; call train() or unfold() first"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -191,23 +234,35 @@ class DCFTLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.folded:
             self.unfold()
-        return dcft_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_C,
-                           self.scaling, self.stride, self.dropout, self.training,
-                           backend=self.backend)
+        return dcft_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.lora_C,
+            self.scaling,
+            self.stride,
+            self.dropout,
+            self.training,
+            backend=self.backend,
+        )
 
     def orthogonal_penalty(self) -> torch.Tensor:
         """||A A.T - I||_F + ||B.T B - I||_F (docs/math.md section 4.4), differentiable."""
         eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        return (torch.linalg.matrix_norm(self.lora_A @ self.lora_A.T - eye)
-                + torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye))
+        return torch.linalg.matrix_norm(
+            self.lora_A @ self.lora_A.T - eye
+        ) + torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye)
 
     # --- state dict: always the unfolded weight --------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.folded:
-            destination[prefix + "weight"] = (self._original if keep_vars
-                                              else self._original.detach())
+            destination[prefix + "weight"] = (
+                self._original if keep_vars else self._original.detach()
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         refold = self.folded
@@ -217,9 +272,11 @@ class DCFTLinear(nn.Module):
             self.fold()
 
     def extra_repr(self) -> str:
-        text = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}, alpha={self.alpha}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout}, bias={self.bias is not None}")
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, alpha={self.alpha}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout}, bias={self.bias is not None}"
+        )
         if self.folded:
             text += ", folded"
         return text + (f", backend={self.backend!r}" if self.backend else "")

@@ -1,4 +1,5 @@
 """FusedLoR2C: the LoR2C adapter module."""
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,17 @@ class FusedLoR2C(nn.Module):
     so a fresh adapter returns layer_out unchanged. scaling = alpha / r.
     """
 
-    def __init__(self, in_features: int, out_features: Optional[int] = None, r: int = 8,
-                 alpha: float = 16, dropout: float = 0.0, device=None, dtype=None,
-                 backend: Optional[str] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: Optional[int] = None,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+        backend: Optional[str] = None,
+    ):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         checks.positive_ints(in_features=in_features, out_features=out_features, r=r)
@@ -38,10 +47,20 @@ class FusedLoR2C(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor, layer_out: torch.Tensor) -> torch.Tensor:
-        return lor2c_residual(x, layer_out, self.lora_A, self.lora_B, self.scaling, self.dropout,
-                              self.training, backend=self.backend)
+        return lor2c_residual(
+            x,
+            layer_out,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout,
+            self.training,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        text = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}")
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+        )
         return text + (f", backend={self.backend!r}" if self.backend else "")

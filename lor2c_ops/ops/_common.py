@@ -4,6 +4,7 @@ The eager path is kept cheap on the host: checks are plain attribute reads and c
 the backend choice is cached per (backend, device, dtype, op), the zero seed of a call without
 dropout is one cached tensor per device, and nothing here synchronises with the device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,10 @@ from .. import backends
 
 ROW_LIMIT = 2**32  # rows are indexed with 32-bit counters in the dropout mask (csrc/philox.h)
 
-NO_FORWARD_AD = ("{op}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
-                 "implemented; use reverse mode (backward, torch.autograd.grad)")
+NO_FORWARD_AD = (
+    "{op}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not "
+    "implemented; use reverse mode (backward, torch.autograd.grad)"
+)
 
 _ZERO_SEEDS: dict = {}
 _SELECTED: dict = {}
@@ -34,8 +37,9 @@ def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Ten
     """
     if generator is None:
         return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
-    seed = torch.randint(2**62, (2,), dtype=torch.int64, device=generator.device,
-                         generator=generator)
+    seed = torch.randint(
+        2**62, (2,), dtype=torch.int64, device=generator.device, generator=generator
+    )
     return seed.to(device)
 
 
@@ -43,8 +47,9 @@ def zero_seed(device: torch.device) -> Tensor:
     """The seed of a call without dropout (never read by the kernels): one tensor per device."""
     seed = _ZERO_SEEDS.get(device)
     if seed is None or torch.compiler.is_compiling():
-        if torch.compiler.is_compiling() or (device.type == "cuda"
-                                             and torch.cuda.is_current_stream_capturing()):
+        if torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        ):
             return torch.zeros(2, dtype=torch.int64, device=device)  # not kept: a graph's pool
         seed = _ZERO_SEEDS[device] = torch.zeros(2, dtype=torch.int64, device=device)
     return seed
@@ -52,8 +57,9 @@ def zero_seed(device: torch.device) -> Tensor:
 
 def seed_for(p: float, generator, device: torch.device) -> Tensor:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
+        raise TypeError(
+            f"generator: expected a torch.Generator or None, got {type(generator).__name__}"
+        )
     return draw_seed(generator, device) if p > 0.0 else zero_seed(device)
 
 
@@ -86,14 +92,16 @@ def scale_value(scale, name: str = "scale"):
     gradient are refused rather than silently detached."""
     if isinstance(scale, Tensor):
         if scale.requires_grad:
-            raise TypeError(f"{name}: a tensor that requires grad is not supported (its gradient "
-                            f"would be lost); pass a Python float")
+            raise TypeError(
+                f"{name}: a tensor that requires grad is not supported (its gradient "
+                f"would be lost); pass a Python float"
+            )
         if scale.numel() != 1:
-            raise ValueError(f"{name}: expected a number, got a tensor of shape "
-                             f"{tuple(scale.shape)}")
+            raise ValueError(
+                f"{name}: expected a number, got a tensor of shape {tuple(scale.shape)}"
+            )
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat,
-                                                          torch.SymInt)):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name}: expected a real number, got {scale!r}")
     if isinstance(scale, (int, float)) and not torch.compiler.is_compiling():
         # (while torch.compile traces, a Python float may be a symbolic value: not checked here)
@@ -105,7 +113,8 @@ def scale_value(scale, name: str = "scale"):
 
 def probability(p, name: str) -> float:
     if isinstance(p, (torch.SymFloat, torch.SymInt)) or (
-            torch.compiler.is_compiling() and isinstance(p, float)):
+        torch.compiler.is_compiling() and isinstance(p, float)
+    ):
         return p
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}")
@@ -138,6 +147,7 @@ def compiled_autograd(op: str) -> bool:
     found = _AUTOGRAD_OPS.get(op)
     if found is None:
         from .. import _ext
+
         try:
             found = _ext.has_kernel(op, "Autograd")
         except RuntimeError:  # no such op in this build
@@ -149,7 +159,8 @@ def compiled_autograd(op: str) -> bool:
 def refuse_forward_ad(*tensors, op: str) -> None:
     """The C++ autograd node has no forward-mode formula: refuse dual tensors clearly."""
     if torch.autograd.forward_ad._current_level >= 0 and any(
-            torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
         raise NotImplementedError(NO_FORWARD_AD.format(op=op))
 
 
@@ -159,7 +170,8 @@ def refuse_functorch(op: str) -> None:
     if torch._C._are_functorch_transforms_active():
         raise NotImplementedError(
             f"{op}: torch.func transforms (grad, vjp, jvp, vmap, ...) are not supported; use "
-            f"torch.autograd (backward, torch.autograd.grad). Forward-mode AD is not implemented")
+            f"torch.autograd (backward, torch.autograd.grad). Forward-mode AD is not implemented"
+        )
 
 
 def none_grads(count: int) -> tuple:

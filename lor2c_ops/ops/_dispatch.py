@@ -4,6 +4,7 @@ A backend implements an op by providing the functions of that op's kernel interf
 `Protocol` classes below); `ref/<op>.py`, `triton/<op>.py` and the op file's wrapper of the
 compiled extension (`_Compiled`) each satisfy it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,15 +20,32 @@ class LoR2CKernels(Protocol):
 
     def multi_forward(self, x, layer_out, A_bank, B_bank, ids, scale, p, seed): ...
 
-    def multi_backward(self, grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA,
-                       need_dB): ...
+    def multi_backward(
+        self, grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA, need_dB
+    ): ...
 
 
 class DCFTKernels(Protocol):
     def forward(self, x, weight, bias, A, B, C, scale, stride, p, seed): ...
 
-    def backward(self, grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA,
-                 need_dB, need_dC): ...
+    def backward(
+        self,
+        grad,
+        x,
+        t,
+        weight,
+        A,
+        B,
+        C,
+        scale,
+        stride,
+        p,
+        seed,
+        need_dx,
+        need_dA,
+        need_dB,
+        need_dC,
+    ): ...
 
 
 def kernels(backend: str, op: str, compiled):

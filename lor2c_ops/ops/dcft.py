@@ -15,6 +15,7 @@ Saved for backward: x and the weights by reference, T = A @ windows(dropout(x)) 
 and the 2-element seed; the dropout mask is regenerated from the seed with the convention of
 csrc/philox.h on x viewed as (n, d_in), so a seed gives the same mask as lor2c_residual's.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,10 +39,12 @@ class _Compiled:
         return torch.ops.lor2c_ops_ext.dcft_fwd(x, weight, bias, A, B, C, scale, stride, p, seed)
 
     @staticmethod
-    def backward(grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB,
-                 need_dC):
-        return torch.ops.lor2c_ops_ext.dcft_bwd(grad, x, t, weight, A, B, C, scale, stride, p,
-                                                seed, need_dx, need_dA, need_dB, need_dC)
+    def backward(
+        grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB, need_dC
+    ):
+        return torch.ops.lor2c_ops_ext.dcft_bwd(
+            grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB, need_dC
+        )
 
 
 def _t_dtype(x: Tensor) -> torch.dtype:
@@ -49,36 +52,68 @@ def _t_dtype(x: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("lor2c_ops::dcft_fwd", mutates_args=())
-def dcft_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
-             scale: float, stride: int, p: float, seed: Tensor,
-             backend: str) -> tuple[Tensor, Tensor]:
+def dcft_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    scale: float,
+    stride: int,
+    p: float,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     """(out, T) for 2-D x (n, d_in): out = x @ W.T + b + s * dropout(x) @ D, T (n, r * k)."""
-    return tuple(_run_forward(_kernels(backend), x, weight, bias, A, B, C, scale, stride, p,
-                              seed))
+    return tuple(_run_forward(_kernels(backend), x, weight, bias, A, B, C, scale, stride, p, seed))
 
 
 @dcft_fwd.register_fake
 def _(x, weight, bias, A, B, C, scale, stride, p, seed, backend):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], A.shape[0] * C.shape[0]), dtype=_t_dtype(x)))
+    return (
+        x.new_empty((x.shape[0], weight.shape[0])),
+        x.new_empty((x.shape[0], A.shape[0] * C.shape[0]), dtype=_t_dtype(x)),
+    )
 
 
 @torch.library.custom_op("lor2c_ops::dcft_bwd", mutates_args=())
-def dcft_bwd(grad: Tensor, x: Tensor, t: Tensor, weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
-             scale: float, stride: int, p: float, seed: Tensor, backend: str, need_dx: bool,
-             need_dA: bool, need_dB: bool, need_dC: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def dcft_bwd(
+    grad: Tensor,
+    x: Tensor,
+    t: Tensor,
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    scale: float,
+    stride: int,
+    p: float,
+    seed: Tensor,
+    backend: str,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_dC: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dC), dx including g @ W; a gradient not asked for is an empty tensor."""
-    return tuple(_kernels(backend).backward(grad, x, t, weight, A, B, C, scale, stride, p, seed,
-                                            need_dx, need_dA, need_dB, need_dC))
+    return tuple(
+        _kernels(backend).backward(
+            grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB, need_dC
+        )
+    )
 
 
 @dcft_bwd.register_fake
-def _(grad, x, t, weight, A, B, C, scale, stride, p, seed, backend, need_dx, need_dA, need_dB,
-      need_dC):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            A.new_empty(A.shape if need_dA else (0,)),
-            B.new_empty(B.shape if need_dB else (0,)),
-            C.new_empty(C.shape if need_dC else (0,)))
+def _(
+    grad, x, t, weight, A, B, C, scale, stride, p, seed, backend, need_dx, need_dA, need_dB, need_dC
+):
+    return (
+        x.new_empty(x.shape if need_dx else (0,)),
+        A.new_empty(A.shape if need_dA else (0,)),
+        B.new_empty(B.shape if need_dB else (0,)),
+        C.new_empty(C.shape if need_dC else (0,)),
+    )
 
 
 _FWD_ARGS = 11  # x, weight, bias, A, B, C, scale, stride, p, seed, backend
@@ -86,8 +121,10 @@ _FWD_ARGS = 11  # x, weight, bias, A, B, C, scale, stride, p, seed, backend
 
 def _run_forward(k, x, weight, bias, A, B, C, scale, stride, p, seed):
     if x.shape[0] == 0:
-        return (x.new_empty((0, weight.shape[0])),
-                x.new_empty((0, A.shape[0] * C.shape[0]), dtype=_t_dtype(x)))
+        return (
+            x.new_empty((0, weight.shape[0])),
+            x.new_empty((0, A.shape[0] * C.shape[0]), dtype=_t_dtype(x)),
+        )
     return k.forward(x, weight, bias, A, B, C, scale, stride, p, seed)
 
 
@@ -107,8 +144,14 @@ def _grads(bwd, needs, grad_out, x, t, weight, A, B, C, seed):
         dW = g.t().mm(x).to(weight.dtype)
     if need_b:
         db = g.sum(0, dtype=_t_dtype(g)).to(g.dtype)
-    return ((dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
-             dC if need_C else None) + _common.none_grads(_FWD_ARGS - 6))
+    return (
+        dx if need_x else None,
+        dW,
+        db,
+        dA if need_A else None,
+        dB if need_B else None,
+        dC if need_C else None,
+    ) + _common.none_grads(_FWD_ARGS - 6)
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,10 +163,35 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_t):
     x, t, weight, A, B, C, seed = ctx.saved_tensors
-    return _grads(lambda g, nx, nA, nB, nC: dcft_bwd(g, x, t, weight, A, B, C, ctx.scale,
-                                                     ctx.stride, ctx.p, seed, ctx.backend, nx,
-                                                     nA, nB, nC),
-                  ctx.needs_input_grad, grad_out, x, t, weight, A, B, C, seed)
+    return _grads(
+        lambda g, nx, nA, nB, nC: dcft_bwd(
+            g,
+            x,
+            t,
+            weight,
+            A,
+            B,
+            C,
+            ctx.scale,
+            ctx.stride,
+            ctx.p,
+            seed,
+            ctx.backend,
+            nx,
+            nA,
+            nB,
+            nC,
+        ),
+        ctx.needs_input_grad,
+        grad_out,
+        x,
+        t,
+        weight,
+        A,
+        B,
+        C,
+        seed,
+    )
 
 
 dcft_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -144,10 +212,20 @@ class _DCFTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_t):
         x, t, weight, A, B, C, seed = ctx.saved_tensors
-        return _grads(lambda g, nx, nA, nB, nC: ctx.k.backward(g, x, t, weight, A, B, C,
-                                                               ctx.scale, ctx.stride, ctx.p, seed,
-                                                               nx, nA, nB, nC),
-                      ctx.needs_input_grad, grad_out, x, t, weight, A, B, C, seed)
+        return _grads(
+            lambda g, nx, nA, nB, nC: ctx.k.backward(
+                g, x, t, weight, A, B, C, ctx.scale, ctx.stride, ctx.p, seed, nx, nA, nB, nC
+            ),
+            ctx.needs_input_grad,
+            grad_out,
+            x,
+            t,
+            weight,
+            A,
+            B,
+            C,
+            seed,
+        )
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -156,12 +234,14 @@ class _DCFTFunction(torch.autograd.Function):
 
 # --- argument checks -----------------------------------------------------------------------------
 
+
 def _stride(stride, k: int) -> int:
     if stride is None:
         return k
     if isinstance(stride, bool) or not isinstance(stride, int):
-        raise TypeError(f"stride: expected an int in 1..{k} (the kernel size) or None, got "
-                        f"{stride!r}")
+        raise TypeError(
+            f"stride: expected an int in 1..{k} (the kernel size) or None, got {stride!r}"
+        )
     if not 1 <= stride <= k:
         raise ValueError(f"stride: expected an int in 1..{k} (C is {k} x {k}), got {stride}")
     return stride
@@ -186,7 +266,8 @@ def subspace_size(d: int, k: int, stride: int, name: str) -> int:
         raise ValueError(
             f"{name} = {d} does not fit kernel size k = {k} and stride = {stride}: DCFT needs "
             f"{name} = (m - 1) * stride + k for a whole number m >= 1; sizes that fit: "
-            f"{fitting_sizes(d, k, stride)}")
+            f"{fitting_sizes(d, k, stride)}"
+        )
     return (d - k) // stride + 1
 
 
@@ -199,26 +280,33 @@ def _check_factors(A, B, C, stride, d_in: Optional[int] = None, d_out: Optional[
     if r < 1:
         raise ValueError(f"A: expected rank r >= 1, got A of shape {tuple(A.shape)}")
     if B.shape[1] != r:
-        raise ValueError(f"B: expected shape (m_out, {r}) to match the rank of A "
-                         f"{tuple(A.shape)}, got {tuple(B.shape)}")
+        raise ValueError(
+            f"B: expected shape (m_out, {r}) to match the rank of A "
+            f"{tuple(A.shape)}, got {tuple(B.shape)}"
+        )
     k = C.shape[0]
     if C.shape[1] != k or k < 1:
-        raise ValueError(f"C: expected a square (k, k) kernel with k >= 1, got shape "
-                         f"{tuple(C.shape)}")
+        raise ValueError(
+            f"C: expected a square (k, k) kernel with k >= 1, got shape {tuple(C.shape)}"
+        )
     stride = _stride(stride, k)
     for name, d, factor, dim, what in (("d_in", d_in, A, 1, "A"), ("d_out", d_out, B, 0, "B")):
         m = factor.shape[dim]
         form = "(r, m_in)" if what == "A" else "(m_out, r)"
         if m < 1:
-            raise ValueError(f"{what}: expected shape {form} with m >= 1, got {tuple(factor.shape)}")
+            raise ValueError(
+                f"{what}: expected shape {form} with m >= 1, got {tuple(factor.shape)}"
+            )
         if d is None:
             continue
         want = subspace_size(d, k, stride, name)
         if m != want:
             shape = (r, want) if what == "A" else (want, r)
-            raise ValueError(f"{what}: expected shape {shape} for {name} = {d} = ({want} - 1) * "
-                             f"{stride} + {k} (stride {stride}, kernel size {k}), got "
-                             f"{tuple(factor.shape)}")
+            raise ValueError(
+                f"{what}: expected shape {shape} for {name} = {d} = ({want} - 1) * "
+                f"{stride} + {k} (stride {stride}, kernel size {k}), got "
+                f"{tuple(factor.shape)}"
+            )
     return stride, A.shape[1], B.shape[0]
 
 
@@ -236,15 +324,20 @@ def _check(x, weight, bias, A, B, C, stride):
     _checks.same_device(named)
     d_out, d_in = weight.shape
     if x.shape[-1] != d_in:
-        raise ValueError(f"x: expected last dimension {d_in} (weight is (d_out, d_in) = "
-                         f"{tuple(weight.shape)}), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected last dimension {d_in} (weight is (d_out, d_in) = "
+            f"{tuple(weight.shape)}), got shape {tuple(x.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (d_out,):
-        raise ValueError(f"bias: expected shape ({d_out},) (d_out of weight "
-                         f"{tuple(weight.shape)}), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias: expected shape ({d_out},) (d_out of weight "
+            f"{tuple(weight.shape)}), got {tuple(bias.shape)}"
+        )
     return _check_factors(A, B, C, stride, d_in, d_out)[0]
 
 
 # --- public functions ----------------------------------------------------------------------------
+
 
 def dcft_delta(A: Tensor, B: Tensor, C: Tensor, stride: Optional[int] = None) -> Tensor:
     """The materialised DCFT delta weight D = conv_transpose2d(A.T @ B.T, C, stride): (d_in, d_out).
@@ -260,11 +353,20 @@ def dcft_delta(A: Tensor, B: Tensor, C: Tensor, stride: Optional[int] = None) ->
     return ref.dcft_delta(A, B, C, stride)
 
 
-def dcft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                C: Tensor, scale: float = 1.0, stride: Optional[int] = None,
-                dropout_p: float = 0.0, training: bool = True,
-                generator: Optional[torch.Generator] = None,
-                backend: Optional[str] = None) -> Tensor:
+def dcft_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    scale: float = 1.0,
+    stride: Optional[int] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
     """F.linear(x, weight, bias) + scale * dropout(x) @ D, fused, without ever forming D.
 
     x: (..., d_in); weight (d_out, d_in) and bias (d_out,) or None in x's dtype (they get

@@ -14,6 +14,7 @@ Two ways in, one set of kernels:
 Saved for backward: x (the caller's tensor, not a copy), t = dropout(x) @ A.T (n x r, fp32),
 the weights, ids and the 2-element seed. The dropout mask is regenerated from the seed.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,19 +39,21 @@ class _Compiled:
 
     @staticmethod
     def backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB):
-        return torch.ops.lor2c_ops_ext.lor2c_bwd(grad, x, t, A, B, scale, p, seed, need_dx,
-                                                 need_dA, need_dB)
+        return torch.ops.lor2c_ops_ext.lor2c_bwd(
+            grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB
+        )
 
     @staticmethod
     def multi_forward(x, layer_out, A_bank, B_bank, ids, scale, p, seed):
-        return torch.ops.lor2c_ops_ext.lor2c_multi_fwd(x, layer_out, A_bank, B_bank, ids, scale,
-                                                       p, seed)
+        return torch.ops.lor2c_ops_ext.lor2c_multi_fwd(
+            x, layer_out, A_bank, B_bank, ids, scale, p, seed
+        )
 
     @staticmethod
-    def multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA,
-                       need_dB):
-        return torch.ops.lor2c_ops_ext.lor2c_multi_bwd(grad, x, t, A_bank, B_bank, ids, scale, p,
-                                                       seed, need_dx, need_dA, need_dB)
+    def multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA, need_dB):
+        return torch.ops.lor2c_ops_ext.lor2c_multi_bwd(
+            grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA, need_dB
+        )
 
 
 def _kernels(backend: str):
@@ -63,8 +66,10 @@ def _t_dtype(x: Tensor) -> torch.dtype:
 
 def _run_forward(k, x, layer_out, A, B, ids, scale, p, seed):
     if x.shape[0] == 0:
-        return (layer_out.new_empty(layer_out.shape),
-                x.new_empty((0, A.shape[-2]), dtype=_t_dtype(x)))
+        return (
+            layer_out.new_empty(layer_out.shape),
+            x.new_empty((0, A.shape[-2]), dtype=_t_dtype(x)),
+        )
     if ids is None:
         return k.forward(x, layer_out, A, B, scale, p, seed)
     return k.multi_forward(x, layer_out, A, B, ids, scale, p, seed)
@@ -72,9 +77,11 @@ def _run_forward(k, x, layer_out, A, B, ids, scale, p, seed):
 
 def _run_backward(k, grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB):
     if x.shape[0] == 0:  # an empty batch: the weights get exact zeros
-        return (x.new_empty(x.shape if need_dx else (0,)),
-                torch.zeros_like(A) if need_dA else A.new_empty((0,)),
-                torch.zeros_like(B) if need_dB else B.new_empty((0,)))
+        return (
+            x.new_empty(x.shape if need_dx else (0,)),
+            torch.zeros_like(A) if need_dA else A.new_empty((0,)),
+            torch.zeros_like(B) if need_dB else B.new_empty((0,)),
+        )
     if ids is None:
         return k.backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB)
     return k.multi_backward(grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB)
@@ -82,33 +89,62 @@ def _run_backward(k, grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, ne
 
 # --- the library ops (torch.compile, opcheck, meta tensors) ------------------------------------
 
+
 @torch.library.custom_op("lor2c_ops::lor2c_fwd", mutates_args=())
-def lor2c_fwd(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, ids: Optional[Tensor],
-              scale: float, p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def lor2c_fwd(
+    x: Tensor,
+    layer_out: Tensor,
+    A: Tensor,
+    B: Tensor,
+    ids: Optional[Tensor],
+    scale: float,
+    p: float,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     """(out, t) for 2-D x (n, d_in) and layer_out (n, d_out); t = dropout(x) @ A.T."""
     return tuple(_run_forward(_kernels(backend), x, layer_out, A, B, ids, scale, p, seed))
 
 
 @lor2c_fwd.register_fake
 def _(x, layer_out, A, B, ids, scale, p, seed, backend):
-    return (layer_out.new_empty(layer_out.shape),
-            x.new_empty((x.shape[0], A.shape[-2]), dtype=_t_dtype(x)))
+    return (
+        layer_out.new_empty(layer_out.shape),
+        x.new_empty((x.shape[0], A.shape[-2]), dtype=_t_dtype(x)),
+    )
 
 
 @torch.library.custom_op("lor2c_ops::lor2c_bwd", mutates_args=())
-def lor2c_bwd(grad: Tensor, x: Tensor, t: Tensor, A: Tensor, B: Tensor, ids: Optional[Tensor],
-              scale: float, p: float, seed: Tensor, backend: str, need_dx: bool, need_dA: bool,
-              need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+def lor2c_bwd(
+    grad: Tensor,
+    x: Tensor,
+    t: Tensor,
+    A: Tensor,
+    B: Tensor,
+    ids: Optional[Tensor],
+    scale: float,
+    p: float,
+    seed: Tensor,
+    backend: str,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB), bank-shaped with ids; a gradient not asked for is an empty tensor."""
-    return tuple(_run_backward(_kernels(backend), grad, x, t, A, B, ids, scale, p, seed, need_dx,
-                               need_dA, need_dB))
+    return tuple(
+        _run_backward(
+            _kernels(backend), grad, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB
+        )
+    )
 
 
 @lor2c_bwd.register_fake
 def _(grad, x, t, A, B, ids, scale, p, seed, backend, need_dx, need_dA, need_dB):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            A.new_empty(A.shape if need_dA else (0,)),
-            B.new_empty(B.shape if need_dB else (0,)))
+    return (
+        x.new_empty(x.shape if need_dx else (0,)),
+        A.new_empty(A.shape if need_dA else (0,)),
+        B.new_empty(B.shape if need_dB else (0,)),
+    )
 
 
 _FWD_ARGS = 9  # x, layer_out, A, B, ids, scale, p, seed, backend: the None-tuple derives from it
@@ -130,21 +166,30 @@ def _grads(ctx, grad_out, bwd):
     x, t, A, B, ids, seed = ctx.saved_tensors
     dx = dA = dB = None
     if need_x or need_A or need_B:
-        dx, dA, dB = bwd(_common.grad_rows(grad_out), x, t, A, B, ids, seed, need_x, need_A,
-                         need_B)
-    return ((dx if need_x else None, grad_out if need_lo else None, dA if need_A else None,
-             dB if need_B else None) + _common.none_grads(_FWD_ARGS - 4))
+        dx, dA, dB = bwd(_common.grad_rows(grad_out), x, t, A, B, ids, seed, need_x, need_A, need_B)
+    return (
+        dx if need_x else None,
+        grad_out if need_lo else None,
+        dA if need_A else None,
+        dB if need_B else None,
+    ) + _common.none_grads(_FWD_ARGS - 4)
 
 
 def _library_backward(ctx, grad_out, _grad_t):
-    return _grads(ctx, grad_out, lambda g, x, t, A, B, ids, seed, nx, nA, nB: lor2c_bwd(
-        g, x, t, A, B, ids, ctx.scale, ctx.p, seed, ctx.backend, nx, nA, nB))
+    return _grads(
+        ctx,
+        grad_out,
+        lambda g, x, t, A, B, ids, seed, nx, nA, nB: lor2c_bwd(
+            g, x, t, A, B, ids, ctx.scale, ctx.p, seed, ctx.backend, nx, nA, nB
+        ),
+    )
 
 
 lor2c_fwd.register_autograd(_library_backward, setup_context=_setup_context)
 
 
 # --- the eager path ------------------------------------------------------------------------------
+
 
 class _LoR2CFunction(torch.autograd.Function):
     """The same forward and backward as the library ops, without their dispatch cost (the
@@ -161,8 +206,13 @@ class _LoR2CFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_t):
-        return _grads(ctx, grad_out, lambda g, x, t, A, B, ids, seed, nx, nA, nB: _run_backward(
-            ctx.k, g, x, t, A, B, ids, ctx.scale, ctx.p, seed, nx, nA, nB))
+        return _grads(
+            ctx,
+            grad_out,
+            lambda g, x, t, A, B, ids, seed, nx, nA, nB: _run_backward(
+                ctx.k, g, x, t, A, B, ids, ctx.scale, ctx.p, seed, nx, nA, nB
+            ),
+        )
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -170,6 +220,7 @@ class _LoR2CFunction(torch.autograd.Function):
 
 
 # --- the public function -------------------------------------------------------------------------
+
 
 def _check(x, layer_out, A, B, banked=False):
     _checks.tensor(x, "x", min_dim=1)
@@ -179,22 +230,30 @@ def _check(x, layer_out, A, B, banked=False):
     _checks.same_device({"x": x, "layer_out": layer_out, "A": A, "B": B})
     if banked:
         if A.shape[0] != B.shape[0]:
-            raise ValueError(f"B: expected a bank of {A.shape[0]} adapters (as A, "
-                             f"{tuple(A.shape)}), got {tuple(B.shape)}")
+            raise ValueError(
+                f"B: expected a bank of {A.shape[0]} adapters (as A, "
+                f"{tuple(A.shape)}), got {tuple(B.shape)}"
+            )
         A, B = A[0], B[0]
     r, d_in = A.shape
     if x.shape[-1] != d_in:
-        raise ValueError(f"x: expected last dimension {d_in} (A is (r, d_in) = {tuple(A.shape)}), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected last dimension {d_in} (A is (r, d_in) = {tuple(A.shape)}), "
+            f"got shape {tuple(x.shape)}"
+        )
     if B.shape[1] != r:
-        raise ValueError(f"B: expected shape (d_out, {r}) to match the rank of A {tuple(A.shape)},"
-                         f" got {tuple(B.shape)}")
+        raise ValueError(
+            f"B: expected shape (d_out, {r}) to match the rank of A {tuple(A.shape)},"
+            f" got {tuple(B.shape)}"
+        )
     if r < 1:
         raise ValueError(f"A: expected rank r >= 1, got A of shape {tuple(A.shape)}")
     expected = (*x.shape[:-1], B.shape[0])
     if tuple(layer_out.shape) != expected:
-        raise ValueError(f"layer_out: expected shape {expected} (x's leading dimensions, then "
-                         f"d_out = B.shape[0]), got {tuple(layer_out.shape)}")
+        raise ValueError(
+            f"layer_out: expected shape {expected} (x's leading dimensions, then "
+            f"d_out = B.shape[0]), got {tuple(layer_out.shape)}"
+        )
 
 
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -205,14 +264,18 @@ def _row_ids(adapter_ids, x: Tensor, adapters: int) -> Tensor:
     (x.shape[0],) for inputs with a sequence dimension. Values are checked on the host for CPU
     tensors; on a GPU, on the device (an asynchronous assert): no host synchronisation."""
     if not isinstance(adapter_ids, torch.Tensor):
-        raise TypeError(f"adapter_ids: expected an integer torch.Tensor, got "
-                        f"{type(adapter_ids).__name__}")
+        raise TypeError(
+            f"adapter_ids: expected an integer torch.Tensor, got {type(adapter_ids).__name__}"
+        )
     if adapter_ids.dtype not in _ID_DTYPES:
-        raise ValueError(f"adapter_ids: expected an integer tensor, got dtype "
-                         f"{str(adapter_ids.dtype).replace('torch.', '')}")
+        raise ValueError(
+            f"adapter_ids: expected an integer tensor, got dtype "
+            f"{str(adapter_ids.dtype).replace('torch.', '')}"
+        )
     if adapter_ids.device != x.device:
-        raise ValueError(f"adapter_ids: expected a tensor on {x.device} (as x), got "
-                         f"{adapter_ids.device}")
+        raise ValueError(
+            f"adapter_ids: expected a tensor on {x.device} (as x), got {adapter_ids.device}"
+        )
     lead = tuple(x.shape[:-1])
     shape = tuple(adapter_ids.shape)
     if shape == lead:
@@ -234,11 +297,19 @@ def _row_ids(adapter_ids, x: Tensor, adapters: int) -> Tensor:
     return ids
 
 
-def lor2c_residual(x: Tensor, layer_out: Tensor, A: Tensor, B: Tensor, scale: float = 1.0,
-                   dropout_p: float = 0.0, training: bool = True,
-                   generator: Optional[torch.Generator] = None,
-                   backend: Optional[str] = None, *,
-                   adapter_ids: Optional[Tensor] = None) -> Tensor:
+def lor2c_residual(
+    x: Tensor,
+    layer_out: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
+    *,
+    adapter_ids: Optional[Tensor] = None,
+) -> Tensor:
     """layer_out + scale * dropout(x) @ A.T @ B.T, fused, with its backward.
 
     x: (..., d_in); layer_out: (..., d_out) with the same leading dimensions; A: (r, d_in);

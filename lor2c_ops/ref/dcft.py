@@ -21,6 +21,7 @@ multiplier m regenerated from the seed:
     dB = s * sum_rows G @ U.T  (m_out, r);     dC = s * sum_rows T.T @ V
     dT = s * V @ C.T;  dA = sum_rows dT @ X.T; dx = overlap-add(A.T @ dT) * m + g @ W
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,7 +58,7 @@ def overlap_add(Z, stride, d):
         return Z.reshape(n, d)
     out = Z.new_zeros((n, d))
     for b in range(k):  # k shifted, strided adds: no index tensors, no d x d anything
-        out[:, b:b + (m - 1) * stride + 1:stride] += Z[:, :, b]
+        out[:, b : b + (m - 1) * stride + 1 : stride] += Z[:, :, b]
     return out
 
 
@@ -84,8 +85,9 @@ def forward(x, weight, bias, A, B, C, scale, stride, p, seed):
     return out.to(x.dtype), T.reshape(n, A.shape[0] * k)
 
 
-def backward(grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB,
-             need_dC):
+def backward(
+    grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB, need_dC
+):
     """(dx, dA, dB, dC); dx includes the base linear's g @ W. Not asked for: empty tensors."""
     ct = _compute_dtype(x.dtype)
     r, k = A.shape[0], C.shape[0]
@@ -97,7 +99,11 @@ def backward(grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_
     dx, dA = x.new_empty((0,)), A.new_empty((0,))
     dB, dC = B.new_empty((0,)), C.new_empty((0,))
     if need_dB:
-        dB = (scale * torch.einsum("nqb,njb->qj", windows(g, k, stride), T @ Cc)).contiguous().to(B.dtype)
+        dB = (
+            (scale * torch.einsum("nqb,njb->qj", windows(g, k, stride), T @ Cc))
+            .contiguous()
+            .to(B.dtype)
+        )
     if need_dC:
         dC = (scale * torch.einsum("nja,njb->ab", T, V)).contiguous().to(C.dtype)
     if need_dx or need_dA:

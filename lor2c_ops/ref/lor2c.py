@@ -5,6 +5,7 @@
 docs/math.md section 1.1, with the same saved tensors and the same regenerated mask as the
 fused kernels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,6 +94,8 @@ def multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, nee
         if need_dB:
             dB[g] = scale * (gr.T @ t[rows].to(ct))
     empty = x.new_empty((0,))
-    return (dx.to(x.dtype) if need_dx else empty,
-            dA.to(A_bank.dtype) if need_dA else A_bank.new_empty((0,)),
-            dB.to(B_bank.dtype) if need_dB else B_bank.new_empty((0,)))
+    return (
+        dx.to(x.dtype) if need_dx else empty,
+        dA.to(A_bank.dtype) if need_dA else A_bank.new_empty((0,)),
+        dB.to(B_bank.dtype) if need_dB else B_bank.new_empty((0,)),
+    )

@@ -3,6 +3,7 @@
 Same function as csrc/philox.h and lor2c_ops/triton/philox.py; see csrc/philox.h for the mask
 convention every backend follows (one call per 8 columns, 16-bit draws).
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,9 @@ def dropout_draws(seed: torch.Tensor, n: int, d: int, device=None) -> torch.Tens
     return torch.stack(halves, dim=-1).reshape(n, groups * 8)[:, :d]
 
 
-def dropout_mask(seed: torch.Tensor, n: int, d: int, p: float, device=None,
-                 dtype=torch.float32) -> torch.Tensor:
+def dropout_mask(
+    seed: torch.Tensor, n: int, d: int, p: float, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """The (n, d) dropout multiplier (0 or 1/(1-p)) for seed, as every backend draws it."""
     device = device if device is not None else seed.device
     if p == 0.0:

@@ -1,7 +1,7 @@
 """The DCFT op (docs/math.md section 4.5) on the Triton LoR2C kernels.
 
 D = Ae.T @ Ck @ Be, with the expanded factors
-    Ae[(j, a), p * st + a] = A[j, p]     (r*k, d_in)      Be[(j, b), q * st + b] = B[q, j]  (r*k, d_out)
+    Ae[(j, a), p * st + a] = A[j, p]  (r*k, d_in)    Be[(j, b), q * st + b] = B[q, j]  (r*k, d_out)
 and the core Ck = kron(I_r, C) (r*k x r*k). So dropout(x) @ D = dropout(x) @ A'.T @ B'.T with
 A' = Ae and B' = (Ck @ Be).T: a LoR2C residual of rank r*k, whose factors are weight-sized
 (r*k*d, built per call from A, B, C by a few small torch ops); D (d_in x d_out) is never formed.
@@ -13,6 +13,7 @@ onto A, B, C through the adjoint of the expansion (autograd over the small expan
 the base layer's g @ W is accumulated onto dx with one GEMM. The traffic and precision are those
 of the LoR2C kernels (lor2c_ops/triton/lor2c.py), plus the base layer's two GEMMs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ from . import lor2c as kernels
 
 def _window_index(m: int, k: int, stride: int, device) -> torch.Tensor:
     """(k, m) int64: [a, p] = p * stride + a, the column of window p's element a."""
-    return (torch.arange(m, device=device)[None, :] * stride
-            + torch.arange(k, device=device)[:, None])
+    return (
+        torch.arange(m, device=device)[None, :] * stride + torch.arange(k, device=device)[:, None]
+    )
 
 
 def expand(F: torch.Tensor, k: int, stride: int, d: int) -> torch.Tensor:
@@ -62,20 +64,23 @@ def forward(x, weight, bias, A, B, C, scale, stride, p, seed):
         base = torch.addmm(bias, x, weight.t())
     else:
         base = torch.mm(x, weight.t())
-    return kernels._forward_impl(x, base, a_f[None], b_f[None], None, None, scale, p, seed,
-                                 out=base)
+    return kernels._forward_impl(
+        x, base, a_f[None], b_f[None], None, None, scale, p, seed, out=base
+    )
 
 
-def backward(grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB,
-             need_dC):
+def backward(
+    grad, x, t, weight, A, B, C, scale, stride, p, seed, need_dx, need_dA, need_dB, need_dC
+):
     """dA = fold(dA'); with G = dB'.T = d(Ck @ Be): dBe = Ck.T @ G folds onto B, and
     dCk = G @ Be.T, whose diagonal blocks summed over the ranks give dC."""
     d_out, d_in = weight.shape
     r, k = A.shape[0], C.shape[0]
     a_f, b_f, be, ck = factors(A, B, C, stride, d_in, d_out)
     need_bf = need_dB or need_dC
-    dx, da_f, db_f = kernels._backward_impl(grad, x, t, a_f[None], b_f[None], None, None, scale,
-                                            p, seed, need_dx, need_dA, need_bf)
+    dx, da_f, db_f = kernels._backward_impl(
+        grad, x, t, a_f[None], b_f[None], None, None, scale, p, seed, need_dx, need_dA, need_bf
+    )
     if need_dx:
         dx.addmm_(grad, weight)  # + g @ W, accumulated onto the adapter's dx
     empty = [torch.empty((0,), device=x.device, dtype=w.dtype) for w in (A, B, C)]

@@ -26,6 +26,7 @@ Which rows a program takes is worked out inside the kernel from the per-adapter 
 Grids are sized by the upper bound cdiv(n, rows) + G + 1; programs past the end exit at once.
 Rows with id -1 get out = layer_out and dx = 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -137,8 +138,7 @@ def _segment_units(adapter, counts_ptr, U: tl.constexpr, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED: tl.constexpr,
-              SCAN: tl.constexpr):
+def _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED: tl.constexpr, SCAN: tl.constexpr):
     """(first sorted position, rows, adapter) of backward row split `split`."""
     if GROUPED:
         return _locate(split, counts_ptr, G1, rows_per_split, SCAN)
@@ -155,13 +155,45 @@ def _rows_of(pos, ok, order_ptr, GROUPED: tl.constexpr):
 
 # --- forward ---------------------------------------------------------------------------------
 
+
 @triton.jit
-def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, counts_ptr,
-         n, G1, d_in, d_out, r, stride_x, stride_lo, stride_ag, stride_a0, stride_a1,
-         stride_bg, stride_b0, stride_b1, scale, threshold, inv_keep,
-         GROUPED: tl.constexpr, HAS_DROPOUT: tl.constexpr, DT: tl.constexpr,
-         W_EXACT: tl.constexpr, FP32: tl.constexpr, R_PAD: tl.constexpr, SCAN: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd(
+    x_ptr,
+    lo_ptr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    t_ptr,
+    seed_ptr,
+    order_ptr,
+    counts_ptr,
+    n,
+    G1,
+    d_in,
+    d_out,
+    r,
+    stride_x,
+    stride_lo,
+    stride_ag,
+    stride_a0,
+    stride_a1,
+    stride_bg,
+    stride_b0,
+    stride_b1,
+    scale,
+    threshold,
+    inv_keep,
+    GROUPED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DT: tl.constexpr,
+    W_EXACT: tl.constexpr,
+    FP32: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SCAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_M)
     if GROUPED:
@@ -180,21 +212,29 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
             for k0 in range(0, d_in, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 col_ok = cols < d_in
-                xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                xt = tl.load(
+                    x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
                 if HAS_DROPOUT:  # keep in {0, 1}: x * keep is exact; 1/(1-p) comes after
                     keep = dropout_keep(seed_ptr, rows, k0, threshold, BLOCK_M, BLOCK_K)
                     xt = tl.where(keep, xt, 0.0)
-                at = tl.load(a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
-                             mask=rk_ok[None, :] & col_ok[:, None], other=0.0)
+                at = tl.load(
+                    a_ptr + rk[None, :] * stride_a0 + cols[:, None] * stride_a1,
+                    mask=rk_ok[None, :] & col_ok[:, None],
+                    other=0.0,
+                )
                 t = _mm_act(xt.to(DT), at, t, DT, W_EXACT, FP32)
             if HAS_DROPOUT:
                 t = t * inv_keep
-            tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
-                     mask=row_ok[:, None] & rk_ok[None, :])
+            tl.store(
+                t_ptr + rows[:, None] * r + rk[None, :], t, mask=row_ok[:, None] & rk_ok[None, :]
+            )
         else:
-            tl.store(t_ptr + rows[:, None] * r + rk[None, :], t,
-                     mask=row_ok[:, None] & rk_ok[None, :])
+            tl.store(
+                t_ptr + rows[:, None] * r + rk[None, :], t, mask=row_ok[:, None] & rk_ok[None, :]
+            )
         ts = t * scale  # scaled once: the products then accumulate straight onto layer_out
         for n0 in range(0, d_out, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
@@ -203,22 +243,50 @@ def _fwd(x_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, t_ptr, seed_ptr, order_ptr, count
             lo = tl.load(lo_ptr + rows[:, None] * stride_lo + cols[None, :], mask=ok, other=0.0)
             y = lo.to(tl.float32)
             if adapter >= 0:
-                bt = tl.load(b_ptr + cols[None, :] * stride_b0 + rk[:, None] * stride_b1,
-                             mask=col_ok[None, :] & rk_ok[:, None], other=0.0)
+                bt = tl.load(
+                    b_ptr + cols[None, :] * stride_b0 + rk[:, None] * stride_b1,
+                    mask=col_ok[None, :] & rk_ok[:, None],
+                    other=0.0,
+                )
                 y = _mm_f32(ts, bt, y, FP32)
             tl.store(out_ptr + rows[:, None] * d_out + cols[None, :], _cast(y, lo.dtype), mask=ok)
 
 
 # --- backward --------------------------------------------------------------------------------
 
+
 @triton.jit
-def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts_ptr,
-               n, G1, d_out, r, stride_g, stride_bg, stride_b0, stride_b1, rows_per_split,
-               scale, stride_o0, stride_o1,
-               DT: tl.constexpr, W_EXACT: tl.constexpr, FP32: tl.constexpr,
-               GROUPED: tl.constexpr, NEED_DB: tl.constexpr, DIRECT: tl.constexpr,
-               R_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _grad_pass(
+    g_ptr,
+    t_ptr,
+    b_ptr,
+    u_parts_ptr,
+    db_parts_ptr,
+    order_ptr,
+    counts_ptr,
+    n,
+    G1,
+    d_out,
+    r,
+    stride_g,
+    stride_bg,
+    stride_b0,
+    stride_b1,
+    rows_per_split,
+    scale,
+    stride_o0,
+    stride_o1,
+    DT: tl.constexpr,
+    W_EXACT: tl.constexpr,
+    FP32: tl.constexpr,
+    GROUPED: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    DIRECT: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SCAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """DIRECT (a single row split): db_parts_ptr is dB itself, (d_out, r) at strides
     (stride_o0, stride_o1), written scaled in its dtype; no reduction launch follows."""
     chunk = tl.program_id(0)
@@ -231,17 +299,23 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
     db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     if (count > 0) & (adapter >= 0):
         b_ptr += adapter.to(tl.int64) * stride_bg
-        b = tl.load(b_ptr + cols[:, None] * stride_b0 + rk[None, :] * stride_b1,
-                    mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_b0 + rk[None, :] * stride_b1,
+            mask=col_ok[:, None] & rk_ok[None, :],
+            other=0.0,
+        )
         if not W_EXACT:
             b_hi, b_lo = _split_hi_lo(b.to(tl.float32), DT)
         for m0 in range(0, count, BLOCK_M):
             lanes = m0 + tl.arange(0, BLOCK_M)
             row_ok = lanes < count
             rows = _rows_of(start + lanes, row_ok, order_ptr, GROUPED)
-            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            g = tl.load(
+                g_ptr + rows[:, None] * stride_g + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
             if FP32:
                 u = tl.dot(g, b.to(tl.float32), u, input_precision="ieee")
@@ -249,11 +323,17 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
                 u = _dot(g.to(DT), b.to(DT), u)
             else:
                 u = _dot(g.to(DT), b_lo, _dot(g.to(DT), b_hi, u))
-            tl.store(u_parts_ptr + (chunk * n + rows[:, None]) * R_PAD + rk[None, :], u,
-                     mask=row_ok[:, None])
+            tl.store(
+                u_parts_ptr + (chunk * n + rows[:, None]) * R_PAD + rk[None, :],
+                u,
+                mask=row_ok[:, None],
+            )
             if NEED_DB:
-                t = tl.load(t_ptr + rows[:, None] * r + rk[None, :],
-                            mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
+                t = tl.load(
+                    t_ptr + rows[:, None] * r + rk[None, :],
+                    mask=row_ok[:, None] & rk_ok[None, :],
+                    other=0.0,
+                )
                 if FP32:
                     db = tl.dot(tl.trans(g), t, db, input_precision="ieee")
                 else:
@@ -262,24 +342,55 @@ def _grad_pass(g_ptr, t_ptr, b_ptr, u_parts_ptr, db_parts_ptr, order_ptr, counts
                     db = _dot(gt, t_lo, _dot(gt, t_hi, db))
     if NEED_DB:
         if DIRECT:
-            tl.store(db_parts_ptr + cols[:, None] * stride_o0 + rk[None, :] * stride_o1,
-                     _cast(db * scale, db_parts_ptr.dtype.element_ty),
-                     mask=col_ok[:, None] & rk_ok[None, :])
+            tl.store(
+                db_parts_ptr + cols[:, None] * stride_o0 + rk[None, :] * stride_o1,
+                _cast(db * scale, db_parts_ptr.dtype.element_ty),
+                mask=col_ok[:, None] & rk_ok[None, :],
+            )
         else:
-            db_ptrs = (db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD
-                       + rk[None, :])
+            db_ptrs = (
+                db_parts_ptr + (split * d_out + cols[:, None].to(tl.int64)) * R_PAD + rk[None, :]
+            )
             tl.store(db_ptrs, db, mask=col_ok[:, None])
 
 
 @triton.jit
-def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order_ptr, counts_ptr,
-                n, G1, d_in, r, stride_x, stride_ag, stride_a0, stride_a1, rows_per_split,
-                scale, threshold, inv_keep, U_CHUNKS, stride_o0, stride_o1,
-                DT: tl.constexpr, FP32: tl.constexpr, GROUPED: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-                DIRECT: tl.constexpr,
-                R_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _input_pass(
+    x_ptr,
+    u_parts_ptr,
+    a_ptr,
+    dx_ptr,
+    da_parts_ptr,
+    seed_ptr,
+    order_ptr,
+    counts_ptr,
+    n,
+    G1,
+    d_in,
+    r,
+    stride_x,
+    stride_ag,
+    stride_a0,
+    stride_a1,
+    rows_per_split,
+    scale,
+    threshold,
+    inv_keep,
+    U_CHUNKS,
+    stride_o0,
+    stride_o1,
+    DT: tl.constexpr,
+    FP32: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    DIRECT: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SCAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     chunk = tl.program_id(0)
     split = tl.program_id(1)
     start, count, adapter = _split_of(split, n, rows_per_split, counts_ptr, G1, GROUPED, SCAN)
@@ -289,8 +400,11 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
     rk = tl.arange(0, R_PAD)
     rk_ok = rk < r
     a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ag
-    a = tl.load(a_ptr + rk[:, None] * stride_a0 + cols[None, :] * stride_a1,
-                mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+    a = tl.load(
+        a_ptr + rk[:, None] * stride_a0 + cols[None, :] * stride_a1,
+        mask=rk_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
     da = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, count, BLOCK_M):
         lanes = m0 + tl.arange(0, BLOCK_M)
@@ -299,25 +413,36 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
         ok = row_ok[:, None] & col_ok[None, :]
         if adapter < 0:  # rows without an adapter: no gradient reaches x
             if NEED_DX:
-                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :],
-                         tl.zeros((BLOCK_M, BLOCK_K), dtype=dx_ptr.dtype.element_ty), mask=ok)
+                tl.store(
+                    dx_ptr + rows[:, None] * d_in + cols[None, :],
+                    tl.zeros((BLOCK_M, BLOCK_K), dtype=dx_ptr.dtype.element_ty),
+                    mask=ok,
+                )
         else:
             u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
             for c in range(0, U_CHUNKS):
-                u += tl.load(u_parts_ptr + (c * n + rows[:, None]) * R_PAD + rk[None, :],
-                             mask=row_ok[:, None], other=0.0)
+                u += tl.load(
+                    u_parts_ptr + (c * n + rows[:, None]) * R_PAD + rk[None, :],
+                    mask=row_ok[:, None],
+                    other=0.0,
+                )
             if HAS_DROPOUT:
                 keep = dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M, BLOCK_K)
             if NEED_DX:
-                dx = _mm_f32(u * (scale * inv_keep), a,
-                             tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32)
+                dx = _mm_f32(
+                    u * (scale * inv_keep), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32
+                )
                 dx = _cast(dx, dx_ptr.dtype.element_ty)
                 if HAS_DROPOUT:  # masked after the cast (exact either way): in the store's layout
                     dx = tl.where(keep, dx, 0.0)
                 tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :], dx, mask=ok)
             if NEED_DA:
-                xd = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok,
-                             other=0.0, eviction_policy="evict_first")
+                xd = tl.load(
+                    x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=ok,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
                 if HAS_DROPOUT:
                     xd = tl.where(keep, xd, 0.0)
                 ut = tl.trans(u)
@@ -330,12 +455,15 @@ def _input_pass(x_ptr, u_parts_ptr, a_ptr, dx_ptr, da_parts_ptr, seed_ptr, order
         if HAS_DROPOUT:
             da = da * inv_keep
         if DIRECT:  # a single row split: da_parts_ptr is dA (r, d_in) itself
-            tl.store(da_parts_ptr + rk[:, None] * stride_o0 + cols[None, :] * stride_o1,
-                     _cast(da * scale, da_parts_ptr.dtype.element_ty),
-                     mask=rk_ok[:, None] & col_ok[None, :])
+            tl.store(
+                da_parts_ptr + rk[:, None] * stride_o0 + cols[None, :] * stride_o1,
+                _cast(da * scale, da_parts_ptr.dtype.element_ty),
+                mask=rk_ok[:, None] & col_ok[None, :],
+            )
         else:
-            da_ptrs = (da_parts_ptr + (split * R_PAD + rk[:, None]) * d_in
-                       + cols[None, :].to(tl.int64))
+            da_ptrs = (
+                da_parts_ptr + (split * R_PAD + rk[:, None]) * d_in + cols[None, :].to(tl.int64)
+            )
             tl.store(da_ptrs, da, mask=col_ok[None, :])
 
 
@@ -352,10 +480,25 @@ def _sum_chunks(parts_ptr, out_ptr, n, chunks, R_PAD: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _reduce_parts(parts_ptr, out_ptr, counts_ptr, splits, rows_per_split, width, r, scale,
-                  stride_og, stride_o0, stride_o1, part_stride, R_PAD: tl.constexpr,
-                  ROWS_ARE_RANK: tl.constexpr, GROUPED: tl.constexpr, SCAN: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _reduce_parts(
+    parts_ptr,
+    out_ptr,
+    counts_ptr,
+    splits,
+    rows_per_split,
+    width,
+    r,
+    scale,
+    stride_og,
+    stride_o0,
+    stride_o1,
+    part_stride,
+    R_PAD: tl.constexpr,
+    ROWS_ARE_RANK: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SCAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """out[adapter] = scale * (sum over the adapter's splits, in order, of parts[split]).
 
     parts: (splits, R_PAD, width) when ROWS_ARE_RANK (dA), else (splits, width, R_PAD) (dB);
@@ -392,9 +535,11 @@ def _reduce_parts(parts_ptr, out_ptr, counts_ptr, splits, rows_per_split, width,
 
 # --- tile configurations ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Config:
     """Tiles of the three kernels; `waves` sets the row splits: about waves x SMs programs."""
+
     fwd_m: int = 64
     fwd_k: int = 128
     fwd_n: int = 128
@@ -430,8 +575,19 @@ _INTERPRETER = Config(16, 32, 32, 1, 1, 16, 64, 1, 1, 16, 32, 1, 1, 1, 16)
 # Keyed by (r_pad, fp32 activations); other ranks and fp32 use the defaults of config_for.
 TABLE: dict = {
     (16, False): Config(fwd_m=32, fwd_stages=4),
-    (64, False): Config(fwd_m=64, fwd_k=128, fwd_n=128, fwd_warps=4, fwd_stages=3, grad_m=16,
-                        grad_n=256, in_m=32, in_k=128, in_warps=8, in_stages=4),
+    (64, False): Config(
+        fwd_m=64,
+        fwd_k=128,
+        fwd_n=128,
+        fwd_warps=4,
+        fwd_stages=3,
+        grad_m=16,
+        grad_n=256,
+        in_m=32,
+        in_k=128,
+        in_warps=8,
+        in_stages=4,
+    ),
 }
 
 _SMS: dict = {}
@@ -450,8 +606,16 @@ def config_for(device: torch.device, d: int, r_pad: int, fp32: bool) -> Config:
         return Config() if not fp32 else Config(fwd_k=64, fwd_n=64, grad_n=256, in_k=64)
     # rank 64 and above: the rank-wide operands (t, u and the weight tiles, split hi + lo)
     # take the registers that wider column tiles would need
-    return Config(fwd_m=32, fwd_k=64 if fp32 else 128, fwd_n=64, fwd_warps=8, grad_m=16,
-                  grad_n=256, in_m=32, in_k=64 if fp32 else 128)
+    return Config(
+        fwd_m=32,
+        fwd_k=64 if fp32 else 128,
+        fwd_n=64,
+        fwd_warps=8,
+        grad_m=16,
+        grad_n=256,
+        in_m=32,
+        in_k=64 if fp32 else 128,
+    )
 
 
 def _programs(device: torch.device, waves: int) -> int:
@@ -475,8 +639,8 @@ def _kinds(x_dtype, w_dtype):
 
 # --- launchers -------------------------------------------------------------------------------
 
-def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, cfg=None,
-                  out=None):
+
+def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, cfg=None, out=None):
     """(out, t); `out` may be layer_out itself (each element is read before it is written)."""
     n, d_in = x.shape
     G, d_out, r = B_bank.shape
@@ -491,14 +655,44 @@ def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, c
     grouped = order is not None
     grid = (triton.cdiv(n, cfg.fwd_m) + (G + 1 if grouped else 0),)
     _fwd[grid](
-        x, layer_out, A_bank, B_bank, out, t, seed, order if grouped else x,
-        counts if grouped else x, n, G + 1, d_in, d_out, r, x.stride(0), layer_out.stride(0),
-        A_bank.stride(0), A_bank.stride(1), A_bank.stride(2),
-        B_bank.stride(0), B_bank.stride(1), B_bank.stride(2),
-        float(scale), dropout_threshold(p), 1.0 / (1.0 - p),
-        GROUPED=grouped, HAS_DROPOUT=p > 0.0, DT=dt, W_EXACT=exact, FP32=fp32, R_PAD=r_pad,
-        SCAN=_SCAN, BLOCK_M=cfg.fwd_m, BLOCK_K=cfg.fwd_k, BLOCK_N=cfg.fwd_n,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+        x,
+        layer_out,
+        A_bank,
+        B_bank,
+        out,
+        t,
+        seed,
+        order if grouped else x,
+        counts if grouped else x,
+        n,
+        G + 1,
+        d_in,
+        d_out,
+        r,
+        x.stride(0),
+        layer_out.stride(0),
+        A_bank.stride(0),
+        A_bank.stride(1),
+        A_bank.stride(2),
+        B_bank.stride(0),
+        B_bank.stride(1),
+        B_bank.stride(2),
+        float(scale),
+        dropout_threshold(p),
+        1.0 / (1.0 - p),
+        GROUPED=grouped,
+        HAS_DROPOUT=p > 0.0,
+        DT=dt,
+        W_EXACT=exact,
+        FP32=fp32,
+        R_PAD=r_pad,
+        SCAN=_SCAN,
+        BLOCK_M=cfg.fwd_m,
+        BLOCK_K=cfg.fwd_k,
+        BLOCK_N=cfg.fwd_n,
+        num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages,
+    )
     return out, t
 
 
@@ -508,8 +702,9 @@ def _split_rows(n: int, block_m: int, target: int) -> int:
     return triton.cdiv(blocks, max(1, min(blocks, target))) * block_m
 
 
-def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx, need_dA,
-                   need_dB, cfg=None):
+def _backward_impl(
+    grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx, need_dA, need_dB, cfg=None
+):
     n, d_in = x.shape
     G, d_out, r = B_bank.shape
     dev = x.device
@@ -539,23 +734,63 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
     else:
         db_parts = dB
     _grad_pass[(chunks_out, splits)](
-        grad, t, B_bank, u_parts, db_parts, order_arg, counts_arg, n, G + 1, d_out, r,
-        grad.stride(0), B_bank.stride(0), B_bank.stride(1), B_bank.stride(2), rps,
-        float(scale), dB.stride(-2) if need_dB else 0, dB.stride(-1) if need_dB else 0,
-        DT=dt, W_EXACT=exact, FP32=fp32, GROUPED=grouped, NEED_DB=need_dB, DIRECT=direct,
-        R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=cfg.grad_m, BLOCK_N=cfg.grad_n,
-        num_warps=cfg.grad_warps, num_stages=cfg.grad_stages)
+        grad,
+        t,
+        B_bank,
+        u_parts,
+        db_parts,
+        order_arg,
+        counts_arg,
+        n,
+        G + 1,
+        d_out,
+        r,
+        grad.stride(0),
+        B_bank.stride(0),
+        B_bank.stride(1),
+        B_bank.stride(2),
+        rps,
+        float(scale),
+        dB.stride(-2) if need_dB else 0,
+        dB.stride(-1) if need_dB else 0,
+        DT=dt,
+        W_EXACT=exact,
+        FP32=fp32,
+        GROUPED=grouped,
+        NEED_DB=need_dB,
+        DIRECT=direct,
+        R_PAD=r_pad,
+        SCAN=_SCAN,
+        BLOCK_M=cfg.grad_m,
+        BLOCK_N=cfg.grad_n,
+        num_warps=cfg.grad_warps,
+        num_stages=cfg.grad_stages,
+    )
     if need_dB and not direct:
         _reduce_parts[(triton.cdiv(d_out, 64), G)](
-            db_parts, dB, counts_arg, splits, rps, d_out, r, float(scale),
-            dB.stride(0), dB.stride(1), dB.stride(2), d_out * r_pad, R_PAD=r_pad,
-            ROWS_ARE_RANK=False, GROUPED=grouped, SCAN=_SCAN, BLOCK=64)
+            db_parts,
+            dB,
+            counts_arg,
+            splits,
+            rps,
+            d_out,
+            r,
+            float(scale),
+            dB.stride(0),
+            dB.stride(1),
+            dB.stride(2),
+            d_out * r_pad,
+            R_PAD=r_pad,
+            ROWS_ARE_RANK=False,
+            GROUPED=grouped,
+            SCAN=_SCAN,
+            BLOCK=64,
+        )
 
     if need_dx or need_dA:
         if chunks_out > 1:  # u summed once (n x r_pad), not once per input-pass column chunk
             u = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
-            _sum_chunks[(triton.cdiv(n, 128),)](u_parts, u, n, chunks_out, R_PAD=r_pad,
-                                                BLOCK=128)
+            _sum_chunks[(triton.cdiv(n, 128),)](u_parts, u, n, chunks_out, R_PAD=r_pad, BLOCK=128)
         else:
             u = u_parts
         chunks_in = triton.cdiv(d_in, cfg.in_k)
@@ -568,18 +803,63 @@ def _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, ne
         else:
             da_parts = dA
         _input_pass[(chunks_in, splits)](
-            x, u, A_bank, dx, da_parts, seed, order_arg, counts_arg, n, G + 1, d_in, r,
-            x.stride(0), A_bank.stride(0), A_bank.stride(1), A_bank.stride(2), rps,
-            float(scale), dropout_threshold(p), 1.0 / (1.0 - p), 1,
-            dA.stride(-2) if need_dA else 0, dA.stride(-1) if need_dA else 0,
-            DT=dt, FP32=fp32, GROUPED=grouped, HAS_DROPOUT=p > 0.0, NEED_DX=need_dx,
-            NEED_DA=need_dA, DIRECT=direct, R_PAD=r_pad, SCAN=_SCAN, BLOCK_M=in_m,
-            BLOCK_K=cfg.in_k, num_warps=cfg.in_warps, num_stages=cfg.in_stages)
+            x,
+            u,
+            A_bank,
+            dx,
+            da_parts,
+            seed,
+            order_arg,
+            counts_arg,
+            n,
+            G + 1,
+            d_in,
+            r,
+            x.stride(0),
+            A_bank.stride(0),
+            A_bank.stride(1),
+            A_bank.stride(2),
+            rps,
+            float(scale),
+            dropout_threshold(p),
+            1.0 / (1.0 - p),
+            1,
+            dA.stride(-2) if need_dA else 0,
+            dA.stride(-1) if need_dA else 0,
+            DT=dt,
+            FP32=fp32,
+            GROUPED=grouped,
+            HAS_DROPOUT=p > 0.0,
+            NEED_DX=need_dx,
+            NEED_DA=need_dA,
+            DIRECT=direct,
+            R_PAD=r_pad,
+            SCAN=_SCAN,
+            BLOCK_M=in_m,
+            BLOCK_K=cfg.in_k,
+            num_warps=cfg.in_warps,
+            num_stages=cfg.in_stages,
+        )
         if need_dA and not direct:
             _reduce_parts[(triton.cdiv(d_in, 64), G)](
-                da_parts, dA, counts_arg, splits, rps, d_in, r, float(scale),
-                dA.stride(0), dA.stride(1), dA.stride(2), r_pad * d_in, R_PAD=r_pad,
-                ROWS_ARE_RANK=True, GROUPED=grouped, SCAN=_SCAN, BLOCK=64)
+                da_parts,
+                dA,
+                counts_arg,
+                splits,
+                rps,
+                d_in,
+                r,
+                float(scale),
+                dA.stride(0),
+                dA.stride(1),
+                dA.stride(2),
+                r_pad * d_in,
+                R_PAD=r_pad,
+                ROWS_ARE_RANK=True,
+                GROUPED=grouped,
+                SCAN=_SCAN,
+                BLOCK=64,
+            )
     return dx, dA, dB
 
 
@@ -594,13 +874,27 @@ def plan(ids: torch.Tensor, adapters: int):
 
 # --- the launchers the op registration calls -------------------------------------------------
 
+
 def forward(x, layer_out, A, B, scale, p, seed):
     return _forward_impl(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), None, None, scale, p, seed)
 
 
 def backward(grad, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB):
-    dx, dA, dB = _backward_impl(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), None, None, scale, p,
-                                seed, need_dx, need_dA, need_dB)
+    dx, dA, dB = _backward_impl(
+        grad,
+        x,
+        t,
+        A.unsqueeze(0),
+        B.unsqueeze(0),
+        None,
+        None,
+        scale,
+        p,
+        seed,
+        need_dx,
+        need_dA,
+        need_dB,
+    )
     return dx, dA[0] if need_dA else dA, dB[0] if need_dB else dB
 
 
@@ -611,5 +905,6 @@ def multi_forward(x, layer_out, A_bank, B_bank, ids, scale, p, seed):
 
 def multi_backward(grad, x, t, A_bank, B_bank, ids, scale, p, seed, need_dx, need_dA, need_dB):
     order, counts = plan(ids, A_bank.shape[0])
-    return _backward_impl(grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx,
-                          need_dA, need_dB)
+    return _backward_impl(
+        grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx, need_dA, need_dB
+    )

@@ -4,6 +4,7 @@ The same function as csrc/philox.h and lor2c_ops/ref/philox.py (see csrc/philox.
 convention), written out here rather than taken from `tl.rand` so that the mask does not depend
 on the Triton version and matches the CPU and CUDA kernels bit for bit.
 """
+
 import triton
 import triton.language as tl
 
@@ -48,8 +49,9 @@ def dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M: tl.constexpr, BLOCK_K
 
 
 @triton.jit
-def dropout_scale(seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+def dropout_scale(
+    seed_ptr, rows, col0, threshold, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """(BLOCK_M, BLOCK_K) fp32 multipliers (0 or inv_keep): dropout_keep as numbers."""
     keep = dropout_keep(seed_ptr, rows, col0, threshold, BLOCK_M, BLOCK_K)
     return tl.where(keep, inv_keep, 0.0)
