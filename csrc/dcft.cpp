@@ -10,11 +10,13 @@ TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // D = conv_transpose2d(A.T @ B.T, C, stride) is never formed (the kernel writes
   // bias + scale * dropout(x) @ D into out and the GEMM accumulates x @ weight.T onto it), and
   // t = A @ windows(dropout(x)) as float32 (n, r * k), index j * k + a, saved for backward.
-  m.def("dcft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor C, "
-        "float scale, int stride, float p, Tensor seed) -> (Tensor, Tensor)");
+  m.def(
+      "dcft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor C, "
+      "float scale, int stride, float p, Tensor seed) -> (Tensor, Tensor)");
   // Returns (dx, dA, dB, dC) for the output gradient `grad` (n, d_out); dx includes the base
   // linear's grad @ weight. An output not asked for is an empty tensor.
-  m.def("dcft_bwd(Tensor grad, Tensor x, Tensor t, Tensor weight, Tensor A, Tensor B, Tensor C, "
-        "float scale, int stride, float p, Tensor seed, bool need_dx, bool need_dA, "
-        "bool need_dB, bool need_dC) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dcft_bwd(Tensor grad, Tensor x, Tensor t, Tensor weight, Tensor A, Tensor B, Tensor C, "
+      "float scale, int stride, float p, Tensor seed, bool need_dx, bool need_dA, "
+      "bool need_dB, bool need_dC) -> (Tensor, Tensor, Tensor, Tensor)");
 }

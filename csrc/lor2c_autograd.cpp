@@ -17,14 +17,14 @@ using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Pair run_forward(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
-                 const at::Tensor& B, const c10::optional<at::Tensor>& ids, double scale,
-                 double p, const at::Tensor& seed) {
+                 const at::Tensor& B, const c10::optional<at::Tensor>& ids, double scale, double p,
+                 const at::Tensor& seed) {
   if (ids.has_value()) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lor2c_ops_ext::lor2c_multi_fwd", "")
-                         .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, double, double,
-                                     const at::Tensor&)>();
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("lor2c_ops_ext::lor2c_multi_fwd", "")
+            .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, double, double, const at::Tensor&)>();
     return op.call(x, layer_out, A, B, *ids, scale, p, seed);
   }
   static auto op = c10::Dispatcher::singleton()
@@ -45,11 +45,11 @@ Triple run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
                                        double, double, const at::Tensor&, bool, bool, bool)>();
     return op.call(g, x, t, A, B, ids, scale, p, seed, need_dx, need_dA, need_dB);
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lor2c_ops_ext::lor2c_bwd", "")
-                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, double, double,
-                                     const at::Tensor&, bool, bool, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lor2c_ops_ext::lor2c_bwd", "")
+          .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, double, double, const at::Tensor&, bool, bool, bool)>();
   return op.call(g, x, t, A, B, scale, p, seed, need_dx, need_dA, need_dB);
 }
 
@@ -59,10 +59,10 @@ Pair empty_forward(const at::Tensor& x, const at::Tensor& layer_out, const at::T
 }
 
 struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& layer_out, const at::Tensor& A,
-                            const at::Tensor& B, const c10::optional<at::Tensor>& ids,
-                            double scale, double p, const at::Tensor& seed) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& layer_out,
+                            const at::Tensor& A, const at::Tensor& B,
+                            const c10::optional<at::Tensor>& ids, double scale, double p,
+                            const at::Tensor& seed) {
     auto [out, t] = x.size(0) == 0 ? empty_forward(x, layer_out, A)
                                    : run_forward(x, layer_out, A, B, ids, scale, p, seed);
     ctx->save_for_backward({x, t, A, B, ids.has_value() ? *ids : at::Tensor(), seed});
@@ -89,9 +89,9 @@ struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
       dA = at::zeros_like(A);
       dB = at::zeros_like(B);
     } else {
-      std::tie(dx, dA, dB) = run_backward(g, x, t, A, B, ids, ctx->saved_data["scale"].toDouble(),
-                                          ctx->saved_data["p"].toDouble(), seed, need_x, need_A,
-                                          need_B);
+      std::tie(dx, dA, dB) =
+          run_backward(g, x, t, A, B, ids, ctx->saved_data["scale"].toDouble(),
+                       ctx->saved_data["p"].toDouble(), seed, need_x, need_A, need_B);
     }
     if (need_x) out[0] = dx;
     if (need_A) out[2] = dA;
@@ -101,15 +101,15 @@ struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
 };
 
 at::Tensor lor2c_autograd(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
-                          const at::Tensor& B, const c10::optional<at::Tensor>& ids,
-                          double scale, double p, const at::Tensor& seed) {
+                          const at::Tensor& B, const c10::optional<at::Tensor>& ids, double scale,
+                          double p, const at::Tensor& seed) {
   return LoR2CFunction::apply(x, layer_out, A, B, ids, scale, p, seed);
 }
 
 // Below autograd (inference mode, or no input needs a gradient): the forward kernel alone.
 at::Tensor lor2c_no_grad(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
-                         const at::Tensor& B, const c10::optional<at::Tensor>& ids,
-                         double scale, double p, const at::Tensor& seed) {
+                         const at::Tensor& B, const c10::optional<at::Tensor>& ids, double scale,
+                         double p, const at::Tensor& seed) {
   if (x.size(0) == 0) return at::empty_like(layer_out);
   return std::get<0>(run_forward(x, layer_out, A, B, ids, scale, p, seed));
 }
@@ -119,8 +119,9 @@ at::Tensor lor2c_no_grad(const at::Tensor& x, const at::Tensor& layer_out, const
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // out = layer_out + scale * dropout(x) @ A.T @ B.T with its backward as a C++ autograd node;
   // ids given: A, B are banks and row i uses adapter ids[i] (-1: none). Arguments as lor2c_fwd.
-  m.def("lor2c(Tensor x, Tensor layer_out, Tensor A, Tensor B, Tensor? ids, float scale, "
-        "float p, Tensor seed) -> Tensor");
+  m.def(
+      "lor2c(Tensor x, Tensor layer_out, Tensor A, Tensor B, Tensor? ids, float scale, "
+      "float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lor2c_ops_ext, Autograd, m) { m.impl("lor2c", &lor2c_autograd); }

@@ -71,11 +71,11 @@ LOR2C_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 // (dropout_params in lor2c_common.h), key and offset from the seed tensor's values
 // (dropout_seed; the CUDA kernels read those on the device).
 struct DropoutParams {
-  uint32_t key0, key1;   // seed
-  uint32_t off0, off1;   // offset
-  uint32_t threshold;    // 16-bit: keep iff draw >= threshold
-  float inv_keep;        // 1 / (1 - p)
-  bool enabled;          // p > 0
+  uint32_t key0, key1;  // seed
+  uint32_t off0, off1;  // offset
+  uint32_t threshold;   // 16-bit: keep iff draw >= threshold
+  float inv_keep;       // 1 / (1 - p)
+  bool enabled;         // p > 0
 };
 
 // threshold = floor(p * 65536) for 0 <= p < 1, at most 65535. The one C++ definition
@@ -124,9 +124,8 @@ LOR2C_HD unsigned dropout_keep8(const DropoutParams& dp, int64_t row, int64_t gr
 // draws slot 0 and the odd lane slot 1, each passing its own slot's (row, group) and whether it
 // is needed (else its bits read as all kept); keep8[s] receives slot s's keep bits in both lanes.
 // So a call serves 8 columns, as on the CPU. All 32 lanes must call it together.
-__device__ __forceinline__ void dropout_pair_keep8(const DropoutParams& dp, bool need,
-                                                   int64_t row, int64_t group,
-                                                   unsigned keep8[2]) {
+__device__ __forceinline__ void dropout_pair_keep8(const DropoutParams& dp, bool need, int64_t row,
+                                                   int64_t group, unsigned keep8[2]) {
   unsigned mine = 0xFFu;
   if (need) {
     float m[8];

@@ -105,8 +105,8 @@ at::Tensor fold(const float* P, const Geometry& g, int64_t m, int64_t d) {
 
 // bins[(b * R + q) * st + c % st] = sum over columns c of W[q, c] * rows[b][c], b < kRows.
 template <typename Arch>
-LOR2C_INLINE void binned_dot_rows_body(const float* __restrict W, int64_t R, int64_t d,
-                                       int64_t st, int64_t nacc, const float* const* rows,
+LOR2C_INLINE void binned_dot_rows_body(const float* __restrict W, int64_t R, int64_t d, int64_t st,
+                                       int64_t nacc, const float* const* rows,
                                        float* __restrict bins) {
   const int64_t chunks = d / kLanes;
   std::fill(bins, bins + kRows * R * st, 0.f);
@@ -137,8 +137,7 @@ LOR2C_MULTIVERSION(binned_dot_rows,
 // pv: scratch of kRows * R * kLanes floats (the patterns laid out as lanes).
 template <typename Arch>
 LOR2C_INLINE void periodic_combine_rows_body(const float* __restrict W, int64_t R, int64_t d,
-                                             int64_t st, int64_t nacc,
-                                             const float* __restrict pat,
+                                             int64_t st, int64_t nacc, const float* __restrict pat,
                                              const float* const* base, float* const* out,
                                              float* __restrict pv) {
   const int64_t chunks = d / kLanes;
@@ -225,13 +224,13 @@ void from_bins(const float* bins, const Geometry& g, float* Q) {
 }
 
 // out[(b * r + j) * k + c] = sum_a in[(b * r + j) * k + a] * M[a, c] (or M[c, a] if transposed).
-void times_kernel(const float* in, const float* M, const Geometry& g, bool transposed,
-                  float* out) {
+void times_kernel(const float* in, const float* M, const Geometry& g, bool transposed, float* out) {
   const int64_t k = g.k;
   for (int64_t row = 0; row < kRows * g.r; ++row)
     for (int64_t c = 0; c < k; ++c) {
       float acc = 0.f;
-      for (int64_t a = 0; a < k; ++a) acc += in[row * k + a] * (transposed ? M[c * k + a] : M[a * k + c]);
+      for (int64_t a = 0; a < k; ++a)
+        acc += in[row * k + a] * (transposed ? M[c * k + a] : M[a * k + c]);
       out[row * k + c] = acc;
     }
 }
@@ -309,9 +308,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
-    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const Factors& f,
-    double scale, const Geometry& g, const DropoutParams& dp, bool need_dx, bool need_dA,
-    bool need_dB, bool need_dC) {
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const Factors& f, double scale,
+    const Geometry& g, const DropoutParams& dp, bool need_dx, bool need_dA, bool need_dB,
+    bool need_dC) {
   const int64_t n = g.n, d_in = g.d_in, d_out = g.d_out, rk = g.r * g.k, k = g.k;
   at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
   const T* gp = grad.data_ptr<T>();
@@ -382,8 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
             dxrows[b] = dxs.row(b);
           }
         }
-        periodic_combine_rows(asp, g.R, d_in, g.st, g.nacc, pat.data(), nullptr, dxrows,
-                              pv.data());
+        periodic_combine_rows(asp, g.R, d_in, g.st, g.nacc, pat.data(), nullptr, dxrows, pv.data());
         for (int b = 0; b < nb; ++b) {
           if (dp.enabled) multiply_into(dxrows[b], dxrows[b], mask.row(b), d_in);
           if constexpr (!std::is_same_v<T, float>) narrow(dxrows[b], dxp + (i0 + b) * d_in, d_in);
@@ -395,18 +393,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, B.options());
   at::Tensor dC = at::empty({0}, C.options());
   if (part > 0) {
-    const at::Tensor all = at::from_blob(partials.data(), {threads, part},
-                                         at::TensorOptions().dtype(at::kFloat))
-                               .sum(0);
+    const at::Tensor all =
+        at::from_blob(partials.data(), {threads, part}, at::TensorOptions().dtype(at::kFloat))
+            .sum(0);
     const float* sum = all.data_ptr<float>();
     if (need_dA) dA = fold(sum, g, g.m_in, d_in).to(A.scalar_type());
-    if (need_dB) dB = (fold(sum + part_a, g, g.m_out, d_out) * s).t().contiguous().to(B.scalar_type());
+    if (need_dB)
+      dB = (fold(sum + part_a, g, g.m_out, d_out) * s).t().contiguous().to(B.scalar_type());
     if (need_dC) dC = (all.narrow(0, part_a + part_b, part_c).view({k, k}) * s).to(C.scalar_type());
   }
   if (need_dx && n > 0) dx.addmm_(grad, weight);  // + g @ W, accumulated onto the adapter's dx
   return {dx, dA, dB, dC};
 }
-
 
 Geometry geometry_of(const DcftSizes& z) {
   return geometry(z.n, z.d_in, z.d_out, z.r, z.k, z.stride, z.m_in, z.m_out);
@@ -425,9 +423,8 @@ std::tuple<at::Tensor, at::Tensor> dcft_fwd_cpu(const at::Tensor& x, const at::T
   const Geometry g = geometry_of(check_dcft(x, weight, bias, A, B, C, stride, seed, p));
   const DropoutParams dp = seed_params(seed, p);
   const Factors f = factors(A, B, C, g);
-  return dispatch_activation(x, [&](auto tag) {
-    return forward_impl<decltype(tag)>(x, weight, bias, f, scale, g, dp);
-  });
+  return dispatch_activation(
+      x, [&](auto tag) { return forward_impl<decltype(tag)>(x, weight, bias, f, scale, g, dp); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cpu(

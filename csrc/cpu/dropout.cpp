@@ -28,8 +28,7 @@ void draw_scalar(int64_t row, int64_t d, const DropoutParams& dp, float* mask) {
 
 // 128 columns per step (16 counters), the last step 64 columns when mask_padded(d) asks so.
 __attribute__((target("avx512f,avx512bw"))) void draw_avx512(int64_t row, int64_t d,
-                                                               const DropoutParams& dp,
-                                                               float* mask) {
+                                                             const DropoutParams& dp, float* mask) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
   const __m512i thr = _mm512_set1_epi16(static_cast<short>(dp.threshold));  // <= 65535
@@ -65,14 +64,19 @@ __attribute__((target("avx512f,avx512bw"))) void draw_avx512(int64_t row, int64_
     const __m512 q2 = _mm512_castsi512_ps(c2), q3 = _mm512_castsi512_ps(c3);
     const __m512 t0 = _mm512_unpacklo_ps(q0, q1), t1 = _mm512_unpackhi_ps(q0, q1);
     const __m512 t2 = _mm512_unpacklo_ps(q2, q3), t3 = _mm512_unpackhi_ps(q2, q3);
-    const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-    const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    const __m512 u0 =
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u1 =
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u2 =
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    const __m512 u3 =
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
     const __m512 s0 = _mm512_shuffle_f32x4(u0, u1, 0x44), s1 = _mm512_shuffle_f32x4(u0, u1, 0xEE);
     const __m512 s2 = _mm512_shuffle_f32x4(u2, u3, 0x44), s3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
     const __m512 words[4] = {_mm512_shuffle_f32x4(s0, s2, 0x88), _mm512_shuffle_f32x4(s0, s2, 0xDD),
-                             _mm512_shuffle_f32x4(s1, s3, 0x88), _mm512_shuffle_f32x4(s1, s3, 0xDD)};
+                             _mm512_shuffle_f32x4(s1, s3, 0x88),
+                             _mm512_shuffle_f32x4(s1, s3, 0xDD)};
     // words[k] holds counters 4k .. 4k+3, i.e. the draws of columns col + 32k .. col + 32k + 31.
     const int parts = cols - col >= 128 ? 4 : 2;
     float* out = mask + col;
@@ -122,12 +126,17 @@ __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const Dro
     const __m256 q2 = _mm256_castsi256_ps(c2), q3 = _mm256_castsi256_ps(c3);
     const __m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
     const __m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
-    const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-    const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-    const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-    const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-    const __m256 words[4] = {_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u2, u3, 0x20),
-                             _mm256_permute2f128_ps(u0, u1, 0x31), _mm256_permute2f128_ps(u2, u3, 0x31)};
+    const __m256 u0 =
+        _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    const __m256 u1 =
+        _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    const __m256 u2 =
+        _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    const __m256 u3 =
+        _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    const __m256 words[4] = {
+        _mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u2, u3, 0x20),
+        _mm256_permute2f128_ps(u0, u1, 0x31), _mm256_permute2f128_ps(u2, u3, 0x31)};
     // words[k]: counters 2k, 2k+1, the draws of columns col + 16k .. col + 16k + 15.
     float* out = mask + col;
     for (int k = 0; k < 4; ++k) {

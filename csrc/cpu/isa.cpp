@@ -43,12 +43,12 @@ Choice choose() {
   } else {
     return {widest, "LOR2C_CPU_ISA=" + std::string(env) +
                         ": expected avx512, avx2, baseline or auto (unset: the widest the CPU "
-                        "runs, here " + isa_name(widest) + ")"};
+                        "runs, here " +
+                        isa_name(widest) + ")"};
   }
   if (static_cast<int>(asked) > static_cast<int>(widest))
     return {widest, "LOR2C_CPU_ISA=" + std::string(env) + ": this CPU cannot run the " +
-                        isa_name(asked) + " path (the widest it runs is " + isa_name(widest) +
-                        ")"};
+                        isa_name(asked) + " path (the widest it runs is " + isa_name(widest) + ")"};
   return {asked, ""};
 }
 

@@ -19,112 +19,28 @@
 #include "../lor2c_common.h"
 #include "dropout.h"
 #include "memory.h"
+#include "rank_products.h"
 #include "rows.h"
 
 namespace lor2c {
 namespace {
 
+using cpu::accumulate_outer;
+using cpu::combine_rows;
 using cpu::dispatch_activation;
+using cpu::dot_rows;
 using cpu::dropped_rows;
 using cpu::float_rows;
-using cpu::hsum;
-using cpu::kLanes;
 using cpu::kRows;
-using cpu::load;
 using cpu::multiply_into;
 using cpu::narrow;
 using cpu::Scratch;
-using cpu::store;
-using cpu::vfloat;
-
-// out[b * r + k] = dot(M[k, :], rows[b]) for the kRows rows.
-template <typename Arch>
-LOR2C_INLINE void dot_rows_body(const float* __restrict M, int64_t r, int64_t d,
-                           const float* const* rows, float* __restrict out) {
-  const int64_t dv = d / kLanes * kLanes;
-  for (int64_t k = 0; k < r; ++k) {
-    const float* __restrict m = M + k * d;
-    vfloat acc[kRows] = {};
-    for (int64_t j = 0; j < dv; j += kLanes) {
-      const vfloat w = load(m + j);
-#pragma GCC unroll 8
-      for (int b = 0; b < kRows; ++b) acc[b] += w * load(rows[b] + j);
-    }
-    for (int b = 0; b < kRows; ++b) {
-      float s = hsum(acc[b]);
-      for (int64_t j = dv; j < d; ++j) s += m[j] * rows[b][j];
-      out[b * r + k] = s;
-    }
-  }
-}
-LOR2C_MULTIVERSION(dot_rows, (const float* __restrict M, int64_t r, int64_t d,
-                           const float* const* rows, float* __restrict out),
-                   (M, r, d, rows, out))
-
-// out[b][j] = (base ? base[b][j] : 0) + sum_k coef[b * r + k] * M[k, j] for the kRows rows.
-template <typename Arch>
-LOR2C_INLINE void combine_rows_body(const float* __restrict M, int64_t r, int64_t d,
-                               const float* __restrict coef, const float* const* base,
-                               float* const* out) {
-  const int64_t dv = d / kLanes * kLanes;
-  for (int64_t j = 0; j < dv; j += kLanes) {
-    vfloat acc[kRows] = {};
-    if (base) {
-#pragma GCC unroll 8
-      for (int b = 0; b < kRows; ++b) acc[b] = load(base[b] + j);
-    }
-    for (int64_t k = 0; k < r; ++k) {
-      const vfloat m = load(M + k * d + j);
-#pragma GCC unroll 8
-      for (int b = 0; b < kRows; ++b) acc[b] += coef[b * r + k] * m;
-    }
-#pragma GCC unroll 8
-    for (int b = 0; b < kRows; ++b) store(out[b] + j, acc[b]);
-  }
-  for (int64_t j = dv; j < d; ++j) {
-    for (int b = 0; b < kRows; ++b) {
-      float acc = base ? base[b][j] : 0.f;
-      for (int64_t k = 0; k < r; ++k) acc += coef[b * r + k] * M[k * d + j];
-      out[b][j] = acc;
-    }
-  }
-}
-LOR2C_MULTIVERSION(combine_rows, (const float* __restrict M, int64_t r, int64_t d,
-                               const float* __restrict coef, const float* const* base,
-                               float* const* out),
-                   (M, r, d, coef, base, out))
-
-// P[k, j] += sum_b coef[b * r + k] * rows[b][j]: a rank-kRows update of the r x d partial sum.
-template <typename Arch>
-LOR2C_INLINE void accumulate_outer_body(float* __restrict P, int64_t r, int64_t d,
-                                   const float* __restrict coef, const float* const* rows) {
-  const int64_t dv = d / kLanes * kLanes;
-  for (int64_t k = 0; k < r; ++k) {
-    float* __restrict p = P + k * d;
-    float c[kRows];
-    for (int b = 0; b < kRows; ++b) c[b] = coef[b * r + k];
-    for (int64_t j = 0; j < dv; j += kLanes) {
-      vfloat acc = load(p + j);
-#pragma GCC unroll 8
-      for (int b = 0; b < kRows; ++b) acc += c[b] * load(rows[b] + j);
-      store(p + j, acc);
-    }
-    for (int64_t j = dv; j < d; ++j) {
-      float acc = p[j];
-      for (int b = 0; b < kRows; ++b) acc += c[b] * rows[b][j];
-      p[j] = acc;
-    }
-  }
-}
-LOR2C_MULTIVERSION(accumulate_outer, (float* __restrict P, int64_t r, int64_t d,
-                                   const float* __restrict coef, const float* const* rows),
-                   (P, r, d, coef, rows))
 
 // Blocks of up to kRows rows that share an adapter (a row of the weight banks), in the order the
 // kernels visit them. The plain op is one adapter over rows 0..n-1; a multi-adapter batch is
 // grouped by adapter id with a counting sort, so unsorted ids still give full blocks.
 struct RowPlan {
-  std::vector<int64_t> order;    // row visiting order; empty means 0, 1, ..., n-1
+  std::vector<int64_t> order;  // row visiting order; empty means 0, 1, ..., n-1
   struct Block {
     int64_t start;    // position in `order` of the block's first row
     int32_t rows;     // 1..kRows
@@ -182,9 +98,9 @@ struct PackedWeights {
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& layer_out,
-                                                const at::Tensor& A_bank,
-                                                const at::Tensor& B_bank, const RowPlan& plan,
-                                                double scale, const DropoutParams& dp) {
+                                                const at::Tensor& A_bank, const at::Tensor& B_bank,
+                                                const RowPlan& plan, double scale,
+                                                const DropoutParams& dp) {
   const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(1);
   const PackedWeights w(A_bank, B_bank);
   at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
@@ -275,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
       if (block.adapter < 0) {  // no adapter: no gradient through x
         if (need_dx)
-          for (int b = 0; b < nb; ++b) std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
+          for (int b = 0; b < nb; ++b)
+            std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
         continue;
       }
       float* pa = mine + block.adapter * (part_a + part_b);
@@ -334,7 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, dA, dB};
 }
 
-
 DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
   const at::Tensor s = seed.to(at::kCPU);
   return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
@@ -375,22 +291,24 @@ std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
-    bool need_dA, bool need_dB) {
+    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx, bool need_dA,
+    bool need_dB) {
   check_backward(grad, x, t, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
   const RowPlan plan = RowPlan::single(x.size(0));
   auto [dx, dA, dB] = dispatch_activation(x, [&](auto tag) {
-    return backward_impl<decltype(tag)>(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), plan, scale,
-                                        dp, need_dx, need_dA, need_dB);
+    return backward_impl<decltype(tag)>(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), plan, scale, dp,
+                                        need_dx, need_dA, need_dB);
   });
   return {dx, need_dA ? dA.squeeze(0) : dA, need_dB ? dB.squeeze(0) : dB};
 }
 
-std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
-    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
-    const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(const at::Tensor& x,
+                                                       const at::Tensor& layer_out,
+                                                       const at::Tensor& A_bank,
+                                                       const at::Tensor& B_bank,
+                                                       const at::Tensor& ids, double scale,
+                                                       double p, const at::Tensor& seed) {
   check_banks(A_bank, B_bank, ids, x.size(0));
   check_forward(x, layer_out, A_bank[0], B_bank[0], seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
@@ -402,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
-    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
-    const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p, const at::Tensor& seed,
+    bool need_dx, bool need_dA, bool need_dB) {
   check_banks(A_bank, B_bank, ids, x.size(0));
   check_backward(grad, x, t, A_bank[0], B_bank[0], seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);

@@ -24,8 +24,8 @@ namespace lor2c {
 namespace cuda {
 namespace {
 
-constexpr int kWarpRows = 4;     // rows per warp in the row kernels
-constexpr int kMaxWarps = 8;     // warps per block in the row kernels
+constexpr int kWarpRows = 4;  // rows per warp in the row kernels
+constexpr int kMaxWarps = 8;  // warps per block in the row kernels
 constexpr int kOuterThreads = 128;
 constexpr size_t kSharedLimit = 48 * 1024;
 
@@ -66,9 +66,8 @@ __device__ __forceinline__ float keep_mult(const DropoutParams& dp, unsigned kee
 // The whole warp must call it together.
 template <typename T, int RCH>
 __device__ __forceinline__ void warp_project(const T* __restrict__ rows, int64_t ld, int64_t row0,
-                                             int nr, const float* __restrict__ W, int64_t d,
-                                             int rk, const DropoutParams& dp, int lane,
-                                             float* sums) {
+                                             int nr, const float* __restrict__ W, int64_t d, int rk,
+                                             const DropoutParams& dp, int lane, float* sums) {
   for (int R0 = 0; R0 < rk; R0 += RCH) {
     float acc[kWarpRows][RCH];
 #pragma unroll
@@ -116,11 +115,11 @@ __device__ __forceinline__ void warp_project(const T* __restrict__ rows, int64_t
 
 template <typename T, int RCH>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    dcft_forward_rows_kernel(const T* __restrict__ x, int64_t ldx,
-                             const float* __restrict__ bias, const float* __restrict__ Ae,
-                             const float* __restrict__ Ck, const float* __restrict__ Be,
-                             T* __restrict__ out, float* __restrict__ Tsave, int64_t n,
-                             int64_t d_in, int64_t d_out, int rk, float scale, DropoutArgs dp) {
+    dcft_forward_rows_kernel(const T* __restrict__ x, int64_t ldx, const float* __restrict__ bias,
+                             const float* __restrict__ Ae, const float* __restrict__ Ck,
+                             const float* __restrict__ Be, T* __restrict__ out,
+                             float* __restrict__ Tsave, int64_t n, int64_t d_in, int64_t d_out,
+                             int rk, float scale, DropoutArgs dp) {
   extern __shared__ float smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* sT = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
@@ -158,11 +157,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
 template <typename T, int RCH>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    dcft_backward_rows_kernel(const T* __restrict__ g, int64_t ldg,
-                              const float* __restrict__ Ae, const float* __restrict__ Ck,
-                              const float* __restrict__ Be, float* __restrict__ Vsave,
-                              float* __restrict__ dTsave, T* __restrict__ dx, int64_t n,
-                              int64_t d_in, int64_t d_out, int rk, float scale, DropoutArgs dp) {
+    dcft_backward_rows_kernel(const T* __restrict__ g, int64_t ldg, const float* __restrict__ Ae,
+                              const float* __restrict__ Ck, const float* __restrict__ Be,
+                              float* __restrict__ Vsave, float* __restrict__ dTsave,
+                              T* __restrict__ dx, int64_t n, int64_t d_in, int64_t d_out, int rk,
+                              float scale, DropoutArgs dp) {
   extern __shared__ float smem[];
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* sV = smem + static_cast<int64_t>(warp) * 2 * kWarpRows * rk;
@@ -188,7 +187,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   __syncwarp();
   if (dx == nullptr) return;
   for (int64_t base = 0; base * 4 < d_in; base += 32) {  // dx = (dT @ Ae) * mask
-    const int64_t grp = base + lane;  // uniform trip count: keep4_rows
+    const int64_t grp = base + lane;                     // uniform trip count: keep4_rows
     unsigned keep[kWarpRows];
     keep4_rows(params, row0, nr, grp, d_in, keep);
 #pragma unroll
@@ -301,8 +300,8 @@ cudaError_t dcft_forward_rows(DType act, const void* x, int64_t ldx, const float
   return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
     using Tp = decltype(tag);
     dcft_forward_rows_kernel<Tp, decltype(rch)::value><<<grid, warps * 32, shared, stream>>>(
-        static_cast<const Tp*>(x), ldx, bias, Ae, Ck, Be, static_cast<Tp*>(out), T, n, d_in,
-        d_out, static_cast<int>(rk), scale, dp);
+        static_cast<const Tp*>(x), ldx, bias, Ae, Ck, Be, static_cast<Tp*>(out), T, n, d_in, d_out,
+        static_cast<int>(rk), scale, dp);
     return cudaGetLastError();
   });
 }
@@ -336,8 +335,7 @@ cudaError_t dcft_outer_partials(DType act, const void* rows, int64_t ld, const f
   return dispatch(act, rk, [&](auto tag, auto rch) -> cudaError_t {
     using Tp = decltype(tag);
     dcft_outer_partials_kernel<Tp, decltype(rch)::value><<<grid, kOuterThreads, 0, stream>>>(
-        static_cast<const Tp*>(rows), ld, coef, P, n, d, static_cast<int>(rk), rows_per_split,
-        dp);
+        static_cast<const Tp*>(rows), ld, coef, P, n, d, static_cast<int>(rk), rows_per_split, dp);
     return cudaGetLastError();
   });
 }

@@ -94,9 +94,8 @@ at::Tensor outer(const at::Tensor& rows, const at::Tensor& coef, int64_t rk, con
 std::tuple<at::Tensor, at::Tensor> dcft_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                  const std::optional<at::Tensor>& bias,
                                                  const at::Tensor& A, const at::Tensor& B,
-                                                 const at::Tensor& C, double scale,
-                                                 int64_t stride, double p,
-                                                 const at::Tensor& seed) {
+                                                 const at::Tensor& C, double scale, int64_t stride,
+                                                 double p, const at::Tensor& seed) {
   const DcftSizes z = check_dcft(x, weight, bias, A, B, C, stride, seed, p);
   const bool has_bias = bias.has_value() && bias->defined();
   check_devices(x, {{"weight", &weight}, {"A", &A}, {"B", &B}, {"C", &C}, {"seed", &seed}});
@@ -114,13 +113,13 @@ std::tuple<at::Tensor, at::Tensor> dcft_fwd_cuda(const at::Tensor& x, const at::
   const at::Tensor biasf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor seedc = seed.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_launch(cuda::dcft_forward_rows(dtype_of(x), x.data_ptr(), x.stride(0),
-                                       has_bias ? biasf.data_ptr<float>() : nullptr,
-                                       Ae.data_ptr<float>(), Ck.data_ptr<float>(),
-                                       Be.data_ptr<float>(), out.data_ptr(), t.data_ptr<float>(),
-                                       z.n, z.d_in, z.d_out, rk, static_cast<float>(scale),
-                                       dropout_args(seedc, p), stream),
-               "dcft_forward_rows");
+  check_launch(
+      cuda::dcft_forward_rows(dtype_of(x), x.data_ptr(), x.stride(0),
+                              has_bias ? biasf.data_ptr<float>() : nullptr, Ae.data_ptr<float>(),
+                              Ck.data_ptr<float>(), Be.data_ptr<float>(), out.data_ptr(),
+                              t.data_ptr<float>(), z.n, z.d_in, z.d_out, rk,
+                              static_cast<float>(scale), dropout_args(seedc, p), stream),
+      "dcft_forward_rows");
   out.addmm_(x, weight.t());  // + x @ W.T, accumulated onto bias + s * dropout(x) @ D
   return {out, t};
 }
@@ -132,8 +131,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cuda(
   const DcftSizes z = check_dcft(x, weight, std::nullopt, A, B, C, stride, seed, p);
   check_grad(grad, x, z);
   check_saved_t(t, z);
-  check_devices(x, {{"grad", &grad}, {"t", &t}, {"weight", &weight}, {"A", &A}, {"B", &B},
-                    {"C", &C}, {"seed", &seed}});
+  check_devices(x, {{"grad", &grad},
+                    {"t", &t},
+                    {"weight", &weight},
+                    {"A", &A},
+                    {"B", &B},
+                    {"C", &C},
+                    {"seed", &seed}});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rk = z.r * z.k;
   TORCH_CHECK(rk <= cuda::kDcftMaxRank, "cuda backend: r * k <= ", cuda::kDcftMaxRank,
@@ -160,12 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cuda(
   // V = g @ Be.T, dT = s * V @ Ck.T and dx = (dT @ Ae) * mask, row by row.
   at::Tensor V = at::empty({z.n, rk}, x.options().dtype(at::kFloat));
   at::Tensor dT = at::empty({z.n, rk}, x.options().dtype(at::kFloat));
-  check_launch(cuda::dcft_backward_rows(dtype_of(x), grad.data_ptr(), grad.stride(0),
-                                        Ae.data_ptr<float>(), Ck.data_ptr<float>(),
-                                        Be.data_ptr<float>(), V.data_ptr<float>(),
-                                        dT.data_ptr<float>(), need_dx ? dx.data_ptr() : nullptr,
-                                        z.n, z.d_in, z.d_out, rk, s, dp, stream),
-               "dcft_backward_rows");
+  check_launch(
+      cuda::dcft_backward_rows(dtype_of(x), grad.data_ptr(), grad.stride(0), Ae.data_ptr<float>(),
+                               Ck.data_ptr<float>(), Be.data_ptr<float>(), V.data_ptr<float>(),
+                               dT.data_ptr<float>(), need_dx ? dx.data_ptr() : nullptr, z.n, z.d_in,
+                               z.d_out, rk, s, dp, stream),
+      "dcft_backward_rows");
   if (need_dA)  // dA = fold(dT.T @ dropout(x))
     dA = fold(outer(x, dT, rk, dp, stream), z.r, z.k, z.stride, z.m_in).to(A.scalar_type());
   if (need_dB) {  // dB = s * fold(U.T @ g), U = T @ Ck

@@ -92,8 +92,8 @@ cuda::FwdArgs fwd_args(const at::Tensor& x, const at::Tensor& layer_out, const a
 cuda::BwdArgs bwd_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                        const at::Tensor& Ac, const at::Tensor& Bc, const at::Tensor& dx,
                        const at::Tensor& dA, const at::Tensor& dB, const at::Tensor& workspace,
-                       double scale, double p, const at::Tensor& seedc, bool need_dx,
-                       bool need_dA, bool need_dB) {
+                       double scale, double p, const at::Tensor& seedc, bool need_dx, bool need_dA,
+                       bool need_dB) {
   cuda::BwdArgs args{};
   args.act = dtype_of(x);
   args.weights_fp32 = Ac.scalar_type() == at::kFloat;
@@ -127,8 +127,7 @@ at::Tensor workspace_for(const cuda::BwdPlan& plan, const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at::Tensor& layer_out,
                                                   const at::Tensor& A, const at::Tensor& B,
-                                                  double scale, double p,
-                                                  const at::Tensor& seed) {
+                                                  double scale, double p, const at::Tensor& seed) {
   const at::Device device = check_fwd(x, layer_out, A, B, seed, p);
   check_device(A, "A", device);
   check_device(B, "B", device);
@@ -147,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cuda(const at::Tensor& x, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx,
-    bool need_dA, bool need_dB) {
+    const at::Tensor& B, double scale, double p, const at::Tensor& seed, bool need_dx, bool need_dA,
+    bool need_dB) {
   const at::Device device = check_bwd(grad, x, t, A, B, seed, p);
   check_device(A, "A", device);
   check_device(B, "B", device);
@@ -165,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cuda(
       cuda::lor2c_bwd_plan(n, d_in, d_out, r, need_dx, need_dA, need_dB, info);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous(), seedc = seed.contiguous();
   const at::Tensor workspace = workspace_for(plan, x);
-  check_launch(cuda::lor2c_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale,
-                                               p, seedc, need_dx, need_dA, need_dB),
+  check_launch(cuda::lor2c_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p,
+                                               seedc, need_dx, need_dA, need_dB),
                                       plan, info, at::cuda::getCurrentCUDAStream()),
                "lor2c_bwd_launch");
   return {dx, dA, dB};
@@ -195,10 +194,12 @@ MultiRows sort_rows(const at::Tensor& ids, int64_t G) {
   return {std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(), plan};
 }
 
-std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
-    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
-    const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(const at::Tensor& x,
+                                                        const at::Tensor& layer_out,
+                                                        const at::Tensor& A_bank,
+                                                        const at::Tensor& B_bank,
+                                                        const at::Tensor& ids, double scale,
+                                                        double p, const at::Tensor& seed) {
   check_cuda(x);
   check_banks(A_bank, B_bank, ids, x.size(0));
   const at::Device device = check_fwd(x, layer_out, A_bank[0], B_bank[0], seed, p);
@@ -213,17 +214,17 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cuda(
   if (n == 0) return {out, t};
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
   MultiRows rows = sort_rows(ids, G);
-  check_launch(cuda::lor2c_multi_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
-                                            rows.args(G), device_info(),
-                                            at::cuda::getCurrentCUDAStream()),
-               "lor2c_multi_fwd_launch");
+  check_launch(
+      cuda::lor2c_multi_fwd_launch(fwd_args(x, layer_out, Ac, Bc, out, t, scale, p, seedc),
+                                   rows.args(G), device_info(), at::cuda::getCurrentCUDAStream()),
+      "lor2c_multi_fwd_launch");
   return {out, t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
-    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p,
-    const at::Tensor& seed, bool need_dx, bool need_dA, bool need_dB) {
+    const at::Tensor& B_bank, const at::Tensor& ids, double scale, double p, const at::Tensor& seed,
+    bool need_dx, bool need_dA, bool need_dB) {
   check_cuda(x);
   check_banks(A_bank, B_bank, ids, x.size(0));
   const at::Device device = check_bwd(grad, x, t, A_bank[0], B_bank[0], seed, p);
@@ -235,10 +236,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
   const int64_t n = x.size(0), d_in = x.size(1), d_out = B_bank.size(1), r = A_bank.size(1);
   const int64_t G = A_bank.size(0);
   at::Tensor dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dA = need_dA ? at::empty({G, r, d_in}, A_bank.options())
-                          : at::empty({0}, A_bank.options());
-  at::Tensor dB = need_dB ? at::empty({G, d_out, r}, B_bank.options())
-                          : at::empty({0}, B_bank.options());
+  at::Tensor dA =
+      need_dA ? at::empty({G, r, d_in}, A_bank.options()) : at::empty({0}, A_bank.options());
+  at::Tensor dB =
+      need_dB ? at::empty({G, d_out, r}, B_bank.options()) : at::empty({0}, B_bank.options());
   if (!need_dx && !need_dA && !need_dB) return {dx, dA, dB};
 
   const cuda::DeviceInfo info = device_info();
@@ -247,11 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cuda(
   const at::Tensor Ac = A_bank.contiguous(), Bc = B_bank.contiguous(), seedc = seed.contiguous();
   const at::Tensor workspace = workspace_for(plan, x);
   MultiRows rows = sort_rows(ids, G);
-  check_launch(cuda::lor2c_multi_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace,
-                                                     scale, p, seedc, need_dx, need_dA, need_dB),
-                                            rows.args(G), plan, info,
-                                            at::cuda::getCurrentCUDAStream()),
-               "lor2c_multi_bwd_launch");
+  check_launch(
+      cuda::lor2c_multi_bwd_launch(bwd_args(grad, x, t, Ac, Bc, dx, dA, dB, workspace, scale, p,
+                                            seedc, need_dx, need_dA, need_dB),
+                                   rows.args(G), plan, info, at::cuda::getCurrentCUDAStream()),
+      "lor2c_multi_bwd_launch");
   return {dx, dA, dB};
 }
 

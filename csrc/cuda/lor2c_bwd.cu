@@ -38,8 +38,8 @@ struct BwdGParams {
   float* u;      // (n, r) fp32; null when !need_u
   float* ws_dB;  // (g_splits, r, d_out) fp32 partial sums of dB.T; null when !need_dB
   int64_t n, d_out, r;
-  int64_t rows;    // rows per range, a multiple of kSub
-  int64_t range0;  // block b handles row range range0 + b
+  int64_t rows;     // rows per range, a multiple of kSub
+  int64_t range0;   // block b handles row range range0 + b
   bool accumulate;  // add the dB.T partials to ws_dB (waves after the first) instead of storing
   bool need_u, need_dB, vec_g;
   MultiTable multi;  // MULTI only: units of p.multi.rows rows (a multiple of `rows`)
@@ -195,8 +195,8 @@ struct XSmem {
 };
 
 template <typename W, int RT>
-__device__ __forceinline__ void stage_A(float* As, const W* A, int64_t rc, int64_t r,
-                                        int64_t col0, int64_t d_in) {
+__device__ __forceinline__ void stage_A(float* As, const W* A, int64_t rc, int64_t r, int64_t col0,
+                                        int64_t d_in) {
   // As[k][c] = A[rc*RT + k, col0 + c]; consecutive threads read consecutive columns.
   for (int e = threadIdx.x; e < RT * kTile; e += kThreads) {
     const int c = e % kTile, k = e / kTile;
@@ -316,10 +316,9 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXPara
 // bp[a + 2] - 1 (its units: see MultiTable), zero when it has none. Blocks (x, y) handle
 // adapters y, y + gridDim.y, ...
 template <typename OutT, bool SEG>
-__global__ void __launch_bounds__(512) lor2c_reduce_kernel(const float* ws, int64_t splits,
-                                                           int64_t R, int64_t C, float scale,
-                                                           OutT* out, bool transpose,
-                                                           const int64_t* bp, int64_t G) {
+__global__ void __launch_bounds__(512)
+    lor2c_reduce_kernel(const float* ws, int64_t splits, int64_t R, int64_t C, float scale,
+                        OutT* out, bool transpose, const int64_t* bp, int64_t G) {
   __shared__ float red[16][33];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t total = R * C;
@@ -357,14 +356,14 @@ cudaError_t reduce_launch(const float* ws, int64_t splits, int64_t R, int64_t C,
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (bp == nullptr) {
-    lor2c_reduce_kernel<OutT, false><<<dim3(static_cast<unsigned>(blocks)), dim3(32, 16), 0,
-                                       stream>>>(ws, splits, R, C, scale,
-                                                 static_cast<OutT*>(out), transpose, nullptr, 1);
+    lor2c_reduce_kernel<OutT, false>
+        <<<dim3(static_cast<unsigned>(blocks)), dim3(32, 16), 0, stream>>>(
+            ws, splits, R, C, scale, static_cast<OutT*>(out), transpose, nullptr, 1);
   } else {
     const unsigned gy = static_cast<unsigned>(G < kMaxGridY ? G : kMaxGridY);
-    lor2c_reduce_kernel<OutT, true><<<dim3(static_cast<unsigned>(blocks), gy), dim3(32, 16), 0,
-                                      stream>>>(ws, splits, R, C, scale,
-                                                static_cast<OutT*>(out), transpose, bp, G);
+    lor2c_reduce_kernel<OutT, true>
+        <<<dim3(static_cast<unsigned>(blocks), gy), dim3(32, 16), 0, stream>>>(
+            ws, splits, R, C, scale, static_cast<OutT*>(out), transpose, bp, G);
   }
   return cudaGetLastError();
 }
@@ -532,17 +531,25 @@ BwdPlan lor2c_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, bool n
     // floats: bounded by the SM count, not by n.
     size_t fixed = 0;
     switch (rt) {
-      case 8: fixed = g_smem_bytes<8>(0); break;
-      case 16: fixed = g_smem_bytes<16>(0); break;
-      case 32: fixed = g_smem_bytes<32>(0); break;
-      default: fixed = g_smem_bytes<64>(0); break;
+      case 8:
+        fixed = g_smem_bytes<8>(0);
+        break;
+      case 16:
+        fixed = g_smem_bytes<16>(0);
+        break;
+      case 32:
+        fixed = g_smem_bytes<32>(0);
+        break;
+      default:
+        fixed = g_smem_bytes<64>(0);
+        break;
     }
     const int64_t per_row = 2 * sizeof(float) * (rt + 4);
     const int64_t room = dev.max_smem_per_block - static_cast<int64_t>(fixed);
     int64_t max_rows = room > 0 ? room / per_row / kSub * kSub : 0;
     const int64_t cap = rt == 8 ? 1024 : rt == 16 ? 512 : 256;
     if (max_rows > cap) max_rows = cap;
-    if (max_rows < kSub) max_rows = kSub;  // smallest configuration (~101 KB at rt = 64)
+    if (max_rows < kSub) max_rows = kSub;     // smallest configuration (~101 KB at rt = 64)
     const int64_t per_sm = rt == 64 ? 1 : 2;  // <= 128 registers: at most 2 blocks per SM
     int64_t want = sms * per_sm / nrc;
     if (want < 1) want = 1;
@@ -566,10 +573,18 @@ BwdPlan lor2c_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, bool n
     plan.x_rows = rows;
     plan.x_splits = ceil_div(n, rows);
     switch (rt) {
-      case 8: plan.x_smem = XSmem<8>::kBytes; break;
-      case 16: plan.x_smem = XSmem<16>::kBytes; break;
-      case 32: plan.x_smem = XSmem<32>::kBytes; break;
-      default: plan.x_smem = XSmem<64>::kBytes; break;
+      case 8:
+        plan.x_smem = XSmem<8>::kBytes;
+        break;
+      case 16:
+        plan.x_smem = XSmem<16>::kBytes;
+        break;
+      case 32:
+        plan.x_smem = XSmem<32>::kBytes;
+        break;
+      default:
+        plan.x_smem = XSmem<64>::kBytes;
+        break;
     }
     plan.u_elems = n * r;
   }
@@ -602,9 +617,8 @@ BwdPlan lor2c_multi_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, 
   return plan;
 }
 
-cudaError_t lor2c_multi_bwd_launch(const BwdArgs& args, const MultiArgs& multi,
-                                   const BwdPlan& plan, const DeviceInfo& dev,
-                                   cudaStream_t stream) {
+cudaError_t lor2c_multi_bwd_launch(const BwdArgs& args, const MultiArgs& multi, const BwdPlan& plan,
+                                   const DeviceInfo& dev, cudaStream_t stream) {
   if (multi.G <= 0) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   if (args.n <= 0 || args.r <= 0) {  // nothing to multiply: every gradient is zero

@@ -203,8 +203,7 @@ cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stre
 }
 
 template <typename T, typename W, bool MULTI>
-cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
-                     cudaStream_t s) {
+cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev, cudaStream_t s) {
   const bool tall = fwd_rows(a.n, dev) == 64;
   switch (rank_tile(a.r)) {
     case 8:

@@ -61,12 +61,12 @@ struct BwdArgs {
   int64_t ldg;
   const void* x;  // (n, d_in), row stride ldx
   int64_t ldx;
-  const float* t;  // (n, r) contiguous fp32, as returned by the forward
-  const void* A;   // (r, d_in) contiguous
-  const void* B;   // (d_out, r) contiguous
-  void* dx;        // (n, d_in) contiguous, dtype act; may be null when !need_dx
-  void* dA;        // (r, d_in) contiguous, dtype of A; may be null when !need_dA
-  void* dB;        // (d_out, r) contiguous, dtype of B; may be null when !need_dB
+  const float* t;    // (n, r) contiguous fp32, as returned by the forward
+  const void* A;     // (r, d_in) contiguous
+  const void* B;     // (d_out, r) contiguous
+  void* dx;          // (n, d_in) contiguous, dtype act; may be null when !need_dx
+  void* dA;          // (r, d_in) contiguous, dtype of A; may be null when !need_dA
+  void* dB;          // (d_out, r) contiguous, dtype of B; may be null when !need_dB
   float* workspace;  // plan.u_elems + plan.dB_ws_elems + plan.dA_ws_elems floats
   int64_t n, d_in, d_out, r;
   float scale;
@@ -106,9 +106,8 @@ cudaError_t lor2c_multi_fwd_launch(const FwdArgs& args, const MultiArgs& multi,
 BwdPlan lor2c_multi_bwd_plan(int64_t n, int64_t d_in, int64_t d_out, int64_t r, int64_t G,
                              bool need_dx, bool need_dA, bool need_dB, const DeviceInfo& dev);
 
-cudaError_t lor2c_multi_bwd_launch(const BwdArgs& args, const MultiArgs& multi,
-                                   const BwdPlan& plan, const DeviceInfo& dev,
-                                   cudaStream_t stream);
+cudaError_t lor2c_multi_bwd_launch(const BwdArgs& args, const MultiArgs& multi, const BwdPlan& plan,
+                                   const DeviceInfo& dev, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lor2c

@@ -23,11 +23,9 @@ namespace {
 // adapter slot (1 .. G), as exclusive prefix sums.
 constexpr int kPlanThreads = 256;
 
-__global__ void __launch_bounds__(kPlanThreads) lor2c_multi_plan_kernel(const int64_t* sorted,
-                                                                        int64_t n, int64_t G,
-                                                                        int64_t rows0,
-                                                                        int64_t rows1,
-                                                                        int64_t* plan) {
+__global__ void __launch_bounds__(kPlanThreads)
+    lor2c_multi_plan_kernel(const int64_t* sorted, int64_t n, int64_t G, int64_t rows0,
+                            int64_t rows1, int64_t* plan) {
   __shared__ int64_t scan[kPlanThreads];
   const int tid = threadIdx.x;
   const int64_t S = G + 2;
@@ -116,8 +114,8 @@ int64_t lor2c_multi_plan_elems(int64_t G) { return 3 * (G + 3); }
 
 cudaError_t multi_plan_launch(const MultiArgs& m, int64_t n, int64_t rows0, int64_t rows1,
                               cudaStream_t stream) {
-  lor2c_multi_plan_kernel<<<dim3(1), dim3(kPlanThreads), 0, stream>>>(m.sorted_ids, n, m.G,
-                                                                       rows0, rows1, m.plan);
+  lor2c_multi_plan_kernel<<<dim3(1), dim3(kPlanThreads), 0, stream>>>(m.sorted_ids, n, m.G, rows0,
+                                                                      rows1, m.plan);
   return cudaGetLastError();
 }
 
@@ -140,8 +138,8 @@ cudaError_t multi_none_launch(const MultiArgs& m, DType act, int64_t n, const No
     p.r = a.r;
     p.dx = static_cast<T*>(a.dx);
     p.d_in = a.d_in;
-    lor2c_multi_none_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
-                                 stream>>>(p);
+    lor2c_multi_none_kernel<T>
+        <<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

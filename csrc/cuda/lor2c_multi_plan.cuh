@@ -55,7 +55,6 @@ __device__ __forceinline__ bool find_unit(const MultiTable& m, int64_t b, Unit& 
   return true;
 }
 
-
 // Tables k = 0, 1 of the plan buffer of a multi-adapter call as seen by the kernels, for units
 // of `rows` rows; an empty table for the plain op (m == nullptr).
 inline MultiTable multi_table(const MultiArgs* m, int k, int64_t rows) {

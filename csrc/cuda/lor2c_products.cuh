@@ -134,7 +134,7 @@ struct TileIO {
 #pragma unroll
     for (int q0 = 0; q0 < kGroups; q0 += 2) {
       unsigned keep8[2] = {0xFFu, 0xFFu};  // steps q0 and q0 + 1, all 8 columns
-      if (dp.enabled) {  // uniform over the block
+      if (dp.enabled) {                    // uniform over the block
         const int g = static_cast<int>(threadIdx.x) + (q0 + half) * kThreads;  // step q0 + half
         const int64_t i = rows(l0 + g / kGroupsPerRow);
         const int64_t j8 = col0 + 8 * ((g % kGroupsPerRow) / 2);
