@@ -57,23 +57,23 @@ struct Baseline {
 // Defines `void name params` that runs name##_body<Arch> args compiled for the path in use:
 // one copy per path, each with its target attribute (the body must be an always_inline
 // template so that it is compiled inside each copy, for that copy's instruction set).
-#define LOR2C_MULTIVERSION(name, params, args)                                       \
-  LOR2C_TARGET_AVX512 __attribute__((noinline)) void name##_avx512 params {          \
-    name##_body<::lor2c::cpu::Avx512> args;                                          \
-  }                                                                                  \
-  LOR2C_TARGET_AVX2 __attribute__((noinline)) void name##_avx2 params {              \
-    name##_body<::lor2c::cpu::Avx2> args;                                            \
-  }                                                                                  \
-  __attribute__((noinline)) void name##_baseline params {                            \
-    name##_body<::lor2c::cpu::Baseline> args;                                        \
-  }                                                                                  \
-  void name params {                                                                 \
-    switch (::lor2c::cpu::isa()) {                                                   \
-      case ::lor2c::cpu::Isa::kAvx512:                                               \
-        return name##_avx512 args;                                                   \
-      case ::lor2c::cpu::Isa::kAvx2:                                                 \
-        return name##_avx2 args;                                                     \
-      default:                                                                       \
-        return name##_baseline args;                                                 \
-    }                                                                                \
+#define LOR2C_MULTIVERSION(name, params, args)                              \
+  LOR2C_TARGET_AVX512 __attribute__((noinline)) void name##_avx512 params { \
+    name##_body<::lor2c::cpu::Avx512> args;                                 \
+  }                                                                         \
+  LOR2C_TARGET_AVX2 __attribute__((noinline)) void name##_avx2 params {     \
+    name##_body<::lor2c::cpu::Avx2> args;                                   \
+  }                                                                         \
+  __attribute__((noinline)) void name##_baseline params {                   \
+    name##_body<::lor2c::cpu::Baseline> args;                               \
+  }                                                                         \
+  void name params {                                                        \
+    switch (::lor2c::cpu::isa()) {                                          \
+      case ::lor2c::cpu::Isa::kAvx512:                                      \
+        return name##_avx512 args;                                          \
+      case ::lor2c::cpu::Isa::kAvx2:                                        \
+        return name##_avx2 args;                                            \
+      default:                                                              \
+        return name##_baseline args;                                        \
+    }                                                                       \
   }

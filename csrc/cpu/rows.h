@@ -63,8 +63,8 @@ struct Scratch {
 // Float view of rows idx[0..nb) of a tensor with row stride `ld`: the tensor's own memory for
 // fp32 (missing rows point at `zero`), else widened into `scratch`.
 template <typename T>
-void float_rows(const T* base, int64_t ld, const int64_t* idx, int nb, int64_t d,
-                Scratch& scratch, const float* zero, const float* rows[kRows]) {
+void float_rows(const T* base, int64_t ld, const int64_t* idx, int nb, int64_t d, Scratch& scratch,
+                const float* zero, const float* rows[kRows]) {
   for (int b = 0; b < kRows; ++b) {
     if (b >= nb) {
       rows[b] = zero;

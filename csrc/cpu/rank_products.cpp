@@ -1,0 +1,337 @@
+// Register-tiled rank-r products (csrc/cpu/rank_products.h).
+//
+// Each product is cut into tiles whose accumulators stay in vector registers for the whole
+// reduction, so that every vector loaded from memory feeds several multiply-adds:
+//   dot_rows          MR rows x NK ranks of dot products along d: per W columns, MR + NK loads
+//                     for MR * NK multiply-adds; the MR * NK vector sums are reduced W at a time
+//                     by a shuffle tree (log2(W) levels) instead of one horizontal sum each.
+//   combine_rows      MR rows x NC vectors of output columns, summed over the r ranks: per rank,
+//                     NC loads of M and MR broadcasts of coef for MR * NC multiply-adds.
+//   accumulate_outer  NK ranks x NC vectors of the partial sum P, summed over the kRows rows:
+//                     per row, NC loads and NK broadcasts for NK * NC multiply-adds; P itself
+//                     is loaded and stored once per block.
+// Before (one row of the tile per weight vector) each multiply-add needed about one load, and
+// at r = 64 the loads, not the arithmetic, bounded the kernels. Tile shapes per path (Tiles
+// below) fit the register file: 32 x 16 floats on AVX-512, 16 x 8 on AVX2, 16 x 4 on SSE2
+// (no FMA there: a product and an add, one more live register). Measured figures: commit log.
+#include "rank_products.h"
+
+#include "isa.h"
+#include "rows.h"
+
+namespace lor2c {
+namespace cpu {
+namespace {
+
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+};
+
+template <int W>
+LOR2C_INLINE typename Vec<W>::f vload(const float* p) {
+  typename Vec<W>::f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int W>
+LOR2C_INLINE void vstore(float* p, typename Vec<W>::f v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename Arch>
+struct Tiles;
+
+// Tile shapes per path, measured (r = 64, d = 768, one core of an AMD EPYC Zen 4 whose peak is
+// one 16-lane FMA per cycle on either path; % of that peak; alternatives within a few %):
+//   AVX-512  dot 8 x 2: 93%   combine 8 x 3: 97%   accumulate 4 x 5: 88% (6 x 4: 82%)
+//   AVX2     dot 4 x 3: 91%   combine 4 x 3: 84%   accumulate 3 x 3: 90% (4 x 2: 89%)
+//   SSE2     dot 4 x 2: 42%   combine 4 x 2: 31%   accumulate 2 x 4: 24%  (no FMA: half peak)
+// The former kernels (one tile row per weight vector, 16-float vectors on every path) reached
+// 60 / 97 / 75% on AVX-512 and 9 / 10 / 47% on AVX2, where 8 accumulators of two registers
+// each spilled the 16-register file.
+template <>
+struct Tiles<Avx512> {
+  static constexpr int dot_mr = 8, dot_nk = 2, comb_mr = 8, comb_nc = 3, acc_nk = 4, acc_nc = 5;
+};
+template <>
+struct Tiles<Avx2> {
+  static constexpr int dot_mr = 4, dot_nk = 3, comb_mr = 4, comb_nc = 3, acc_nk = 3, acc_nc = 3;
+};
+template <>
+struct Tiles<Baseline> {
+  static constexpr int dot_mr = 4, dot_nk = 2, comb_mr = 4, comb_nc = 2, acc_nk = 2, acc_nc = 4;
+};
+
+// Hides a pointer's value from the optimiser, so that loads through it are not moved out of
+// the loop around (no instruction is emitted).
+LOR2C_INLINE const float* opaque(const float* p) {
+  asm("" : "+r"(p));
+  return p;
+}
+
+// Makes the compiler hold v in a register: otherwise it may fold the load that made v into
+// each multiply-add using it, and load it once per use (seen in dot_tile: 17 loads for 16 FMAs).
+template <typename V>
+LOR2C_INLINE void in_register(V& v) {
+  asm("" : "+v"(v));
+}
+
+// ---- lane sums: W vectors -> one vector of their W horizontal sums -------------------------
+
+// One level of the tree: a and b hold groups of 2H lanes, each the partial sums of one input;
+// the result holds groups of H lanes: group 2g is a's group g folded in half, 2g + 1 is b's.
+template <int W, int H>
+LOR2C_INLINE typename Vec<W>::f fold(typename Vec<W>::f a, typename Vec<W>::f b) {
+  typename Vec<W>::i lo, hi;
+  for (int l = 0; l < W; ++l) {
+    const int group = l / H, src = (group % 2) * W + (group / 2) * 2 * H + l % H;
+    lo[l] = src;
+    hi[l] = src + H;
+  }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+template <int W, int H>
+LOR2C_INLINE void fold_levels(typename Vec<W>::f* v, int count) {
+#pragma GCC unroll 16
+  for (int i = 0; i < count / 2; ++i) v[i] = fold<W, H>(v[2 * i], v[2 * i + 1]);
+  if constexpr (H > 1) fold_levels<W, H / 2>(v, count / 2);
+}
+
+// The tree leaves input i in lane bitrev(i): storing input i at position bitrev(i) puts the sum
+// of input l in lane l.
+constexpr int bitrev(int i, int w) {
+  int r = 0;
+  for (int b = 1; b < w; b <<= 1) {
+    r = (r << 1) | (i & 1);
+    i >>= 1;
+  }
+  return r;
+}
+
+// ---- dot_rows ------------------------------------------------------------------------------
+
+// out[b * r + k0 + q] = dot(M[k0 + q, :], rows[b]) for b < MR, q < NK.
+template <typename Arch, int MR, int NK>
+LOR2C_INLINE void dot_tile(const float* __restrict M, int64_t r, int64_t d, int64_t k0,
+                           const float* const* rows, float* __restrict out) {
+  constexpr int W = Arch::W, N = MR * NK, G = (N + W - 1) / W;
+  using V = typename Vec<W>::f;
+  const int64_t dv = d / W * W;
+  const float* m[NK];
+  for (int q = 0; q < NK; ++q) m[q] = M + (k0 + q) * d;
+  const float* x[MR];
+  for (int b = 0; b < MR; ++b) x[b] = rows[b];
+  V acc[G * W] = {};  // input i = b * NK + q at group i / W, position bitrev(i % W)
+  for (int64_t j = 0; j < dv; j += W) {
+    V w[NK];
+#pragma GCC unroll 16
+    for (int q = 0; q < NK; ++q) w[q] = vload<W>(m[q] + j);
+#pragma GCC unroll 16
+    for (int b = 0; b < MR; ++b) {
+      V v = vload<W>(x[b] + j);
+      in_register(v);
+#pragma GCC unroll 16
+      for (int q = 0; q < NK; ++q) {
+        const int i = b * NK + q;
+        acc[i / W * W + bitrev(i % W, W)] += v * w[q];
+      }
+    }
+  }
+  float sums[G * W];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    fold_levels<W, W / 2>(acc + g * W, W);
+    vstore<W>(sums + g * W, acc[g * W]);
+  }
+  for (int b = 0; b < MR; ++b)
+    for (int q = 0; q < NK; ++q) {
+      float s = sums[b * NK + q];
+      for (int64_t j = dv; j < d; ++j) s += m[q][j] * x[b][j];
+      out[b * r + k0 + q] = s;
+    }
+}
+
+// The last ranks' tile, NK' = rem < NK.
+template <typename Arch, int MR, int NK>
+LOR2C_INLINE void dot_rest(int rem, const float* M, int64_t r, int64_t d, int64_t k0,
+                           const float* const* rows, float* out) {
+  if constexpr (NK > 0) {
+    if (rem == NK) return dot_tile<Arch, MR, NK>(M, r, d, k0, rows, out);
+    dot_rest<Arch, MR, NK - 1>(rem, M, r, d, k0, rows, out);
+  }
+}
+
+template <typename Arch>
+LOR2C_INLINE void dot_rows_impl_body(const float* __restrict M, int64_t r, int64_t d,
+                                     const float* const* rows, float* __restrict out) {
+  constexpr int MR = Tiles<Arch>::dot_mr, NK = Tiles<Arch>::dot_nk;
+  static_assert(kRows % MR == 0, "row tiles split the block");
+  int64_t k = 0;
+  for (; k + NK <= r; k += NK)
+    for (int b = 0; b < kRows; b += MR) dot_tile<Arch, MR, NK>(M, r, d, k, rows + b, out + b * r);
+  if (k < r)
+    for (int b = 0; b < kRows; b += MR)
+      dot_rest<Arch, MR, NK - 1>(static_cast<int>(r - k), M, r, d, k, rows + b, out + b * r);
+}
+
+// ---- combine_rows --------------------------------------------------------------------------
+
+// Columns j0 .. j0 + NC * W of rows b < MR.
+template <typename Arch, int MR, int NC>
+LOR2C_INLINE void combine_tile(const float* __restrict M, int64_t r, int64_t d, int64_t j0,
+                               const float* __restrict coef, const float* const* base,
+                               float* const* out) {
+  constexpr int W = Arch::W;
+  using V = typename Vec<W>::f;
+  V acc[MR * NC];
+#pragma GCC unroll 16
+  for (int b = 0; b < MR; ++b)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[b * NC + c] = base ? vload<W>(base[b] + j0 + c * W) : V{};
+  const float* m = M + j0;
+  for (int64_t k = 0; k < r; ++k, m += d) {
+    V w[NC];
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) w[c] = vload<W>(m + c * W);
+#pragma GCC unroll 16
+    for (int b = 0; b < MR; ++b) {
+      const float cb = coef[b * r + k];
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) acc[b * NC + c] += cb * w[c];
+    }
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < MR; ++b)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) vstore<W>(out[b] + j0 + c * W, acc[b * NC + c]);
+}
+
+template <typename Arch>
+LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, int64_t d,
+                                         const float* __restrict coef, const float* const* base,
+                                         float* const* out) {
+  constexpr int W = Arch::W, MR = Tiles<Arch>::comb_mr, NC = Tiles<Arch>::comb_nc;
+  static_assert(kRows % MR == 0, "row tiles split the block");
+  const int64_t dv = d / W * W;
+  for (int b = 0; b < kRows; b += MR) {
+    const float* const* bb = base ? base + b : nullptr;
+    int64_t j = 0;
+    for (; j + NC * W <= dv; j += NC * W)
+      combine_tile<Arch, MR, NC>(M, r, d, j, coef + b * r, bb, out + b);
+    for (; j < dv; j += W) combine_tile<Arch, MR, 1>(M, r, d, j, coef + b * r, bb, out + b);
+  }
+  for (int64_t j = dv; j < d; ++j)
+    for (int b = 0; b < kRows; ++b) {
+      float acc = base ? base[b][j] : 0.f;
+      for (int64_t k = 0; k < r; ++k) acc += coef[b * r + k] * M[k * d + j];
+      out[b][j] = acc;
+    }
+}
+
+// ---- accumulate_outer ----------------------------------------------------------------------
+
+// P[k0 + q, j0 .. j0 + NC * W] += sum_b coef[b * r + k0 + q] * rows[b][...], q < NK.
+template <typename Arch, int NK, int NC>
+LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int64_t k0, int64_t j0,
+                                  const float* __restrict coef, const float* const* rows) {
+  constexpr int W = Arch::W;
+  using V = typename Vec<W>::f;
+  float* p = P + k0 * d + j0;
+  // The kRows * NK coefficients do not change along j: opaque() keeps the compiler from
+  // hoisting their broadcasts (or addresses) out of the caller's loop over j, which spills.
+  const float* cf = coef + k0;
+  V acc[NK * NC];
+#pragma GCC unroll 16
+  for (int q = 0; q < NK; ++q)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[q * NC + c] = vload<W>(p + q * d + c * W);
+#pragma GCC unroll 8
+  for (int b = 0; b < kRows; ++b) {
+    V x[NC];
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) x[c] = vload<W>(rows[b] + j0 + c * W);
+#pragma GCC unroll 16
+    for (int q = 0; q < NK; ++q) {
+      const float cq = cf[q];
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) acc[q * NC + c] += cq * x[c];
+    }
+    cf = opaque(cf + r);
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < NK; ++q)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) vstore<W>(p + q * d + c * W, acc[q * NC + c]);
+}
+
+template <typename Arch, int NK>
+LOR2C_INLINE void accumulate_ranks(float* __restrict P, int64_t r, int64_t d, int64_t k0,
+                                   const float* __restrict coef, const float* const* rows) {
+  constexpr int W = Arch::W, NC = Tiles<Arch>::acc_nc;
+  const int64_t dv = d / W * W;
+  int64_t j = 0;
+  for (; j + NC * W <= dv; j += NC * W) accumulate_tile<Arch, NK, NC>(P, r, d, k0, j, coef, rows);
+  for (; j < dv; j += W) accumulate_tile<Arch, NK, 1>(P, r, d, k0, j, coef, rows);
+  for (int q = 0; q < NK; ++q) {
+    float* p = P + (k0 + q) * d;
+    for (j = dv; j < d; ++j) {
+      float acc = p[j];
+      for (int b = 0; b < kRows; ++b) acc += coef[b * r + k0 + q] * rows[b][j];
+      p[j] = acc;
+    }
+  }
+}
+
+template <typename Arch, int NK>
+LOR2C_INLINE void accumulate_rest(int rem, float* P, int64_t r, int64_t d, int64_t k0,
+                                  const float* coef, const float* const* rows) {
+  if constexpr (NK > 0) {
+    if (rem == NK) return accumulate_ranks<Arch, NK>(P, r, d, k0, coef, rows);
+    accumulate_rest<Arch, NK - 1>(rem, P, r, d, k0, coef, rows);
+  }
+}
+
+template <typename Arch>
+LOR2C_INLINE void accumulate_outer_impl_body(float* __restrict P, int64_t r, int64_t d,
+                                             const float* __restrict coef,
+                                             const float* const* rows) {
+  constexpr int NK = Tiles<Arch>::acc_nk;
+  int64_t k = 0;
+  for (; k + NK <= r; k += NK) accumulate_ranks<Arch, NK>(P, r, d, k, coef, rows);
+  if (k < r) accumulate_rest<Arch, NK - 1>(static_cast<int>(r - k), P, r, d, k, coef, rows);
+}
+
+LOR2C_MULTIVERSION(dot_rows_impl,
+                   (const float* __restrict M, int64_t r, int64_t d, const float* const* rows,
+                    float* __restrict out),
+                   (M, r, d, rows, out))
+LOR2C_MULTIVERSION(combine_rows_impl,
+                   (const float* __restrict M, int64_t r, int64_t d, const float* __restrict coef,
+                    const float* const* base, float* const* out),
+                   (M, r, d, coef, base, out))
+LOR2C_MULTIVERSION(accumulate_outer_impl,
+                   (float* __restrict P, int64_t r, int64_t d, const float* __restrict coef,
+                    const float* const* rows),
+                   (P, r, d, coef, rows))
+
+}  // namespace
+
+void dot_rows(const float* M, int64_t r, int64_t d, const float* const* rows, float* out) {
+  dot_rows_impl(M, r, d, rows, out);
+}
+
+void combine_rows(const float* M, int64_t r, int64_t d, const float* coef, const float* const* base,
+                  float* const* out) {
+  combine_rows_impl(M, r, d, coef, base, out);
+}
+
+void accumulate_outer(float* P, int64_t r, int64_t d, const float* coef, const float* const* rows) {
+  accumulate_outer_impl(P, r, d, coef, rows);
+}
+
+}  // namespace cpu
+}  // namespace lor2c
