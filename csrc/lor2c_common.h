@@ -20,17 +20,17 @@ inline DropoutParams dropout_params(double p, int64_t seed, int64_t offset) {
 }
 
 inline void check_rows(const at::Tensor& t, const char* name, int64_t n, int64_t d) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == d, name, ": expected shape (", n,
-              ", ", d, "), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == d, name, ": expected shape (", n, ", ",
+              d, "), got ", t.sizes());
   TORCH_CHECK(d <= 1 || t.stride(1) == 1, name, ": expected unit stride along the last dimension");
 }
 
 // Weight banks of a multi-adapter call and its per-row adapter ids (values checked elsewhere).
-inline void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank,
-                        const at::Tensor& ids, int64_t n) {
+inline void check_banks(const at::Tensor& A_bank, const at::Tensor& B_bank, const at::Tensor& ids,
+                        int64_t n) {
   TORCH_CHECK(A_bank.dim() == 3 && B_bank.dim() == 3 && A_bank.size(0) == B_bank.size(0),
-              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ",
-              A_bank.sizes(), " and ", B_bank.sizes());
+              "A_bank, B_bank: expected (G, r, d_in) and (G, d_out, r) banks, got ", A_bank.sizes(),
+              " and ", B_bank.sizes());
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n &&
                   (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt),
               "adapter_ids: expected an int64 or int32 tensor of shape (", n, ")");
