@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "../philox.h"
+#include "convert.h"
 #include "dropout.h"
 #include "isa.h"
 
@@ -44,12 +45,24 @@ inline void multiply_into(float* out, const float* a, const float* b, int64_t d)
 
 template <typename T>
 void widen(const T* src, float* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    widen_bf16(reinterpret_cast<const uint16_t*>(src), dst, d);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    widen_f16(reinterpret_cast<const uint16_t*>(src), dst, d);
+  } else {
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+  }
 }
 
 template <typename T>
 void narrow(const float* src, T* dst, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    narrow_bf16(src, reinterpret_cast<uint16_t*>(dst), d);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    narrow_f16(src, reinterpret_cast<uint16_t*>(dst), d);
+  } else {
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<T>(src[j]);
+  }
 }
 
 // Per-thread scratch of a few rows, padded for the dropout generator's 64-column steps.
