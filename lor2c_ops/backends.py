@@ -140,6 +140,95 @@ def select(
     return "reference"
 
 
+# ---- The cpu backend against the eager expression, per shape (issue 15 item 2) ----------------
+#
+# Forward+backward, fp32 unless said, medians of round-robin runs on the 2-core dev machine (AMD
+# EPYC Zen 4 with AVX-512 and AVX512-BF16, 2 threads, shared: load 1.5 during the runs), after
+# the register-tiled kernels (csrc/cpu/rank_products.cpp). "fused" is the single-pass kernel,
+# "gemm" the cpu backend's GEMM path (ATen's fp32 matrix products with the same mask and saved
+# t), each against eager timed in the same process; x = eager / backend, < 1 loses:
+#
+#   d_in=d_out  r    n=1    n=2    n=4    n=8   n=16   n=32   n=64  n=128  n=256  n=512
+#   768         8  fused  0.85   1.01   1.03   1.05   1.12   1.17   1.46   1.79   2.60   2.08
+#                  gemm   0.78   0.81   0.82   0.83   0.86   0.90   0.97   1.02   1.04   1.05
+#   768        64  fused  0.61   0.80   0.82   0.83   0.85   0.81   0.96   1.02   1.09   1.19
+#                  gemm   0.79   0.84   0.83   0.84   0.86   0.91   0.95   0.99   1.08   1.27
+#   4096        8  fused  0.70   0.91   0.98   1.01   1.19   1.58   2.15   2.27   2.96   3.11
+#                  gemm   0.83   0.85   0.89   0.93   0.96   1.03   1.06   1.05   1.36   1.30
+#   4096       64  fused  0.28   0.42   0.48   0.50   0.49   0.59   0.79   0.98   1.13   1.30
+#                  gemm   0.89   0.91   0.95   0.93   0.84   1.03   1.09   0.99   1.14   1.29
+#
+# (At n = 8192: x1.45 at r=64 d=768, x1.9-2.5 at r=16, x2.4-7 at r=8; bench_lor2c.py.)
+# So the cpu backend itself takes the GEMM path for one row, and for fewer rows than the rank
+# from rank 32 on (csrc/cpu/lor2c.cpp plan_for; cpu_plan below says which). What still loses
+# after that, and where no other backend helps (the reference backend is slower still: 0.21 ms
+# at n=1 d=768 r=8 against eager's 0.10, 138 ms against 41 at n=8192 r=64 bf16):
+#
+#  - host-bound calls: a few rows at any rank, and fewer than about 2r rows from rank 32 on
+#    (0.6-0.95x above): what is left is the op layer's host time per call (custom op, autograd
+#    node, checks: some 20-50 us more than the expression's), not the kernels;
+#  - bfloat16 at rank >= 32 without dropout, on a CPU with AVX512-BF16 (or AMX): the expression's
+#    bf16 matrix products (oneDNN) run at twice the rate of the kernel's fp32 multiply-adds.
+#    n=8192 d=768, eager / fused: r=8 1.0-1.5, r=16 1.0-1.2, r=32 0.8-1.0, r=64 0.59 (19 vs
+#    32 ms; the GEMM path in bf16 reached 0.75); with p=0.1 the fused kernel wins (x1.7 at
+#    r=64: the expression's dropout costs more). On CPUs without bf16 products eager bf16 is
+#    slow (float16 everywhere: x25 at r=64).
+#
+# cpu_loses_to_eager() states these; backend=None should run the eager expression there (it
+# takes the shape: n rows, ranks, dtype, p). The cached select() does not see shapes.
+
+
+def cpu_plan(n: int, r: int) -> str:
+    """How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" (the single-pass
+    kernel) or "gemm" (ATen's matrix products, same contract). LOR2C_CPU_PLAN=fused|gemm, read
+    when the extension loads, forces one (tests, measurements)."""
+    if not _ext.loaded():
+        return "unavailable"
+    return torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r)
+
+
+_GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank
+
+
+def cpu_loses_to_eager(
+    n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, p: float
+) -> Optional[str]:
+    """Why the cpu backend is slower than the eager expression for a plain LoR2C call of this
+    shape on this CPU (the measurements above), or None where it is not. Cheap: a few integer
+    comparisons (and one cached CPU-feature query for bf16)."""
+    if n <= 4 or (r >= _GEMM_MIN_RANK and n <= 2 * r):
+        return (
+            f"host-bound: {n} rows at rank {r} take less time to compute than the op layer's "
+            f"host overhead per call (measured 0.6-0.95x eager below 2r rows from rank 32 on, "
+            f"and for up to 4 rows)"
+        )
+    if dtype == torch.bfloat16 and p == 0.0 and r >= _GEMM_MIN_RANK and _bf16_products():
+        return (
+            f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "
+            f"expression's products run at twice the rate of the kernel's fp32 ones (measured "
+            f"0.59x at r=64, 0.8-1.0x at r=32)"
+        )
+    return None
+
+
+_BF16_PRODUCTS: list = []
+
+
+def _bf16_products() -> bool:
+    if not _BF16_PRODUCTS:
+        cpu = getattr(torch, "cpu", None)
+        has = False
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            fn = getattr(cpu, probe, None)
+            if fn is not None:
+                try:
+                    has = has or bool(fn())
+                except Exception:  # noqa: BLE001 - a probe missing in this torch build
+                    pass
+        _BF16_PRODUCTS.append(has)
+    return _BF16_PRODUCTS[0]
+
+
 def available(device_type: Optional[str] = None) -> dict:
     """{backend name: None if usable, else the reason}, for a device type or globally."""
     result = {}

@@ -1,7 +1,9 @@
-"""The CPU kernels' instruction-set paths (csrc/cpu/isa.h): each path this machine runs, forced
-with LOR2C_CPU_ISA in a subprocess, passes the fp64 oracle tests of the LoR2C, multi-adapter and
-DCFT ops; shapes at the edges of the register tiles and vector widths of every path; the path in
-use is the one asked for and `python -m lor2c_ops.info` names it."""
+"""The CPU kernels' instruction-set paths (csrc/cpu/isa.h) and plans (fused or GEMM,
+csrc/cpu/lor2c.cpp): each path this machine runs, forced with LOR2C_CPU_ISA in a subprocess,
+passes the fp64 oracle tests of the LoR2C, multi-adapter and DCFT ops on the fused kernel, and
+the default path on the GEMM plan; shapes at the edges of the register tiles and vector widths of
+every path; half-precision rows convert as torch does; the path in use is the one asked for and
+`python -m lor2c_ops.info` names it."""
 
 import math
 import os
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import lor2c_ops as lo
-from lor2c_ops import info
+from lor2c_ops import backends, info
 
 from backend_devices import skip_unless_runnable
 from oracle import assert_within_twice_torch, expected
@@ -49,6 +51,11 @@ EDGE_SHAPES = [
     (10, 33, 200, 33),
     (12, 97, 64, 64),
     (9, 48, 113, 70),
+    # rank >= 32 with fewer than r rows runs the GEMM path (csrc/cpu/lor2c.cpp plan_for): these
+    # keep the fused kernel's large ranks in the default run
+    (40, 33, 200, 33),
+    (70, 97, 64, 64),
+    (83, 48, 113, 70),
 ]
 DTYPES = [
     (torch.float32, torch.float32),
@@ -106,16 +113,21 @@ _ORACLE_TESTS = [
 ]
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_cpu_every_path(path):
-    """Each path this CPU runs, other than the one in use here (which the other tests cover),
-    forced with LOR2C_CPU_ISA in a fresh process: the variable is read when the library loads."""
+# (path, plan): every path this CPU runs with every plain call on the fused kernel, and the
+# default path with every one on the GEMM path (LOR2C_CPU_PLAN, csrc/cpu/lor2c.cpp); the default
+# run mixes the two by the number of rows.
+@pytest.mark.parametrize(
+    "path, plan", [(path, "fused") for path in PATHS] + [(None, "gemm")], ids=str
+)
+def test_cpu_every_path(path, plan):
+    """Forced with LOR2C_CPU_ISA and LOR2C_CPU_PLAN in a fresh process: both are read when the
+    library loads."""
     runnable = _runnable()
-    if path not in runnable:
+    if path is not None and path not in runnable:
         pytest.skip(f"this CPU does not run the {path} path (it runs {', '.join(runnable)})")
-    if path == torch.ops.lor2c_ops_ext.cpu_isa():
-        pytest.skip(f"{path} is the path in use in this process: the other tests ran it")
-    env = dict(os.environ, LOR2C_CPU_ISA=path)
+    env = dict(os.environ, LOR2C_CPU_PLAN=plan)
+    if path is not None:
+        env["LOR2C_CPU_ISA"] = path
     cmd = [
         sys.executable,
         "-m",
@@ -130,8 +142,29 @@ def test_cpu_every_path(path):
     ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = res.stdout[-3000:] + res.stderr[-2000:]
-    assert res.returncode == 0, f"LOR2C_CPU_ISA={path}:\n{tail}"
+    assert res.returncode == 0, f"LOR2C_CPU_ISA={path} LOR2C_CPU_PLAN={plan}:\n{tail}"
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
+
+
+def test_cpu_plan_rule():
+    """backend="cpu" runs one row, and fewer rows than the rank from rank 32 on, on the GEMM
+    path; lor2c_ops.backends reports the same plan."""
+    skip_unless_runnable("cpu")
+    if os.environ.get("LOR2C_CPU_PLAN", "auto") != "auto":
+        pytest.skip("LOR2C_CPU_PLAN forces the plan in this process")
+    cases = {
+        (1, 8): "gemm",
+        (2, 8): "fused",
+        (31, 32): "gemm",
+        (32, 32): "fused",
+        (63, 64): "gemm",
+        (64, 64): "fused",
+        (8192, 64): "fused",
+        (2, 16): "fused",
+    }
+    for (n, r), want in cases.items():
+        assert torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r) == want, (n, r)
+        assert backends.cpu_plan(n, r) == want, (n, r)
 
 
 def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
@@ -166,3 +199,31 @@ def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
     assert "refused: LOR2C_CPU_ISA=sse9: expected avx512, avx2, baseline or auto" in res.stdout, (
         res.stdout + res.stderr
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_rows_round_as_torch(dtype):
+    """The vectorised widening and narrowing of half-precision rows (csrc/cpu/convert.cpp) are
+    bit-identical to torch's conversions (NaN and infinities included): with A = B = I every
+    product is exact, so out = narrow(layer_out + s * x) and dx = narrow(s * g) in fp32."""
+    skip_unless_runnable("cpu")
+    n, d, s = 256, 64, 0.7
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(n, d, generator=gen) * 3).to(dtype)
+    layer_out = (
+        torch.randn(n, d, generator=gen) * 2 ** torch.randint(-8, 8, (n, d), generator=gen)
+    ).to(dtype)
+    g = torch.randn(n, d, generator=gen).to(dtype)
+    # NaN and infinities in layer_out only: in x or g they would spread along the row through
+    # the products (0 * NaN), as they do in the expression
+    layer_out[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0])
+    eye = torch.eye(d, dtype=torch.float32)
+    xr = x.clone().requires_grad_()
+    out = lo.lor2c_residual(xr, layer_out, eye, eye, scale=s, backend="cpu")
+    out.backward(g)
+    want = (layer_out.float() + x.float() * s).to(dtype)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    want_dx = (g.float() * s).to(dtype)
+    assert torch.equal(xr.grad.isnan(), want_dx.isnan())
+    assert torch.equal(xr.grad.nan_to_num(), want_dx.nan_to_num())

@@ -13,6 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +27,9 @@
 
 namespace lor2c {
 namespace {
+
+// From this rank on, calls of fewer than r rows run on ATen's matrix products (the GEMM path).
+constexpr int64_t kGemmMinRank = 32;
 
 using cpu::accumulate_outer;
 using cpu::combine_rows;
@@ -81,6 +87,28 @@ struct RowPlan {
   }
 };
 
+// dst[j * rows + i] = scale * src[i * cols + j]: a rows x cols matrix transposed, in 32 x 32
+// tiles (both sides' lines of a tile stay in L1). ATen's strided copy took 235 us for a 4096 x 64
+// matrix, and the element-wise loop it replaces as much: twice per call each at small n.
+template <typename Src, typename Dst>
+__attribute__((noinline)) void transpose_into(const Src* __restrict src, int64_t rows, int64_t cols,
+                                              float scale, Dst* __restrict dst) {
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t i1 = std::min(rows, i0 + kTile), j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i)
+          dst[j * rows + i] = static_cast<Dst>(scale * static_cast<float>(src[i * cols + j]));
+    }
+}
+
+// Blocks per parallel chunk of the forward: enough multiply-adds (about 2^20, some 20 us) to
+// pay for waking a thread. A fixed 8 blocks (64 rows) ran rank 64 on one thread up to n = 64.
+int64_t grain_blocks(int64_t r, int64_t d) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, kRows * r * d));
+}
+
 // The weight banks widened to fp32 once per call: A as (G, r, d_in), B transposed to
 // (G, r, d_out) so that every hot loop runs along d with unit stride.
 struct PackedWeights {
@@ -92,8 +120,20 @@ struct PackedWeights {
     return bt.data_ptr<float>() + g * r * d_out;
   }
   PackedWeights(const at::Tensor& A_bank, const at::Tensor& B_bank)
-      : a(A_bank.to(at::kFloat).contiguous()),
-        bt(B_bank.to(at::kFloat).transpose(1, 2).contiguous()) {}
+      : a(A_bank.to(at::kFloat).contiguous()), bt(transposed(B_bank)) {}
+
+  // B (G, d_out, r) as fp32 (G, r, d_out).
+  static at::Tensor transposed(const at::Tensor& B_bank) {
+    const at::Tensor src = B_bank.contiguous();
+    const int64_t G = src.size(0), d_out = src.size(1), r = src.size(2);
+    at::Tensor dst = at::empty({G, r, d_out}, src.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "pack_B", [&] {
+      for (int64_t g = 0; g < G; ++g)
+        transpose_into(src.data_ptr<scalar_t>() + g * d_out * r, d_out, r, 1.f,
+                       dst.data_ptr<float>() + g * r * d_out);
+    });
+    return dst;
+  }
 };
 
 template <typename T>
@@ -113,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const float s = static_cast<float>(scale);
   const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
 
-  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, grain_blocks(r, d_in + d_out), [&](int64_t begin, int64_t end) {
     Scratch xs(d_in, kRows), mask(d_in, kRows), ys(d_out, kRows), zero(std::max(d_in, d_out), 1);
     std::vector<float> tbuf(kRows * r, 0.f), coef(kRows * r, 0.f);
     const float* xrows[kRows];
@@ -133,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
         continue;
       }
       dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-      dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, tbuf.data());
+      dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, nb, tbuf.data());
       for (int b = 0; b < nb; ++b)
         for (int64_t k = 0; k < r; ++k) tp[idx[b] * r + k] = tbuf[b * r + k];
       for (int64_t q = 0; q < kRows * r; ++q) coef[q] = s * tbuf[q];
@@ -144,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
           orows[b] = ys.row(b);
         }
       }
-      combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, orows);
+      combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, nb, orows);
       if constexpr (!std::is_same_v<T, float>) {
         for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + idx[b] * d_out, d_out);
       }
@@ -170,14 +210,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const float s = static_cast<float>(scale);
   const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
 
-  // Per thread, per adapter: dA (r x d_in) then dB transposed (r x d_out), reduced at the end.
-  const int threads = at::get_num_threads();
+  // The blocks are cut into `parts` contiguous ranges, each summing its weight-gradient partials
+  // (per adapter: dA, r x d_in, then dB transposed, r x d_out) into a buffer of its own; the
+  // ranges run in parallel and the buffers are summed in order at the end, so the result depends
+  // on the thread count only. Few blocks make one part: their O(r * d) buffers (zeroed, summed,
+  // written out), not the rows, are then the cost (n = 1, r = 64, d = 4096: 1.8 ms vs eager 0.5).
+  // A part's buffers cost about as much as two blocks' products (zeroed, summed: three passes
+  // over r * (d_in + d_out) floats against 4 * kRows multiply-adds per float): a part is worth
+  // its buffers from four blocks on.
+  constexpr int64_t kBlocksPerPart = 4;
   const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
-  const int64_t per_thread = G * (part_a + part_b);
-  std::vector<float> partials(static_cast<size_t>(threads) * per_thread, 0.f);
+  const int64_t per_part = G * (part_a + part_b);
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      std::max<int64_t>(1, std::min(threads, per_part == 0 ? blocks : blocks / kBlocksPerPart));
+  std::vector<float> partials(static_cast<size_t>(parts * per_part), 0.f);
 
-  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
-    float* mine = partials.data() + at::get_thread_num() * per_thread;
+  at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t end_part) {
     Scratch gs(d_out, kRows), xs(d_in, kRows), mask(d_in, kRows), dxs(d_in, kRows);
     Scratch zero(std::max(d_in, d_out), 1);
     std::vector<float> u(kRows * r), tcoef(kRows * r), ucoef(kRows * r);
@@ -185,36 +234,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const float* xrows[kRows];
     float* dxrows[kRows];
     int64_t idx[kRows];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const RowPlan::Block& block = plan.blocks[blk];
-      const int nb = block.rows;
-      for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-      if (block.adapter < 0) {  // no adapter: no gradient through x
-        if (need_dx)
-          for (int b = 0; b < nb; ++b)
-            std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
-        continue;
-      }
-      float* pa = mine + block.adapter * (part_a + part_b);
-      float* pb = pa + part_a;
-      float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
-      dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, grows, u.data());  // u = g @ B
-      for (int b = 0; b < kRows; ++b)
-        for (int64_t k = 0; k < r; ++k) {
-          tcoef[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
-          ucoef[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
+    for (int64_t part = first_part; part < end_part; ++part) {
+      float* mine = partials.data() + part * per_part;
+      for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int nb = block.rows;
+        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+        if (block.adapter < 0) {  // no adapter: no gradient through x
+          if (need_dx)
+            for (int b = 0; b < nb; ++b)
+              std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
+          continue;
         }
-      if (need_dB) accumulate_outer(pb, r, d_out, tcoef.data(), grows);  // dB.T += t.T g
-      if (!need_dA && !need_dx) continue;
-      dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-      if (need_dA) accumulate_outer(pa, r, d_in, ucoef.data(), xrows);  // dA += s u.T xd
-      if (need_dx) {
-        for (int b = 0; b < kRows; ++b) dxrows[b] = dxs.row(b);
-        combine_rows(w.A(block.adapter, r, d_in), r, d_in, ucoef.data(), nullptr, dxrows);
-        for (int b = 0; b < nb; ++b) {
-          float* row = dxs.row(b);
-          if (dp.enabled) multiply_into(row, row, mask.row(b), d_in);
-          narrow(row, dxp + idx[b] * d_in, d_in);
+        float* pa = mine + block.adapter * (part_a + part_b);
+        float* pb = pa + part_a;
+        float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
+        dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, grows, nb, u.data());  // u = g @ B
+        for (int b = 0; b < kRows; ++b)
+          for (int64_t k = 0; k < r; ++k) {
+            tcoef[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
+            ucoef[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
+          }
+        if (need_dB) accumulate_outer(pb, r, d_out, tcoef.data(), grows, nb);  // dB.T += t.T g
+        if (!need_dA && !need_dx) continue;
+        dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+        if (need_dA) accumulate_outer(pa, r, d_in, ucoef.data(), xrows, nb);  // dA += s u.T xd
+        if (need_dx) {
+          for (int b = 0; b < kRows; ++b) dxrows[b] = dxs.row(b);
+          combine_rows(w.A(block.adapter, r, d_in), r, d_in, ucoef.data(), nullptr, nb, dxrows);
+          for (int b = 0; b < nb; ++b) {
+            float* row = dxs.row(b);
+            if (dp.enabled) multiply_into(row, row, mask.row(b), d_in);
+            narrow(row, dxp + idx[b] * d_in, d_in);
+          }
         }
       }
     }
@@ -222,13 +274,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
   at::Tensor dA = at::empty({0}, A_bank.options()), dB = at::empty({0}, B_bank.options());
   if (need_dA || need_dB) {
-    // The threads' partials summed in thread order (deterministic for a thread count) into
-    // the first one's, then written out in the weights' dtype: plain loops, no ATen ops (at
-    // small sizes their dispatch cost was most of the backward's host time).
+    // The parts' partials summed in order (deterministic for a thread count) into the first
+    // one's, then written out in the weights' dtype: plain loops, no ATen ops (at small sizes
+    // their dispatch cost was most of the backward's host time).
     float* sum = partials.data();
-    for (int th = 1; th < threads; ++th) {
-      const float* part = partials.data() + th * per_thread;
-      for (int64_t i = 0; i < per_thread; ++i) sum[i] += part[i];
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* other = partials.data() + part * per_part;
+      for (int64_t i = 0; i < per_part; ++i) sum[i] += other[i];
     }
     if (need_dA) dA = at::empty({G, r, d_in}, A_bank.options());
     if (need_dB) dB = at::empty({G, d_out, r}, B_bank.options());
@@ -240,10 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           for (int64_t i = 0; i < r * d_in; ++i) out[i] = static_cast<scalar_t>(pa[i]);
         }
         if (need_dB) {
-          scalar_t* out = dB.data_ptr<scalar_t>() + g * d_out * r;
-          for (int64_t k = 0; k < r; ++k)
-            for (int64_t o = 0; o < d_out; ++o)
-              out[o * r + k] = static_cast<scalar_t>(s * pa[part_a + k * d_out + o]);
+          transpose_into(pa + part_a, r, d_out, s, dB.data_ptr<scalar_t>() + g * d_out * r);
         }
       }
     });
@@ -252,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 }
 
 DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
+  (void)cpu::isa();  // a bad LOR2C_CPU_ISA is refused on every path, the GEMM path included
   const at::Tensor s = seed.to(at::kCPU);
   return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
 }
@@ -277,11 +327,101 @@ void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
               "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
 }
 
+// ---- The GEMM path -----------------------------------------------------------------------------
+// Where the fused pass loses to the eager expression for want of rows (its O(r * d) work per
+// call, packing B and the weight-gradient buffers, outweighs the rows'), the plain op runs as
+// ATen's fp32 matrix products instead, as the expression does, with the same contract: t saved
+// in fp32, the mask of csrc/philox.h (drawn into an n x d_in tensor), outputs in the inputs'
+// dtypes. The rule (plan_for) and its figures: lor2c_ops/backends.py (the cpu backend's plans).
+
+enum class Plan { kFused, kGemm };
+
+// LOR2C_CPU_PLAN=fused|gemm (read once) forces one, for tests and measurements.
+int forced_plan() {
+  static const int forced = [] {
+    const char* env = std::getenv("LOR2C_CPU_PLAN");
+    if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == 0) return -1;
+    if (std::strcmp(env, "fused") == 0) return static_cast<int>(Plan::kFused);
+    if (std::strcmp(env, "gemm") == 0) return static_cast<int>(Plan::kGemm);
+    return -2;
+  }();
+  TORCH_CHECK(forced != -2, "LOR2C_CPU_PLAN: expected fused, gemm or auto");
+  return forced;
+}
+
+// The plan of a plain call of n rows and rank r (the multi-adapter op is always fused): the GEMM
+// path for one row, and below r rows from rank 32 on. Measured (fwd+bwd fp32, fused vs GEMM
+// path, ms, AMD EPYC Zen 4, 2 threads): d=4096 r=64: n=1 1.33 vs 0.44, n=32 2.60 vs 2.07, n=64
+// 3.05 vs 3.60; d=768 r=64: n=32 0.39 vs 0.34, n=64 0.49 vs 0.47, n=128 0.77 vs 0.78;
+// d=4096 r=8: n=1 0.21 vs 0.17, n=2 0.21 vs 0.30; d=768 r=8: n=1 0.136 vs 0.134, n=2 0.136 vs
+// 0.159. Full table: lor2c_ops/backends.py.
+Plan plan_for(int64_t n, int64_t r) {
+  const int forced = forced_plan();
+  if (forced >= 0) return static_cast<Plan>(forced);
+  return n <= 1 || (r >= kGemmMinRank && n < r) ? Plan::kGemm : Plan::kFused;
+}
+
+std::string cpu_lor2c_plan(int64_t n, int64_t r) {
+  return plan_for(n, r) == Plan::kGemm ? "gemm" : "fused";
+}
+
+// The dropout multiplier of rows 0..n-1, (n, d) in dtype.
+at::Tensor mask_tensor(int64_t n, int64_t d, const DropoutParams& dp, at::ScalarType dtype) {
+  const int64_t stride = cpu::mask_padded(d);
+  at::Tensor m = at::empty({n, stride}, at::TensorOptions().dtype(at::kFloat));
+  float* mp = m.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) cpu::draw_dropout_row(i, d, dp, mp + i * stride);
+  });
+  return m.narrow(1, 0, d).to(dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> gemm_forward(const at::Tensor& x, const at::Tensor& layer_out,
+                                                const at::Tensor& A, const at::Tensor& B,
+                                                double scale, const DropoutParams& dp) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::ScalarType ct = at::kFloat;
+  at::Tensor xd = x.to(ct);
+  if (dp.enabled) xd = xd * mask_tensor(x.size(0), x.size(1), dp, ct);
+  const at::Tensor t = at::mm(xd, A.to(ct).t());
+  const at::Tensor out = at::addmm(layer_out.to(ct), t, B.to(ct).t(), 1.0, scale);
+  return {out.to(layer_out.scalar_type()), t.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
+    const at::Tensor& B, double scale, const DropoutParams& dp, bool need_dx, bool need_dA,
+    bool need_dB) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::ScalarType ct = at::kFloat;
+  const at::Tensor g = grad.to(ct);
+  at::Tensor dx = at::empty({0}, x.options()), dA = at::empty({0}, A.options());
+  at::Tensor dB = at::empty({0}, B.options());
+  if (need_dx || need_dA) {
+    const at::Tensor u = at::mm(g, B.to(ct)).mul_(scale);  // s g B
+    const at::Tensor mask = dp.enabled ? mask_tensor(x.size(0), x.size(1), dp, ct) : at::Tensor();
+    if (need_dx) {
+      at::Tensor d = at::mm(u, A.to(ct));
+      if (dp.enabled) d.mul_(mask);
+      dx = d.to(x.scalar_type());
+    }
+    if (need_dA) {
+      at::Tensor xd = x.to(ct);
+      if (dp.enabled) xd = xd * mask;
+      dA = at::mm(u.t(), xd).to(A.scalar_type());
+    }
+  }
+  if (need_dB) dB = at::mm(g.t(), t.to(ct)).mul_(scale).to(B.scalar_type());
+  return {dx, dA, dB};
+}
+
 std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
                                                  const at::Tensor& A, const at::Tensor& B,
                                                  double scale, double p, const at::Tensor& seed) {
   check_forward(x, layer_out, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
+  if (plan_for(x.size(0), A.size(0)) == Plan::kGemm)
+    return gemm_forward(x, layer_out, A, B, scale, dp);
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {
     return forward_impl<decltype(tag)>(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), plan, scale,
@@ -295,6 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
     bool need_dB) {
   check_backward(grad, x, t, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
+  if (plan_for(x.size(0), A.size(0)) == Plan::kGemm)
+    return gemm_backward(grad, x, t, A, B, scale, dp, need_dx, need_dA, need_dB);
   const RowPlan plan = RowPlan::single(x.size(0));
   auto [dx, dA, dB] = dispatch_activation(x, [&](auto tag) {
     return backward_impl<decltype(tag)>(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), plan, scale, dp,
@@ -333,6 +475,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
+  // How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" or "gemm".
+  m.def("cpu_lor2c_plan(int n, int r) -> str", &lor2c::cpu_lor2c_plan);
+}
 
 TORCH_LIBRARY_IMPL(lor2c_ops_ext, CPU, m) {
   m.impl("lor2c_fwd", &lor2c_fwd_cpu);

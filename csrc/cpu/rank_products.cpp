@@ -167,14 +167,14 @@ LOR2C_INLINE void dot_rest(int rem, const float* M, int64_t r, int64_t d, int64_
 
 template <typename Arch>
 LOR2C_INLINE void dot_rows_impl_body(const float* __restrict M, int64_t r, int64_t d,
-                                     const float* const* rows, float* __restrict out) {
+                                     const float* const* rows, int used, float* __restrict out) {
   constexpr int MR = Tiles<Arch>::dot_mr, NK = Tiles<Arch>::dot_nk;
   static_assert(kRows % MR == 0, "row tiles split the block");
   int64_t k = 0;
   for (; k + NK <= r; k += NK)
-    for (int b = 0; b < kRows; b += MR) dot_tile<Arch, MR, NK>(M, r, d, k, rows + b, out + b * r);
+    for (int b = 0; b < used; b += MR) dot_tile<Arch, MR, NK>(M, r, d, k, rows + b, out + b * r);
   if (k < r)
-    for (int b = 0; b < kRows; b += MR)
+    for (int b = 0; b < used; b += MR)
       dot_rest<Arch, MR, NK - 1>(static_cast<int>(r - k), M, r, d, k, rows + b, out + b * r);
 }
 
@@ -213,11 +213,11 @@ LOR2C_INLINE void combine_tile(const float* __restrict M, int64_t r, int64_t d, 
 template <typename Arch>
 LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, int64_t d,
                                          const float* __restrict coef, const float* const* base,
-                                         float* const* out) {
+                                         int used, float* const* out) {
   constexpr int W = Arch::W, MR = Tiles<Arch>::comb_mr, NC = Tiles<Arch>::comb_nc;
   static_assert(kRows % MR == 0, "row tiles split the block");
   const int64_t dv = d / W * W;
-  for (int b = 0; b < kRows; b += MR) {
+  for (int b = 0; b < used; b += MR) {
     const float* const* bb = base ? base + b : nullptr;
     int64_t j = 0;
     for (; j + NC * W <= dv; j += NC * W)
@@ -225,7 +225,7 @@ LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, i
     for (; j < dv; j += W) combine_tile<Arch, MR, 1>(M, r, d, j, coef + b * r, bb, out + b);
   }
   for (int64_t j = dv; j < d; ++j)
-    for (int b = 0; b < kRows; ++b) {
+    for (int b = 0; b < used; ++b) {
       float acc = base ? base[b][j] : 0.f;
       for (int64_t k = 0; k < r; ++k) acc += coef[b * r + k] * M[k * d + j];
       out[b][j] = acc;
@@ -234,10 +234,11 @@ LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, i
 
 // ---- accumulate_outer ----------------------------------------------------------------------
 
-// P[k0 + q, j0 .. j0 + NC * W] += sum_b coef[b * r + k0 + q] * rows[b][...], q < NK.
+// P[k0 + q, j0 .. j0 + NC * W] += sum_b coef[b * r + k0 + q] * rows[b][...], q < NK, b < used.
 template <typename Arch, int NK, int NC>
 LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int64_t k0, int64_t j0,
-                                  const float* __restrict coef, const float* const* rows) {
+                                  const float* __restrict coef, const float* const* rows,
+                                  int used) {
   constexpr int W = Arch::W;
   using V = typename Vec<W>::f;
   float* p = P + k0 * d + j0;
@@ -249,8 +250,7 @@ LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = vload<W>(p + q * d + c * W);
-#pragma GCC unroll 8
-  for (int b = 0; b < kRows; ++b) {
+  for (int b = 0; b < used; ++b) {
     V x[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) x[c] = vload<W>(rows[b] + j0 + c * W);
@@ -270,17 +270,19 @@ LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int
 
 template <typename Arch, int NK>
 LOR2C_INLINE void accumulate_ranks(float* __restrict P, int64_t r, int64_t d, int64_t k0,
-                                   const float* __restrict coef, const float* const* rows) {
+                                   const float* __restrict coef, const float* const* rows,
+                                   int used) {
   constexpr int W = Arch::W, NC = Tiles<Arch>::acc_nc;
   const int64_t dv = d / W * W;
   int64_t j = 0;
-  for (; j + NC * W <= dv; j += NC * W) accumulate_tile<Arch, NK, NC>(P, r, d, k0, j, coef, rows);
-  for (; j < dv; j += W) accumulate_tile<Arch, NK, 1>(P, r, d, k0, j, coef, rows);
+  for (; j + NC * W <= dv; j += NC * W)
+    accumulate_tile<Arch, NK, NC>(P, r, d, k0, j, coef, rows, used);
+  for (; j < dv; j += W) accumulate_tile<Arch, NK, 1>(P, r, d, k0, j, coef, rows, used);
   for (int q = 0; q < NK; ++q) {
     float* p = P + (k0 + q) * d;
     for (j = dv; j < d; ++j) {
       float acc = p[j];
-      for (int b = 0; b < kRows; ++b) acc += coef[b * r + k0 + q] * rows[b][j];
+      for (int b = 0; b < used; ++b) acc += coef[b * r + k0 + q] * rows[b][j];
       p[j] = acc;
     }
   }
@@ -288,49 +290,51 @@ LOR2C_INLINE void accumulate_ranks(float* __restrict P, int64_t r, int64_t d, in
 
 template <typename Arch, int NK>
 LOR2C_INLINE void accumulate_rest(int rem, float* P, int64_t r, int64_t d, int64_t k0,
-                                  const float* coef, const float* const* rows) {
+                                  const float* coef, const float* const* rows, int used) {
   if constexpr (NK > 0) {
-    if (rem == NK) return accumulate_ranks<Arch, NK>(P, r, d, k0, coef, rows);
-    accumulate_rest<Arch, NK - 1>(rem, P, r, d, k0, coef, rows);
+    if (rem == NK) return accumulate_ranks<Arch, NK>(P, r, d, k0, coef, rows, used);
+    accumulate_rest<Arch, NK - 1>(rem, P, r, d, k0, coef, rows, used);
   }
 }
 
 template <typename Arch>
 LOR2C_INLINE void accumulate_outer_impl_body(float* __restrict P, int64_t r, int64_t d,
-                                             const float* __restrict coef,
-                                             const float* const* rows) {
+                                             const float* __restrict coef, const float* const* rows,
+                                             int used) {
   constexpr int NK = Tiles<Arch>::acc_nk;
   int64_t k = 0;
-  for (; k + NK <= r; k += NK) accumulate_ranks<Arch, NK>(P, r, d, k, coef, rows);
-  if (k < r) accumulate_rest<Arch, NK - 1>(static_cast<int>(r - k), P, r, d, k, coef, rows);
+  for (; k + NK <= r; k += NK) accumulate_ranks<Arch, NK>(P, r, d, k, coef, rows, used);
+  if (k < r) accumulate_rest<Arch, NK - 1>(static_cast<int>(r - k), P, r, d, k, coef, rows, used);
 }
 
 LOR2C_MULTIVERSION(dot_rows_impl,
                    (const float* __restrict M, int64_t r, int64_t d, const float* const* rows,
-                    float* __restrict out),
-                   (M, r, d, rows, out))
+                    int used, float* __restrict out),
+                   (M, r, d, rows, used, out))
 LOR2C_MULTIVERSION(combine_rows_impl,
                    (const float* __restrict M, int64_t r, int64_t d, const float* __restrict coef,
-                    const float* const* base, float* const* out),
-                   (M, r, d, coef, base, out))
+                    const float* const* base, int used, float* const* out),
+                   (M, r, d, coef, base, used, out))
 LOR2C_MULTIVERSION(accumulate_outer_impl,
                    (float* __restrict P, int64_t r, int64_t d, const float* __restrict coef,
-                    const float* const* rows),
-                   (P, r, d, coef, rows))
+                    const float* const* rows, int used),
+                   (P, r, d, coef, rows, used))
 
 }  // namespace
 
-void dot_rows(const float* M, int64_t r, int64_t d, const float* const* rows, float* out) {
-  dot_rows_impl(M, r, d, rows, out);
+void dot_rows(const float* M, int64_t r, int64_t d, const float* const* rows, int used,
+              float* out) {
+  dot_rows_impl(M, r, d, rows, used, out);
 }
 
 void combine_rows(const float* M, int64_t r, int64_t d, const float* coef, const float* const* base,
-                  float* const* out) {
-  combine_rows_impl(M, r, d, coef, base, out);
+                  int used, float* const* out) {
+  combine_rows_impl(M, r, d, coef, base, used, out);
 }
 
-void accumulate_outer(float* P, int64_t r, int64_t d, const float* coef, const float* const* rows) {
-  accumulate_outer_impl(P, r, d, coef, rows);
+void accumulate_outer(float* P, int64_t r, int64_t d, const float* coef, const float* const* rows,
+                      int used) {
+  accumulate_outer_impl(P, r, d, coef, rows, used);
 }
 
 }  // namespace cpu
