@@ -32,7 +32,7 @@ import common  # noqa: E402
 import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
-from lor2c_ops import backends  # noqa: E402
+from lor2c_ops import backends, info  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,7 +170,12 @@ def check_targets(rows, ambiguous: bool) -> list[str]:
     for r in fused:
         goals = [
             ("2x faster than the published approach", r["vs_published"] >= 2.0),
-            ("at most 15% slower than the frozen linear alone", r["over_linear"] <= 0.15),
+            (
+                # issue 15 item 5: 10% at p=0, 15% with dropout; the CPU kernels' path named
+                f"at most {10 if r['p'] == 0.0 else 15}% slower than the frozen linear alone"
+                + (f" ({info.cpu_isa()[0]} path)" if r["provider"] == "cpu" else ""),
+                r["over_linear"] <= (0.10 if r["p"] == 0.0 else 0.15),
+            ),
             ("no allocation of a d_in x d_out tensor", r["d_allocs"] == 0),
         ]
         if ambiguous:  # n == d_in: an (n, d_out) activation has D's size too
