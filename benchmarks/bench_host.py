@@ -216,7 +216,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    rows = run(device, args.quick, args.rounds, args.calls)
+    # One thread: host time is one thread's work, and at these sizes no kernel gains from more;
+    # other threads only add wake-ups, and on a loaded machine, waits for a descheduled BLAS
+    # worker (seen: eager's tiny products 10x slower, a ratio that flatters the fused ops).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    try:
+        rows = run(device, args.quick, args.rounds, args.calls)
+    finally:
+        torch.set_num_threads(threads)
     meta = {
         "bench": "host",
         "device": common.device_name(device),
@@ -226,11 +235,18 @@ def main(argv=None):
         "n": 8,
         "d": 64,
         "r": 4,
+        "threads": 1,
+        "load_average": load,
     }
     print(
-        f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, on "
-        f"{meta['device']}; commit {meta['commit']}"
+        f"Host time per forward + backward (torch.autograd.grad), n=8 d=64 r=4, one thread, on "
+        f"{meta['device']}; commit {meta['commit']}; load average {load:.1f}"
     )
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"WARNING: the machine is loaded (load average {load:.1f} on {os.cpu_count()} "
+            f"CPUs): times are inflated; ratios hold only as far as the load hit all alike"
+        )
     report(rows, args.quick)
     return common.finish("host", rows, meta, args)
 

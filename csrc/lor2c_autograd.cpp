@@ -9,8 +9,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
+
 namespace {
 
+using lor2c::as_rows;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
@@ -59,16 +62,19 @@ Pair empty_forward(const at::Tensor& x, const at::Tensor& layer_out, const at::T
 }
 
 struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& layer_out,
-                            const at::Tensor& A, const at::Tensor& B,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in,
+                            const at::Tensor& layer_out, const at::Tensor& A, const at::Tensor& B,
                             const c10::optional<at::Tensor>& ids, double scale, double p,
                             const at::Tensor& seed) {
-    auto [out, t] = x.size(0) == 0 ? empty_forward(x, layer_out, A)
-                                   : run_forward(x, layer_out, A, B, ids, scale, p, seed);
+    const at::Tensor x = as_rows(x_in, A.size(-1));
+    const at::Tensor lo = as_rows(layer_out, B.size(-2));
+    auto [out, t] =
+        x.size(0) == 0 ? empty_forward(x, lo, A) : run_forward(x, lo, A, B, ids, scale, p, seed);
     ctx->save_for_backward({x, t, A, B, ids.has_value() ? *ids : at::Tensor(), seed});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
-    return out;
+    ctx->saved_data["x_shape"] = x_in.sizes();
+    return layer_out.dim() == 2 ? out : out.view(layer_out.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -82,7 +88,7 @@ struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
     if (!g.defined()) return out;
     if (need_lo) out[1] = g;  // d layer_out is the output gradient itself
     if (!(need_x || need_A || need_B)) return out;
-    if (g.dim() > 1 && g.size(-1) > 1 && g.stride(-1) != 1) g = g.contiguous();
+    g = as_rows(g, g.size(-1));
     at::Tensor dx, dA, dB;
     if (x.size(0) == 0) {  // an empty batch: the weights get exact zeros
       dx = at::empty_like(x);
@@ -93,7 +99,7 @@ struct LoR2CFunction : public torch::autograd::Function<LoR2CFunction> {
           run_backward(g, x, t, A, B, ids, ctx->saved_data["scale"].toDouble(),
                        ctx->saved_data["p"].toDouble(), seed, need_x, need_A, need_B);
     }
-    if (need_x) out[0] = dx;
+    if (need_x) out[0] = lor2c::in_shape(ctx, dx);
     if (need_A) out[2] = dA;
     if (need_B) out[3] = dB;
     return out;
@@ -110,15 +116,20 @@ at::Tensor lor2c_autograd(const at::Tensor& x, const at::Tensor& layer_out, cons
 at::Tensor lor2c_no_grad(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
                          const at::Tensor& B, const c10::optional<at::Tensor>& ids, double scale,
                          double p, const at::Tensor& seed) {
-  if (x.size(0) == 0) return at::empty_like(layer_out);
-  return std::get<0>(run_forward(x, layer_out, A, B, ids, scale, p, seed));
+  const at::Tensor x2 = as_rows(x, A.size(-1));
+  if (x2.size(0) == 0) return at::empty_like(layer_out);
+  const at::Tensor out =
+      std::get<0>(run_forward(x2, as_rows(layer_out, B.size(-2)), A, B, ids, scale, p, seed));
+  return layer_out.dim() == 2 ? out : out.view(layer_out.sizes());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // out = layer_out + scale * dropout(x) @ A.T @ B.T with its backward as a C++ autograd node;
-  // ids given: A, B are banks and row i uses adapter ids[i] (-1: none). Arguments as lor2c_fwd.
+  // ids given: A, B are banks and row i uses adapter ids[i] (-1: none). Arguments as lor2c_fwd,
+  // except that x (..., d_in) and layer_out (..., d_out) may have any leading dimensions (ids:
+  // one per row); out has layer_out's shape.
   m.def(
       "lor2c(Tensor x, Tensor layer_out, Tensor A, Tensor B, Tensor? ids, float scale, "
       "float p, Tensor seed) -> Tensor");

@@ -183,3 +183,80 @@ def test_backend_choice_is_cached_and_still_explains_refusals():
     assert (None, "cpu", torch.float32, "lor2c") in _common._SELECTED
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run here"):
         lo.lor2c_residual(x, layer_out, A, B, backend="cuda")
+
+
+# Which inputs need a gradient: every subset that reaches the kernels differently.
+_NEEDS = [(1, 1, 1, 1), (0, 1, 0, 1), (1, 0, 1, 0), (0, 0, 1, 1), (1, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3)], ids=lambda s: f"x{len(s) + 1}d")
+@pytest.mark.parametrize("needs", _NEEDS, ids=lambda m: "".join(map(str, m)))
+def test_lor2c_rows_and_gradient_subsets(backend, lead, needs):
+    """N-D activations (rows are taken inside the autograd node: one node, no view nodes) and
+    every subset of inputs needing a gradient give the reference backend's values."""
+    device = skip_unless_runnable(backend)
+    gen = torch.Generator().manual_seed(2)
+    base = [
+        torch.randn(*lead, 16, generator=gen),
+        torch.randn(*lead, 12, generator=gen),
+        torch.randn(4, 16, generator=gen) / 4,
+        torch.randn(12, 4, generator=gen),
+    ]
+    results = {}
+    for name in (backend, "reference"):
+        leaves = [t.to(device).requires_grad_(bool(n)) for t, n in zip(base, needs)]
+        out = lo.lor2c_residual(*leaves, 1.5, backend=name)
+        assert out.shape == (*lead, 12)
+        if name == backend:  # the op is the graph's only node above the leaves
+            assert all(
+                f is None or type(f).__name__ == "AccumulateGrad"
+                for f, _ in (out.grad_fn.next_functions)
+            )
+        out.backward(torch.ones_like(out))
+        results[name] = [out.detach().cpu()] + [
+            None if t.grad is None else t.grad.cpu() for t in leaves
+        ]
+    for i, (got, want) in enumerate(zip(results[backend], results["reference"])):
+        assert (got is None) == (want is None), i
+        if got is not None:
+            assert got.shape == want.shape, i
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=lambda s: f"x{len(s) + 1}d")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    "needs",
+    [(1, 1, 1, 1, 1, 1), (0, 1, 0, 1, 0, 1), (1, 0, 1, 0, 1, 0)],
+    ids=lambda m: "".join(map(str, m)),
+)
+def test_dcft_rows_and_gradient_subsets(backend, lead, bias, needs):
+    """The same for dcft_linear, with and without a bias (an absent bias shifts the positions of
+    the tensor inputs in a C++ autograd node), the frozen weight and bias needing gradients or
+    not."""
+    device = skip_unless_runnable(backend)
+    gen = torch.Generator().manual_seed(3)
+    base = [
+        torch.randn(*lead, 8, generator=gen),  # d_in = (4 - 1) * 2 + 2
+        torch.randn(6, 8, generator=gen),  # d_out = (3 - 1) * 2 + 2
+        torch.randn(6, generator=gen) if bias else None,
+        torch.randn(2, 4, generator=gen),
+        torch.randn(3, 2, generator=gen),
+        torch.randn(2, 2, generator=gen),
+    ]
+    results = {}
+    for name in (backend, "reference"):
+        leaves = [
+            None if t is None else t.to(device).requires_grad_(bool(n)) for t, n in zip(base, needs)
+        ]
+        out = lo.dcft_linear(*leaves, 1.5, 2, backend=name)
+        assert out.shape == (*lead, 6)
+        out.backward(torch.ones_like(out))
+        results[name] = [out.detach().cpu()] + [
+            None if t is None or t.grad is None else t.grad.cpu() for t in leaves
+        ]
+    for i, (got, want) in enumerate(zip(results[backend], results["reference"])):
+        assert (got is None) == (want is None), i
+        if got is not None:
+            assert got.shape == want.shape, i
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

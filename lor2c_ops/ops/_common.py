@@ -75,7 +75,7 @@ def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, op:
 
 def rows(t: Tensor, width: int) -> Tensor:
     """t as (n, width) with unit column stride: a view whenever the layout allows one."""
-    t2 = t.reshape(-1, width)
+    t2 = t if t.dim() == 2 else t.reshape(-1, width)
     if t2.shape[0] > 1 and width > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2
@@ -176,7 +176,3 @@ def refuse_functorch(op: str) -> None:
 
 def none_grads(count: int) -> tuple:
     return (None,) * count
-
-
-def grad_rows(grad: Tensor) -> Tensor:
-    return grad if grad.stride(-1) == 1 else grad.contiguous()

@@ -128,18 +128,21 @@ def _run_forward(k, x, weight, bias, A, B, C, scale, stride, p, seed):
     return k.forward(x, weight, bias, A, B, C, scale, stride, p, seed)
 
 
-def _grads(bwd, needs, grad_out, x, t, weight, A, B, C, seed):
-    """The gradient tuple of the forward's inputs; bwd(g, need_x, need_A, need_B, need_C)."""
+def _grads(bwd, needs, grad_out, x, t, weight, A, B, C, seed, x_shape=None):
+    """The gradient tuple of the forward's inputs; bwd(g, need_x, need_A, need_B, need_C) runs
+    the backward kernels on rows (x, g as (n, d)); dx comes back in x_shape when given."""
     need_x, need_w, need_b, need_A, need_B, need_C = needs[:6]
     if grad_out is None:
         return _common.none_grads(_FWD_ARGS)
-    g = _common.grad_rows(grad_out)
+    g = _common.rows(grad_out, grad_out.shape[-1])
     dx = dA = dB = dC = dW = db = None
     if x.shape[0] == 0:
         dx = x.new_empty(x.shape)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
     elif need_x or need_A or need_B or need_C:
         dx, dA, dB, dC = bwd(g, need_x, need_A, need_B, need_C)
+    if need_x and x_shape is not None and len(x_shape) != 2:
+        dx = dx.view(x_shape)
     if need_w:  # the base weight and bias get gradients only when they require them
         dW = g.t().mm(x).to(weight.dtype)
     if need_b:
@@ -201,12 +204,16 @@ class _DCFTFunction(torch.autograd.Function):
     """The eager path: the library ops' forward and backward without their dispatch cost."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, C, scale, stride, p, seed, k):
+    def forward(ctx, x_in, weight, bias, A, B, C, scale, stride, p, seed, k):
+        # Rows are taken here, inside the node, so that N-D activations add no view nodes.
+        x = _common.rows(x_in, weight.shape[1])
         out, t = _run_forward(k, x, weight, bias, A, B, C, scale, stride, p, seed)
         ctx.save_for_backward(x, t, weight, A, B, C, seed)
-        ctx.scale, ctx.stride, ctx.p, ctx.k = scale, stride, p, k
+        ctx.scale, ctx.stride, ctx.p, ctx.k, ctx.x_shape = scale, stride, p, k, x_in.shape
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(t)
+        if x_in.dim() != 2:
+            out = out.view(*x_in.shape[:-1], weight.shape[0])
         return out, t
 
     @staticmethod
@@ -225,6 +232,7 @@ class _DCFTFunction(torch.autograd.Function):
             B,
             C,
             seed,
+            ctx.x_shape,
         )
 
     @staticmethod
@@ -310,7 +318,56 @@ def _check_factors(A, B, C, stride, d_in: Optional[int] = None, d_out: Optional[
     return stride, A.shape[1], B.shape[0]
 
 
-def _check(x, weight, bias, A, B, C, stride):
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+
+
+def _check(x, weight, bias, A, B, C, stride) -> int:
+    """The stride, after checking every argument. The common case costs one expression of
+    attribute reads; on any doubt _explain finds the bad argument and raises."""
+    try:
+        k = C.shape[0]
+        s = k if stride is None else stride
+        dev = x.device
+        ok = (
+            (type(s) is int and 1 <= s <= k)
+            and weight.dim() == 2
+            and A.dim() == 2
+            and B.dim() == 2
+            and C.dim() == 2
+            and x.dtype in _FLOATS
+            and weight.dtype in _FLOATS
+            and A.dtype in _FLOATS
+            and B.dtype in _FLOATS
+            and C.dtype in _FLOATS
+            and x.shape[-1] == weight.shape[1]
+            and A.shape[0] >= 1
+            and B.shape[1] == A.shape[0]
+            and C.shape[1] == k
+            and A.shape[1] >= 1
+            and B.shape[0] >= 1
+            and (A.shape[1] - 1) * s + k == weight.shape[1]
+            and (B.shape[0] - 1) * s + k == weight.shape[0]
+            and dev == weight.device
+            and dev == A.device
+            and dev == B.device
+            and dev == C.device
+            and (
+                bias is None
+                or (
+                    bias.dtype in _FLOATS
+                    and bias.dim() == 1
+                    and bias.shape[0] == weight.shape[0]
+                    and dev == bias.device
+                )
+            )
+        )
+    except (AttributeError, TypeError, IndexError):  # not tensors, or 0-d ones
+        ok = False
+    return s if ok else _explain(x, weight, bias, A, B, C, stride)
+
+
+def _explain(x, weight, bias, A, B, C, stride) -> int:
+    """The detailed checks: raise the error naming the bad argument (else return the stride)."""
     _checks.tensor(x, "x", min_dim=1)
     _checks.tensor(weight, "weight", dim=2)
     if bias is not None:
@@ -382,6 +439,7 @@ def dcft_linear(
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
     scale = _common.scale_value(scale)
     device = x.device
+    eager = not torch.compiler.is_compiling() and device.type != "meta"
     autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
     if autocast and x.dtype != torch.float64:
         # What the expression does under autocast: the linear and the matmul with D in the
@@ -391,21 +449,40 @@ def dcft_linear(
         bias = None if bias is None else bias.to(low)
         if A.dtype not in (low, torch.float32):
             A, B, C = A.float(), B.float(), C.float()
-    _checks.same_dtype(x, "x", weight, "weight")
-    if bias is not None:
-        _checks.same_dtype(x, "x", bias, "bias")
-    _checks.same_dtype(A, "A", B, "B")
-    _checks.same_dtype(A, "A", C, "C")
-    _checks.weight_dtype(A, "A", x.dtype)
+    if (
+        x.dtype is not weight.dtype
+        or (bias is not None and bias.dtype is not x.dtype)
+        or A.dtype is not B.dtype
+        or A.dtype is not C.dtype
+        or A.dtype is not x.dtype
+    ):
+        _checks.same_dtype(x, "x", weight, "weight")
+        if bias is not None:
+            _checks.same_dtype(x, "x", bias, "bias")
+        _checks.same_dtype(A, "A", B, "B")
+        _checks.same_dtype(A, "A", C, "C")
+        _checks.weight_dtype(A, "A", x.dtype)
     name = _common.select(backend, device, x.dtype, "dcft")
     d_out, d_in = weight.shape
     _common.check_rows(x, d_in)
     seed = _common.seed_for(p, generator, device)
-    args = (_common.rows(x, d_in), weight, bias, A, B, C, scale, stride, p, seed)
-    with _common.no_autocast(device, autocast):
-        if _common.eager_path(x):
-            _common.refuse_functorch("dcft_linear")
-            out, _ = _DCFTFunction.apply(*args, _kernels(name))
-        else:
-            out, _ = dcft_fwd(*args, name)
+    args = (x, weight, bias, A, B, C, scale, stride, p, seed)
+    if autocast:
+        with torch.autocast(device.type, enabled=False):
+            return _apply(args, name, eager)
+    return _apply(args, name, eager)
+
+
+def _apply(args, name: str, eager: bool) -> Tensor:
+    """Run the op on checked arguments: eagerly through an autograd node that takes the rows
+    itself (N-D activations add no view nodes), or through the library op (torch.compile)."""
+    x, weight = args[0], args[1]
+    if eager:
+        _common.refuse_functorch("dcft_linear")
+        if name in _common.COMPILED and _common.compiled_autograd("dcft"):
+            _common.refuse_forward_ad(x, *args[3:6], op="dcft_linear")
+            return torch.ops.lor2c_ops_ext.dcft(*args)  # a C++ autograd node, no Python
+        return _DCFTFunction.apply(*args, _kernels(name))[0]
+    d_out, d_in = weight.shape
+    out, _ = dcft_fwd(_common.rows(x, d_in), *args[1:], name)
     return out.view(*x.shape[:-1], d_out)

@@ -153,20 +153,24 @@ _FWD_ARGS = 9  # x, layer_out, A, B, ids, scale, p, seed, backend: the None-tupl
 def _setup_context(ctx, inputs, output):
     x, _layer_out, A, B, ids, scale, p, seed, backend = inputs
     ctx.save_for_backward(x, output[1], A, B, ids, seed)
-    ctx.scale, ctx.p, ctx.backend = scale, p, backend
+    ctx.scale, ctx.p, ctx.backend, ctx.x_shape = scale, p, backend, x.shape
     ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, grad_out, bwd):
     """The gradient tuple of the forward's inputs; bwd(g, x, t, A, B, ids, seed, need_x,
-    need_A, need_B) -> (dx, dA, dB) runs the backward kernels."""
+    need_A, need_B) -> (dx, dA, dB) runs the backward kernels on rows (g as (n, d_out));
+    dx comes back in the forward's x shape (ctx.x_shape)."""
     need_x, need_lo, need_A, need_B = ctx.needs_input_grad[:4]
     if grad_out is None:
         return _common.none_grads(_FWD_ARGS)
     x, t, A, B, ids, seed = ctx.saved_tensors
     dx = dA = dB = None
     if need_x or need_A or need_B:
-        dx, dA, dB = bwd(_common.grad_rows(grad_out), x, t, A, B, ids, seed, need_x, need_A, need_B)
+        g = _rows(grad_out, grad_out.shape[-1])
+        dx, dA, dB = bwd(g, x, t, A, B, ids, seed, need_x, need_A, need_B)
+        if need_x and dx.dim() != len(ctx.x_shape):
+            dx = dx.view(ctx.x_shape)
     return (
         dx if need_x else None,
         grad_out if need_lo else None,
@@ -196,12 +200,16 @@ class _LoR2CFunction(torch.autograd.Function):
     ctx-in-forward form: the setup_context form binds arguments with inspect on every call)."""
 
     @staticmethod
-    def forward(ctx, x, layer_out, A, B, ids, scale, p, seed, k):
-        out, t = _run_forward(k, x, layer_out, A, B, ids, scale, p, seed)
+    def forward(ctx, x_in, layer_out, A, B, ids, scale, p, seed, k):
+        # Rows are taken here, inside the node, so that N-D activations add no view nodes.
+        x = _rows(x_in, A.shape[-1])
+        out, t = _run_forward(k, x, _rows(layer_out, B.shape[-2]), A, B, ids, scale, p, seed)
         ctx.save_for_backward(x, t, A, B, ids, seed)
-        ctx.scale, ctx.p, ctx.k = scale, p, k
+        ctx.scale, ctx.p, ctx.k, ctx.x_shape = scale, p, k, x_in.shape
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(t)
+        if layer_out.dim() != 2:
+            out = out.view(layer_out.shape)
         return out, t
 
     @staticmethod
@@ -222,7 +230,40 @@ class _LoR2CFunction(torch.autograd.Function):
 # --- the public function -------------------------------------------------------------------------
 
 
+_FLOATS = frozenset(_checks.FLOAT_DTYPES)
+
+
 def _check(x, layer_out, A, B, banked=False):
+    """Shapes, dtypes and devices of the tensor arguments. The common case costs one expression
+    of attribute reads; on any doubt _explain finds the bad argument and raises."""
+    wd = 3 if banked else 2
+    try:
+        dev = x.device
+        ok = (
+            A.dim() == wd
+            and B.dim() == wd
+            and x.dtype in _FLOATS
+            and layer_out.dtype in _FLOATS
+            and A.dtype in _FLOATS
+            and B.dtype in _FLOATS
+            and x.shape[-1] == A.shape[-1]
+            and B.shape[-1] == A.shape[-2]
+            and A.shape[-2] >= 1
+            and layer_out.shape[-1] == B.shape[-2]
+            and layer_out.shape[:-1] == x.shape[:-1]
+            and (not banked or A.shape[0] == B.shape[0])
+            and dev == layer_out.device
+            and dev == A.device
+            and dev == B.device
+        )
+    except (AttributeError, TypeError, IndexError):  # not tensors, or 0-d ones
+        ok = False
+    if not ok:
+        _explain(x, layer_out, A, B, banked)
+
+
+def _explain(x, layer_out, A, B, banked):
+    """The detailed checks: raise the error naming the bad argument."""
     _checks.tensor(x, "x", min_dim=1)
     _checks.tensor(layer_out, "layer_out", min_dim=1)
     _checks.tensor(A, "A", dim=3 if banked else 2)
@@ -331,6 +372,7 @@ def lor2c_residual(
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
     scale = _common.scale_value(scale)
     device = x.device
+    eager = not torch.compiler.is_compiling() and device.type != "meta"
     autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
     if autocast:
         # What the expression does under autocast: matmuls in low precision, then the residual
@@ -339,23 +381,31 @@ def lor2c_residual(
             x = x.to(layer_out.dtype)
         if A.dtype not in (x.dtype, torch.float32):
             A, B = A.float(), B.float()
-    _checks.same_dtype(x, "x", layer_out, "layer_out")
-    _checks.same_dtype(A, "A", B, "B")
-    _checks.weight_dtype(A, "A", x.dtype)
+    if x.dtype is not layer_out.dtype or A.dtype is not B.dtype or A.dtype is not x.dtype:
+        _checks.same_dtype(x, "x", layer_out, "layer_out")
+        _checks.same_dtype(A, "A", B, "B")
+        _checks.weight_dtype(A, "A", x.dtype)
     name = _common.select(backend, device, x.dtype, "lor2c_multi" if banked else "lor2c")
     d_in, d_out = A.shape[-1], B.shape[-2]
     _common.check_rows(x, d_in)
     ids = _row_ids(adapter_ids, x, A.shape[0]) if banked else None
     seed = _common.seed_for(p, generator, device)
-    args = (_rows(x, d_in), _rows(layer_out, d_out), A, B, ids, scale, p, seed)
-    with _common.no_autocast(device, autocast):
-        if _common.eager_path(x):
-            _common.refuse_functorch("lor2c_residual")
-            if name in _common.COMPILED and _common.compiled_autograd("lor2c"):
-                _common.refuse_forward_ad(x, layer_out, A, B, op="lor2c_residual")
-                out = torch.ops.lor2c_ops_ext.lor2c(*args)  # a C++ autograd node, no Python
-            else:
-                out, _ = _LoR2CFunction.apply(*args, _kernels(name))
-        else:
-            out, _ = lor2c_fwd(*args, name)
+    args = (x, layer_out, A, B, ids, scale, p, seed)
+    if autocast:
+        with torch.autocast(device.type, enabled=False):
+            return _apply(args, name, eager, d_in, d_out)
+    return _apply(args, name, eager, d_in, d_out)
+
+
+def _apply(args, name: str, eager: bool, d_in: int, d_out: int) -> Tensor:
+    """Run the op on checked arguments: eagerly through an autograd node that takes the rows
+    itself (N-D activations add no view nodes), or through the library op (torch.compile)."""
+    x, layer_out, A, B, ids, scale, p, seed = args
+    if eager:
+        _common.refuse_functorch("lor2c_residual")
+        if name in _common.COMPILED and _common.compiled_autograd("lor2c"):
+            _common.refuse_forward_ad(x, layer_out, A, B, op="lor2c_residual")
+            return torch.ops.lor2c_ops_ext.lor2c(*args)  # a C++ autograd node, no Python
+        return _LoR2CFunction.apply(*args, _kernels(name))[0]
+    out, _ = lor2c_fwd(_rows(x, d_in), _rows(layer_out, d_out), A, B, ids, scale, p, seed, name)
     return out.view(*layer_out.shape[:-1], d_out)
