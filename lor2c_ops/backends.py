@@ -174,8 +174,9 @@ def select(
 #    r=64: the expression's dropout costs more). On CPUs without bf16 products eager bf16 is
 #    slow (float16 everywhere: x25 at r=64).
 #
-# cpu_loses_to_eager() states these; backend=None should run the eager expression there (it
-# takes the shape: n rows, ranks, dtype, p). The cached select() does not see shapes.
+# cpu_loses_to_eager() states these (it takes the shape: n rows, ranks, dtype, p; the cached
+# select() does not see shapes). lor2c_residual with backend=None runs the plain expression
+# where it fires without dropout (ops/lor2c.py, _cpu_loses); with dropout the fused kernel stays.
 
 
 def cpu_plan(n: int, r: int) -> str:

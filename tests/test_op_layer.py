@@ -260,3 +260,33 @@ def test_dcft_rows_and_gradient_subsets(backend, lead, bias, needs):
         if got is not None:
             assert got.shape == want.shape, i
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster():
+    """backends.cpu_loses_to_eager is applied by lor2c_residual(backend=None) on the CPU without
+    dropout: the plain expression's graph, the same values; with dropout, or with a forced
+    backend, the fused node."""
+    from lor2c_ops import backends
+
+    if backends.available("cpu")["cpu"] is not None:
+        pytest.skip("the cpu backend is not built here")
+    gen = torch.Generator().manual_seed(4)
+    x, layer_out = torch.randn(2, 16, generator=gen), torch.randn(2, 12, generator=gen)
+    A, B = torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
+    assert backends.cpu_loses_to_eager(2, 16, 12, 4, torch.float32, 0.0) is not None
+    plain = lo.lor2c_residual(x, layer_out, A, B, 1.5)
+    fused = lo.lor2c_residual(x, layer_out, A, B, 1.5, backend="cpu")
+    assert type(plain.grad_fn).__name__ == "AddBackward0"
+    assert type(fused.grad_fn).__name__ != "AddBackward0"
+    torch.testing.assert_close(plain, fused)
+    got = torch.autograd.grad(plain.sum(), (x, A, B))
+    want = torch.autograd.grad(fused.sum(), (x, A, B))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    dropped = lo.lor2c_residual(x, layer_out, A, B, 1.5, 0.1)
+    assert type(dropped.grad_fn).__name__ != "AddBackward0"
+    many = torch.randn(64, 16)  # a shape where the kernels win: the fused node
+    out = lo.lor2c_residual(many, torch.zeros(64, 12), A, B, 1.5)
+    assert backends.cpu_loses_to_eager(64, 16, 12, 4, torch.float32, 0.0) is None
+    assert type(out.grad_fn).__name__ != "AddBackward0"
