@@ -432,10 +432,16 @@ def _input_pass(
                 dx = _mm_f32(
                     u * (scale * inv_keep), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32
                 )
-                dx = _cast(dx, dx_ptr.dtype.element_ty)
-                if HAS_DROPOUT:  # masked after the cast (exact either way): in the store's layout
-                    dx = tl.where(keep, dx, 0.0)
-                tl.store(dx_ptr + rows[:, None] * d_in + cols[None, :], dx, mask=ok)
+                # Dropped elements are zeroed by a second, predicated store of the same pointers
+                # (the same thread writes an element both times, in order) rather than by
+                # tl.where on dx: that put the mask into the MMA layout through shared memory,
+                # with the Philox words' join/interleave conversions, where this keeps the mask
+                # in the store's layout (the TTGIR has only dx's own MMA-to-store conversion).
+                dx_ptrs = dx_ptr + rows[:, None] * d_in + cols[None, :]
+                tl.store(dx_ptrs, _cast(dx, dx_ptr.dtype.element_ty), mask=ok)
+                if HAS_DROPOUT:
+                    zero = tl.zeros((BLOCK_M, BLOCK_K), dtype=dx_ptr.dtype.element_ty)
+                    tl.store(dx_ptrs, zero, mask=ok & (keep == 0))
             if NEED_DA:
                 xd = tl.load(
                     x_ptr + rows[:, None] * stride_x + cols[None, :],
@@ -612,7 +618,7 @@ def config_for(device: torch.device, d: int, r_pad: int, fp32: bool) -> Config:
         fwd_n=64,
         fwd_warps=8,
         grad_m=16,
-        grad_n=256,
+        grad_n=128 if fp32 else 256,  # fp32 at 256 columns: 255 registers and a 4-byte spill
         in_m=32,
         in_k=64 if fp32 else 128,
     )
