@@ -8,12 +8,16 @@
 // MULTI = true (multi-adapter batches): block b is unit b of the plan (BM rows of one adapter,
 // lor2c_multi_plan.cuh); the plan kernel runs first and the rows without an adapter are written
 // by lor2c_multi_none_kernel afterwards (lor2c_multi_plan.cu).
+// With LOR2C_CUDA_MMA=1 and fp16 / bf16 activations the launchers run lor2c_fwd_mma_kernel
+// (lor2c_mma.cuh, tensor cores) instead: same grid, same rows per block, same outputs.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "lor2c_kernels.h"
+#include "lor2c_mma.cuh"
 #include "lor2c_multi_plan.cuh"
 #include "lor2c_products.cuh"
 
@@ -221,9 +225,64 @@ cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev
   }
 }
 
+// ---- the tensor-core kernel (lor2c_mma.cuh), LOR2C_CUDA_MMA=1 -------------------------------
+template <typename T, typename W, int RT, int BM, bool MULTI>
+cudaError_t fwd_mma_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
+  MmaFwdParams<T, W> p;
+  p.x = static_cast<const T*>(a.x);
+  p.ldx = a.ldx;
+  p.lo = static_cast<const T*>(a.layer_out);
+  p.ldl = a.ldl;
+  p.A = static_cast<const W*>(a.A);
+  p.B = static_cast<const W*>(a.B);
+  p.out = static_cast<T*>(a.out);
+  p.ldo = a.d_out;
+  p.t = a.t;
+  p.n = a.n;
+  p.d_in = a.d_in;
+  p.d_out = a.d_out;
+  p.r = a.r;
+  p.scale = a.scale;
+  p.dropout = a.dropout;
+  p.vec_x = vec8_ok(a.x, a.ldx);
+  p.vec_lo = vec8_ok(a.layer_out, a.ldl);
+  p.vec_out = vec8_ok(a.out, a.d_out);
+  p.multi = multi_table(m, 0, BM);
+  const int64_t blocks = ceil_div(a.n, BM) + (MULTI ? m->G : 0);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = MmaFwdSmem<RT, BM>::kBytes;
+  auto kernel = lor2c_fwd_mma_kernel<T, W, RT, BM, MULTI>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W, bool MULTI>
+cudaError_t fwd_mma_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
+                         cudaStream_t s) {
+  const bool tall = fwd_rows(a.n, dev) == 64;  // the multi plan's units use the same rows
+  switch (mma_rank_tile(a.r)) {
+    case 16:
+      return tall ? fwd_mma_launch_t<T, W, 16, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 16, 32, MULTI>(a, m, s);
+    case 32:
+      return tall ? fwd_mma_launch_t<T, W, 32, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 32, 32, MULTI>(a, m, s);
+    default:
+      return tall ? fwd_mma_launch_t<T, W, 64, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 64, 32, MULTI>(a, m, s);
+  }
+}
+
 template <typename T, bool MULTI>
 cudaError_t fwd_weights(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
                         cudaStream_t s) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (lor2c_mma_enabled())
+      return a.weights_fp32 ? fwd_mma_rank<T, float, MULTI>(a, m, dev, s)
+                            : fwd_mma_rank<T, T, MULTI>(a, m, dev, s);
+  }
   return a.weights_fp32 ? fwd_rank<T, float, MULTI>(a, m, dev, s)
                         : fwd_rank<T, T, MULTI>(a, m, dev, s);
 }
