@@ -4,15 +4,20 @@
 # CUDA-graph capture tests, the Triton tile sweep, the host-time job and the GPU benchmarks,
 # each stage under a time limit, logs in $1 (default: $OUT, else benchmarks/results/gpu-check).
 #
-#   bash scripts/gpu_check.sh [log dir] [stages...]     stages: build tests sweep host bench
+#   bash scripts/gpu_check.sh [log dir] [stages...]
+#   stages: build tests sweep host bench mma (default: all of them)
 #
-# About 8 minutes on an H100/H200 with 16 cores. A stage that fails or runs out of time is
-# reported and the next one runs; the exit status is that of the first failed stage.
+# About 8 minutes on an H100/H200 with 16 cores (plus ~2 for `mma`). A stage that fails or runs
+# out of time is reported and the next one runs; the exit status is that of the first failed
+# stage. `mma` runs the CUDA tests and the CUDA benchmark again with the tensor-core kernels on
+# (LOR2C_CUDA_MMA=1, csrc/cuda/lor2c_mma.cuh; never run on a GPU before), after a compute-sanitizer
+# memcheck and racecheck of one small forward + backward with them: the first GPU check of those
+# kernels. `bash scripts/gpu_check.sh "$OUT" build mma` runs just that (~4 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${1:-${OUT:-benchmarks/results/gpu-check}}"
 shift || true
-STAGES="${*:-build tests sweep host bench}"
+STAGES="${*:-build tests sweep host bench mma}"
 mkdir -p "$LOG"
 PY="${PYTHON:-python3}"
 export TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import lor2c_ops from here
@@ -61,4 +66,22 @@ has tests && has build && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cac
 has host && stage host "${HOST_LIMIT:-120}" "$PY" benchmarks/bench_host.py --device cuda --no-save \
   ${HOST_ARGS:-}
 has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save
+if has mma; then  # the tensor-core kernels (LOR2C_CUDA_MMA=1): sanitizers, tests, benchmark
+  if has build; then :; elif ! "$PY" -c "import lor2c_ops._C" 2>/dev/null; then
+    echo "== mma: the extension is not built (add the build stage)"
+  fi
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck; do
+      LOR2C_CUDA_MMA=1 stage "mma-$tool" 120 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PY" scripts/cuda_mma_smoke.py
+    done
+  fi
+  LOR2C_CUDA_MMA=1 stage tests-cuda-mma 240 "$PY" -m pytest -q -n 8 -p no:cacheprovider \
+    tests/test_lor2c.py tests/test_share.py tests/test_dcft.py tests/test_cuda_graphs.py \
+    -k "cuda or across_backends"
+  LOR2C_CUDA_MMA=1 stage bench-lor2c-mma 200 "$PY" benchmarks/bench_lor2c.py --device cuda \
+    --no-save
+  LOR2C_CUDA_MMA=1 stage bench-lor2c-mma-r64 200 "$PY" benchmarks/bench_lor2c.py --device cuda \
+    --r 64 --p 0 --no-save
+fi
 exit $STATUS

@@ -169,9 +169,15 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
 
 // ---- host side ---------------------------------------------------------------------------------
 // Forward rows per block: 64 once there are enough blocks to fill the GPU twice, else 32.
-int fwd_rows(int64_t n, const DeviceInfo& dev) {
-  return ceil_div(n, 64) >= 2 * static_cast<int64_t>(dev.num_sms) ? 64 : 32;
+// The tensor-core kernel (mma) takes 64 rows once there is one block per SM: every block reads
+// all of A and B (from L2), so taller blocks halve that traffic, and its products are cheap.
+int fwd_rows(int64_t n, const DeviceInfo& dev, bool mma) {
+  const int64_t want = (mma ? 1 : 2) * static_cast<int64_t>(dev.num_sms);
+  return ceil_div(n, 64) >= want ? 64 : 32;
 }
+
+// Whether this call runs the tensor-core kernel (LOR2C_CUDA_MMA=1, 16-bit activations).
+bool use_mma(DType act) { return act != DType::kFloat32 && lor2c_mma_enabled(); }
 
 template <typename T, typename W, int RT, int BM, bool MULTI>
 cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
@@ -208,7 +214,7 @@ cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stre
 
 template <typename T, typename W, bool MULTI>
 cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev, cudaStream_t s) {
-  const bool tall = fwd_rows(a.n, dev) == 64;
+  const bool tall = fwd_rows(a.n, dev, false) == 64;
   switch (rank_tile(a.r)) {
     case 8:
       return tall ? fwd_launch_t<T, W, 8, 64, MULTI>(a, m, s)
@@ -261,7 +267,7 @@ cudaError_t fwd_mma_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t 
 template <typename T, typename W, bool MULTI>
 cudaError_t fwd_mma_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
                          cudaStream_t s) {
-  const bool tall = fwd_rows(a.n, dev) == 64;  // the multi plan's units use the same rows
+  const bool tall = fwd_rows(a.n, dev, true) == 64;  // the multi plan's units use the same rows
   switch (mma_rank_tile(a.r)) {
     case 16:
       return tall ? fwd_mma_launch_t<T, W, 16, 64, MULTI>(a, m, s)
@@ -279,7 +285,7 @@ template <typename T, bool MULTI>
 cudaError_t fwd_weights(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
                         cudaStream_t s) {
   if constexpr (!std::is_same<T, float>::value) {
-    if (lor2c_mma_enabled())
+    if (use_mma(a.act))
       return a.weights_fp32 ? fwd_mma_rank<T, float, MULTI>(a, m, dev, s)
                             : fwd_mma_rank<T, T, MULTI>(a, m, dev, s);
   }
@@ -307,7 +313,8 @@ cudaError_t lor2c_multi_fwd_launch(const FwdArgs& args, const MultiArgs& multi,
                                    const DeviceInfo& dev, cudaStream_t stream) {
   if (args.n <= 0) return cudaSuccess;
   if (multi.G <= 0) return cudaErrorInvalidValue;
-  cudaError_t err = multi_plan_launch(multi, args.n, fwd_rows(args.n, dev), 0, stream);
+  cudaError_t err =
+      multi_plan_launch(multi, args.n, fwd_rows(args.n, dev, use_mma(args.act)), 0, stream);
   if (err != cudaSuccess) return err;
   if ((err = fwd_dispatch<true>(args, &multi, dev, stream)) != cudaSuccess) return err;
   NoneArgs none{};  // rows without an adapter: out = layer_out, t = 0

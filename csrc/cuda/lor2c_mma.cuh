@@ -42,11 +42,11 @@
 #include "lor2c_multi_plan.cuh"
 #include "lor2c_products.cuh"
 
-// The dynamic shared memory of a kernel, as bytes (the host check provides its own).
+// The dynamic shared memory of a kernel, as bytes, 128-byte aligned (wmma needs 32-byte aligned
+// tile pointers; the regions below start at multiples of 128 bytes). The host check provides
+// its own.
 #if !defined(LOR2C_DYNAMIC_SMEM)
-#define LOR2C_DYNAMIC_SMEM(name)        \
-  extern __shared__ float4 name##_f4[]; \
-  unsigned char* const name = reinterpret_cast<unsigned char*>(name##_f4)
+#define LOR2C_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 namespace lor2c {
@@ -59,8 +59,8 @@ constexpr int kMmaPadF = 4;                // fp32 elements of padding per share
 constexpr int kMmaLdh = kTile + kMmaPadH;  // 136: a 128-column tile of 16-bit elements
 constexpr int kMmaLdf = kTile + kMmaPadF;  // 132: a 128-column tile of fp32
 constexpr int kMmaSub = 64;                // rows per step of the grad kernel (= kSub)
-constexpr int kMmaSubX = 32;               // rows per step of the x kernel (= kSubX)
-static_assert(kMmaSub == kSub && kMmaSubX == kSubX, "the plans count rows in these steps");
+constexpr int kMmaSubX = 64;  // rows per step of the x kernel (16 KB of x in flight per block)
+static_assert(kMmaSub == kSub, "the plans count kernel-1 rows in these steps");
 
 // The rank tile of the tensor-core kernels: 16, 32 or 64 (r > 64: chunks of 64).
 inline int mma_rank_tile(int64_t r) {
@@ -641,17 +641,18 @@ struct MmaBwdXParams {
   T* dx;         // (n, d_in) contiguous; null when !do_dx
   float* ws_dA;  // (splits, r, d_in) fp32 partial sums of dA; null when !do_dA
   int64_t n, d_in, r;
-  int64_t rows;  // rows per block, a multiple of kMmaSubX
+  int64_t rows;  // rows per block (the plan's x_rows, a multiple of 32; a last step may be partial)
   float scale;
   DropoutArgs dropout;
   bool do_dx, do_dA, vec_x, vec_dx;  // vec8_ok
   MultiTable multi;                  // MULTI only: units of `rows` rows
 };
 
-// Shared memory of kernel 2 (bytes): Xh [32][136] T (x * keep), the keep flags [32][16] bytes,
-// u of the step as ubh, ubl [32][RT+8] bf16 (times s / (1 - p), for dx) and uth, utl [32][RT+8] T
-// (for dA), A as ah, al [RT][136] bf16 (A[rank][col]: the row-major K x N operand), and an fp32
-// area E [max(32, RT)][132] for dx's epilogue, then for the dA partial.
+// Shared memory of kernel 2 (bytes): Xh [64][136] T (x * keep), the keep flags [64][16] bytes,
+// u of the step as ubh, ubl [64][RT+8] bf16 (times s / (1 - p), for dx) and uth, utl [64][RT+8] T
+// (for dA), A as ah, al [RT][136] bf16 (A[rank][col]: the row-major K x N operand), and one
+// 16 x 16 fp32 tile per warp for dx's epilogue. After the row loop the u area holds the dA
+// partial [RT][132] fp32 on its way out.
 template <int RT>
 struct MmaXSmem {
   static constexpr int kNT = RT / 16;
@@ -660,12 +661,14 @@ struct MmaXSmem {
   static constexpr size_t kBits = align128(kMmaSubX * (kTile / 8));
   static constexpr size_t kU = align128(sizeof(uint16_t) * kMmaSubX * kLdu);
   static constexpr size_t kA = align128(sizeof(uint16_t) * RT * kMmaLdh);
-  static constexpr size_t kE = sizeof(float) * cmax(kMmaSubX, RT) * kMmaLdf;
+  static constexpr size_t kStage = sizeof(float) * 256;  // per warp
+  static constexpr size_t kRed = sizeof(float) * RT * kMmaLdf;
+  static_assert(kRed <= 4 * kU, "the dA partial fits in the u area");
   static constexpr size_t kOffBits = kXh;
   static constexpr size_t kOffU = kOffBits + kBits;
   static constexpr size_t kOffA = kOffU + 4 * kU;
-  static constexpr size_t kOffE = kOffA + 2 * kA;
-  static constexpr size_t kBytes = kOffE + kE;
+  static constexpr size_t kOffStage = kOffA + 2 * kA;
+  static constexpr size_t kBytes = kOffStage + kWarps * kStage;
 };
 
 template <typename W, int RT>
@@ -697,12 +700,13 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
   T* const utl = reinterpret_cast<T*>(sm + L::kOffU + 3 * L::kU);
   Bf16* const ah = reinterpret_cast<Bf16*>(sm + L::kOffA);
   Bf16* const al = reinterpret_cast<Bf16*>(sm + L::kOffA + L::kA);
-  float* const E = reinterpret_cast<float*>(sm + L::kOffE);
+  float* const red = reinterpret_cast<float*>(sm + L::kOffU);  // after the row loop
 
   const int64_t d_in = p.d_in, r = p.r;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t zc = blockIdx.z;  // rank chunk of dA owned by this block
-  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int warp = static_cast<int>(threadIdx.x >> 5), lane = static_cast<int>(threadIdx.x & 31);
+  float* const stage = reinterpret_cast<float*>(sm + L::kOffStage) + warp * 256;
   const int nsub = static_cast<int>((nrows + kMmaSubX - 1) / kMmaSubX);
   const int64_t nrc = (r + RT - 1) / RT;
   // dx sums over all ranks: with r > 64 the z == 0 blocks do it, looping over the chunks.
@@ -722,7 +726,7 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
     const int64_t l0 = static_cast<int64_t>(sb) * kMmaSubX;  // the step's first row in `rows`
     xt.store(Xh, rows, l0, col0, d_in, dp, bits);
     if (sb + 1 < nsub) xt.load(p.x, p.ldx, rows, l0 + kMmaSubX, col0, d_in, p.vec_x);
-    FragAcc xacc[kMmaSubX / 16];  // dx (32 rows x 16 columns of warp `warp`)
+    FragAcc xacc[kMmaSubX / 16];  // dx (64 rows x 16 columns of warp `warp`)
 #pragma unroll
     for (int mt = 0; mt < kMmaSubX / 16; ++mt) wmma::fill_fragment(xacc[mt], 0.f);
     for (int64_t rc = 0; rc < nrc; ++rc) {
@@ -776,44 +780,42 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
       }
       __syncthreads();  // the u tiles (and A, r > 64) are rewritten by the next chunk
     }
-    if (do_dx) {
+    if (do_dx) {  // each warp writes its 16 columns, one 16 x 16 tile at a time
+      const int rr = lane >> 1, half = lane & 1;  // the lane's row in the tile, 8-column half
+      const int grp = 2 * warp + half;            // its 8-column group in the 128-column tile
+      const int64_t j = col0 + 8 * grp;
 #pragma unroll
-      for (int mt = 0; mt < kMmaSubX / 16; ++mt)
-        wmma::store_matrix_sync(E + mt * 16 * kMmaLdf + warp * 16, xacc[mt], kMmaLdf,
-                                wmma::mem_row_major);
-      __syncthreads();
-      constexpr int kGroups = kMmaSubX * (kTile / 8) / kThreads;
-#pragma unroll
-      for (int q = 0; q < kGroups; ++q) {
-        const int g = static_cast<int>(threadIdx.x) + q * kThreads;
-        const int row = g / (kTile / 8), grp = g % (kTile / 8);
+      for (int mt = 0; mt < kMmaSubX / 16; ++mt) {
+        wmma::store_matrix_sync(stage, xacc[mt], 16, wmma::mem_row_major);
+        __syncwarp();
+        const int row = mt * 16 + rr;
         const int64_t i = rows(l0 + row);
-        const int64_t j = col0 + 8 * grp;
         if (i >= 0 && j < d_in) {
-          const unsigned keep = bits[g];
+          const unsigned keep = bits[row * (kTile / 8) + grp];
           float v[8];
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
-            v[c] = E[row * kMmaLdf + 8 * grp + c];
+            v[c] = stage[rr * 16 + 8 * half + c];
             if (dp.enabled) v[c] *= ((keep >> c) & 1u) ? 1.f : 0.f;
           }
           store8(p.dx + i * d_in + j, j, d_in, p.vec_dx, v);
         }
+        __syncwarp();  // the stage tile is rewritten by the next row tile
       }
     }
-    __syncthreads();  // Xh, bits and E are rewritten by the next step
+    __syncthreads();  // Xh and bits are rewritten by the next step
   }
-  if (do_dA) {
+  if (do_dA) {  // the u area is free: the last step ended with a barrier
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
-      wmma::store_matrix_sync(E + nt * 16 * kMmaLdf + warp * 16, dacc[nt], kMmaLdf,
+      wmma::store_matrix_sync(red + nt * 16 * kMmaLdf + warp * 16, dacc[nt], kMmaLdf,
                               wmma::mem_row_major);
     __syncthreads();
     float* const out = p.ws_dA + (slice * r + zc * RT) * d_in + col0;
     const int64_t rank_valid = r - zc * RT, col_valid = d_in - col0;
     for (int o = threadIdx.x; o < RT * kTile; o += kThreads) {
       const int k = o / kTile, c = o % kTile;
-      if (k < rank_valid && c < col_valid) out[k * d_in + c] = E[k * kMmaLdf + c] * keep_scale;
+      if (k < rank_valid && c < col_valid) out[k * d_in + c] = red[k * kMmaLdf + c] * keep_scale;
     }
   }
 }
