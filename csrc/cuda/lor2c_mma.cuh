@@ -59,7 +59,7 @@ constexpr int kMmaPadF = 4;                // fp32 elements of padding per share
 constexpr int kMmaLdh = kTile + kMmaPadH;  // 136: a 128-column tile of 16-bit elements
 constexpr int kMmaLdf = kTile + kMmaPadF;  // 132: a 128-column tile of fp32
 constexpr int kMmaSub = 64;                // rows per step of the grad kernel (= kSub)
-constexpr int kMmaSubX = 64;  // rows per step of the x kernel (16 KB of x in flight per block)
+constexpr int kMmaSubX = 32;  // rows per step of the x kernel (64: 600 B of spills at RT = 64)
 static_assert(kMmaSub == kSub, "the plans count kernel-1 rows in these steps");
 
 // The rank tile of the tensor-core kernels: 16, 32 or 64 (r > 64: chunks of 64).
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const MmaFwd
         stage_w<Bf16, W>(bh, bl, jj * kLdt + k, w);
       }
       __syncthreads();
-#pragma unroll
+#pragma unroll 1  // (unrolled: up to 180 B of spills at RT = 64, BM = 64)
       for (int kk = 0; kk < RT / 16; ++kk) {
         FragB<Bf16, ColMajor> bhi, blo;
         wmma::load_matrix_sync(bhi, bh + warp * 16 * kLdt + kk * 16, kLdt);
@@ -536,7 +536,7 @@ __device__ __forceinline__ void g_range_mma(const MmaBwdGParams<T, W>& p, unsign
           float* const up = us + ku * us_copy + (sb * kMmaSub + mt * 16) * kLdu + nt * 16;
           FragAcc ua;
           wmma::load_matrix_sync(ua, up, kLdu, wmma::mem_row_major);
-#pragma unroll
+#pragma unroll 2
           for (int kk = ku; kk < kTile / 16; kk += L::kKU) {
             FragA<T, RowMajor> a;
             FragB<T, RowMajor> b;
@@ -648,10 +648,10 @@ struct MmaBwdXParams {
   MultiTable multi;                  // MULTI only: units of `rows` rows
 };
 
-// Shared memory of kernel 2 (bytes): Xh [64][136] T (x * keep), the keep flags [64][16] bytes,
-// u of the step as ubh, ubl [64][RT+8] bf16 (times s / (1 - p), for dx) and uth, utl [64][RT+8] T
+// Shared memory of kernel 2 (bytes): Xh [32][136] T (x * keep), the keep flags [32][16] bytes,
+// u of the step as ubh, ubl [32][RT+8] bf16 (times s / (1 - p), for dx) and uth, utl [32][RT+8] T
 // (for dA), A as ah, al [RT][136] bf16 (A[rank][col]: the row-major K x N operand), and one
-// 16 x 16 fp32 tile per warp for dx's epilogue. After the row loop the u area holds the dA
+// 16 x 16 fp32 tile per warp for dx's epilogue. After the row loop the u and A areas hold the dA
 // partial [RT][132] fp32 on its way out.
 template <int RT>
 struct MmaXSmem {
@@ -663,7 +663,7 @@ struct MmaXSmem {
   static constexpr size_t kA = align128(sizeof(uint16_t) * RT * kMmaLdh);
   static constexpr size_t kStage = sizeof(float) * 256;  // per warp
   static constexpr size_t kRed = sizeof(float) * RT * kMmaLdf;
-  static_assert(kRed <= 4 * kU, "the dA partial fits in the u area");
+  static_assert(kRed <= 4 * kU + 2 * kA, "the dA partial fits in the u and A areas");
   static constexpr size_t kOffBits = kXh;
   static constexpr size_t kOffU = kOffBits + kBits;
   static constexpr size_t kOffA = kOffU + 4 * kU;
@@ -700,7 +700,7 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
   T* const utl = reinterpret_cast<T*>(sm + L::kOffU + 3 * L::kU);
   Bf16* const ah = reinterpret_cast<Bf16*>(sm + L::kOffA);
   Bf16* const al = reinterpret_cast<Bf16*>(sm + L::kOffA + L::kA);
-  float* const red = reinterpret_cast<float*>(sm + L::kOffU);  // after the row loop
+  float* const red = reinterpret_cast<float*>(sm + L::kOffU);  // over u and A, after the loop
 
   const int64_t d_in = p.d_in, r = p.r;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -726,7 +726,7 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
     const int64_t l0 = static_cast<int64_t>(sb) * kMmaSubX;  // the step's first row in `rows`
     xt.store(Xh, rows, l0, col0, d_in, dp, bits);
     if (sb + 1 < nsub) xt.load(p.x, p.ldx, rows, l0 + kMmaSubX, col0, d_in, p.vec_x);
-    FragAcc xacc[kMmaSubX / 16];  // dx (64 rows x 16 columns of warp `warp`)
+    FragAcc xacc[kMmaSubX / 16];  // dx (32 rows x 16 columns of warp `warp`)
 #pragma unroll
     for (int mt = 0; mt < kMmaSubX / 16; ++mt) wmma::fill_fragment(xacc[mt], 0.f);
     for (int64_t rc = 0; rc < nrc; ++rc) {
@@ -805,7 +805,7 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
     }
     __syncthreads();  // Xh and bits are rewritten by the next step
   }
-  if (do_dA) {  // the u area is free: the last step ended with a barrier
+  if (do_dA) {  // the u and A areas are free: the last step ended with a barrier
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
       wmma::store_matrix_sync(red + nt * 16 * kMmaLdf + warp * 16, dacc[nt], kMmaLdf,
