@@ -34,6 +34,8 @@
 #include <mma.h>
 #endif
 
+#include <cfloat>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -118,13 +120,15 @@ __device__ __forceinline__ void store8(T* p, int64_t j, int64_t d, bool vec, con
   }
 }
 
-// ---- operand conversion
-// -------------------------------------------------------------------------- v = hi + lo, hi = v
-// rounded to S, lo = the rest rounded to S (about twice S's mantissa bits).
+// ---- operand conversion ------------------------------------------------------------------------
+// v = hi + lo, hi = v rounded to S, lo = the rest rounded to S (about twice S's mantissa bits).
+// When the rest is not finite (v inf or NaN, or hi past S's range) lo is 0, so that an inf stays
+// an inf instead of becoming NaN through inf - inf.
 template <typename S>
 __device__ __forceinline__ void split2(float v, S& hi, S& lo) {
   hi = from_float<S>(v);
-  lo = from_float<S>(v - to_float(hi));
+  const float rest = v - to_float(hi);
+  lo = from_float<S>(fabsf(rest) <= FLT_MAX ? rest : 0.f);
 }
 
 // Weight w into the S operand tiles hi (and lo, unless W is S: then hi alone is exact).
@@ -552,7 +556,7 @@ __device__ __forceinline__ void g_range_mma(const MmaBwdGParams<T, W>& p, unsign
         }
       }
       if (p.need_dB) {  // dB.T[ranks, 16 columns] += t.T @ grad: t (row-major) is col-major t.T
-#pragma unroll
+#pragma unroll 1
         for (int kk = 0; kk < kMmaSub / 16; ++kk) {
           FragB<T, RowMajor> b;
           wmma::load_matrix_sync(b, Gh + kk * 16 * kMmaLdh + warp * 16, kMmaLdh);

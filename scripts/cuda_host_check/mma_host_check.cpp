@@ -581,6 +581,18 @@ bool run_case(const Case& c, const char* label) {
 }
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--smem") {  // the kernels' shared memory, bytes
+    std::printf("forward BM=64: RT16 %zu RT32 %zu RT64 %zu\n", MmaFwdSmem<16, 64>::kBytes,
+                MmaFwdSmem<32, 64>::kBytes, MmaFwdSmem<64, 64>::kBytes);
+    std::printf("forward BM=32: RT16 %zu RT32 %zu RT64 %zu\n", MmaFwdSmem<16, 32>::kBytes,
+                MmaFwdSmem<32, 32>::kBytes, MmaFwdSmem<64, 32>::kBytes);
+    std::printf("kernel 1, 64 rows: RT16 %zu RT32 %zu RT64 %zu; per row %zu %zu %zu\n",
+                MmaGSmem<16>::bytes(64), MmaGSmem<32>::bytes(64), MmaGSmem<64>::bytes(64),
+                MmaGSmem<16>::kPerRow, MmaGSmem<32>::kPerRow, MmaGSmem<64>::kPerRow);
+    std::printf("kernel 2: RT16 %zu RT32 %zu RT64 %zu\n", MmaXSmem<16>::kBytes,
+                MmaXSmem<32>::kBytes, MmaXSmem<64>::kBytes);
+    return 0;
+  }
   bool quick = false;
   for (int a = 1; a < argc; ++a) {
     quick = quick || std::string(argv[a]) == "--quick";
