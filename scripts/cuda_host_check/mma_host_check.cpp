@@ -205,7 +205,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   check(p, ldm, sizeof(float));
   check_end(p, (15 * ldm + 16) * sizeof(float));
   for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * 16 + c];
+    for (int c = 0; c < 16; ++c)
+      (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * 16 + c];
 }
 
 template <typename F>
@@ -297,10 +298,10 @@ struct Case {
   int64_t ldx_pad = 0, ldl_pad = 0, ldg_pad = 0;  // extra row stride
   float p = 0.f;
   bool need_dx = true, need_dA = true, need_dB = true;
-  int bm = 64;                      // forward rows per block
+  int bm = 64;                                    // forward rows per block
   int64_t g_rows = 64, g_splits = 2, g_sub = 64;  // kernel 1: rows per block, slices, range rows
-  int64_t x_rows = 64;              // kernel 2 rows per block
-  int G = 0;                        // > 0: multi-adapter batch with G adapters
+  int64_t x_rows = 64;                            // kernel 2 rows per block
+  int G = 0;                                      // > 0: multi-adapter batch with G adapters
   uint32_t seed = 1;
 };
 
@@ -346,7 +347,8 @@ bool run_case(const Case& c, const char* label) {
   for (int64_t i = 0; i < G * d_out * r; ++i) B[i] = cast<W>(U(rng) * wb);
   std::vector<int64_t> ids(n, 0);
   if (c.G > 0)
-    for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int64_t>(rng() % (c.G + 1)) - 1;  // -1: none
+    for (int64_t i = 0; i < n; ++i)
+      ids[i] = static_cast<int64_t>(rng() % (c.G + 1)) - 1;  // -1: none
   const float scale = 0.75f;
 
   // dropout, as the kernels draw it (csrc/philox.h)
@@ -381,7 +383,8 @@ bool run_case(const Case& c, const char* label) {
     const W* Ba = B.p() + a * d_out * r;
     for (int64_t k = 0; k < r; ++k) {
       double s = 0, su = 0;
-      for (int64_t j = 0; j < d_in; ++j) s += f32(x[i * ldx + j]) * m[i * d_in + j] * f32(Aa[k * d_in + j]);
+      for (int64_t j = 0; j < d_in; ++j)
+        s += f32(x[i * ldx + j]) * m[i * d_in + j] * f32(Aa[k * d_in + j]);
       for (int64_t j = 0; j < d_out; ++j) su += f32(g[i * ldg + j]) * f32(Ba[j * r + k]);
       t_ref[i * r + k] = s;
       u_ref[i * r + k] = su;
@@ -390,26 +393,31 @@ bool run_case(const Case& c, const char* label) {
       double s = 0;
       for (int64_t k = 0; k < r; ++k) s += t_ref[i * r + k] * f32(Ba[j * r + k]);
       out_ref[i * d_out + j] += scale * s;
-      for (int64_t k = 0; k < r; ++k) dB_ref[a * d_out * r + j * r + k] += scale * f32(g[i * ldg + j]) * t_ref[i * r + k];
+      for (int64_t k = 0; k < r; ++k)
+        dB_ref[a * d_out * r + j * r + k] += scale * f32(g[i * ldg + j]) * t_ref[i * r + k];
     }
     for (int64_t j = 0; j < d_in; ++j) {
       double s = 0;
       for (int64_t k = 0; k < r; ++k) s += u_ref[i * r + k] * f32(Aa[k * d_in + j]);
       dx_ref[i * d_in + j] = scale * s * m[i * d_in + j];
       for (int64_t k = 0; k < r; ++k)
-        dA_ref[a * r * d_in + k * d_in + j] += scale * u_ref[i * r + k] * f32(x[i * ldx + j]) * m[i * d_in + j];
+        dA_ref[a * r * d_in + k * d_in + j] +=
+            scale * u_ref[i * r + k] * f32(x[i * ldx + j]) * m[i * d_in + j];
     }
   }
 
   // multi-adapter plan, as lor2c_multi_plan_kernel builds it (stable sort by id)
   std::vector<int64_t> order(n), sorted(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
   for (int64_t i = 0; i < n; ++i) sorted[i] = ids[order[i]];
   const int64_t S = G + 2;
   std::vector<int64_t> seg(S + 1);
   for (int64_t s = 0; s <= S; ++s)
-    seg[s] = s == 0 ? 0 : s == S ? n : std::lower_bound(sorted.begin(), sorted.end(), s - 1) - sorted.begin();
+    seg[s] = s == 0   ? 0
+             : s == S ? n
+                      : std::lower_bound(sorted.begin(), sorted.end(), s - 1) - sorted.begin();
   auto table = [&](int64_t rows, std::vector<int64_t>& bp) {
     bp.assign(S + 1, 0);
     for (int64_t s = 0; s < S; ++s)
@@ -425,27 +433,53 @@ bool run_case(const Case& c, const char* label) {
   Buf<float> t(n * r);
   {
     MmaFwdParams<T, W> p{};
-    p.x = x.p(); p.ldx = ldx; p.lo = lo.p(); p.ldl = ldl; p.A = A.p(); p.B = B.p();
-    p.out = out.p(); p.ldo = d_out; p.t = t.p(); p.n = n; p.d_in = d_in; p.d_out = d_out; p.r = r;
-    p.scale = scale; p.dropout = dargs;
-    p.vec_x = vec8_ok(x.p(), ldx); p.vec_lo = vec8_ok(lo.p(), ldl); p.vec_out = vec8_ok(out.p(), d_out);
+    p.x = x.p();
+    p.ldx = ldx;
+    p.lo = lo.p();
+    p.ldl = ldl;
+    p.A = A.p();
+    p.B = B.p();
+    p.out = out.p();
+    p.ldo = d_out;
+    p.t = t.p();
+    p.n = n;
+    p.d_in = d_in;
+    p.d_out = d_out;
+    p.r = r;
+    p.scale = scale;
+    p.dropout = dargs;
+    p.vec_x = vec8_ok(x.p(), ldx);
+    p.vec_lo = vec8_ok(lo.p(), ldl);
+    p.vec_out = vec8_ok(out.p(), d_out);
     p.multi = multi ? table(c.bm, bp_f) : MultiTable{};
     const int64_t blocks = (n + c.bm - 1) / c.bm + (multi ? G : 0);
     const int rt = mma_rank_tile(r);
     auto go = [&](auto rt_tag, auto bm_tag) {
       constexpr int RT = decltype(rt_tag)::value, BM = decltype(bm_tag)::value;
       emu::launch(dim3(blocks), MmaFwdSmem<RT, BM>::kBytes, [&] {
-        if (multi) lor2c_fwd_mma_kernel<T, W, RT, BM, true>(p);
-        else lor2c_fwd_mma_kernel<T, W, RT, BM, false>(p);
+        if (multi)
+          lor2c_fwd_mma_kernel<T, W, RT, BM, true>(p);
+        else
+          lor2c_fwd_mma_kernel<T, W, RT, BM, false>(p);
       });
     };
     using I16 = std::integral_constant<int, 16>;
     using I32 = std::integral_constant<int, 32>;
     using I64 = std::integral_constant<int, 64>;
     if (c.bm == 64) {
-      if (rt == 16) go(I16{}, I64{}); else if (rt == 32) go(I32{}, I64{}); else go(I64{}, I64{});
+      if (rt == 16)
+        go(I16{}, I64{});
+      else if (rt == 32)
+        go(I32{}, I64{});
+      else
+        go(I64{}, I64{});
     } else {
-      if (rt == 16) go(I16{}, I32{}); else if (rt == 32) go(I32{}, I32{}); else go(I64{}, I32{});
+      if (rt == 16)
+        go(I16{}, I32{});
+      else if (rt == 32)
+        go(I32{}, I32{});
+      else
+        go(I64{}, I32{});
     }
     if (multi)  // rows without an adapter: lor2c_multi_none_kernel's job (out = layer_out, t = 0)
       for (int64_t i = 0; i < n; ++i)
@@ -476,29 +510,44 @@ bool run_case(const Case& c, const char* label) {
   Buf<float> ws_dB(g_splits * r * d_out);
   if (need_u || c.need_dB) {
     MmaBwdGParams<T, W> p{};
-    p.g = g.p(); p.ldg = ldg; p.B = B.p(); p.t = t.p(); p.u = need_u ? u.p() : nullptr;
-    p.ws_dB = c.need_dB ? ws_dB.p() : nullptr; p.n = n; p.d_out = d_out; p.r = r;
-    p.rows = c.g_sub; p.range_rows = c.g_rows; p.need_u = need_u; p.need_dB = c.need_dB;
+    p.g = g.p();
+    p.ldg = ldg;
+    p.B = B.p();
+    p.t = t.p();
+    p.u = need_u ? u.p() : nullptr;
+    p.ws_dB = c.need_dB ? ws_dB.p() : nullptr;
+    p.n = n;
+    p.d_out = d_out;
+    p.r = r;
+    p.rows = c.g_sub;
+    p.range_rows = c.g_rows;
+    p.need_u = need_u;
+    p.need_dB = c.need_dB;
     p.vec_g = vec8_ok(g.p(), ldg);
     p.multi = multi ? table(g_split_rows, bp_g) : MultiTable{};
     auto go = [&](auto rt_tag) {
       constexpr int RT = decltype(rt_tag)::value;
       const size_t smem = MmaGSmem<RT>::bytes(p.rows);
       if (multi) {
-        p.range0 = 0; p.accumulate = false;
+        p.range0 = 0;
+        p.accumulate = false;
         emu::launch(dim3(g_splits, nrc), smem, [&] { lor2c_bwd_g_mma_kernel<T, W, RT, true>(p); });
       } else {
         const int64_t ranges = (n + c.g_rows - 1) / c.g_rows;
         for (int64_t range0 = 0; range0 < ranges; range0 += g_splits) {
           const int64_t blocks = std::min(ranges - range0, g_splits);
-          p.range0 = range0; p.accumulate = range0 > 0;
+          p.range0 = range0;
+          p.accumulate = range0 > 0;
           emu::launch(dim3(blocks, nrc), smem, [&] { lor2c_bwd_g_mma_kernel<T, W, RT, false>(p); });
         }
       }
     };
-    if (rt == 16) go(std::integral_constant<int, 16>{});
-    else if (rt == 32) go(std::integral_constant<int, 32>{});
-    else go(std::integral_constant<int, 64>{});
+    if (rt == 16)
+      go(std::integral_constant<int, 16>{});
+    else if (rt == 32)
+      go(std::integral_constant<int, 32>{});
+    else
+      go(std::integral_constant<int, 64>{});
   }
   // kernel 2
   const int64_t x_splits = (n + c.x_rows - 1) / c.x_rows + (multi ? G : 0);
@@ -506,23 +555,40 @@ bool run_case(const Case& c, const char* label) {
   Buf<T> dx(n * d_in);
   if (need_u && (c.need_dx || c.need_dA)) {
     MmaBwdXParams<T, W> p{};
-    p.x = x.p(); p.ldx = ldx; p.A = A.p(); p.u = u.p(); p.dx = c.need_dx ? dx.p() : nullptr;
-    p.ws_dA = c.need_dA ? ws_dA.p() : nullptr; p.n = n; p.d_in = d_in; p.r = r; p.rows = c.x_rows;
-    p.scale = scale; p.dropout = dargs; p.do_dx = c.need_dx; p.do_dA = c.need_dA;
-    p.vec_x = vec8_ok(x.p(), ldx); p.vec_dx = vec8_ok(dx.p(), d_in);
+    p.x = x.p();
+    p.ldx = ldx;
+    p.A = A.p();
+    p.u = u.p();
+    p.dx = c.need_dx ? dx.p() : nullptr;
+    p.ws_dA = c.need_dA ? ws_dA.p() : nullptr;
+    p.n = n;
+    p.d_in = d_in;
+    p.r = r;
+    p.rows = c.x_rows;
+    p.scale = scale;
+    p.dropout = dargs;
+    p.do_dx = c.need_dx;
+    p.do_dA = c.need_dA;
+    p.vec_x = vec8_ok(x.p(), ldx);
+    p.vec_dx = vec8_ok(dx.p(), d_in);
     p.multi = multi ? table(c.x_rows, bp_x) : MultiTable{};
     const int64_t gy = multi ? std::min<int64_t>(x_splits, 3) : x_splits;  // multi: loop over units
     const dim3 grid((d_in + 127) / 128, gy, c.need_dA ? nrc : 1);
     auto go = [&](auto rt_tag) {
       constexpr int RT = decltype(rt_tag)::value;
       emu::launch(grid, MmaXSmem<RT>::kBytes, [&] {
-        if (multi) lor2c_bwd_x_mma_kernel<T, W, RT, true>(p);
-        else lor2c_bwd_x_mma_kernel<T, W, RT, false>(p);
+        if (multi)
+          lor2c_bwd_x_mma_kernel<T, W, RT, true>(p);
+        else
+          lor2c_bwd_x_mma_kernel<T, W, RT, false>(p);
       });
     };
-    if (rt == 16) go(std::integral_constant<int, 16>{});
-    else if (rt == 32) go(std::integral_constant<int, 32>{});
-    else go(std::integral_constant<int, 64>{});
+    if (rt == 16)
+      go(std::integral_constant<int, 16>{});
+    else if (rt == 32)
+      go(std::integral_constant<int, 32>{});
+    else
+      go(std::integral_constant<int, 64>{});
   }
   if (c.need_dx) {
     if (multi)
@@ -551,8 +617,10 @@ bool run_case(const Case& c, const char* label) {
   };
   if (c.need_dA) {
     std::vector<double> v;
-    if (need_u) reduce(ws_dA, bp_x, x_splits, r, d_in, false, v);
-    else v.assign(G * r * d_in, 0.0);
+    if (need_u)
+      reduce(ws_dA, bp_x, x_splits, r, d_in, false, v);
+    else
+      v.assign(G * r * d_in, 0.0);
     err.add("dA", rel_err(v, dA_ref) / 1e-3);
   }
   if (c.need_dB) {
@@ -572,11 +640,12 @@ bool run_case(const Case& c, const char* label) {
   if (!u.guards_ok() || !ws_dA.guards_ok() || !ws_dB.guards_ok() || !dx.guards_ok())
     err.add("bwd guard", INFINITY);
   const bool ok = err.worst <= 1.0;
-  std::printf("%s %-28s n=%-4ld d_in=%-4ld d_out=%-4ld r=%-3ld p=%.2f G=%d need=%d%d%d bm=%d "
-              "g_rows=%ld/%ld x_rows=%ld  worst %.3g of tolerance (%s)\n",
-              ok ? "OK  " : "FAIL", label, (long)n, (long)d_in, (long)d_out, (long)r, c.p, c.G,
-              c.need_dx, c.need_dA, c.need_dB, c.bm, (long)c.g_rows, (long)c.g_sub, (long)c.x_rows,
-              err.worst, err.where.c_str());
+  std::printf(
+      "%s %-28s n=%-4ld d_in=%-4ld d_out=%-4ld r=%-3ld p=%.2f G=%d need=%d%d%d bm=%d "
+      "g_rows=%ld/%ld x_rows=%ld  worst %.3g of tolerance (%s)\n",
+      ok ? "OK  " : "FAIL", label, (long)n, (long)d_in, (long)d_out, (long)r, c.p, c.G, c.need_dx,
+      c.need_dA, c.need_dB, c.bm, (long)c.g_rows, (long)c.g_sub, (long)c.x_rows, err.worst,
+      err.where.c_str());
   return ok;
 }
 
