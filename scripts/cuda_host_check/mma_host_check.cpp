@@ -700,6 +700,13 @@ int main(int argc, char** argv) {
     both(c, "r=70 (two rank chunks)");
     c = {40, 24, 40, 1};
     both(c, "r=1, tiny");
+    c = {1, 50, 30, 3};
+    c.p = 0.5f;
+    both(c, "n=1");
+    c = {33, 0, 40, 5};
+    both(c, "d_in=0");
+    c = {33, 40, 0, 5};
+    both(c, "d_out=0");
     for (int s = 1; s < 8; ++s) {
       c = {90, 200, 150, 20};
       c.p = 0.15f;
