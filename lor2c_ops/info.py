@@ -37,7 +37,20 @@ def report() -> str:
             )
         if device_type == "cpu":
             lines.append(f"  cpu kernels' instruction-set path: {cpu_isa_line()}")
+        else:
+            lines.append(f"  cuda kernels' rank products: {cuda_mma_line()}")
     return "\n".join(lines)
+
+
+def cuda_mma_line() -> str:
+    """Which rank-product kernels the cuda backend runs for fp16/bf16 activations: the C++
+    launchers read LOR2C_CUDA_MMA once, at their first call (csrc/cuda/lor2c_kernels.h)."""
+    if os.environ.get("LOR2C_CUDA_MMA", "") == "1":
+        return (
+            "tensor cores for fp16/bf16 (LOR2C_CUDA_MMA=1; these kernels have not yet been "
+            "verified on a GPU: csrc/cuda/README.md)"
+        )
+    return "CUDA cores (the default; LOR2C_CUDA_MMA=1 selects the tensor-core kernels)"
 
 
 def cpu_isa() -> tuple[Optional[str], list[str], Optional[str]]:

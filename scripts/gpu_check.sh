@@ -4,10 +4,19 @@
 # CUDA-graph capture tests, the Triton tile sweep, the host-time job and the GPU benchmarks,
 # each stage under a time limit, logs in $1 (default: $OUT, else benchmarks/results/gpu-check).
 #
-#   bash scripts/gpu_check.sh [log dir] [stages...]     stages: build tests sweep host bench
+#   bash scripts/gpu_check.sh [log dir] [stages...]
+#   stages: build tests sweep host bench (the default), and mma (only when named)
 #
-# About 8 minutes on an H100/H200 with 16 cores. A stage that fails or runs out of time is
-# reported and the next one runs; the exit status is that of the first failed stage.
+# About 8 minutes on an H100/H200 with 16 cores; `mma` takes up to ~7 more. A stage that fails or
+# runs out of time is reported and the next one runs; the exit status is that of the first failed
+# stage. `mma` is the first GPU check of the tensor-core kernels (LOR2C_CUDA_MMA=1,
+# csrc/cuda/lor2c_mma.cuh; never run on a GPU before), in four parts that MMA_PARTS selects
+# (default: all): `sanitize` (compute-sanitizer memcheck and racecheck of
+# scripts/cuda_mma_smoke.py), `tests` (the cuda tests with the path on), `times` (GPU time per
+# kernel, scripts/cuda_kernel_times.py, both paths) and `bench` (bench_lor2c.py, r = 16 and 64).
+#   bash scripts/gpu_check.sh "$OUT" build mma                          # ~6-8 minutes, or in two:
+#   MMA_PARTS="sanitize tests" bash scripts/gpu_check.sh "$OUT" build mma
+#   MMA_PARTS="times bench" bash scripts/gpu_check.sh "$OUT" mma    # same machine, still built
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${1:-${OUT:-benchmarks/results/gpu-check}}"
@@ -61,4 +70,31 @@ has tests && has build && stage tests-cuda 150 "$PY" -m pytest -q -n 8 -p no:cac
 has host && stage host "${HOST_LIMIT:-120}" "$PY" benchmarks/bench_host.py --device cuda --no-save \
   ${HOST_ARGS:-}
 has bench && stage bench-lor2c 200 "$PY" benchmarks/bench_lor2c.py --device cuda --no-save
+if has mma; then  # the tensor-core kernels (LOR2C_CUDA_MMA=1); MMA_PARTS picks the parts
+  part() { [[ " ${MMA_PARTS:-sanitize tests times bench} " == *" $1 "* ]]; }
+  if ! has build && ! "$PY" -c "import lor2c_ops._C" 2>/dev/null; then
+    echo "== mma: the extension is not built (add the build stage)"
+  fi
+  if part sanitize && command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck; do
+      LOR2C_CUDA_MMA=1 stage "mma-$tool" 100 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PY" scripts/cuda_mma_smoke.py
+    done
+  fi
+  part tests && LOR2C_CUDA_MMA=1 stage tests-cuda-mma 200 "$PY" -m pytest -q -n 8 \
+    -p no:cacheprovider tests/test_lor2c.py tests/test_share.py tests/test_dcft.py \
+    tests/test_cuda_graphs.py -k "cuda or across_backends"
+  if part times; then  # GPU time per kernel (torch profiler): both paths, r = 16 and 64
+    stage kernel-times 45 "$PY" scripts/cuda_kernel_times.py
+    LOR2C_CUDA_MMA=1 stage kernel-times-mma 45 "$PY" scripts/cuda_kernel_times.py
+    LOR2C_CUDA_MMA=1 stage kernel-times-mma-r64 45 "$PY" scripts/cuda_kernel_times.py --r 64
+    cat "$LOG"/kernel-times*.log
+  fi
+  if part bench; then
+    LOR2C_CUDA_MMA=1 stage bench-lor2c-mma 150 "$PY" benchmarks/bench_lor2c.py --device cuda \
+      --no-save
+    LOR2C_CUDA_MMA=1 stage bench-lor2c-mma-r64 150 "$PY" benchmarks/bench_lor2c.py \
+      --device cuda --r 64 --p 0 --no-save
+  fi
+fi
 exit $STATUS

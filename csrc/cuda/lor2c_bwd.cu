@@ -14,13 +14,18 @@
 // MULTI = true (multi-adapter batches): blocks work on units of rows of one adapter
 // (lor2c_multi_plan.cuh); the plan kernel runs first, lor2c_multi_none_kernel writes dx = 0 for
 // the rows without an adapter, and the reduction sums each adapter's slices into its bank row.
+// With LOR2C_CUDA_MMA=1 and fp16 / bf16 activations kernels 1 and 2 are lor2c_bwd_g_mma_kernel
+// and lor2c_bwd_x_mma_kernel (lor2c_mma.cuh, tensor cores): same grids, plan and workspace; kernel
+// 1 walks its rows in shared-memory ranges that fit its own layout (a divisor of g_rows).
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "lor2c_kernels.h"
+#include "lor2c_mma.cuh"
 #include "lor2c_multi_plan.cuh"
 #include "lor2c_products.cuh"
 
@@ -368,7 +373,102 @@ cudaError_t reduce_launch(const float* ws, int64_t splits, int64_t R, int64_t C,
   return cudaGetLastError();
 }
 
+// Kernel 1 of the tensor-core path: rows per shared-memory range, the largest multiple of kSub
+// dividing plan.g_rows (so it divides every unit and range) whose layout fits the device; 0 when
+// none does.
+template <int RT>
+int64_t g_mma_rows(const BwdPlan& plan, const DeviceInfo& dev) {
+  const int64_t units = plan.g_rows / kSub;
+  for (int64_t k = units; k >= 1; --k)
+    if (units % k == 0 &&
+        static_cast<int64_t>(MmaGSmem<RT>::bytes(k * kSub)) <= dev.max_smem_per_block)
+      return k * kSub;
+  return 0;
+}
+
 template <typename T, typename W, int RT, bool MULTI>
+cudaError_t g_mma_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table,
+                         bool need_u, bool part_dB, float* u, float* ws_dB, const DeviceInfo& dev,
+                         cudaStream_t stream) {
+  MmaBwdGParams<T, W> p;
+  p.g = static_cast<const T*>(a.grad);
+  p.ldg = a.ldg;
+  p.B = static_cast<const W*>(a.B);
+  p.t = a.t;
+  p.u = need_u ? u : nullptr;
+  p.ws_dB = part_dB ? ws_dB : nullptr;
+  p.n = a.n;
+  p.d_out = a.d_out;
+  p.r = a.r;
+  p.rows = g_mma_rows<RT>(plan, dev);
+  if (p.rows <= 0) return cudaErrorInvalidConfiguration;
+  p.range_rows = plan.g_rows;
+  p.need_u = need_u;
+  p.need_dB = part_dB;
+  p.vec_g = vec8_ok(a.grad, a.ldg);
+  p.multi = table;
+  const int64_t nrc = ceil_div(a.r, RT);
+  const size_t smem = MmaGSmem<RT>::bytes(p.rows);
+  auto kernel = lor2c_bwd_g_mma_kernel<T, W, RT, MULTI>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  if constexpr (MULTI) {  // one launch: g_splits bounds the units, one slice each
+    if (plan.g_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    p.range0 = 0;
+    p.accumulate = false;
+    const dim3 grid(static_cast<unsigned>(plan.g_splits), static_cast<unsigned>(nrc));
+    kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
+    return cudaGetLastError();
+  } else {  // waves of at most g_splits blocks, as for the CUDA-core kernel
+    const int64_t ranges = ceil_div(a.n, plan.g_rows);
+    for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
+      const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
+      p.range0 = range0;
+      p.accumulate = range0 > 0;
+      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nrc));
+      kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
+}
+
+template <typename T, typename W, int RT, bool MULTI>
+cudaError_t x_mma_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table, float* u,
+                         float* ws_dA, cudaStream_t stream) {
+  MmaBwdXParams<T, W> p;
+  p.x = static_cast<const T*>(a.x);
+  p.ldx = a.ldx;
+  p.A = static_cast<const W*>(a.A);
+  p.u = u;
+  p.dx = a.need_dx ? static_cast<T*>(a.dx) : nullptr;
+  p.ws_dA = a.need_dA ? ws_dA : nullptr;
+  p.n = a.n;
+  p.d_in = a.d_in;
+  p.r = a.r;
+  p.rows = plan.x_rows;
+  p.scale = a.scale;
+  p.dropout = a.dropout;
+  p.do_dx = a.need_dx;
+  p.do_dA = a.need_dA;
+  p.vec_x = vec8_ok(a.x, a.ldx);
+  p.vec_dx = vec8_ok(a.dx, a.d_in);
+  p.multi = table;
+  const int64_t nrc = ceil_div(a.r, RT);
+  auto kernel = lor2c_bwd_x_mma_kernel<T, W, RT, MULTI>;
+  const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
+  if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY) return cudaErrorInvalidConfiguration;
+  const size_t smem = MmaXSmem<RT>::kBytes;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
+                  static_cast<unsigned>(a.need_dA ? nrc : 1));
+  kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// MMA: kernels 1 and 2 are the tensor-core ones (RT is then 16, 32 or 64; T is 16-bit).
+template <typename T, typename W, int RT, bool MULTI, bool MMA>
 cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
                          const DeviceInfo& dev, cudaStream_t stream) {
   const int64_t nrc = ceil_div(a.r, RT);
@@ -382,7 +482,12 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs*
   const MultiTable x_table = multi_table(m, 1, plan.x_rows);
   cudaError_t err = cudaSuccess;
 
-  if (plan.g_splits > 0 && (need_u || part_dB)) {
+  if constexpr (MMA) {
+    if (plan.g_splits > 0 && (need_u || part_dB) &&
+        (err = g_mma_launch<T, W, RT, MULTI>(a, plan, g_table, need_u, part_dB, u, ws_dB, dev,
+                                             stream)) != cudaSuccess)
+      return err;
+  } else if (plan.g_splits > 0 && (need_u || part_dB)) {
     BwdGParams<T, W> p;
     p.g = static_cast<const T*>(a.grad);
     p.ldg = a.ldg;
@@ -423,34 +528,39 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs*
   }
 
   if (plan.x_splits > 0 && need_u && (a.need_dx || a.need_dA)) {
-    BwdXParams<T, W> p;
-    p.x = static_cast<const T*>(a.x);
-    p.ldx = a.ldx;
-    p.A = static_cast<const W*>(a.A);
-    p.u = u;
-    p.dx = a.need_dx ? static_cast<T*>(a.dx) : nullptr;
-    p.ws_dA = a.need_dA ? ws_dA : nullptr;
-    p.n = a.n;
-    p.d_in = a.d_in;
-    p.r = a.r;
-    p.rows = plan.x_rows;
-    p.scale = a.scale;
-    p.dropout = a.dropout;
-    p.do_dx = a.need_dx;
-    p.do_dA = a.need_dA;
-    p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
-    p.vec_dx = vec_ok(a.dx, a.d_in, sizeof(T));
-    p.multi = x_table;
-    auto kernel = lor2c_bwd_x_kernel<T, W, RT, MULTI>;
-    // MULTI: blocks loop over the units past the grid.y limit
-    const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
-    if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY)
-      return cudaErrorInvalidConfiguration;
-    if ((err = allow_smem(kernel, plan.x_smem)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
-                    static_cast<unsigned>(a.need_dA ? nrc : 1));
-    kernel<<<grid, dim3(kThreads), plan.x_smem, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if constexpr (MMA) {
+      if ((err = x_mma_launch<T, W, RT, MULTI>(a, plan, x_table, u, ws_dA, stream)) != cudaSuccess)
+        return err;
+    } else {
+      BwdXParams<T, W> p;
+      p.x = static_cast<const T*>(a.x);
+      p.ldx = a.ldx;
+      p.A = static_cast<const W*>(a.A);
+      p.u = u;
+      p.dx = a.need_dx ? static_cast<T*>(a.dx) : nullptr;
+      p.ws_dA = a.need_dA ? ws_dA : nullptr;
+      p.n = a.n;
+      p.d_in = a.d_in;
+      p.r = a.r;
+      p.rows = plan.x_rows;
+      p.scale = a.scale;
+      p.dropout = a.dropout;
+      p.do_dx = a.need_dx;
+      p.do_dA = a.need_dA;
+      p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
+      p.vec_dx = vec_ok(a.dx, a.d_in, sizeof(T));
+      p.multi = x_table;
+      auto kernel = lor2c_bwd_x_kernel<T, W, RT, MULTI>;
+      // MULTI: blocks loop over the units past the grid.y limit
+      const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
+      if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY)
+        return cudaErrorInvalidConfiguration;
+      if ((err = allow_smem(kernel, plan.x_smem)) != cudaSuccess) return err;
+      const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
+                      static_cast<unsigned>(a.need_dA ? nrc : 1));
+      kernel<<<grid, dim3(kThreads), plan.x_smem, stream>>>(p);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
   } else if (a.need_dx && a.n * a.d_in > 0) {  // r == 0 or nothing to multiply: dx = 0
     if ((err = cudaMemsetAsync(a.dx, 0, sizeof(T) * a.n * a.d_in, stream)) != cudaSuccess)
       return err;
@@ -488,19 +598,37 @@ cudaError_t bwd_rank(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
                      const DeviceInfo& dev, cudaStream_t s) {
   switch (rank_tile(a.r)) {
     case 8:
-      return bwd_launch_t<T, W, 8, MULTI>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 8, MULTI, false>(a, plan, m, dev, s);
     case 16:
-      return bwd_launch_t<T, W, 16, MULTI>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 16, MULTI, false>(a, plan, m, dev, s);
     case 32:
-      return bwd_launch_t<T, W, 32, MULTI>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 32, MULTI, false>(a, plan, m, dev, s);
     default:
-      return bwd_launch_t<T, W, 64, MULTI>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 64, MULTI, false>(a, plan, m, dev, s);
+  }
+}
+
+template <typename T, typename W, bool MULTI>
+cudaError_t bwd_mma_rank(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
+                         const DeviceInfo& dev, cudaStream_t s) {
+  switch (mma_rank_tile(a.r)) {
+    case 16:
+      return bwd_launch_t<T, W, 16, MULTI, true>(a, plan, m, dev, s);
+    case 32:
+      return bwd_launch_t<T, W, 32, MULTI, true>(a, plan, m, dev, s);
+    default:
+      return bwd_launch_t<T, W, 64, MULTI, true>(a, plan, m, dev, s);
   }
 }
 
 template <typename T, bool MULTI>
 cudaError_t bwd_weights(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
                         const DeviceInfo& dev, cudaStream_t s) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (lor2c_mma_enabled())
+      return a.weights_fp32 ? bwd_mma_rank<T, float, MULTI>(a, plan, m, dev, s)
+                            : bwd_mma_rank<T, T, MULTI>(a, plan, m, dev, s);
+  }
   return a.weights_fp32 ? bwd_rank<T, float, MULTI>(a, plan, m, dev, s)
                         : bwd_rank<T, T, MULTI>(a, plan, m, dev, s);
 }

@@ -8,12 +8,16 @@
 // MULTI = true (multi-adapter batches): block b is unit b of the plan (BM rows of one adapter,
 // lor2c_multi_plan.cuh); the plan kernel runs first and the rows without an adapter are written
 // by lor2c_multi_none_kernel afterwards (lor2c_multi_plan.cu).
+// With LOR2C_CUDA_MMA=1 and fp16 / bf16 activations the launchers run lor2c_fwd_mma_kernel
+// (lor2c_mma.cuh, tensor cores) instead: same grid, same rows per block, same outputs.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "lor2c_kernels.h"
+#include "lor2c_mma.cuh"
 #include "lor2c_multi_plan.cuh"
 #include "lor2c_products.cuh"
 
@@ -165,9 +169,15 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
 
 // ---- host side ---------------------------------------------------------------------------------
 // Forward rows per block: 64 once there are enough blocks to fill the GPU twice, else 32.
-int fwd_rows(int64_t n, const DeviceInfo& dev) {
-  return ceil_div(n, 64) >= 2 * static_cast<int64_t>(dev.num_sms) ? 64 : 32;
+// The tensor-core kernel (mma) takes 64 rows once there is one block per SM: every block reads
+// all of A and B (from L2), so taller blocks halve that traffic, and its products are cheap.
+int fwd_rows(int64_t n, const DeviceInfo& dev, bool mma) {
+  const int64_t want = (mma ? 1 : 2) * static_cast<int64_t>(dev.num_sms);
+  return ceil_div(n, 64) >= want ? 64 : 32;
 }
+
+// Whether this call runs the tensor-core kernel (LOR2C_CUDA_MMA=1, 16-bit activations).
+bool use_mma(DType act) { return act != DType::kFloat32 && lor2c_mma_enabled(); }
 
 template <typename T, typename W, int RT, int BM, bool MULTI>
 cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
@@ -204,7 +214,7 @@ cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stre
 
 template <typename T, typename W, bool MULTI>
 cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev, cudaStream_t s) {
-  const bool tall = fwd_rows(a.n, dev) == 64;
+  const bool tall = fwd_rows(a.n, dev, false) == 64;
   switch (rank_tile(a.r)) {
     case 8:
       return tall ? fwd_launch_t<T, W, 8, 64, MULTI>(a, m, s)
@@ -221,9 +231,64 @@ cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev
   }
 }
 
+// ---- the tensor-core kernel (lor2c_mma.cuh), LOR2C_CUDA_MMA=1 -------------------------------
+template <typename T, typename W, int RT, int BM, bool MULTI>
+cudaError_t fwd_mma_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
+  MmaFwdParams<T, W> p;
+  p.x = static_cast<const T*>(a.x);
+  p.ldx = a.ldx;
+  p.lo = static_cast<const T*>(a.layer_out);
+  p.ldl = a.ldl;
+  p.A = static_cast<const W*>(a.A);
+  p.B = static_cast<const W*>(a.B);
+  p.out = static_cast<T*>(a.out);
+  p.ldo = a.d_out;
+  p.t = a.t;
+  p.n = a.n;
+  p.d_in = a.d_in;
+  p.d_out = a.d_out;
+  p.r = a.r;
+  p.scale = a.scale;
+  p.dropout = a.dropout;
+  p.vec_x = vec8_ok(a.x, a.ldx);
+  p.vec_lo = vec8_ok(a.layer_out, a.ldl);
+  p.vec_out = vec8_ok(a.out, a.d_out);
+  p.multi = multi_table(m, 0, BM);
+  const int64_t blocks = ceil_div(a.n, BM) + (MULTI ? m->G : 0);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = MmaFwdSmem<RT, BM>::kBytes;
+  auto kernel = lor2c_fwd_mma_kernel<T, W, RT, BM, MULTI>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W, bool MULTI>
+cudaError_t fwd_mma_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
+                         cudaStream_t s) {
+  const bool tall = fwd_rows(a.n, dev, true) == 64;  // the multi plan's units use the same rows
+  switch (mma_rank_tile(a.r)) {
+    case 16:
+      return tall ? fwd_mma_launch_t<T, W, 16, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 16, 32, MULTI>(a, m, s);
+    case 32:
+      return tall ? fwd_mma_launch_t<T, W, 32, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 32, 32, MULTI>(a, m, s);
+    default:
+      return tall ? fwd_mma_launch_t<T, W, 64, 64, MULTI>(a, m, s)
+                  : fwd_mma_launch_t<T, W, 64, 32, MULTI>(a, m, s);
+  }
+}
+
 template <typename T, bool MULTI>
 cudaError_t fwd_weights(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
                         cudaStream_t s) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (use_mma(a.act))
+      return a.weights_fp32 ? fwd_mma_rank<T, float, MULTI>(a, m, dev, s)
+                            : fwd_mma_rank<T, T, MULTI>(a, m, dev, s);
+  }
   return a.weights_fp32 ? fwd_rank<T, float, MULTI>(a, m, dev, s)
                         : fwd_rank<T, T, MULTI>(a, m, dev, s);
 }
@@ -248,7 +313,8 @@ cudaError_t lor2c_multi_fwd_launch(const FwdArgs& args, const MultiArgs& multi,
                                    const DeviceInfo& dev, cudaStream_t stream) {
   if (args.n <= 0) return cudaSuccess;
   if (multi.G <= 0) return cudaErrorInvalidValue;
-  cudaError_t err = multi_plan_launch(multi, args.n, fwd_rows(args.n, dev), 0, stream);
+  cudaError_t err =
+      multi_plan_launch(multi, args.n, fwd_rows(args.n, dev, use_mma(args.act)), 0, stream);
   if (err != cudaSuccess) return err;
   if ((err = fwd_dispatch<true>(args, &multi, dev, stream)) != cudaSuccess) return err;
   NoneArgs none{};  // rows without an adapter: out = layer_out, t = 0

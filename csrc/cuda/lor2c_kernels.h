@@ -13,11 +13,24 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common.h"
 
 namespace lor2c {
 namespace cuda {
+
+// LOR2C_CUDA_MMA=1 makes the launchers use the tensor-core kernels (lor2c_mma.cuh) for fp16 and
+// bf16 activations; anything else (the default) keeps the CUDA-core kernels. Read once per
+// process. The tensor-core kernels stay off by default until a GPU has verified them
+// (csrc/cuda/README.md); fp32 activations always use the CUDA-core kernels.
+inline bool lor2c_mma_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOR2C_CUDA_MMA");
+    return v != nullptr && v[0] == '1' && v[1] == '\0';
+  }();
+  return on;
+}
 
 struct FwdArgs {
   DType act;          // dtype of x, layer_out and out
