@@ -41,7 +41,9 @@ from .philox import dropout_keep
 
 
 def rank_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot wants every dimension >= 16
+    """r padded to a power of two >= 16 (tl.dot wants every dimension >= 16). Plain Python: the
+    triton helpers called from the host go through the JIT's constexpr machinery (~2 us)."""
+    return max(16, 1 << (max(r, 1) - 1).bit_length())
 
 
 # --- device helpers --------------------------------------------------------------------------
@@ -634,6 +636,11 @@ def _programs(device: torch.device, waves: int) -> int:
     return waves * sms
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers (not triton.cdiv: see rank_pad; 11 calls a backward)."""
+    return -(-a // b)
+
+
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _SCAN = 64
 
@@ -659,7 +666,7 @@ def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, c
     dt, exact, fp32 = _kinds(x.dtype, A_bank.dtype)
     cfg = cfg or config_for(x.device, max(d_in, d_out), r_pad, fp32)
     grouped = order is not None
-    grid = (triton.cdiv(n, cfg.fwd_m) + (G + 1 if grouped else 0),)
+    grid = (_cdiv(n, cfg.fwd_m) + (G + 1 if grouped else 0),)
     _fwd[grid](
         x,
         layer_out,
@@ -704,8 +711,8 @@ def _forward_impl(x, layer_out, A_bank, B_bank, order, counts, scale, p, seed, c
 
 def _split_rows(n: int, block_m: int, target: int) -> int:
     """Rows per split: a multiple of block_m giving about `target` splits."""
-    blocks = triton.cdiv(max(n, 1), block_m)
-    return triton.cdiv(blocks, max(1, min(blocks, target))) * block_m
+    blocks = _cdiv(max(n, 1), block_m)
+    return _cdiv(blocks, max(1, min(blocks, target))) * block_m
 
 
 def _backward_impl(
@@ -730,9 +737,9 @@ def _backward_impl(
     programs = _programs(dev, cfg.waves)
     extra = G + 1 if grouped else 0
 
-    chunks_out = triton.cdiv(d_out, cfg.grad_n)
-    rps = _split_rows(n, cfg.grad_m, triton.cdiv(programs, chunks_out))
-    splits = triton.cdiv(n, rps) + extra
+    chunks_out = _cdiv(d_out, cfg.grad_n)
+    rps = _split_rows(n, cfg.grad_m, _cdiv(programs, chunks_out))
+    splits = _cdiv(n, rps) + extra
     direct = not grouped and splits == 1  # one row split: the pass writes dB itself
     u_parts = torch.empty((chunks_out, n, r_pad), device=dev, dtype=torch.float32)
     if need_dB and not direct:
@@ -773,7 +780,7 @@ def _backward_impl(
         num_stages=cfg.grad_stages,
     )
     if need_dB and not direct:
-        _reduce_parts[(triton.cdiv(d_out, 64), G)](
+        _reduce_parts[(_cdiv(d_out, 64), G)](
             db_parts,
             dB,
             counts_arg,
@@ -796,13 +803,13 @@ def _backward_impl(
     if need_dx or need_dA:
         if chunks_out > 1:  # u summed once (n x r_pad), not once per input-pass column chunk
             u = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
-            _sum_chunks[(triton.cdiv(n, 128),)](u_parts, u, n, chunks_out, R_PAD=r_pad, BLOCK=128)
+            _sum_chunks[(_cdiv(n, 128),)](u_parts, u, n, chunks_out, R_PAD=r_pad, BLOCK=128)
         else:
             u = u_parts
-        chunks_in = triton.cdiv(d_in, cfg.in_k)
+        chunks_in = _cdiv(d_in, cfg.in_k)
         in_m = cfg.in_m_multi if grouped else cfg.in_m
-        rps = _split_rows(n, in_m, triton.cdiv(programs, chunks_in))
-        splits = triton.cdiv(n, rps) + extra
+        rps = _split_rows(n, in_m, _cdiv(programs, chunks_in))
+        splits = _cdiv(n, rps) + extra
         direct = not grouped and splits == 1  # one row split: the pass writes dA itself
         if need_dA and not direct:
             da_parts = torch.empty((splits, r_pad, d_in), device=dev, dtype=torch.float32)
@@ -847,7 +854,7 @@ def _backward_impl(
             num_stages=cfg.in_stages,
         )
         if need_dA and not direct:
-            _reduce_parts[(triton.cdiv(d_in, 64), G)](
+            _reduce_parts[(_cdiv(d_in, 64), G)](
                 da_parts,
                 dA,
                 counts_arg,
