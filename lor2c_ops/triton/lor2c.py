@@ -715,6 +715,30 @@ def _split_rows(n: int, block_m: int, target: int) -> int:
     return _cdiv(blocks, max(1, min(blocks, target))) * block_m
 
 
+def _reduce(parts, out, counts, splits, rows_per_split, d, r, r_pad, scale, rank_rows, grouped):
+    """out (G, ., .) = scale * the sum of each adapter's row-split partials, in a fixed order:
+    dA from (splits, r_pad, d) partials (rank_rows), dB from (splits, d, r_pad) ones."""
+    _reduce_parts[(_cdiv(d, 64), out.shape[0])](
+        parts,
+        out,
+        counts,
+        splits,
+        rows_per_split,
+        d,
+        r,
+        float(scale),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        d * r_pad,
+        R_PAD=r_pad,
+        ROWS_ARE_RANK=rank_rows,
+        GROUPED=grouped,
+        SCAN=_SCAN,
+        BLOCK=64,
+    )
+
+
 def _backward_impl(
     grad, x, t, A_bank, B_bank, order, counts, scale, p, seed, need_dx, need_dA, need_dB, cfg=None
 ):
@@ -780,25 +804,7 @@ def _backward_impl(
         num_stages=cfg.grad_stages,
     )
     if need_dB and not direct:
-        _reduce_parts[(_cdiv(d_out, 64), G)](
-            db_parts,
-            dB,
-            counts_arg,
-            splits,
-            rps,
-            d_out,
-            r,
-            float(scale),
-            dB.stride(0),
-            dB.stride(1),
-            dB.stride(2),
-            d_out * r_pad,
-            R_PAD=r_pad,
-            ROWS_ARE_RANK=False,
-            GROUPED=grouped,
-            SCAN=_SCAN,
-            BLOCK=64,
-        )
+        _reduce(db_parts, dB, counts_arg, splits, rps, d_out, r, r_pad, scale, False, grouped)
 
     if need_dx or need_dA:
         if chunks_out > 1:  # u summed once (n x r_pad), not once per input-pass column chunk
@@ -854,25 +860,7 @@ def _backward_impl(
             num_stages=cfg.in_stages,
         )
         if need_dA and not direct:
-            _reduce_parts[(_cdiv(d_in, 64), G)](
-                da_parts,
-                dA,
-                counts_arg,
-                splits,
-                rps,
-                d_in,
-                r,
-                float(scale),
-                dA.stride(0),
-                dA.stride(1),
-                dA.stride(2),
-                r_pad * d_in,
-                R_PAD=r_pad,
-                ROWS_ARE_RANK=True,
-                GROUPED=grouped,
-                SCAN=_SCAN,
-                BLOCK=64,
-            )
+            _reduce(da_parts, dA, counts_arg, splits, rps, d_in, r, r_pad, scale, True, grouped)
     return dx, dA, dB
 
 
