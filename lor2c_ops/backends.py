@@ -159,6 +159,11 @@ def select(
 #                  gemm   0.89   0.91   0.95   0.93   0.84   1.03   1.09   0.99   1.14   1.29
 #
 # (At n = 8192: x1.45 at r=64 d=768, x1.9-2.5 at r=16, x2.4-7 at r=8; bench_lor2c.py.)
+# Re-measured at the issue's large shapes on the same machine (commit 1a20913, load 3-8), fp32,
+# AVX-512 and forced AVX2, one thread, CPU time of the thread (README, "CPU figures on a 2-core
+# AMD EPYC"): p=0 x1.47-2.46 at r=16, x4.0-5.5 at r=8, x1.07-1.61 at r=64 (lowest: n=2048
+# d=4096 r=64, x1.07 / x1.09); p=0.1 x1.6-6.0. Two threads, bench_lor2c.py: x1.8-7.8. So no
+# large fp32 shape loses and the rule below has no fp32 case beyond the host-bound one.
 # So the cpu backend itself takes the GEMM path for one row, and for fewer rows than the rank
 # from rank 32 on (csrc/cpu/lor2c.cpp plan_for; cpu_plan below says which). What still loses
 # after that, and where no other backend helps (the reference backend is slower still: 0.21 ms

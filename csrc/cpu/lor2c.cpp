@@ -13,8 +13,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -103,6 +105,28 @@ __attribute__((noinline)) void transpose_into(const Src* __restrict src, int64_t
     }
 }
 
+// Runs worker(next) on up to `threads` threads, where next(begin, end) hands out the next chunk
+// of [0, items) (chunks of `chunk` items, in order; false when none is left). Threads take
+// chunks as they become free, so a thread slowed down (a core shared with another process, a
+// core that runs slower) takes fewer: a static split makes every call wait for the slowest half.
+// One worker, run inline, when `workers` is 1 or the caller already runs in a parallel region.
+template <typename F>
+void dynamic_for(int64_t items, int64_t chunk, int64_t workers, F&& worker) {
+  workers = std::min<int64_t>(workers, (items + chunk - 1) / chunk);
+  std::atomic<int64_t> cursor{0};
+  auto next = [&](int64_t& begin, int64_t& end) {
+    begin = cursor.fetch_add(chunk, std::memory_order_relaxed);
+    if (begin >= items) return false;
+    end = std::min(items, begin + chunk);
+    return true;
+  };
+  if (workers <= 1 || at::in_parallel_region()) {
+    worker(next);
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
+
 // Blocks per parallel chunk of the forward: enough multiply-adds (about 2^20, some 20 us) to
 // pay for waking a thread. A fixed 8 blocks (64 rows) ran rank 64 on one thread up to n = 64.
 int64_t grain_blocks(int64_t r, int64_t d) {
@@ -153,42 +177,46 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   const float s = static_cast<float>(scale);
   const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
 
-  at::parallel_for(0, blocks, grain_blocks(r, d_in + d_out), [&](int64_t begin, int64_t end) {
+  // Chunks of at least grain_blocks, about 16 per thread, taken by the threads as they get free.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max(grain_blocks(r, d_in + d_out), blocks / (16 * threads));
+  dynamic_for(blocks, chunk, threads, [&](auto&& next_chunk) {
     Scratch xs(d_in, kRows), mask(d_in, kRows), ys(d_out, kRows), zero(std::max(d_in, d_out), 1);
     std::vector<float> tbuf(kRows * r, 0.f), coef(kRows * r, 0.f);
     const float* xrows[kRows];
     const float* lrows[kRows];
     float* orows[kRows];
-    int64_t idx[kRows];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const RowPlan::Block& block = plan.blocks[blk];
-      const int nb = block.rows;
-      for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-      float_rows(lop, ldl, idx, nb, d_out, ys, zero.row(0), lrows);
-      if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
-        for (int b = 0; b < nb; ++b) {
-          narrow(lrows[b], outp + idx[b] * d_out, d_out);
-          std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
+    int64_t idx[kRows], begin, end;
+    while (next_chunk(begin, end))
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int nb = block.rows;
+        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+        float_rows(lop, ldl, idx, nb, d_out, ys, zero.row(0), lrows);
+        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
+          for (int b = 0; b < nb; ++b) {
+            narrow(lrows[b], outp + idx[b] * d_out, d_out);
+            std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
+          }
+          continue;
         }
-        continue;
-      }
-      dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-      dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, nb, tbuf.data());
-      for (int b = 0; b < nb; ++b)
-        for (int64_t k = 0; k < r; ++k) tp[idx[b] * r + k] = tbuf[b * r + k];
-      for (int64_t q = 0; q < kRows * r; ++q) coef[q] = s * tbuf[q];
-      for (int b = 0; b < kRows; ++b) {
-        if constexpr (std::is_same_v<T, float>) {
-          orows[b] = b < nb ? outp + idx[b] * d_out : ys.row(b);
-        } else {
-          orows[b] = ys.row(b);
+        dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+        dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, nb, tbuf.data());
+        for (int b = 0; b < nb; ++b)
+          for (int64_t k = 0; k < r; ++k) tp[idx[b] * r + k] = tbuf[b * r + k];
+        for (int64_t q = 0; q < kRows * r; ++q) coef[q] = s * tbuf[q];
+        for (int b = 0; b < kRows; ++b) {
+          if constexpr (std::is_same_v<T, float>) {
+            orows[b] = b < nb ? outp + idx[b] * d_out : ys.row(b);
+          } else {
+            orows[b] = ys.row(b);
+          }
+        }
+        combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, nb, orows);
+        if constexpr (!std::is_same_v<T, float>) {
+          for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + idx[b] * d_out, d_out);
         }
       }
-      combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, nb, orows);
-      if constexpr (!std::is_same_v<T, float>) {
-        for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + idx[b] * d_out, d_out);
-      }
-    }
   });
   return {out, t};
 }
@@ -212,64 +240,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
   // The blocks are cut into `parts` contiguous ranges, each summing its weight-gradient partials
   // (per adapter: dA, r x d_in, then dB transposed, r x d_out) into a buffer of its own; the
-  // ranges run in parallel and the buffers are summed in order at the end, so the result depends
-  // on the thread count only. Few blocks make one part: their O(r * d) buffers (zeroed, summed,
-  // written out), not the rows, are then the cost (n = 1, r = 64, d = 4096: 1.8 ms vs eager 0.5).
-  // A part's buffers cost about as much as two blocks' products (zeroed, summed: three passes
+  // threads take ranges as they get free and the buffers are summed in order at the end, so the
+  // result depends on the number of parts (a function of the shape and the thread count) only,
+  // not on which thread ran which part. Few blocks make one part: their O(r * d) buffers (zeroed,
+  // summed, written out), not the rows, are then the cost (n = 1, r = 64, d = 4096: 1.8 ms vs eager
+  // 0.5). A part's buffers cost about as much as two blocks' products (zeroed, summed: three passes
   // over r * (d_in + d_out) floats against 4 * kRows multiply-adds per float): a part is worth
   // its buffers from four blocks on.
   constexpr int64_t kBlocksPerPart = 4;
   const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
   const int64_t per_part = G * (part_a + part_b);
   const int64_t threads = at::get_num_threads();
+  // Two parts per thread where their buffers stay small (8 MiB in all), so that the threads,
+  // taking parts as they get free, can even out a slow one; one per thread otherwise.
+  constexpr int64_t kPartialBytes = int64_t{8} << 20;
+  const int64_t part_bytes = std::max<int64_t>(1, per_part * int64_t{sizeof(float)});
+  const int64_t want = 2 * threads * part_bytes <= kPartialBytes ? 2 * threads : threads;
   const int64_t parts =
-      std::max<int64_t>(1, std::min(threads, per_part == 0 ? blocks : blocks / kBlocksPerPart));
-  std::vector<float> partials(static_cast<size_t>(parts * per_part), 0.f);
+      std::max<int64_t>(1, std::min(want, per_part == 0 ? blocks : blocks / kBlocksPerPart));
+  // Zeroed by the thread that runs the part (first touch), not here.
+  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(parts * per_part)]);
 
-  at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t end_part) {
+  dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
     Scratch gs(d_out, kRows), xs(d_in, kRows), mask(d_in, kRows), dxs(d_in, kRows);
     Scratch zero(std::max(d_in, d_out), 1);
     std::vector<float> u(kRows * r), tcoef(kRows * r), ucoef(kRows * r);
     const float* grows[kRows];
     const float* xrows[kRows];
     float* dxrows[kRows];
-    int64_t idx[kRows];
-    for (int64_t part = first_part; part < end_part; ++part) {
-      float* mine = partials.data() + part * per_part;
-      for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
-        const RowPlan::Block& block = plan.blocks[blk];
-        const int nb = block.rows;
-        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-        if (block.adapter < 0) {  // no adapter: no gradient through x
-          if (need_dx)
-            for (int b = 0; b < nb; ++b)
-              std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
-          continue;
-        }
-        float* pa = mine + block.adapter * (part_a + part_b);
-        float* pb = pa + part_a;
-        float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
-        dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, grows, nb, u.data());  // u = g @ B
-        for (int b = 0; b < kRows; ++b)
-          for (int64_t k = 0; k < r; ++k) {
-            tcoef[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
-            ucoef[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
+    int64_t idx[kRows], first_part, end_part;
+    while (next_chunk(first_part, end_part))
+      for (int64_t part = first_part; part < end_part; ++part) {
+        float* mine = partials.get() + part * per_part;
+        std::fill(mine, mine + per_part, 0.f);
+        for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
+          const RowPlan::Block& block = plan.blocks[blk];
+          const int nb = block.rows;
+          for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+          if (block.adapter < 0) {  // no adapter: no gradient through x
+            if (need_dx)
+              for (int b = 0; b < nb; ++b)
+                std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
+            continue;
           }
-        if (need_dB) accumulate_outer(pb, r, d_out, tcoef.data(), grows, nb);  // dB.T += t.T g
-        if (!need_dA && !need_dx) continue;
-        dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-        if (need_dA) accumulate_outer(pa, r, d_in, ucoef.data(), xrows, nb);  // dA += s u.T xd
-        if (need_dx) {
-          for (int b = 0; b < kRows; ++b) dxrows[b] = dxs.row(b);
-          combine_rows(w.A(block.adapter, r, d_in), r, d_in, ucoef.data(), nullptr, nb, dxrows);
-          for (int b = 0; b < nb; ++b) {
-            float* row = dxs.row(b);
-            if (dp.enabled) multiply_into(row, row, mask.row(b), d_in);
-            narrow(row, dxp + idx[b] * d_in, d_in);
+          float* pa = mine + block.adapter * (part_a + part_b);
+          float* pb = pa + part_a;
+          float_rows(gp, ldg, idx, nb, d_out, gs, zero.row(0), grows);
+          dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, grows, nb, u.data());  // u = g @ B
+          for (int b = 0; b < kRows; ++b)
+            for (int64_t k = 0; k < r; ++k) {
+              tcoef[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
+              ucoef[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
+            }
+          if (need_dB) accumulate_outer(pb, r, d_out, tcoef.data(), grows, nb);  // dB.T += t.T g
+          if (!need_dA && !need_dx) continue;
+          dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
+          if (need_dA) accumulate_outer(pa, r, d_in, ucoef.data(), xrows, nb);  // dA += s u.T xd
+          if (need_dx) {  // fp32: straight into dx; else through scratch, narrowed
+            constexpr bool direct = std::is_same_v<T, float>;
+            for (int b = 0; b < kRows; ++b)
+              dxrows[b] =
+                  direct && b < nb ? reinterpret_cast<float*>(dxp + idx[b] * d_in) : dxs.row(b);
+            combine_rows(w.A(block.adapter, r, d_in), r, d_in, ucoef.data(), nullptr, nb, dxrows);
+            for (int b = 0; b < nb; ++b) {
+              if (dp.enabled) multiply_into(dxrows[b], dxrows[b], mask.row(b), d_in);
+              if constexpr (!direct) narrow(dxrows[b], dxp + idx[b] * d_in, d_in);
+            }
           }
         }
       }
-    }
   });
 
   at::Tensor dA = at::empty({0}, A_bank.options()), dB = at::empty({0}, B_bank.options());
@@ -277,11 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     // The parts' partials summed in order (deterministic for a thread count) into the first
     // one's, then written out in the weights' dtype: plain loops, no ATen ops (at small sizes
     // their dispatch cost was most of the backward's host time).
-    float* sum = partials.data();
-    for (int64_t part = 1; part < parts; ++part) {
-      const float* other = partials.data() + part * per_part;
-      for (int64_t i = 0; i < per_part; ++i) sum[i] += other[i];
-    }
+    float* sum = partials.get();
+    if (parts > 1)
+      at::parallel_for(0, per_part, 1 << 15, [&](int64_t begin, int64_t end) {
+        for (int64_t part = 1; part < parts; ++part) {
+          const float* other = partials.get() + part * per_part;
+          for (int64_t i = begin; i < end; ++i) sum[i] += other[i];
+        }
+      });
     if (need_dA) dA = at::empty({G, r, d_in}, A_bank.options());
     if (need_dB) dB = at::empty({G, d_out, r}, B_bank.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_bank.scalar_type(), "dA_dB", [&] {
