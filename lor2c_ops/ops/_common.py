@@ -124,10 +124,10 @@ def probability(p, name: str) -> float:
     return value
 
 
-def eager_path(x: Tensor) -> bool:
-    """Whether to run the kernels through the cheap autograd.Function rather than the library
+def eager_path(device: torch.device) -> bool:
+    """Whether to run the kernels through the cheap autograd nodes rather than the library
     ops (which torch.compile traces, and whose fake kernels give meta outputs)."""
-    return not (torch.compiler.is_compiling() or x.device.type == "meta")
+    return device.type != "meta" and not torch.compiler.is_compiling()
 
 
 def no_autocast(device: torch.device, enabled: bool):

@@ -439,7 +439,7 @@ def dcft_linear(
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
     scale = _common.scale_value(scale)
     device = x.device
-    eager = not torch.compiler.is_compiling() and device.type != "meta"
+    eager = _common.eager_path(device)
     autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
     if autocast and x.dtype != torch.float64:
         # What the expression does under autocast: the linear and the matmul with D in the

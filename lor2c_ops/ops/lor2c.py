@@ -372,7 +372,7 @@ def lor2c_residual(
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
     scale = _common.scale_value(scale)
     device = x.device
-    eager = not torch.compiler.is_compiling() and device.type != "meta"
+    eager = _common.eager_path(device)
     autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
     if autocast:
         # What the expression does under autocast: matmuls in low precision, then the residual
