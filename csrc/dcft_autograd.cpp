@@ -55,6 +55,14 @@ Quad run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& t,
                  need_dC);
 }
 
+// The output rows (n, d_out) in x's leading shape, (..., d_out): a view.
+at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
+  if (x.dim() == 2) return out;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);
+  return out.view(shape);
+}
+
 // Inputs: x, weight, bias, A, B, C, scale, stride, p, seed: the gradient list has one entry per
 // argument, tensor or not.
 constexpr int kInputs = 10;
@@ -72,10 +80,7 @@ struct DCFTFunction : public torch::autograd::Function<DCFTFunction> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["x_shape"] = x_in.sizes();
     ctx->saved_data["has_bias"] = bias.has_value();
-    if (x_in.dim() == 2) return out;
-    std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-    shape.back() = weight.size(0);
-    return out.view(shape);
+    return in_x_shape(out, x_in);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -124,10 +129,7 @@ at::Tensor dcft_no_grad(const at::Tensor& x, const at::Tensor& weight,
                         double p, const at::Tensor& seed) {
   const at::Tensor out = std::get<0>(
       run_forward(as_rows(x, weight.size(1)), weight, bias, A, B, C, scale, stride, p, seed));
-  if (x.dim() == 2) return out;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  return out.view(shape);
+  return in_x_shape(out, x);
 }
 
 }  // namespace
