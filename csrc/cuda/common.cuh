@@ -84,9 +84,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// A vector access of 4 elements at column multiples of 4 is aligned for every row.
-inline bool vec_ok(const void* p, int64_t ld, size_t elem) {
-  return reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0 && ld % 4 == 0;
+// A vector access of `lanes` elements at column multiples of `lanes` is aligned for every row.
+inline bool vec_ok(const void* p, int64_t ld, size_t elem, int lanes = 4) {
+  return reinterpret_cast<uintptr_t>(p) % (lanes * elem) == 0 && ld % lanes == 0;
 }
 
 // Opts `kernel` in to `bytes` of dynamic shared memory when that is over the default 48 KB.

@@ -27,6 +27,7 @@
 #include "lor2c_kernels.h"
 #include "lor2c_mma.cuh"
 #include "lor2c_multi_plan.cuh"
+#include "lor2c_params.cuh"
 #include "lor2c_products.cuh"
 
 namespace lor2c {
@@ -34,22 +35,6 @@ namespace cuda {
 namespace {
 
 // ---- backward kernel 1: reads grad ----------------------------------------------------------
-template <typename T, typename W>
-struct BwdGParams {
-  const T* g;
-  int64_t ldg;
-  const W* B;  // MULTI: the bank (G, d_out, r)
-  const float* t;
-  float* u;      // (n, r) fp32; null when !need_u
-  float* ws_dB;  // (g_splits, r, d_out) fp32 partial sums of dB.T; null when !need_dB
-  int64_t n, d_out, r;
-  int64_t rows;     // rows per range, a multiple of kSub
-  int64_t range0;   // block b handles row range range0 + b
-  bool accumulate;  // add the dB.T partials to ws_dB (waves after the first) instead of storing
-  bool need_u, need_dB, vec_g;
-  MultiTable multi;  // MULTI only: units of p.multi.rows rows (a multiple of `rows`)
-};
-
 // Shared memory of kernel 1, in floats: us and tr [rows][RT+4], Gs [kSub][kTile+4] (also P3's
 // reduction buffer), Bc [kTile][kLdw].
 template <int RT>
@@ -172,22 +157,6 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_kernel(const BwdGPara
 }
 
 // ---- backward kernel 2: reads x ---------------------------------------------------------------
-template <typename T, typename W>
-struct BwdXParams {
-  const T* x;
-  int64_t ldx;
-  const W* A;  // MULTI: the bank (G, r, d_in)
-  const float* u;
-  T* dx;         // (n, d_in) contiguous; null when !do_dx
-  float* ws_dA;  // (splits, r, d_in) fp32 partial sums of dA; null when !do_dA
-  int64_t n, d_in, r;
-  int64_t rows;  // rows per block, a multiple of kSubX
-  float scale;
-  DropoutArgs dropout;
-  bool do_dx, do_dA, vec_x, vec_dx;
-  MultiTable multi;  // MULTI only: units of `rows` rows
-};
-
 // Shared memory of kernel 2, in floats: Xs [kSubX][kTile+4], Us [kSubX][RT+4], As [RT][kTile+4],
 // overlaid after the row loop by P3's reduction buffer; then the keep flags [kSubX][kTile/4]
 // (bytes). 32-row steps keep kernel 2 within 128 registers (two blocks per SM).
@@ -386,85 +355,63 @@ int64_t g_mma_rows(const BwdPlan& plan, const DeviceInfo& dev) {
   return 0;
 }
 
-template <typename T, typename W, int RT, bool MULTI>
-cudaError_t g_mma_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table,
-                         bool need_u, bool part_dB, float* u, float* ws_dB, const DeviceInfo& dev,
-                         cudaStream_t stream) {
-  MmaBwdGParams<T, W> p;
-  p.g = static_cast<const T*>(a.grad);
-  p.ldg = a.ldg;
-  p.B = static_cast<const W*>(a.B);
-  p.t = a.t;
-  p.u = need_u ? u : nullptr;
-  p.ws_dB = part_dB ? ws_dB : nullptr;
-  p.n = a.n;
-  p.d_out = a.d_out;
-  p.r = a.r;
-  p.rows = g_mma_rows<RT>(plan, dev);
-  if (p.rows <= 0) return cudaErrorInvalidConfiguration;
-  p.range_rows = plan.g_rows;
-  p.need_u = need_u;
-  p.need_dB = part_dB;
-  p.vec_g = vec8_ok(a.grad, a.ldg);
-  p.multi = table;
-  const int64_t nrc = ceil_div(a.r, RT);
-  const size_t smem = MmaGSmem<RT>::bytes(p.rows);
-  auto kernel = lor2c_bwd_g_mma_kernel<T, W, RT, MULTI>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  if constexpr (MULTI) {  // one launch: g_splits bounds the units, one slice each
-    if (plan.g_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    p.range0 = 0;
-    p.accumulate = false;
-    const dim3 grid(static_cast<unsigned>(plan.g_splits), static_cast<unsigned>(nrc));
-    kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
-    return cudaGetLastError();
-  } else {  // waves of at most g_splits blocks, as for the CUDA-core kernel
-    const int64_t ranges = ceil_div(a.n, plan.g_rows);
-    for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
-      const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
-      p.range0 = range0;
-      p.accumulate = range0 > 0;
-      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nrc));
-      kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    }
-    return cudaSuccess;
+// Kernel 1 (MMA: the tensor-core one, over shared-memory ranges of g_mma_rows rows).
+template <typename T, typename W, int RT, bool MULTI, bool MMA>
+cudaError_t g_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table, bool need_u,
+                     bool part_dB, float* u, float* ws_dB, const DeviceInfo& dev,
+                     cudaStream_t stream) {
+  BwdGParams<T, W> p =
+      g_params<T, W>(a, plan.g_rows, table, need_u, part_dB, u, ws_dB, MMA ? kMmaLanes : kLanes);
+  size_t smem = plan.g_smem;
+  if constexpr (MMA) {
+    p.rows = g_mma_rows<RT>(plan, dev);
+    if (p.rows <= 0) return cudaErrorInvalidConfiguration;
+    smem = MmaGSmem<RT>::bytes(p.rows);
   }
+  const unsigned nrc = static_cast<unsigned>(ceil_div(a.r, RT));
+  auto waves = [&](auto kernel) -> cudaError_t {
+    cudaError_t err = allow_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    if constexpr (MULTI) {  // one launch: g_splits bounds the units, one slice each
+      if (plan.g_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
+      kernel<<<dim3(static_cast<unsigned>(plan.g_splits), nrc), dim3(kThreads), smem, stream>>>(p);
+      return cudaGetLastError();
+    } else {
+      // Waves of at most g_splits blocks (one per workspace slice); a single wave unless n is
+      // very large. Later waves add to the slices, in launch order.
+      const int64_t ranges = ceil_div(a.n, plan.g_rows);
+      for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
+        const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
+        p.range0 = range0;
+        p.accumulate = range0 > 0;
+        kernel<<<dim3(static_cast<unsigned>(blocks), nrc), dim3(kThreads), smem, stream>>>(p);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+      return cudaSuccess;
+    }
+  };
+  if constexpr (MMA)
+    return waves(lor2c_bwd_g_mma_kernel<T, W, RT, MULTI>);
+  else
+    return waves(lor2c_bwd_g_kernel<T, W, RT, MULTI>);
 }
 
-template <typename T, typename W, int RT, bool MULTI>
-cudaError_t x_mma_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table, float* u,
-                         float* ws_dA, cudaStream_t stream) {
-  MmaBwdXParams<T, W> p;
-  p.x = static_cast<const T*>(a.x);
-  p.ldx = a.ldx;
-  p.A = static_cast<const W*>(a.A);
-  p.u = u;
-  p.dx = a.need_dx ? static_cast<T*>(a.dx) : nullptr;
-  p.ws_dA = a.need_dA ? ws_dA : nullptr;
-  p.n = a.n;
-  p.d_in = a.d_in;
-  p.r = a.r;
-  p.rows = plan.x_rows;
-  p.scale = a.scale;
-  p.dropout = a.dropout;
-  p.do_dx = a.need_dx;
-  p.do_dA = a.need_dA;
-  p.vec_x = vec8_ok(a.x, a.ldx);
-  p.vec_dx = vec8_ok(a.dx, a.d_in);
-  p.multi = table;
-  const int64_t nrc = ceil_div(a.r, RT);
-  auto kernel = lor2c_bwd_x_mma_kernel<T, W, RT, MULTI>;
+// Kernel 2 (MMA: the tensor-core one).
+template <typename T, typename W, int RT, bool MULTI, bool MMA>
+cudaError_t x_launch(const BwdArgs& a, const BwdPlan& plan, const MultiTable& table, float* u,
+                     float* ws_dA, cudaStream_t stream) {
+  const BwdXParams<T, W> p =
+      x_params<T, W>(a, plan.x_rows, table, u, ws_dA, MMA ? kMmaLanes : kLanes);
+  // MULTI: blocks loop over the units past the grid.y limit
   const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
   if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY) return cudaErrorInvalidConfiguration;
-  const size_t smem = MmaXSmem<RT>::kBytes;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
-                  static_cast<unsigned>(a.need_dA ? nrc : 1));
-  kernel<<<grid, dim3(kThreads), smem, stream>>>(p);
-  return cudaGetLastError();
+                  static_cast<unsigned>(a.need_dA ? ceil_div(a.r, RT) : 1));
+  if constexpr (MMA)
+    return launch_kernel(lor2c_bwd_x_mma_kernel<T, W, RT, MULTI>, grid, MmaXSmem<RT>::kBytes,
+                         stream, p);
+  else
+    return launch_kernel(lor2c_bwd_x_kernel<T, W, RT, MULTI>, grid, plan.x_smem, stream, p);
 }
 
 // MMA: kernels 1 and 2 are the tensor-core ones (RT is then 16, 32 or 64; T is 16-bit).
@@ -482,85 +429,13 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs*
   const MultiTable x_table = multi_table(m, 1, plan.x_rows);
   cudaError_t err = cudaSuccess;
 
-  if constexpr (MMA) {
-    if (plan.g_splits > 0 && (need_u || part_dB) &&
-        (err = g_mma_launch<T, W, RT, MULTI>(a, plan, g_table, need_u, part_dB, u, ws_dB, dev,
-                                             stream)) != cudaSuccess)
-      return err;
-  } else if (plan.g_splits > 0 && (need_u || part_dB)) {
-    BwdGParams<T, W> p;
-    p.g = static_cast<const T*>(a.grad);
-    p.ldg = a.ldg;
-    p.B = static_cast<const W*>(a.B);
-    p.t = a.t;
-    p.u = need_u ? u : nullptr;
-    p.ws_dB = part_dB ? ws_dB : nullptr;
-    p.n = a.n;
-    p.d_out = a.d_out;
-    p.r = a.r;
-    p.rows = plan.g_rows;
-    p.need_u = need_u;
-    p.need_dB = part_dB;
-    p.vec_g = vec_ok(a.grad, a.ldg, sizeof(T));
-    p.multi = g_table;
-    auto kernel = lor2c_bwd_g_kernel<T, W, RT, MULTI>;
-    if ((err = allow_smem(kernel, plan.g_smem)) != cudaSuccess) return err;
-    if constexpr (MULTI) {  // one launch: g_splits bounds the units, one slice each
-      if (plan.g_splits > 0x7fffffff) return cudaErrorInvalidConfiguration;
-      p.range0 = 0;
-      p.accumulate = false;
-      const dim3 grid(static_cast<unsigned>(plan.g_splits), static_cast<unsigned>(nrc));
-      kernel<<<grid, dim3(kThreads), plan.g_smem, stream>>>(p);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    } else {
-      // Waves of at most g_splits blocks (one per workspace slice); a single wave unless n is
-      // very large. Later waves add to the slices, in launch order.
-      const int64_t ranges = ceil_div(a.n, plan.g_rows);
-      for (int64_t range0 = 0; range0 < ranges; range0 += plan.g_splits) {
-        const int64_t blocks = ranges - range0 < plan.g_splits ? ranges - range0 : plan.g_splits;
-        p.range0 = range0;
-        p.accumulate = range0 > 0;
-        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nrc));
-        kernel<<<grid, dim3(kThreads), plan.g_smem, stream>>>(p);
-        if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      }
-    }
-  }
-
+  if (plan.g_splits > 0 && (need_u || part_dB) &&
+      (err = g_launch<T, W, RT, MULTI, MMA>(a, plan, g_table, need_u, part_dB, u, ws_dB, dev,
+                                            stream)) != cudaSuccess)
+    return err;
   if (plan.x_splits > 0 && need_u && (a.need_dx || a.need_dA)) {
-    if constexpr (MMA) {
-      if ((err = x_mma_launch<T, W, RT, MULTI>(a, plan, x_table, u, ws_dA, stream)) != cudaSuccess)
-        return err;
-    } else {
-      BwdXParams<T, W> p;
-      p.x = static_cast<const T*>(a.x);
-      p.ldx = a.ldx;
-      p.A = static_cast<const W*>(a.A);
-      p.u = u;
-      p.dx = a.need_dx ? static_cast<T*>(a.dx) : nullptr;
-      p.ws_dA = a.need_dA ? ws_dA : nullptr;
-      p.n = a.n;
-      p.d_in = a.d_in;
-      p.r = a.r;
-      p.rows = plan.x_rows;
-      p.scale = a.scale;
-      p.dropout = a.dropout;
-      p.do_dx = a.need_dx;
-      p.do_dA = a.need_dA;
-      p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
-      p.vec_dx = vec_ok(a.dx, a.d_in, sizeof(T));
-      p.multi = x_table;
-      auto kernel = lor2c_bwd_x_kernel<T, W, RT, MULTI>;
-      // MULTI: blocks loop over the units past the grid.y limit
-      const int64_t gy = MULTI && plan.x_splits > kMaxGridY ? kMaxGridY : plan.x_splits;
-      if (ceil_div(a.d_in, kTile) > 0x7fffffff || gy > kMaxGridY)
-        return cudaErrorInvalidConfiguration;
-      if ((err = allow_smem(kernel, plan.x_smem)) != cudaSuccess) return err;
-      const dim3 grid(static_cast<unsigned>(ceil_div(a.d_in, kTile)), static_cast<unsigned>(gy),
-                      static_cast<unsigned>(a.need_dA ? nrc : 1));
-      kernel<<<grid, dim3(kThreads), plan.x_smem, stream>>>(p);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    }
+    if ((err = x_launch<T, W, RT, MULTI, MMA>(a, plan, x_table, u, ws_dA, stream)) != cudaSuccess)
+      return err;
   } else if (a.need_dx && a.n * a.d_in > 0) {  // r == 0 or nothing to multiply: dx = 0
     if ((err = cudaMemsetAsync(a.dx, 0, sizeof(T) * a.n * a.d_in, stream)) != cudaSuccess)
       return err;
@@ -593,31 +468,20 @@ cudaError_t bwd_launch_t(const BwdArgs& a, const BwdPlan& plan, const MultiArgs*
   return cudaSuccess;
 }
 
-template <typename T, typename W, bool MULTI>
+template <typename T, typename W, bool MULTI, bool MMA>
 cudaError_t bwd_rank(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
                      const DeviceInfo& dev, cudaStream_t s) {
-  switch (rank_tile(a.r)) {
-    case 8:
-      return bwd_launch_t<T, W, 8, MULTI, false>(a, plan, m, dev, s);
-    case 16:
-      return bwd_launch_t<T, W, 16, MULTI, false>(a, plan, m, dev, s);
-    case 32:
-      return bwd_launch_t<T, W, 32, MULTI, false>(a, plan, m, dev, s);
-    default:
-      return bwd_launch_t<T, W, 64, MULTI, false>(a, plan, m, dev, s);
+  const int rt = MMA ? mma_rank_tile(a.r) : rank_tile(a.r);
+  if constexpr (!MMA) {
+    if (rt == 8) return bwd_launch_t<T, W, 8, MULTI, MMA>(a, plan, m, dev, s);
   }
-}
-
-template <typename T, typename W, bool MULTI>
-cudaError_t bwd_mma_rank(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* m,
-                         const DeviceInfo& dev, cudaStream_t s) {
-  switch (mma_rank_tile(a.r)) {
+  switch (rt) {
     case 16:
-      return bwd_launch_t<T, W, 16, MULTI, true>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 16, MULTI, MMA>(a, plan, m, dev, s);
     case 32:
-      return bwd_launch_t<T, W, 32, MULTI, true>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 32, MULTI, MMA>(a, plan, m, dev, s);
     default:
-      return bwd_launch_t<T, W, 64, MULTI, true>(a, plan, m, dev, s);
+      return bwd_launch_t<T, W, 64, MULTI, MMA>(a, plan, m, dev, s);
   }
 }
 
@@ -626,11 +490,11 @@ cudaError_t bwd_weights(const BwdArgs& a, const BwdPlan& plan, const MultiArgs* 
                         const DeviceInfo& dev, cudaStream_t s) {
   if constexpr (!std::is_same<T, float>::value) {
     if (lor2c_mma_enabled())
-      return a.weights_fp32 ? bwd_mma_rank<T, float, MULTI>(a, plan, m, dev, s)
-                            : bwd_mma_rank<T, T, MULTI>(a, plan, m, dev, s);
+      return a.weights_fp32 ? bwd_rank<T, float, MULTI, true>(a, plan, m, dev, s)
+                            : bwd_rank<T, T, MULTI, true>(a, plan, m, dev, s);
   }
-  return a.weights_fp32 ? bwd_rank<T, float, MULTI>(a, plan, m, dev, s)
-                        : bwd_rank<T, T, MULTI>(a, plan, m, dev, s);
+  return a.weights_fp32 ? bwd_rank<T, float, MULTI, false>(a, plan, m, dev, s)
+                        : bwd_rank<T, T, MULTI, false>(a, plan, m, dev, s);
 }
 
 template <bool MULTI>

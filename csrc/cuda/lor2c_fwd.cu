@@ -19,6 +19,7 @@
 #include "lor2c_kernels.h"
 #include "lor2c_mma.cuh"
 #include "lor2c_multi_plan.cuh"
+#include "lor2c_params.cuh"
 #include "lor2c_products.cuh"
 
 namespace lor2c {
@@ -26,24 +27,6 @@ namespace cuda {
 namespace {
 
 // ---- the kernel --------------------------------------------------------------------------------
-template <typename T, typename W>
-struct FwdParams {
-  const T* x;
-  int64_t ldx;
-  const T* lo;
-  int64_t ldl;
-  const W* A;
-  const W* B;
-  T* out;
-  int64_t ldo;
-  float* t;
-  int64_t n, d_in, d_out, r;
-  float scale;
-  DropoutArgs dropout;
-  bool vec_x, vec_lo, vec_out;
-  MultiTable multi;  // MULTI only: A and B are the banks (G, r, d_in) and (G, d_out, r)
-};
-
 // Shared memory of the forward kernel, in floats: ts [BM][RT+4] for the whole kernel, then
 // phase 1's Xs [BM][kChunk+4] + Ws [kChunk][kLdw], reused by phase 2's Bs [RT][kTile+4].
 template <int RT, int BM>
@@ -179,105 +162,42 @@ int fwd_rows(int64_t n, const DeviceInfo& dev, bool mma) {
 // Whether this call runs the tensor-core kernel (LOR2C_CUDA_MMA=1, 16-bit activations).
 bool use_mma(DType act) { return act != DType::kFloat32 && lor2c_mma_enabled(); }
 
-template <typename T, typename W, int RT, int BM, bool MULTI>
+// MMA: the tensor-core kernel (lor2c_mma.cuh, LOR2C_CUDA_MMA=1; RT is then 16, 32 or 64).
+template <typename T, typename W, int RT, int BM, bool MULTI, bool MMA>
 cudaError_t fwd_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
-  FwdParams<T, W> p;
-  p.x = static_cast<const T*>(a.x);
-  p.ldx = a.ldx;
-  p.lo = static_cast<const T*>(a.layer_out);
-  p.ldl = a.ldl;
-  p.A = static_cast<const W*>(a.A);
-  p.B = static_cast<const W*>(a.B);
-  p.out = static_cast<T*>(a.out);
-  p.ldo = a.d_out;
-  p.t = a.t;
-  p.n = a.n;
-  p.d_in = a.d_in;
-  p.d_out = a.d_out;
-  p.r = a.r;
-  p.scale = a.scale;
-  p.dropout = a.dropout;
-  p.vec_x = vec_ok(a.x, a.ldx, sizeof(T));
-  p.vec_lo = vec_ok(a.layer_out, a.ldl, sizeof(T));
-  p.vec_out = vec_ok(a.out, a.d_out, sizeof(T));
-  p.multi = multi_table(m, 0, BM);
+  const FwdParams<T, W> p = fwd_params<T, W>(a, multi_table(m, 0, BM), MMA ? kMmaLanes : kLanes);
   // MULTI: at most ceil(n / BM) + G units (each adapter adds at most one partial block)
   const int64_t blocks = ceil_div(a.n, BM) + (MULTI ? m->G : 0);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const size_t smem = FwdSmem<RT, BM>::kBytes;
-  auto kernel = lor2c_fwd_kernel<T, W, RT, BM, MULTI>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if constexpr (MMA)
+    return launch_kernel(lor2c_fwd_mma_kernel<T, W, RT, BM, MULTI>, grid,
+                         MmaFwdSmem<RT, BM>::kBytes, stream, p);
+  else
+    return launch_kernel(lor2c_fwd_kernel<T, W, RT, BM, MULTI>, grid, FwdSmem<RT, BM>::kBytes,
+                         stream, p);
 }
 
-template <typename T, typename W, bool MULTI>
+template <typename T, typename W, int RT, bool MULTI, bool MMA>
+cudaError_t fwd_tall(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev, cudaStream_t s) {
+  // the multi plan's units use the same rows (lor2c_multi_fwd_launch)
+  return fwd_rows(a.n, dev, MMA) == 64 ? fwd_launch_t<T, W, RT, 64, MULTI, MMA>(a, m, s)
+                                       : fwd_launch_t<T, W, RT, 32, MULTI, MMA>(a, m, s);
+}
+
+template <typename T, typename W, bool MULTI, bool MMA>
 cudaError_t fwd_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev, cudaStream_t s) {
-  const bool tall = fwd_rows(a.n, dev, false) == 64;
-  switch (rank_tile(a.r)) {
-    case 8:
-      return tall ? fwd_launch_t<T, W, 8, 64, MULTI>(a, m, s)
-                  : fwd_launch_t<T, W, 8, 32, MULTI>(a, m, s);
-    case 16:
-      return tall ? fwd_launch_t<T, W, 16, 64, MULTI>(a, m, s)
-                  : fwd_launch_t<T, W, 16, 32, MULTI>(a, m, s);
-    case 32:
-      return tall ? fwd_launch_t<T, W, 32, 64, MULTI>(a, m, s)
-                  : fwd_launch_t<T, W, 32, 32, MULTI>(a, m, s);
-    default:
-      return tall ? fwd_launch_t<T, W, 64, 64, MULTI>(a, m, s)
-                  : fwd_launch_t<T, W, 64, 32, MULTI>(a, m, s);
+  const int rt = MMA ? mma_rank_tile(a.r) : rank_tile(a.r);
+  if constexpr (!MMA) {
+    if (rt == 8) return fwd_tall<T, W, 8, MULTI, MMA>(a, m, dev, s);
   }
-}
-
-// ---- the tensor-core kernel (lor2c_mma.cuh), LOR2C_CUDA_MMA=1 -------------------------------
-template <typename T, typename W, int RT, int BM, bool MULTI>
-cudaError_t fwd_mma_launch_t(const FwdArgs& a, const MultiArgs* m, cudaStream_t stream) {
-  MmaFwdParams<T, W> p;
-  p.x = static_cast<const T*>(a.x);
-  p.ldx = a.ldx;
-  p.lo = static_cast<const T*>(a.layer_out);
-  p.ldl = a.ldl;
-  p.A = static_cast<const W*>(a.A);
-  p.B = static_cast<const W*>(a.B);
-  p.out = static_cast<T*>(a.out);
-  p.ldo = a.d_out;
-  p.t = a.t;
-  p.n = a.n;
-  p.d_in = a.d_in;
-  p.d_out = a.d_out;
-  p.r = a.r;
-  p.scale = a.scale;
-  p.dropout = a.dropout;
-  p.vec_x = vec8_ok(a.x, a.ldx);
-  p.vec_lo = vec8_ok(a.layer_out, a.ldl);
-  p.vec_out = vec8_ok(a.out, a.d_out);
-  p.multi = multi_table(m, 0, BM);
-  const int64_t blocks = ceil_div(a.n, BM) + (MULTI ? m->G : 0);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const size_t smem = MmaFwdSmem<RT, BM>::kBytes;
-  auto kernel = lor2c_fwd_mma_kernel<T, W, RT, BM, MULTI>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T, typename W, bool MULTI>
-cudaError_t fwd_mma_rank(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& dev,
-                         cudaStream_t s) {
-  const bool tall = fwd_rows(a.n, dev, true) == 64;  // the multi plan's units use the same rows
-  switch (mma_rank_tile(a.r)) {
+  switch (rt) {
     case 16:
-      return tall ? fwd_mma_launch_t<T, W, 16, 64, MULTI>(a, m, s)
-                  : fwd_mma_launch_t<T, W, 16, 32, MULTI>(a, m, s);
+      return fwd_tall<T, W, 16, MULTI, MMA>(a, m, dev, s);
     case 32:
-      return tall ? fwd_mma_launch_t<T, W, 32, 64, MULTI>(a, m, s)
-                  : fwd_mma_launch_t<T, W, 32, 32, MULTI>(a, m, s);
+      return fwd_tall<T, W, 32, MULTI, MMA>(a, m, dev, s);
     default:
-      return tall ? fwd_mma_launch_t<T, W, 64, 64, MULTI>(a, m, s)
-                  : fwd_mma_launch_t<T, W, 64, 32, MULTI>(a, m, s);
+      return fwd_tall<T, W, 64, MULTI, MMA>(a, m, dev, s);
   }
 }
 
@@ -286,11 +206,11 @@ cudaError_t fwd_weights(const FwdArgs& a, const MultiArgs* m, const DeviceInfo& 
                         cudaStream_t s) {
   if constexpr (!std::is_same<T, float>::value) {
     if (use_mma(a.act))
-      return a.weights_fp32 ? fwd_mma_rank<T, float, MULTI>(a, m, dev, s)
-                            : fwd_mma_rank<T, T, MULTI>(a, m, dev, s);
+      return a.weights_fp32 ? fwd_rank<T, float, MULTI, true>(a, m, dev, s)
+                            : fwd_rank<T, T, MULTI, true>(a, m, dev, s);
   }
-  return a.weights_fp32 ? fwd_rank<T, float, MULTI>(a, m, dev, s)
-                        : fwd_rank<T, T, MULTI>(a, m, dev, s);
+  return a.weights_fp32 ? fwd_rank<T, float, MULTI, false>(a, m, dev, s)
+                        : fwd_rank<T, T, MULTI, false>(a, m, dev, s);
 }
 
 template <bool MULTI>

@@ -42,6 +42,7 @@
 
 #include "common.cuh"
 #include "lor2c_multi_plan.cuh"
+#include "lor2c_params.cuh"
 #include "lor2c_products.cuh"
 
 // The dynamic shared memory of a kernel, as bytes, 128-byte aligned (wmma needs 32-byte aligned
@@ -87,11 +88,6 @@ template <typename T>
 struct alignas(16) Vec8 {
   T v[8];
 };
-
-// An 8-element vector access is aligned for every row at column multiples of 8.
-inline bool vec8_ok(const void* p, int64_t ld) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0;
-}
 
 // Columns j..j+7 of one row (p points at column j), zeros past column d.
 template <typename T>
@@ -203,23 +199,6 @@ struct TileIO8 {
 // ======================================================================================
 // Forward
 // ======================================================================================
-template <typename T, typename W>
-struct MmaFwdParams {
-  const T* x;
-  int64_t ldx;
-  const T* lo;
-  int64_t ldl;
-  const W* A;
-  const W* B;
-  T* out;
-  int64_t ldo;
-  float* t;
-  int64_t n, d_in, d_out, r;
-  float scale;
-  DropoutArgs dropout;
-  bool vec_x, vec_lo, vec_out;  // vec8_ok
-  MultiTable multi;             // MULTI only: A and B are the banks (G, r, d_in), (G, d_out, r)
-};
 
 // Shared memory of the forward kernel (bytes). Phase 1 (t): x chunk Xh [BM][136] T and the A
 // chunk Ah, Al [RT][136] T (A[rank][col]: the col-major K x N operand), then the K-split partials
@@ -250,7 +229,7 @@ struct MmaFwdSmem {
 };
 
 template <typename T, typename W, int RT, int BM, bool MULTI>
-__global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const MmaFwdParams<T, W> p) {
+__global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const FwdParams<T, W> p) {
   using L = MmaFwdSmem<RT, BM>;
   constexpr bool kAExact = std::is_same<W, T>::value;
   constexpr bool kBExact = std::is_same<W, Bf16>::value;
@@ -424,22 +403,6 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const MmaFwd
 // ======================================================================================
 // Backward kernel 1: reads grad
 // ======================================================================================
-template <typename T, typename W>
-struct MmaBwdGParams {
-  const T* g;
-  int64_t ldg;
-  const W* B;  // MULTI: the bank (G, d_out, r)
-  const float* t;
-  float* u;      // (n, r) fp32; null when !need_u
-  float* ws_dB;  // (g_splits, r, d_out) fp32 partial sums of dB.T; null when !need_dB
-  int64_t n, d_out, r;
-  int64_t rows;        // rows per shared-memory range, a multiple of kMmaSub
-  int64_t range_rows;  // plain op: rows per block (a multiple of `rows`)
-  int64_t range0;      // plain op: block b handles row range range0 + b
-  bool accumulate;     // add the dB.T partials to ws_dB (waves after the first)
-  bool need_u, need_dB, vec_g;
-  MultiTable multi;  // MULTI only: units of multi.rows rows (a multiple of `rows`)
-};
 
 // Shared memory of kernel 1 (bytes): a work area holding the grad tile Gh [64][136] T and the B
 // tile Bh, Bl [128][RT+8] T (B[col][rank]: the row-major K x N operand), or, when a column tile is
@@ -472,7 +435,7 @@ struct MmaGSmem {
 // column tiles and is written once; the range's dB.T partial goes to (with `accumulate`: is added
 // to) workspace slice blockIdx.x.
 template <typename T, typename W, int RT, typename RowMap>
-__device__ __forceinline__ void g_range_mma(const MmaBwdGParams<T, W>& p, unsigned char* sm,
+__device__ __forceinline__ void g_range_mma(const BwdGParams<T, W>& p, unsigned char* sm,
                                             const W* B, const RowMap& rows, int64_t nrows,
                                             bool accumulate) {
   using L = MmaGSmem<RT>;
@@ -609,7 +572,7 @@ __device__ __forceinline__ void g_range_mma(const MmaBwdGParams<T, W>& p, unsign
 // Plain op: block (b, rc) handles rows (range0 + b) * range_rows .. + range_rows - 1; MULTI: unit
 // b of p.multi. Either way in consecutive ranges of p.rows rows, adding into its own slice.
 template <typename T, typename W, int RT, bool MULTI>
-__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_mma_kernel(const MmaBwdGParams<T, W> p) {
+__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_mma_kernel(const BwdGParams<T, W> p) {
   LOR2C_DYNAMIC_SMEM(sm);
   const W* B = p.B;
   int64_t pos0 = 0, count = 0;
@@ -636,21 +599,6 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_g_mma_kernel(const MmaB
 // ======================================================================================
 // Backward kernel 2: reads x
 // ======================================================================================
-template <typename T, typename W>
-struct MmaBwdXParams {
-  const T* x;
-  int64_t ldx;
-  const W* A;  // MULTI: the bank (G, r, d_in)
-  const float* u;
-  T* dx;         // (n, d_in) contiguous; null when !do_dx
-  float* ws_dA;  // (splits, r, d_in) fp32 partial sums of dA; null when !do_dA
-  int64_t n, d_in, r;
-  int64_t rows;  // rows per block (the plan's x_rows, a multiple of 32; a last step may be partial)
-  float scale;
-  DropoutArgs dropout;
-  bool do_dx, do_dA, vec_x, vec_dx;  // vec8_ok
-  MultiTable multi;                  // MULTI only: units of `rows` rows
-};
 
 // Shared memory of kernel 2 (bytes): Xh [32][136] T (x * keep), the keep flags [32][16] bytes,
 // u of the step as ubh, ubl [32][RT+8] bf16 (times s / (1 - p), for dx) and uth, utl [32][RT+8] T
@@ -690,7 +638,7 @@ __device__ __forceinline__ void stage_A_mma(Bf16* ah, Bf16* al, const W* A, int6
 // The 128 columns from blockIdx.x * 128 of `nrows` rows given by `rows`, with weights A: dx of
 // those rows and the dA partial of rank chunk blockIdx.z, written to workspace slice `slice`.
 template <typename T, typename W, int RT, typename RowMap>
-__device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsigned char* sm,
+__device__ __forceinline__ void x_split_mma(const BwdXParams<T, W>& p, unsigned char* sm,
                                             const W* A, const RowMap& rows, int64_t nrows,
                                             int64_t slice) {
   using L = MmaXSmem<RT>;
@@ -827,7 +775,7 @@ __device__ __forceinline__ void x_split_mma(const MmaBwdXParams<T, W>& p, unsign
 // Plain op: block (c, b, z) handles rows b * p.rows .. and writes dA slice b.
 // MULTI: it handles units b, b + gridDim.y, ... of p.multi, writing dA slice b for unit b.
 template <typename T, typename W, int RT, bool MULTI>
-__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_mma_kernel(const MmaBwdXParams<T, W> p) {
+__global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_mma_kernel(const BwdXParams<T, W> p) {
   LOR2C_DYNAMIC_SMEM(sm);
   if constexpr (MULTI) {
     for (int64_t b = blockIdx.y;; b += gridDim.y) {

@@ -432,26 +432,23 @@ bool run_case(const Case& c, const char* label) {
   Buf<T> out(n * d_out);
   Buf<float> t(n * r);
   {
-    MmaFwdParams<T, W> p{};
-    p.x = x.p();
-    p.ldx = ldx;
-    p.lo = lo.p();
-    p.ldl = ldl;
-    p.A = A.p();
-    p.B = B.p();
-    p.out = out.p();
-    p.ldo = d_out;
-    p.t = t.p();
-    p.n = n;
-    p.d_in = d_in;
-    p.d_out = d_out;
-    p.r = r;
-    p.scale = scale;
-    p.dropout = dargs;
-    p.vec_x = vec8_ok(x.p(), ldx);
-    p.vec_lo = vec8_ok(lo.p(), ldl);
-    p.vec_out = vec8_ok(out.p(), d_out);
-    p.multi = multi ? table(c.bm, bp_f) : MultiTable{};
+    FwdArgs fa{};  // filled as the launchers fill theirs (fwd_params, lor2c_params.cuh)
+    fa.x = x.p();
+    fa.ldx = ldx;
+    fa.layer_out = lo.p();
+    fa.ldl = ldl;
+    fa.A = A.p();
+    fa.B = B.p();
+    fa.out = out.p();
+    fa.t = t.p();
+    fa.n = n;
+    fa.d_in = d_in;
+    fa.d_out = d_out;
+    fa.r = r;
+    fa.scale = scale;
+    fa.dropout = dargs;
+    const FwdParams<T, W> p =
+        fwd_params<T, W>(fa, multi ? table(c.bm, bp_f) : MultiTable{}, kMmaLanes);
     const int64_t blocks = (n + c.bm - 1) / c.bm + (multi ? G : 0);
     const int rt = mma_rank_tile(r);
     auto go = [&](auto rt_tag, auto bm_tag) {
@@ -501,6 +498,25 @@ bool run_case(const Case& c, const char* label) {
   const int rt = mma_rank_tile(r);
   const int64_t nrc = (r + rt - 1) / rt;
   Buf<float> u(n * r);
+  Buf<T> dx(n * d_in);
+  BwdArgs ba{};  // filled as the launchers fill theirs (g_params, x_params: lor2c_params.cuh)
+  ba.grad = g.p();
+  ba.ldg = ldg;
+  ba.x = x.p();
+  ba.ldx = ldx;
+  ba.t = t.p();
+  ba.A = A.p();
+  ba.B = B.p();
+  ba.dx = dx.p();
+  ba.n = n;
+  ba.d_in = d_in;
+  ba.d_out = d_out;
+  ba.r = r;
+  ba.scale = scale;
+  ba.need_dx = c.need_dx;
+  ba.need_dA = c.need_dA;
+  ba.need_dB = c.need_dB;
+  ba.dropout = dargs;
   // kernel 1 plan
   int64_t g_splits = std::min(c.g_splits, (n + c.g_rows - 1) / c.g_rows), g_split_rows = 0;
   if (multi) {
@@ -509,22 +525,10 @@ bool run_case(const Case& c, const char* label) {
   }
   Buf<float> ws_dB(g_splits * r * d_out);
   if (need_u || c.need_dB) {
-    MmaBwdGParams<T, W> p{};
-    p.g = g.p();
-    p.ldg = ldg;
-    p.B = B.p();
-    p.t = t.p();
-    p.u = need_u ? u.p() : nullptr;
-    p.ws_dB = c.need_dB ? ws_dB.p() : nullptr;
-    p.n = n;
-    p.d_out = d_out;
-    p.r = r;
-    p.rows = c.g_sub;
-    p.range_rows = c.g_rows;
-    p.need_u = need_u;
-    p.need_dB = c.need_dB;
-    p.vec_g = vec8_ok(g.p(), ldg);
-    p.multi = multi ? table(g_split_rows, bp_g) : MultiTable{};
+    BwdGParams<T, W> p =
+        g_params<T, W>(ba, c.g_rows, multi ? table(g_split_rows, bp_g) : MultiTable{}, need_u,
+                       c.need_dB, u.p(), ws_dB.p(), kMmaLanes);
+    p.rows = c.g_sub;  // shared-memory ranges within the block's range of c.g_rows rows
     auto go = [&](auto rt_tag) {
       constexpr int RT = decltype(rt_tag)::value;
       const size_t smem = MmaGSmem<RT>::bytes(p.rows);
@@ -552,26 +556,9 @@ bool run_case(const Case& c, const char* label) {
   // kernel 2
   const int64_t x_splits = (n + c.x_rows - 1) / c.x_rows + (multi ? G : 0);
   Buf<float> ws_dA(x_splits * r * d_in);
-  Buf<T> dx(n * d_in);
   if (need_u && (c.need_dx || c.need_dA)) {
-    MmaBwdXParams<T, W> p{};
-    p.x = x.p();
-    p.ldx = ldx;
-    p.A = A.p();
-    p.u = u.p();
-    p.dx = c.need_dx ? dx.p() : nullptr;
-    p.ws_dA = c.need_dA ? ws_dA.p() : nullptr;
-    p.n = n;
-    p.d_in = d_in;
-    p.r = r;
-    p.rows = c.x_rows;
-    p.scale = scale;
-    p.dropout = dargs;
-    p.do_dx = c.need_dx;
-    p.do_dA = c.need_dA;
-    p.vec_x = vec8_ok(x.p(), ldx);
-    p.vec_dx = vec8_ok(dx.p(), d_in);
-    p.multi = multi ? table(c.x_rows, bp_x) : MultiTable{};
+    const BwdXParams<T, W> p = x_params<T, W>(
+        ba, c.x_rows, multi ? table(c.x_rows, bp_x) : MultiTable{}, u.p(), ws_dA.p(), kMmaLanes);
     const int64_t gy = multi ? std::min<int64_t>(x_splits, 3) : x_splits;  // multi: loop over units
     const dim3 grid((d_in + 127) / 128, gy, c.need_dA ? nrc : 1);
     auto go = [&](auto rt_tag) {
