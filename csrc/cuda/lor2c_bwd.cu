@@ -248,7 +248,7 @@ __device__ __forceinline__ void x_split(const BwdXParams<T, W>& p, float* smem, 
             const float mult = dp.enabled ? (((keep >> c) & 1u) ? dp.inv_keep : 0.f) : 1.f;
             v[c] = p.scale * q2.acc[m][c] * mult;
           }
-          store4(p.dx + i * d_in + j, j, d_in, p.vec_dx, v);
+          store_vec<4>(p.dx + i * d_in + j, j, d_in, p.vec_dx, v);
         }
       }
     }
@@ -267,19 +267,9 @@ template <typename T, typename W, int RT, bool MULTI>
 __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_kernel(const BwdXParams<T, W> p) {
   extern __shared__ float4 smem4[];
   float* const smem = reinterpret_cast<float*>(smem4);
-  if constexpr (MULTI) {
-    for (int64_t b = blockIdx.y;; b += gridDim.y) {
-      Unit u;
-      if (!find_unit(p.multi, b, u)) return;  // uniform over the block
-      if (b != blockIdx.y) __syncthreads();   // shared memory of the previous unit is free
-      x_split<T, W, RT>(p, smem, p.A + u.adapter * p.r * p.d_in,
-                        Rows<true>{p.multi.order, u.pos0, u.count}, u.count, b);
-    }
-  } else {
-    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * p.rows;
-    const int64_t nrows = p.rows < p.n - row0 ? p.rows : p.n - row0;
-    x_split<T, W, RT>(p, smem, p.A, Rows<false>{nullptr, row0, nrows}, nrows, blockIdx.y);
-  }
+  x_block_rows<MULTI>(p, [&](const W* A, const auto& rows, int64_t count, int64_t slice) {
+    x_split<T, W, RT>(p, smem, A, rows, count, slice);
+  });
 }
 
 // ---- deterministic reduction of the per-split partial sums -----------------------------------

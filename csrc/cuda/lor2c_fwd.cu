@@ -55,19 +55,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
   const W* A = p.A;
   const W* B = p.B;
   Rows<MULTI> rows;
-  if constexpr (MULTI) {
-    Unit u;
-    if (!find_unit(p.multi, blockIdx.x, u)) return;  // uniform over the block
-    A += u.adapter * r * d_in;
-    B += u.adapter * d_out * r;
-    for (int l = threadIdx.x; l < BM; l += kThreads)
-      ridx[l] = l < u.count ? p.multi.order[u.pos0 + l] : -1;
-    __syncthreads();
-    rows = {ridx, 0, u.count};
-  } else {
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
-    rows = {nullptr, row0, n - row0 < BM ? n - row0 : BM};
-  }
+  if (!fwd_block_rows<BM, MULTI>(p.multi, n, r, d_in, d_out, ridx, A, B, rows))
+    return;                               // uniform over the block
   const int64_t nrc = (r + RT - 1) / RT;  // rank chunks (1 unless r > 64)
   const int64_t nk = (d_in + kChunk - 1) / kChunk;
   const DropoutParams dp = load_dropout(p.dropout);
@@ -115,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
 #pragma unroll
     for (int m = 0; m < Q2::TM; ++m) {
       const int64_t i = rows(Q2::row(m));
-      if (i >= 0 && j < d_out) lo[m] = load4(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
+      if (i >= 0 && j < d_out) lo[m] = load_vec<4>(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
     }
     Q2 q2;
     q2.zero();
@@ -144,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_kernel(const FwdParams<
         float v[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) v[c] = to_float(lo[m].v[c]) + p.scale * q2.acc[m][c];
-        store4(p.out + i * p.ldo + j, j, d_out, p.vec_out, v);
+        store_vec<4>(p.out + i * p.ldo + j, j, d_out, p.vec_out, v);
       }
     }
   }

@@ -83,39 +83,6 @@ using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, S, Layout>;
 using RowMajor = wmma::row_major;
 using ColMajor = wmma::col_major;
 
-// ---- 8-element (16-byte) vector access of 16-bit activations ------------------------------------
-template <typename T>
-struct alignas(16) Vec8 {
-  T v[8];
-};
-
-// Columns j..j+7 of one row (p points at column j), zeros past column d.
-template <typename T>
-__device__ __forceinline__ Vec8<T> load8(const T* p, int64_t j, int64_t d, bool vec) {
-  Vec8<T> v;
-  if (vec && j + 8 <= d) {
-    v = *reinterpret_cast<const Vec8<T>*>(p);
-  } else {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) v.v[c] = j + c < d ? p[c] : from_float<T>(0.f);
-  }
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, int64_t j, int64_t d, bool vec, const float v[8]) {
-  if (vec && j + 8 <= d) {
-    Vec8<T> w;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) w.v[c] = from_float<T>(v[c]);
-    *reinterpret_cast<Vec8<T>*>(p) = w;
-  } else {
-#pragma unroll
-    for (int c = 0; c < 8; ++c)
-      if (j + c < d) p[c] = from_float<T>(v[c]);
-  }
-}
-
 // ---- operand conversion ------------------------------------------------------------------------
 // v = hi + lo, hi = v rounded to S, lo = the rest rounded to S (about twice S's mantissa bits).
 // When the rest is not finite (v inf or NaN, or hi past S's range) lo is 0, so that an inf stays
@@ -160,7 +127,7 @@ struct TileIO8 {
       const int64_t i = rows(l0 + g / kGroupsPerRow);
       const int64_t j = col0 + 8 * (g % kGroupsPerRow);
       if (i >= 0 && j < d) {
-        reg[q] = load8(base + i * ld + j, j, d, vec);
+        reg[q] = load_vec<8>(base + i * ld + j, j, d, vec);
       } else {
 #pragma unroll
         for (int c = 0; c < 8; ++c) reg[q].v[c] = from_float<T>(0.f);
@@ -250,19 +217,8 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const FwdPar
   const W* A = p.A;
   const W* B = p.B;
   Rows<MULTI> rows;
-  if constexpr (MULTI) {
-    Unit u;
-    if (!find_unit(p.multi, blockIdx.x, u)) return;  // uniform over the block
-    A += u.adapter * r * d_in;
-    B += u.adapter * d_out * r;
-    for (int l = threadIdx.x; l < BM; l += kThreads)
-      ridx[l] = l < u.count ? p.multi.order[u.pos0 + l] : -1;
-    __syncthreads();
-    rows = {ridx, 0, u.count};
-  } else {
-    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
-    rows = {nullptr, row0, n - row0 < BM ? n - row0 : BM};
-  }
+  if (!fwd_block_rows<BM, MULTI>(p.multi, n, r, d_in, d_out, ridx, A, B, rows))
+    return;  // uniform over the block
   const int warp = static_cast<int>(threadIdx.x >> 5);
   const int64_t nrc = (r + RT - 1) / RT;  // rank chunks (1 unless r > 64)
   const int64_t nk = (d_in + kTile - 1) / kTile;
@@ -339,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const FwdPar
       const int g = static_cast<int>(threadIdx.x) + q * kThreads;
       const int64_t i = rows(g / (kTile / 8));
       const int64_t j = jt * kTile + 8 * (g % (kTile / 8));
-      if (i >= 0 && j < d_out) lo[q] = load8(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
+      if (i >= 0 && j < d_out) lo[q] = load_vec<8>(p.lo + i * p.ldl + j, j, d_out, p.vec_lo);
     }
     FragAcc acc[L::kMT];
 #pragma unroll
@@ -393,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 2) lor2c_fwd_mma_kernel(const FwdPar
         float v[8];
 #pragma unroll
         for (int c = 0; c < 8; ++c) v[c] = to_float(lo[q].v[c]) + Os[row * kMmaLdf + 8 * grp + c];
-        store8(p.out + i * p.ldo + j, j, d_out, p.vec_out, v);
+        store_vec<8>(p.out + i * p.ldo + j, j, d_out, p.vec_out, v);
       }
     }
     // Os is next written after the next tile's barriers: no barrier needed here.
@@ -750,7 +706,7 @@ __device__ __forceinline__ void x_split_mma(const BwdXParams<T, W>& p, unsigned 
             v[c] = stage[rr * 16 + 8 * half + c];
             if (dp.enabled) v[c] *= ((keep >> c) & 1u) ? 1.f : 0.f;
           }
-          store8(p.dx + i * d_in + j, j, d_in, p.vec_dx, v);
+          store_vec<8>(p.dx + i * d_in + j, j, d_in, p.vec_dx, v);
         }
         __syncwarp();  // the stage tile is rewritten by the next row tile
       }
@@ -777,19 +733,9 @@ __device__ __forceinline__ void x_split_mma(const BwdXParams<T, W>& p, unsigned 
 template <typename T, typename W, int RT, bool MULTI>
 __global__ void __launch_bounds__(kThreads, 2) lor2c_bwd_x_mma_kernel(const BwdXParams<T, W> p) {
   LOR2C_DYNAMIC_SMEM(sm);
-  if constexpr (MULTI) {
-    for (int64_t b = blockIdx.y;; b += gridDim.y) {
-      Unit u;
-      if (!find_unit(p.multi, b, u)) return;  // uniform over the block
-      if (b != blockIdx.y) __syncthreads();   // shared memory of the previous unit is free
-      x_split_mma<T, W, RT>(p, sm, p.A + u.adapter * p.r * p.d_in,
-                            Rows<true>{p.multi.order, u.pos0, u.count}, u.count, b);
-    }
-  } else {
-    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * p.rows;
-    const int64_t nrows = p.rows < p.n - row0 ? p.rows : p.n - row0;
-    x_split_mma<T, W, RT>(p, sm, p.A, Rows<false>{nullptr, row0, nrows}, nrows, blockIdx.y);
-  }
+  x_block_rows<MULTI>(p, [&](const W* A, const auto& rows, int64_t count, int64_t slice) {
+    x_split_mma<T, W, RT>(p, sm, A, rows, count, slice);
+  });
 }
 
 }  // namespace cuda

@@ -74,6 +74,50 @@ struct BwdXParams {
   MultiTable multi;  // MULTI only: units of `rows` rows
 };
 
+// ---- the rows of a block, in the kernels of both kinds -----------------------------------------
+// Forward: block blockIdx.x takes BM of the n rows; MULTI: unit blockIdx.x of `multi`, with its
+// row indices staged in ridx[BM] and A, B moved to its adapter's bank rows. False when the block
+// has no unit (MULTI; uniform over the block). The sizes come as scalars: with the whole FwdParams
+// the compiler addressed the kernels' parameters differently (same PTX as before this helper).
+template <int BM, bool MULTI, typename W>
+__device__ __forceinline__ bool fwd_block_rows(const MultiTable& multi, int64_t n, int64_t r,
+                                               int64_t d_in, int64_t d_out, int64_t* ridx,
+                                               const W*& A, const W*& B, Rows<MULTI>& rows) {
+  if constexpr (MULTI) {
+    Unit u;
+    if (!find_unit(multi, blockIdx.x, u)) return false;
+    A += u.adapter * r * d_in;
+    B += u.adapter * d_out * r;
+    for (int l = threadIdx.x; l < BM; l += kThreads)
+      ridx[l] = l < u.count ? multi.order[u.pos0 + l] : -1;
+    __syncthreads();
+    rows = {ridx, 0, u.count};
+  } else {
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+    rows = {nullptr, row0, n - row0 < BM ? n - row0 : BM};
+  }
+  return true;
+}
+
+// Kernel 2: split(A, rows, count, slice) for the rows of block blockIdx.y (p.rows of them, dA
+// slice blockIdx.y); MULTI: for units blockIdx.y, blockIdx.y + gridDim.y, ... of p.multi, A at the
+// unit's adapter, dA slice b for unit b.
+template <bool MULTI, typename T, typename W, typename Split>
+__device__ __forceinline__ void x_block_rows(const BwdXParams<T, W>& p, Split&& split) {
+  if constexpr (MULTI) {
+    for (int64_t b = blockIdx.y;; b += gridDim.y) {
+      Unit u;
+      if (!find_unit(p.multi, b, u)) return;  // uniform over the block
+      if (b != blockIdx.y) __syncthreads();   // shared memory of the previous unit is free
+      split(p.A + u.adapter * p.r * p.d_in, Rows<true>{p.multi.order, u.pos0, u.count}, u.count, b);
+    }
+  } else {
+    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * p.rows;
+    const int64_t nrows = p.rows < p.n - row0 ? p.rows : p.n - row0;
+    split(p.A, Rows<false>{nullptr, row0, nrows}, nrows, static_cast<int64_t>(blockIdx.y));
+  }
+}
+
 template <typename T, typename W>
 FwdParams<T, W> fwd_params(const FwdArgs& a, const MultiTable& multi, int lanes) {
   FwdParams<T, W> p;

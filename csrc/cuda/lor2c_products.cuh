@@ -28,37 +28,42 @@ constexpr int kSubX = 32;   // rows per pipeline step of backward kernel 2
 // The rank tile RT of a call: the smallest of 8/16/32/64 that is >= r (r > 64: chunks of 64).
 inline int rank_tile(int64_t r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
 
-// ---- 4-element vector access ------------------------------------------------------------------
-// Four consecutive elements, aligned so that a single 8- or 16-byte access moves them.
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
+// ---- vector access of rows ---------------------------------------------------------------------
+// N consecutive elements, aligned so that a single access moves them: 4 elements for the
+// CUDA-core kernels (8 or 16 bytes), 8 16-bit elements for the tensor-core ones (16 bytes).
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Vec {
+  T v[N];
 };
-
-// Loads columns j..j+3 of one row (p points at column j), zero past column d; one vector
-// access when the caller vouched for the alignment and the group is whole.
 template <typename T>
-__device__ __forceinline__ Vec4<T> load4(const T* p, int64_t j, int64_t d, bool vec) {
-  Vec4<T> v;
-  if (vec && j + 4 <= d) {
-    v = *reinterpret_cast<const Vec4<T>*>(p);
+using Vec4 = Vec<T, 4>;
+template <typename T>
+using Vec8 = Vec<T, 8>;
+
+// Loads columns j..j+N-1 of one row (p points at column j), zero past column d; one vector
+// access when the caller vouched for the alignment (vec_ok) and the group is whole.
+template <int N, typename T>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p, int64_t j, int64_t d, bool vec) {
+  Vec<T, N> v;
+  if (vec && j + N <= d) {
+    v = *reinterpret_cast<const Vec<T, N>*>(p);
   } else {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) v.v[c] = j + c < d ? p[c] : from_float<T>(0.f);
+    for (int c = 0; c < N; ++c) v.v[c] = j + c < d ? p[c] : from_float<T>(0.f);
   }
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ void store4(T* p, int64_t j, int64_t d, bool vec, const float v[4]) {
-  if (vec && j + 4 <= d) {
-    Vec4<T> w;
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, int64_t j, int64_t d, bool vec, const float v[N]) {
+  if (vec && j + N <= d) {
+    Vec<T, N> w;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) w.v[c] = from_float<T>(v[c]);
-    *reinterpret_cast<Vec4<T>*>(p) = w;
+    for (int c = 0; c < N; ++c) w.v[c] = from_float<T>(v[c]);
+    *reinterpret_cast<Vec<T, N>*>(p) = w;
   } else {
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
+    for (int c = 0; c < N; ++c)
       if (j + c < d) p[c] = from_float<T>(v[c]);
   }
 }
@@ -114,7 +119,7 @@ struct TileIO {
       const int64_t i = rows(l0 + g / kGroupsPerRow);
       const int64_t j = col0 + 4 * (g % kGroupsPerRow);
       if (i >= 0 && j < d) {
-        reg[q] = load4(base + i * ld + j, j, d, vec);
+        reg[q] = load_vec<4>(base + i * ld + j, j, d, vec);
       } else {
 #pragma unroll
         for (int c = 0; c < 4; ++c) reg[q].v[c] = from_float<T>(0.f);
