@@ -112,28 +112,11 @@ __device__ __forceinline__ void stage_w(S* hi, S* lo, int idx, W w) {
 // or inf in x still gives NaN, as on the CUDA-core path), a kept one as x: exact in T. The
 // 1 / (1 - p) is the caller's, on the fp32 results.
 template <typename T, int ROWS>
-struct TileIO8 {
-  static constexpr int kGroupsPerRow = kTile / 8;
-  static constexpr int kGroups = ROWS * kGroupsPerRow / kThreads;
-  static_assert(kGroups * kThreads == ROWS * kGroupsPerRow, "tile must split evenly");
-  Vec8<T> reg[kGroups];
-
-  template <typename RowMap>
-  __device__ __forceinline__ void load(const T* base, int64_t ld, const RowMap& rows, int64_t l0,
-                                       int64_t col0, int64_t d, bool vec) {
-#pragma unroll
-    for (int q = 0; q < kGroups; ++q) {
-      const int g = static_cast<int>(threadIdx.x) + q * kThreads;
-      const int64_t i = rows(l0 + g / kGroupsPerRow);
-      const int64_t j = col0 + 8 * (g % kGroupsPerRow);
-      if (i >= 0 && j < d) {
-        reg[q] = load_vec<8>(base + i * ld + j, j, d, vec);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 8; ++c) reg[q].v[c] = from_float<T>(0.f);
-      }
-    }
-  }
+struct TileIO8 : TileRegs<T, ROWS, kTile, 8> {
+  using Regs = TileRegs<T, ROWS, kTile, 8>;
+  using Regs::kGroups;
+  using Regs::kGroupsPerRow;
+  using Regs::reg;
 
   // Writes the tile to S; when `bits` is not null, bits[row * 16 + group] receives the group's
   // keep flags (bit c: column 8 * group + c). col0 must be a multiple of 8.

@@ -90,23 +90,15 @@ struct Rows {
 };
 
 // ---- activation tile staging -------------------------------------------------------------
-// A ROWS x COLS tile of a row-major (n, d) activation, moved global -> registers -> shared
-// memory (fp32, dropout applied). Columns go in groups of four aligned to multiples of 4.
-// Thread tid owns groups tid, tid + 256, ... in row-major order: consecutive threads read
-// consecutive groups of a row (coalesced) and write consecutive 16-byte slots (conflict-free).
-// Loading a tile into registers before the current one is consumed keeps the next tile's global
-// reads in flight during compute. Dropout: the groups of lanes 2k and 2k+1 are the two halves of
-// one 8-column Philox group (COLS is a multiple of 8, tiles start at multiples of 8), so the pair
-// shares its calls: for steps q, q+1 the even lane draws step q's 8 columns and the odd lane step
-// q+1's (dropout_pair_keep8). Every thread of the block must call store() together.
-template <typename T, int ROWS, int COLS>
-struct TileIO {
-  static constexpr int kGroupsPerRow = COLS / 4;
+// The register side of a tile's staging (TileIO here, TileIO8 in lor2c_mma.cuh): a ROWS x COLS
+// tile of a row-major activation in groups of N columns, thread tid holding groups tid, tid + 256,
+// ... in row-major order (consecutive threads read consecutive groups of a row: coalesced).
+template <typename T, int ROWS, int COLS, int N>
+struct TileRegs {
+  static constexpr int kGroupsPerRow = COLS / N;
   static constexpr int kGroups = ROWS * kGroupsPerRow / kThreads;
   static_assert(kGroups * kThreads == ROWS * kGroupsPerRow, "tile must split evenly");
-  static_assert(kGroupsPerRow % 2 == 0 && kGroups % 2 == 0,
-                "lane pairs share 8-column Philox groups over pairs of steps");
-  Vec4<T> reg[kGroups];
+  Vec<T, N> reg[kGroups];
 
   // Rows rows(l0), rows(l0 + 1), ... (see Rows), columns col0.. (< d) of base (row stride ld);
   // zeros outside.
@@ -117,15 +109,34 @@ struct TileIO {
     for (int q = 0; q < kGroups; ++q) {
       const int g = static_cast<int>(threadIdx.x) + q * kThreads;
       const int64_t i = rows(l0 + g / kGroupsPerRow);
-      const int64_t j = col0 + 4 * (g % kGroupsPerRow);
+      const int64_t j = col0 + N * (g % kGroupsPerRow);
       if (i >= 0 && j < d) {
-        reg[q] = load_vec<4>(base + i * ld + j, j, d, vec);
+        reg[q] = load_vec<N>(base + i * ld + j, j, d, vec);
       } else {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) reg[q].v[c] = from_float<T>(0.f);
+        for (int c = 0; c < N; ++c) reg[q].v[c] = from_float<T>(0.f);
       }
     }
   }
+};
+
+// A ROWS x COLS tile of a row-major (n, d) activation, moved global -> registers -> shared
+// memory (fp32, dropout applied). Columns go in groups of four aligned to multiples of 4.
+// Thread tid owns groups tid, tid + 256, ... in row-major order: consecutive threads read
+// consecutive groups of a row (coalesced) and write consecutive 16-byte slots (conflict-free).
+// Loading a tile into registers before the current one is consumed keeps the next tile's global
+// reads in flight during compute. Dropout: the groups of lanes 2k and 2k+1 are the two halves of
+// one 8-column Philox group (COLS is a multiple of 8, tiles start at multiples of 8), so the pair
+// shares its calls: for steps q, q+1 the even lane draws step q's 8 columns and the odd lane step
+// q+1's (dropout_pair_keep8). Every thread of the block must call store() together.
+template <typename T, int ROWS, int COLS>
+struct TileIO : TileRegs<T, ROWS, COLS, 4> {
+  using Regs = TileRegs<T, ROWS, COLS, 4>;
+  using Regs::kGroups;
+  using Regs::kGroupsPerRow;
+  using Regs::reg;
+  static_assert(kGroupsPerRow % 2 == 0 && kGroups % 2 == 0,
+                "lane pairs share 8-column Philox groups over pairs of steps");
 
   // Writes the tile to S (row stride lds) as fp32 times the dropout multipliers; when `bits`
   // is not null, bits[row * COLS/4 + group] receives the group's keep flags (bits 0..3).
