@@ -458,10 +458,24 @@ int forced_plan() {
 // 3.05 vs 3.60; d=768 r=64: n=32 0.39 vs 0.34, n=64 0.49 vs 0.47, n=128 0.77 vs 0.78;
 // d=4096 r=8: n=1 0.21 vs 0.17, n=2 0.21 vs 0.30; d=768 r=8: n=1 0.136 vs 0.134, n=2 0.136 vs
 // 0.159. Full table: lor2c_ops/backends.py.
+//
+// On the baseline path (SSE2: 4 lanes, no FMA) also from rank 16 on, whatever n: ATen's matrix
+// products run on the CPU's widest vectors whichever path the kernels take, and from rank 16
+// on they beat the fused SSE2 loops. Measured (fwd+bwd fp32, one thread, CPU time, vs the
+// eager expression, AMD EPYC Zen 4 with LOR2C_CPU_ISA=baseline; fused -> GEMM path):
+// n=8192 d=768 r=16 0.99x -> 1.39x (p=0), 1.06x -> 1.07x (p=0.1); r=64 0.52x -> 1.34x,
+// 0.67x -> 1.27x; n=2048 d=4096 r=64 0.39x -> 1.57x, 0.75x -> 1.20x; n=2048 d=768 r=16
+// 0.83x -> 1.07x, 0.85x -> 0.94x. Below rank 16 the fused loops win: d=1024 r=8 3.90x vs
+// 1.48x (p=0), 2.59x vs 1.09x (p=0.1); d=768 r=4 4.13x vs 0.99x. (Not measured on a CPU
+// without AVX2, where ATen's products would run on SSE2 too.)
+constexpr int64_t kBaselineGemmMinRank = 16;
+
 Plan plan_for(int64_t n, int64_t r) {
   const int forced = forced_plan();
   if (forced >= 0) return static_cast<Plan>(forced);
-  return n <= 1 || (r >= kGemmMinRank && n < r) ? Plan::kGemm : Plan::kFused;
+  if (n <= 1 || (r >= kGemmMinRank && n < r)) return Plan::kGemm;
+  if (r >= kBaselineGemmMinRank && cpu::isa() == cpu::Isa::kBaseline) return Plan::kGemm;
+  return Plan::kFused;
 }
 
 std::string cpu_lor2c_plan(int64_t n, int64_t r) {
