@@ -162,6 +162,10 @@ def check_targets(rows, device_type, shape=None) -> list[str]:
         for r in rows
         if r["mode"] == "fwd+bwd" and r["provider"] not in ("eager", "compiled", "reference")
     ]
+    if device_type == "cpu" and shape is not None:
+        n, d, rank, dtype = shape
+        for p in sorted({r["p"] for r in fused}):
+            lines.append(f"INFO  p={p}: backend=None runs {default_provider(n, d, rank, dtype, p)}")
     for r in fused:
         if device_type == "cpu" and shape is not None:
             n, d, rank, dtype = shape
@@ -211,6 +215,20 @@ def check_targets(rows, device_type, shape=None) -> list[str]:
     if device_type == "cpu":
         lines += mask_share_lines(fused)
     return lines
+
+
+def default_provider(n: int, d: int, r: int, dtype: torch.dtype, p: float) -> str:
+    """What lor2c_residual(backend=None) runs for CPU tensors of this shape (ops/lor2c.py): the
+    eager expression where backends.cpu_loses_to_eager fires (without dropout), else the
+    selected backend, for the cpu backend with its plan and instruction-set path."""
+    name = backends.select(None, torch.device("cpu"), dtype, "lor2c")
+    if name == "cpu" and p == 0.0:
+        loses = backends.cpu_loses_to_eager(n, d, d, r, dtype, p)
+        if loses is not None:
+            return f"the eager expression ({loses})"
+    if name == "cpu":
+        return f"cpu ({backends.cpu_plan(n, r)} plan, {info.cpu_isa()[0]} path)"
+    return name
 
 
 # Issue 15 item 4: on the CPU the dropout mask (drawn in forward, drawn again in backward) costs

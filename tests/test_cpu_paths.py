@@ -146,25 +146,48 @@ def test_cpu_every_path(path, plan):
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
 
 
+def _plan_cases(baseline: bool) -> dict:
+    """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks, on the baseline path or another."""
+    wide = "gemm" if baseline else "fused"  # the baseline path: the GEMM plan from rank 16 on
+    return {
+        (1, 8): "gemm",
+        (2, 8): "fused",
+        (8192, 8): "fused",
+        (31, 32): "gemm",
+        (32, 32): wide,
+        (63, 64): "gemm",
+        (64, 64): wide,
+        (8192, 64): wide,
+        (2, 16): wide,
+        (8192, 16): wide,
+    }
+
+
 def test_cpu_plan_rule():
     """backend="cpu" runs one row, and fewer rows than the rank from rank 32 on, on the GEMM
-    path; lor2c_ops.backends reports the same plan."""
+    path, and on the baseline instruction-set path every call from rank 16 on; lor2c_ops.backends
+    reports the same plan. The baseline rule is checked again with the path forced."""
     skip_unless_runnable("cpu")
     if os.environ.get("LOR2C_CPU_PLAN", "auto") != "auto":
         pytest.skip("LOR2C_CPU_PLAN forces the plan in this process")
-    cases = {
-        (1, 8): "gemm",
-        (2, 8): "fused",
-        (31, 32): "gemm",
-        (32, 32): "fused",
-        (63, 64): "gemm",
-        (64, 64): "fused",
-        (8192, 64): "fused",
-        (2, 16): "fused",
-    }
+    cases = _plan_cases(info.cpu_isa()[0] == "baseline")
     for (n, r), want in cases.items():
         assert torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r) == want, (n, r)
         assert backends.cpu_plan(n, r) == want, (n, r)
+    code = (
+        "from lor2c_ops import backends\n"
+        f"print([backends.cpu_plan(n, r) for n, r in {list(_plan_cases(True))}])\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, LOR2C_CPU_ISA="baseline"),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(list(_plan_cases(True).values())), res.stdout
 
 
 def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():

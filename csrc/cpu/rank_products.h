@@ -12,16 +12,56 @@
 namespace lor2c {
 namespace cpu {
 
+// Memory to bring into L2 while the products compute: the rows that the block loop reads next
+// (this block's later operands, the next block's first ones), added as byte ranges in the order
+// they will be needed. The register tiles take a few lines per vector step (rank_products.cpp),
+// so that the next block's memory traffic overlaps this block's arithmetic instead of stalling
+// it: the hardware prefetchers do not follow kRows short row streams across blocks. Prefetches
+// never fault: a range may end anywhere, and lines left over when the products end are dropped.
+struct Prefetch {
+  static constexpr int kMax = 32;
+  const char* begin[kMax];
+  const char* end[kMax];
+  int count = 0, cur = 0;
+  void clear() { count = cur = 0; }
+  void add(const void* p, int64_t bytes) {
+    if (count == kMax || bytes <= 0) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+    begin[count] = reinterpret_cast<const char*>(a);
+    end[count] = static_cast<const char*>(p) + bytes;
+    ++count;
+  }
+  // Up to `want` lines of the current range: the first one's address, their number in *got.
+  const char* take(int64_t want, int64_t* got) {
+    while (cur < count && begin[cur] >= end[cur]) ++cur;
+    if (cur == count) {
+      *got = 0;
+      return nullptr;
+    }
+    const char* p = begin[cur];
+    const int64_t avail = (end[cur] - p + 63) / 64;
+    *got = want < avail ? want : avail;
+    begin[cur] = p + *got * 64;
+    return p;
+  }
+};
+
 // out[b * r + k] = sum_j M[k * d + j] * rows[b][j]   (t = x A.T, u = g B)
-void dot_rows(const float* M, int64_t r, int64_t d, const float* const* rows, int used, float* out);
+void dot_rows(const float* M, int64_t r, int64_t d, const float* const* rows, int used, float* out,
+              Prefetch* pf = nullptr);
 
-// out[b][j] = (base ? base[b][j] : 0) + sum_k coef[b * r + k] * M[k * d + j]   (y, dx)
+// out[b][j] = ((base ? base[b][j] : 0) + sum_k coef[b * r + k] * M[k * d + j]) * (mul ? mul[b][j] :
+// 1) (y; dx, with mul the dropout mask). stream: the out rows are written with non-temporal stores
+// (no read of the lines before the write, no cache pollution) where every used row is aligned to
+// the path's vector: for outputs in memory that nothing reads soon, never for scratch rows.
 void combine_rows(const float* M, int64_t r, int64_t d, const float* coef, const float* const* base,
-                  int used, float* const* out);
+                  const float* const* mul, int used, float* const* out, Prefetch* pf = nullptr,
+                  bool stream = false);
 
-// P[k * d + j] += sum_b coef[b * r + k] * rows[b][j]   (dA, dB.T partial sums)
+// P[k * d + j] += sum_b coef[b * r + k] * rows[b][j]   (dA, dB.T partial sums); here rows and
+// coef hold `used` rows, any number (the backward passes two blocks' at once).
 void accumulate_outer(float* P, int64_t r, int64_t d, const float* coef, const float* const* rows,
-                      int used);
+                      int used, Prefetch* pf = nullptr);
 
 }  // namespace cpu
 }  // namespace lor2c
