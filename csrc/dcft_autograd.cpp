@@ -1,13 +1,14 @@
 // The eager path of dcft_linear on the compiled backends ("cpu", "cuda"): one op,
 // lor2c_ops_ext::dcft, whose Autograd kernel records a C++ autograd node (the pattern of
-// lor2c_autograd.cpp). A forward + backward runs no Python beyond the call itself:
-// lor2c_ops/ops/dcft.py checks the arguments and draws the seed first.
+// lor2c_autograd.cpp): DCFTBackward, one hand-written node for every gradient (csrc/
+// autograd_common.h says why). A forward + backward runs no Python beyond the call itself:
+// lor2c_ops/ops/dcft.py (or its fast entry, csrc/fast_entry.cpp) checks the arguments and draws
+// the seed first.
 //
 // The kernels are dcft_fwd / dcft_bwd as registered per device, reached through the dispatcher;
 // the frozen weight's and bias's gradients (when they require grad) are the base linear's:
 // dW = g.T @ x, db = sum of g's rows. torch.compile and opcheck use the Python library ops
 // (lor2c_ops::dcft_fwd / dcft_bwd), which call the same kernels.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "autograd_common.h"
@@ -15,7 +16,7 @@
 namespace {
 
 using lor2c::as_rows;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -63,46 +64,54 @@ at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
   return out.view(shape);
 }
 
-// Inputs: x, weight, bias, A, B, C, scale, stride, p, seed: the gradient list has one entry per
-// argument, tensor or not.
-constexpr int kInputs = 10;
+// The forward below autograd, the output in x's leading shape (a view autograd does not see).
+Pair forward_rows(const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, double scale, int64_t stride, double p,
+                  const at::Tensor& seed) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto [out, t] =
+      run_forward(as_rows(x, weight.size(1)), weight, bias, A, B, C, scale, stride, p, seed);
+  return {in_x_shape(out, x), t};
+}
 
-struct DCFTFunction : public torch::autograd::Function<DCFTFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& A,
-                            const at::Tensor& B, const at::Tensor& C, double scale, int64_t stride,
-                            double p, const at::Tensor& seed) {
-    const at::Tensor x = as_rows(x_in, weight.size(1));
-    auto [out, t] = run_forward(x, weight, bias, A, B, C, scale, stride, p, seed);
-    ctx->save_for_backward({x, t, weight, A, B, C, seed});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["x_shape"] = x_in.sizes();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return in_x_shape(out, x_in);
+// Inputs (edges, in order): x, weight, bias (an invalid edge when absent), A, B, C. One node gives
+// every gradient: the adapter's from the backward kernel, the frozen linear's (dW = g.T @ x,
+// db = sum of g's rows) only when the weight or bias do require grad.
+struct DCFTBackward final : public torch::autograd::Node {
+  SavedVariable x_, t_, weight_, A_, B_, C_, seed_;  // x as the caller passed it
+  std::vector<int64_t> x_shape_;                     // x's shape when it is not 2-D
+  double scale_ = 1.0, p_ = 0.0;
+  int64_t stride_ = 1;
+
+  std::string name() const override { return "DCFTBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    t_.reset_data();
+    weight_.reset_data();
+    A_.reset_data();
+    B_.reset_data();
+    C_.reset_data();
+    seed_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &t = saved[1], &weight = saved[2];
-    const at::Tensor &A = saved[3], &B = saved[4], &C = saved[5], &seed = saved[6];
-    variable_list out(kInputs);
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(6);
     if (!grads[0].defined()) return out;
+    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1);
+    const bool need_b = task_should_compute_output(2), need_A = task_should_compute_output(3);
+    const bool need_B = task_should_compute_output(4), need_C = task_should_compute_output(5);
+    if (!(need_x || need_w || need_b || need_A || need_B || need_C)) return out;
+    const at::Tensor weight = weight_.unpack();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor g = as_rows(grads[0], weight.size(0));
-    // needs_input_grad counts tensor inputs only: without a bias, A, B and C move up by one.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t a = has_bias ? 3 : 2;
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_b = has_bias && ctx->needs_input_grad(2);
-    const bool need_A = ctx->needs_input_grad(a), need_B = ctx->needs_input_grad(a + 1);
-    const bool need_C = ctx->needs_input_grad(a + 2);
+    const at::Tensor x = as_rows(x_.unpack(), weight.size(1));
     if (need_x || need_A || need_B || need_C) {
       auto [dx, dA, dB, dC] =
-          run_backward(g, x, t, weight, A, B, C, ctx->saved_data["scale"].toDouble(),
-                       ctx->saved_data["stride"].toInt(), ctx->saved_data["p"].toDouble(), seed,
-                       need_x, need_A, need_B, need_C);
-      if (need_x) out[0] = lor2c::in_shape(ctx, dx);
+          run_backward(g, x, t_.unpack(), weight, A_.unpack(), B_.unpack(), C_.unpack(), scale_,
+                       stride_, p_, seed_.unpack(), need_x, need_A, need_B, need_C);
+      if (need_x) out[0] = lor2c::in_shape(dx, x_shape_);
       if (need_A) out[3] = dA;
       if (need_B) out[4] = dB;
       if (need_C) out[5] = dC;
@@ -119,7 +128,26 @@ at::Tensor dcft_autograd(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& A,
                          const at::Tensor& B, const at::Tensor& C, double scale, int64_t stride,
                          double p, const at::Tensor& seed) {
-  return DCFTFunction::apply(x, weight, bias, A, B, C, scale, stride, p, seed);
+  auto [out, t] = forward_rows(x, weight, bias, A, B, C, scale, stride, p, seed);
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  if (torch::autograd::compute_requires_grad(x, weight, b, A, B, C)) {
+    auto node = c10::make_intrusive<DCFTBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, b, A, B, C));
+    node->x_ = SavedVariable(x, false);
+    node->t_ = SavedVariable(t, false);
+    node->weight_ = SavedVariable(weight, false);
+    node->A_ = SavedVariable(A, false);
+    node->B_ = SavedVariable(B, false);
+    node->C_ = SavedVariable(C, false);
+    node->seed_ = SavedVariable(seed, false);
+    node->x_shape_ = lor2c::shape_unless_2d(x);
+    node->scale_ = scale;
+    node->p_ = p;
+    node->stride_ = stride;
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 // Below autograd (inference mode, or no input needs a gradient): the forward kernel alone.
@@ -127,9 +155,7 @@ at::Tensor dcft_no_grad(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& A,
                         const at::Tensor& B, const at::Tensor& C, double scale, int64_t stride,
                         double p, const at::Tensor& seed) {
-  const at::Tensor out = std::get<0>(
-      run_forward(as_rows(x, weight.size(1)), weight, bias, A, B, C, scale, stride, p, seed));
-  return in_x_shape(out, x);
+  return std::get<0>(forward_rows(x, weight, bias, A, B, C, scale, stride, p, seed));
 }
 
 }  // namespace

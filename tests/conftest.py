@@ -33,5 +33,7 @@ def no_kernel(monkeypatch):
 
     for op in (lor2c_op, dcft_op):
         monkeypatch.setattr(op, "_kernels", forbidden)
-    # the eager path's C++ autograd op reaches the kernels without _kernels: take the Python path
+    # the eager path's C++ autograd op and the fast entry reach the kernels without _kernels:
+    # take the Python path
     monkeypatch.setattr(_common, "compiled_autograd", lambda op: False)
+    monkeypatch.setattr(_common, "FAST", None)

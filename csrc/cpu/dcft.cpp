@@ -78,29 +78,33 @@ Geometry geometry(int64_t n, int64_t d_in, int64_t d_out, int64_t r, int64_t k, 
   return g;
 }
 
-// S[(j * E + e) * d + (p + e) * st + c0] = F[j * m + p] for c0 + st * e < k, zero elsewhere.
-at::Tensor shifted(const at::Tensor& F, const Geometry& g, int64_t m, int64_t d) {
-  at::Tensor S = at::zeros({g.R, d}, at::TensorOptions().dtype(at::kFloat));
-  float* s = S.data_ptr<float>();
-  const float* f = F.data_ptr<float>();
+// S[(j * E + e) * d + (p + e) * st + c0] = F(j, p) for c0 + st * e < k, zero elsewhere, where
+// F(j, p) = f[j * fj + p * fp] (strides: A is read as it is, B transposed in place).
+template <typename T>
+void shifted_into(const T* f, int64_t fj, int64_t fp, const Geometry& g, int64_t m, int64_t d,
+                  float* s) {
+  std::fill(s, s + g.R * d, 0.f);
   for (int64_t j = 0; j < g.r; ++j)
     for (int64_t e = 0; e < g.E; ++e)
       for (int64_t p = 0; p < m; ++p)
         for (int64_t c0 = 0; c0 < g.st && c0 + g.st * e < g.k; ++c0)
-          s[(j * g.E + e) * d + (p + e) * g.st + c0] = f[j * m + p];
-  return S;
+          s[(j * g.E + e) * d + (p + e) * g.st + c0] = static_cast<float>(f[j * fj + p * fp]);
 }
 
-// The adjoint of `shifted`: F[j * m + p] = sum over (e, c0) of P[(j * E + e) * d + (p+e)*st + c0].
-at::Tensor fold(const float* P, const Geometry& g, int64_t m, int64_t d) {
-  at::Tensor F = at::zeros({g.r, m}, at::TensorOptions().dtype(at::kFloat));
-  float* f = F.data_ptr<float>();
+// The adjoint of `shifted`, scaled: out[j * oj + p * op] = scale * sum over (e, c0) of
+// P[(j * E + e) * d + (p + e) * st + c0], in the factor's dtype (dA as (r, m_in); dB, transposed,
+// as (m_out, r)).
+template <typename T>
+void fold_into(const float* P, const Geometry& g, int64_t m, int64_t d, float scale, int64_t oj,
+               int64_t op, T* out) {
   for (int64_t j = 0; j < g.r; ++j)
-    for (int64_t e = 0; e < g.E; ++e)
-      for (int64_t p = 0; p < m; ++p)
+    for (int64_t p = 0; p < m; ++p) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < g.E; ++e)
         for (int64_t c0 = 0; c0 < g.st && c0 + g.st * e < g.k; ++c0)
-          f[j * m + p] += P[(j * g.E + e) * d + (p + e) * g.st + c0];
-  return F;
+          acc += P[(j * g.E + e) * d + (p + e) * g.st + c0];
+      out[j * oj + p * op] = static_cast<T>(scale * acc);
+    }
 }
 
 // bins[(b * R + q) * st + c % st] = sum over columns c of W[q, c] * rows[b][c], b < kRows.
@@ -235,15 +239,56 @@ void times_kernel(const float* in, const float* M, const Geometry& g, bool trans
     }
 }
 
+// The factors as the kernels read them, fp32: shifted A (R x d_in), shifted B (R x d_out), C (k x
+// k). Built per call into buffers the calling thread reuses (fresh tensors and ATen copies per call
+// were most of a tiny call's host time); tensors only where they are too large to keep.
 struct Factors {
-  at::Tensor As, Bs, Cf;  // shifted A (R x d_in), shifted B (R x d_out), C (k x k), all fp32
+  const float* As = nullptr;
+  const float* Bs = nullptr;
+  const float* Cf = nullptr;
+  at::Tensor owned;
 };
 
 Factors factors(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const Geometry& g) {
-  const at::Tensor Af = A.to(at::kFloat).contiguous();
-  const at::Tensor Btf = B.to(at::kFloat).t().contiguous();
-  return {shifted(Af, g, g.m_in, g.d_in), shifted(Btf, g, g.m_out, g.d_out),
-          C.to(at::kFloat).contiguous()};
+  const int64_t a = g.R * g.d_in, b = g.R * g.d_out, c = g.k * g.k;
+  float* buf = cpu::reusable_floats(cpu::kPackedA, a + b + c);
+  Factors f;
+  if (buf == nullptr) {
+    f.owned = cpu::empty_cpu({a + b + c}, at::kFloat);
+    buf = f.owned.data_ptr<float>();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "dcft_factors", [&] {
+    // A (r, m_in), B (m_out, r), C (k, k) of any strides: read in place.
+    shifted_into(A.data_ptr<scalar_t>(), A.stride(0), A.stride(1), g, g.m_in, g.d_in, buf);
+    shifted_into(B.data_ptr<scalar_t>(), B.stride(1), B.stride(0), g, g.m_out, g.d_out, buf + a);
+    const scalar_t* cs = C.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < g.k; ++i)
+      for (int64_t j = 0; j < g.k; ++j)
+        buf[a + b + i * g.k + j] = static_cast<float>(cs[i * C.stride(0) + j * C.stride(1)]);
+  });
+  f.As = buf;
+  f.Bs = buf + a;
+  f.Cf = buf + a + b;
+  return f;
+}
+
+// The bias as fp32 (zeros without one), in the caller's reused buffer.
+const float* bias_floats(const std::optional<at::Tensor>& bias, int64_t d_out, at::Tensor& owned) {
+  float* out = cpu::reusable_floats(cpu::kPackedB, d_out);
+  if (out == nullptr) {
+    owned = cpu::empty_cpu({d_out}, at::kFloat);
+    out = owned.data_ptr<float>();
+  }
+  if (!bias.has_value() || !bias->defined()) {
+    std::fill(out, out + d_out, 0.f);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias->scalar_type(), "dcft_bias", [&] {
+    const scalar_t* b = bias->data_ptr<scalar_t>();
+    const int64_t st = bias->stride(0);
+    for (int64_t j = 0; j < d_out; ++j) out[j] = static_cast<float>(b[j * st]);
+  });
+  return out;
 }
 
 template <typename T>
@@ -252,18 +297,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
                                                 const Factors& f, double scale, const Geometry& g,
                                                 const DropoutParams& dp) {
   const int64_t n = g.n, d_in = g.d_in, d_out = g.d_out, rk = g.r * g.k;
-  const at::Tensor biasf = bias.has_value() && bias->defined()
-                               ? bias->to(at::kFloat).contiguous()
-                               : at::zeros({d_out}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor bias_owned;
+  const float* biasp = bias_floats(bias, d_out, bias_owned);
   at::Tensor out = cpu::empty_output({n, d_out}, x.options());
-  at::Tensor t = at::empty({n, rk}, x.options().dtype(at::kFloat));
+  at::Tensor t = cpu::empty_cpu({n, rk}, at::kFloat);
   const T* xp = x.data_ptr<T>();
   T* outp = out.data_ptr<T>();
   float* tp = t.data_ptr<float>();
-  const float* asp = f.As.data_ptr<float>();
-  const float* bsp = f.Bs.data_ptr<float>();
-  const float* cp = f.Cf.data_ptr<float>();
-  const float* biasp = biasf.data_ptr<float>();
+  const float* asp = f.As;
+  const float* bsp = f.Bs;
+  const float* cp = f.Cf;
   const int64_t ldx = x.stride(0);
   const float s = static_cast<float>(scale);
   const int64_t blocks = (n + kRows - 1) / kRows;
@@ -312,14 +355,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const Geometry& g, const DropoutParams& dp, bool need_dx, bool need_dA, bool need_dB,
     bool need_dC) {
   const int64_t n = g.n, d_in = g.d_in, d_out = g.d_out, rk = g.r * g.k, k = g.k;
-  at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx =
+      need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
   const T* gp = grad.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
   const float* tp = t.data_ptr<float>();
-  const float* asp = f.As.data_ptr<float>();
-  const float* bsp = f.Bs.data_ptr<float>();
-  const float* cp = f.Cf.data_ptr<float>();
+  const float* asp = f.As;
+  const float* bsp = f.Bs;
+  const float* cp = f.Cf;
   const int64_t ldg = grad.stride(0), ldx = x.stride(0);
   const float s = static_cast<float>(scale);
   const int64_t blocks = (n + kRows - 1) / kRows;
@@ -390,18 +434,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     }
   });
 
-  at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, B.options());
-  at::Tensor dC = at::empty({0}, C.options());
-  if (part > 0) {
-    const at::Tensor all =
-        at::from_blob(partials.data(), {threads, part}, at::TensorOptions().dtype(at::kFloat))
-            .sum(0);
-    const float* sum = all.data_ptr<float>();
-    if (need_dA) dA = fold(sum, g, g.m_in, d_in).to(A.scalar_type());
-    if (need_dB)
-      dB = (fold(sum + part_a, g, g.m_out, d_out) * s).t().contiguous().to(B.scalar_type());
-    if (need_dC) dC = (all.narrow(0, part_a + part_b, part_c).view({k, k}) * s).to(C.scalar_type());
+  // The threads' partials summed into the first one's, then folded, scaled and written out in
+  // the factors' dtypes: plain loops (ATen's sum, fold, transpose and casts were most of a tiny
+  // call's backward). A gradient not asked for is an empty tensor.
+  float* sum = partials.data();
+  for (int th = 1; th < threads; ++th) {
+    const float* other = partials.data() + th * part;
+    for (int64_t i = 0; i < part; ++i) sum[i] += other[i];
   }
+  at::Tensor dA = cpu::empty_cpu(need_dA ? A.sizes() : at::IntArrayRef{0}, A.scalar_type());
+  at::Tensor dB = cpu::empty_cpu(need_dB ? B.sizes() : at::IntArrayRef{0}, B.scalar_type());
+  at::Tensor dC = cpu::empty_cpu(need_dC ? C.sizes() : at::IntArrayRef{0}, C.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "dcft_grads", [&] {
+    if (need_dA) fold_into(sum, g, g.m_in, d_in, 1.f, g.m_in, 1, dA.data_ptr<scalar_t>());
+    if (need_dB) fold_into(sum + part_a, g, g.m_out, d_out, s, 1, g.r, dB.data_ptr<scalar_t>());
+    if (need_dC) {
+      scalar_t* dc = dC.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < k * k; ++i)
+        dc[i] = static_cast<scalar_t>(s * sum[part_a + part_b + i]);
+    }
+  });
   if (need_dx && n > 0) dx.addmm_(grad, weight);  // + g @ W, accumulated onto the adapter's dx
   return {dx, dA, dB, dC};
 }
@@ -411,7 +463,7 @@ Geometry geometry_of(const DcftSizes& z) {
 }
 
 DropoutParams seed_params(const at::Tensor& seed, double p) {
-  const at::Tensor s = seed.to(at::kCPU);
+  const at::Tensor s = seed.is_cpu() ? seed : seed.to(at::kCPU);
   return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
 }
 

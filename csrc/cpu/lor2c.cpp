@@ -148,30 +148,36 @@ void prefetch_rows(cpu::Prefetch& pf, const RowPlan& plan, int64_t blk, const T*
 // read, write) 3.7 -> 2.7 ms. A small output written so would be read back from memory.
 bool streams(const at::Tensor& out) { return out.nbytes() >= (size_t{16} << 20); }
 
-// The weight banks widened to fp32 once per call: A as (G, r, d_in), B transposed to
-// (G, r, d_out) so that every hot loop runs along d with unit stride.
+// The weights as fp32, A as (G, r, d_in) and B transposed to (G, r, d_out), so that every hot loop
+// runs along d with unit stride. A (r, d_in) / B (d_out, r) is a bank of one. A that is fp32 and
+// contiguous is read in place; B^T is packed into a buffer the thread reuses (at tiny sizes a
+// fresh tensor per call cost more than the products).
 struct PackedWeights {
-  at::Tensor a, bt;
-  const float* A(int64_t g, int64_t r, int64_t d_in) const {
-    return a.data_ptr<float>() + g * r * d_in;
-  }
-  const float* Bt(int64_t g, int64_t r, int64_t d_out) const {
-    return bt.data_ptr<float>() + g * r * d_out;
-  }
-  PackedWeights(const at::Tensor& A_bank, const at::Tensor& B_bank)
-      : a(A_bank.to(at::kFloat).contiguous()), bt(transposed(B_bank)) {}
-
-  // B (G, d_out, r) as fp32 (G, r, d_out).
-  static at::Tensor transposed(const at::Tensor& B_bank) {
+  const float* a = nullptr;
+  const float* bt = nullptr;
+  at::Tensor a_owned, bt_owned;  // only where A had to be converted, B^T was too large to reuse
+  const float* A(int64_t g, int64_t r, int64_t d_in) const { return a + g * r * d_in; }
+  const float* Bt(int64_t g, int64_t r, int64_t d_out) const { return bt + g * r * d_out; }
+  PackedWeights(const at::Tensor& A_bank, const at::Tensor& B_bank) {
+    if (A_bank.scalar_type() == at::kFloat && A_bank.is_contiguous()) {
+      a = A_bank.data_ptr<float>();
+    } else {
+      a_owned = A_bank.to(at::kFloat).contiguous();
+      a = a_owned.data_ptr<float>();
+    }
     const at::Tensor src = B_bank.contiguous();
-    const int64_t G = src.size(0), d_out = src.size(1), r = src.size(2);
-    at::Tensor dst = at::empty({G, r, d_out}, src.options().dtype(at::kFloat));
+    const int64_t G = src.dim() == 3 ? src.size(0) : 1, d_out = src.size(-2), r = src.size(-1);
+    float* dst = cpu::reusable_floats(cpu::kPackedB, G * r * d_out);
+    if (dst == nullptr) {
+      bt_owned = cpu::empty_cpu({G, r, d_out}, at::kFloat);
+      dst = bt_owned.data_ptr<float>();
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "pack_B", [&] {
+      const scalar_t* sp = src.data_ptr<scalar_t>();
       for (int64_t g = 0; g < G; ++g)
-        transpose_into(src.data_ptr<scalar_t>() + g * d_out * r, d_out, r, 1.f,
-                       dst.data_ptr<float>() + g * r * d_out);
+        transpose_into(sp + g * d_out * r, d_out, r, 1.f, dst + g * r * d_out);
     });
-    return dst;
+    bt = dst;
   }
 };
 
@@ -180,10 +186,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
                                                 const at::Tensor& A_bank, const at::Tensor& B_bank,
                                                 const RowPlan& plan, double scale,
                                                 const DropoutParams& dp) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(1);
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
   const PackedWeights w(A_bank, B_bank);
   at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
-  at::Tensor t = at::empty({n, r}, x.options().dtype(at::kFloat));
+  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
   const T* xp = x.data_ptr<T>();
   const T* lop = layer_out.data_ptr<T>();
   T* outp = out.data_ptr<T>();
@@ -254,9 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
     bool need_dx, bool need_dA, bool need_dB) {
   const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1);
-  const int64_t G = A_bank.size(0), r = A_bank.size(1);
+  const int64_t G = A_bank.dim() == 3 ? A_bank.size(0) : 1, r = A_bank.size(-2);
   const PackedWeights w(A_bank, B_bank);
-  at::Tensor dx = need_dx ? cpu::empty_output({n, d_in}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx =
+      need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
   const T* gp = grad.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
@@ -286,8 +293,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t want = 2 * threads * part_bytes <= kPartialBytes ? 2 * threads : threads;
   const int64_t parts =
       std::max<int64_t>(1, std::min(want, per_part == 0 ? blocks : blocks / kBlocksPerPart));
-  // Zeroed by the thread that runs the part (first touch), not here.
-  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(parts * per_part)]);
+  // Zeroed by the thread that runs the part (first touch), not here. Small ones: the caller's
+  // reused buffer.
+  float* const reused = cpu::reusable_floats(cpu::kPartials, parts * per_part);
+  const std::unique_ptr<float[], void (*)(float*)> partials(
+      reused != nullptr ? reused : new float[static_cast<size_t>(parts * per_part)],
+      reused != nullptr ? +[](float*) {} : +[](float* p) { delete[] p; });
 
   dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
     // The weight-gradient sums run over two blocks at once where they can (two consecutive full
@@ -372,7 +383,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       }
   });
 
-  at::Tensor dA = at::empty({0}, A_bank.options()), dB = at::empty({0}, B_bank.options());
+  // A gradient not asked for is an empty tensor; the others have the weights' shapes (a bank, or
+  // one adapter's 2-D matrices).
+  at::Tensor dA =
+      cpu::empty_cpu(need_dA ? A_bank.sizes() : at::IntArrayRef{0}, A_bank.scalar_type());
+  at::Tensor dB =
+      cpu::empty_cpu(need_dB ? B_bank.sizes() : at::IntArrayRef{0}, B_bank.scalar_type());
   if (need_dA || need_dB) {
     // The parts' partials summed in order (deterministic for a thread count) into the first
     // one's, then written out in the weights' dtype: plain loops, no ATen ops (at small sizes
@@ -385,8 +401,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           for (int64_t i = begin; i < end; ++i) sum[i] += other[i];
         }
       });
-    if (need_dA) dA = at::empty({G, r, d_in}, A_bank.options());
-    if (need_dB) dB = at::empty({G, d_out, r}, B_bank.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_bank.scalar_type(), "dA_dB", [&] {
       for (int64_t g = 0; g < G; ++g) {
         const float* pa = sum + g * (part_a + part_b);  // dA (r x d_in) then dB.T (r x d_out)
@@ -405,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
 DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
   (void)cpu::isa();  // a bad LOR2C_CPU_ISA is refused on every path, the GEMM path included
-  const at::Tensor s = seed.to(at::kCPU);
+  const at::Tensor s = seed.is_cpu() ? seed : seed.to(at::kCPU);
   return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
 }
 
@@ -541,8 +555,7 @@ std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::
     return gemm_forward(x, layer_out, A, B, scale, dp);
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {
-    return forward_impl<decltype(tag)>(x, layer_out, A.unsqueeze(0), B.unsqueeze(0), plan, scale,
-                                       dp);
+    return forward_impl<decltype(tag)>(x, layer_out, A, B, plan, scale, dp);  // a bank of one
   });
 }
 
@@ -555,11 +568,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
   if (plan_for(x.size(0), A.size(0)) == Plan::kGemm)
     return gemm_backward(grad, x, t, A, B, scale, dp, need_dx, need_dA, need_dB);
   const RowPlan plan = RowPlan::single(x.size(0));
-  auto [dx, dA, dB] = dispatch_activation(x, [&](auto tag) {
-    return backward_impl<decltype(tag)>(grad, x, t, A.unsqueeze(0), B.unsqueeze(0), plan, scale, dp,
-                                        need_dx, need_dA, need_dB);
+  return dispatch_activation(x, [&](auto tag) {  // a bank of one: dA, dB come back 2-D
+    return backward_impl<decltype(tag)>(grad, x, t, A, B, plan, scale, dp, need_dx, need_dA,
+                                        need_dB);
   });
-  return {dx, need_dA ? dA.squeeze(0) : dA, need_dB ? dB.squeeze(0) : dB};
 }
 
 std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(const at::Tensor& x,

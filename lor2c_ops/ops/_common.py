@@ -25,6 +25,7 @@ NO_FORWARD_AD = (
 
 _ZERO_SEEDS: dict = {}
 _SELECTED: dict = {}
+_FAST_ALLOWED: set = set()
 
 
 def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -64,13 +65,57 @@ def seed_for(p: float, generator, device: torch.device) -> Tensor:
 
 
 def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:
-    """backends.select, cached: what can run does not change while the process lives."""
+    """backends.select, cached: what can run does not change while the process lives. A choice
+    of the cpu backend for CPU tensors also allows the extension's fast entry for it (FAST)."""
     key = (backend, device.type, dtype, op)
     name = _SELECTED.get(key)
     if name is None:
         name = backends.select(backend, device, dtype, op=op)
         _SELECTED[key] = name
+    if name == "cpu" and key not in _FAST_ALLOWED and not torch.compiler.is_compiling():
+        _FAST_ALLOWED.add(key)  # (not while torch.compile traces: it cannot call the extension)
+        _allow_fast(backend, dtype, op)
     return name
+
+
+# --- the fast entry ------------------------------------------------------------------------------
+#
+# lor2c_residual and dcft_linear first offer their arguments to the extension's fast entry
+# (csrc/fast_entry.cpp: lor2c_ops._C._lor2c / _dcft), which runs the op's C++ autograd node
+# straight away when every argument is of the common kind and Python has already chosen the cpu
+# backend for (backend argument, dtype, op), and returns None otherwise: the Python path then runs
+# as it always did (checks that raise naming the bad argument, everything else). FAST is the
+# extension module, or None where it lacks the entry (a build from older sources, or no
+# extension); tests set it to None to exercise the Python path alone.
+
+_FAST_OPS = {"lor2c": 0, "lor2c_multi": 1, "dcft": 2}  # csrc/fast_entry.cpp enum Op
+_FAST_AUTOGRAD = {"lor2c": "lor2c", "lor2c_multi": "lor2c", "dcft": "dcft"}
+_FAST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _fast_module():
+    from .. import _ext
+
+    if not _ext.loaded():
+        return None
+    module = _ext._C
+    return module if hasattr(module, "_lor2c") and hasattr(module, "_fast_allow") else None
+
+
+FAST = _fast_module()
+
+
+def _allow_fast(backend: Optional[str], dtype: torch.dtype, op: str) -> None:
+    """Tell the fast entry that Python chose the cpu backend for (backend argument, dtype, op) on
+    CPU tensors (name == "cpu" implies CPU tensors: it refuses every other device)."""
+    if (
+        FAST is not None
+        and backend in (None, "cpu")
+        and dtype in _FAST_DTYPES
+        and op in _FAST_OPS
+        and compiled_autograd(_FAST_AUTOGRAD[op])
+    ):
+        FAST._fast_allow(backend, _FAST_DTYPES[dtype], _FAST_OPS[op])
 
 
 def rows(t: Tensor, width: int) -> Tensor:

@@ -435,6 +435,13 @@ def dcft_linear(
     lor2c_residual, and never stored. backend: None picks the fastest for the inputs; "reference",
     "cpu", "triton" or "cuda" forces one, and raises if it cannot run here, saying why.
     """
+    fast = _common.FAST  # the common case in one call (csrc/fast_entry.cpp); None: not taken
+    if fast is not None and not torch.compiler.is_compiling():
+        out = fast._dcft(
+            x, weight, bias, A, B, C, scale, stride, dropout_p, training, generator, backend
+        )
+        if out is not None:
+            return out
     stride = _check(x, weight, bias, A, B, C, stride)
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
     scale = _common.scale_value(scale)

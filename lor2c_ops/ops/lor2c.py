@@ -367,6 +367,13 @@ def lor2c_residual(
     launch; rows with id -1 get layer_out unchanged. Gradients land in the used bank rows.
     Forward-mode AD is not supported (it raises).
     """
+    fast = _common.FAST  # the common case in one call (csrc/fast_entry.cpp); None: not taken
+    if fast is not None and not torch.compiler.is_compiling():
+        out = fast._lor2c(
+            x, layer_out, A, B, scale, dropout_p, training, generator, backend, adapter_ids
+        )
+        if out is not None:
+            return out
     banked = adapter_ids is not None
     _check(x, layer_out, A, B, banked)
     p = _common.probability(dropout_p, "dropout_p") if training else 0.0
