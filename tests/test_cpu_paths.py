@@ -146,6 +146,38 @@ def test_cpu_every_path(path, plan):
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpu_streamed_outputs(p):
+    """Outputs of 16 MiB or more are written with non-temporal stores (csrc/cpu/lor2c.cpp
+    streams): a ragged last block (n not a multiple of the 8-row block) and a row width that is
+    not a multiple of the vector, against the reference backend."""
+    skip_unless_runnable("cpu")
+    gen = torch.Generator().manual_seed(5)
+    for n, d in ((5463, 768), (4099, 1030)):
+        assert n * d * 4 >= 16 << 20
+        x = torch.randn(n, d, generator=gen, requires_grad=True)
+        layer_out = torch.randn(n, d, generator=gen, requires_grad=True)
+        A = (torch.randn(8, d, generator=gen) / d**0.5).requires_grad_()
+        B = (torch.randn(d, 8, generator=gen) * 0.1).requires_grad_()
+        g = torch.randn(n, d, generator=gen)
+        results = []
+        for backend in ("cpu", "reference"):
+            out = lo.lor2c_residual(
+                x,
+                layer_out,
+                A,
+                B,
+                scale=2.0,
+                dropout_p=p,
+                generator=torch.Generator().manual_seed(1),
+                backend=backend,
+            )
+            results.append((out, *torch.autograd.grad(out, (x, layer_out, A, B), g)))
+        for got, want in zip(*results):  # sums over thousands of rows in another order
+            tol = 1e-3 * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=tol)
+
+
 def _plan_cases(baseline: bool) -> dict:
     """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks, on the baseline path or another."""
     wide = "gemm" if baseline else "fused"  # the baseline path: the GEMM plan from rank 16 on

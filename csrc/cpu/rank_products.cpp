@@ -266,9 +266,10 @@ LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, i
   constexpr int W = Arch::W, MR = Tiles<Arch>::comb_mr, NC = Tiles<Arch>::comb_nc;
   static_assert(kRows % MR == 0, "row tiles split the block");
   const int64_t dv = d / W * W;
-  // Non-temporal stores only where every row's vectors are aligned.
+  // Non-temporal stores only where every row the tiles write (the used rows and the scratch rows
+  // that fill their last row tile) is aligned to the vector: vmovntps faults otherwise.
   if (stream)
-    for (int b = 0; b < used; ++b)
+    for (int b = 0; b < (used + MR - 1) / MR * MR; ++b)
       stream = stream && reinterpret_cast<uintptr_t>(out[b]) % (4 * W) == 0;
   for (int b = 0; b < used; b += MR) {
     const float* const* bb = base ? base + b : nullptr;
@@ -285,6 +286,8 @@ LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, i
       for (int64_t k = 0; k < r; ++k) acc += coef[b * r + k] * M[k * d + j];
       out[b][j] = mul ? acc * mul[b][j] : acc;
     }
+  // Non-temporal stores are weakly ordered: make them visible before the rows are handed over.
+  if (stream) asm volatile("sfence" ::: "memory");
 }
 
 // ---- accumulate_outer ----------------------------------------------------------------------
