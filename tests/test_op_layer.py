@@ -290,3 +290,124 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
     out = lo.lor2c_residual(many, torch.zeros(64, 12), A, B, 1.5)
     assert backends.cpu_loses_to_eager(64, 16, 12, 4, torch.float32, 0.0) is None
     assert type(out.grad_fn).__name__ != "AddBackward0"
+
+
+# --- the fast entry on CPU tensors (csrc/fast_entry.cpp) ---------------------------------------
+
+
+def _fast_or_skip():
+    if _common.FAST is None:
+        pytest.skip("the compiled extension (with its fast entry) is not built here")
+    return _common.FAST
+
+
+def _run(fn, leaves, seed):
+    torch.manual_seed(seed)
+    out = fn()
+    return [out.detach()] + list(torch.autograd.grad(out.sum(), leaves))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["plain", "3d", "multi", "dcft", "dcft-nobias"])
+def test_fast_entry_gives_the_python_paths_results(monkeypatch, kind, p):
+    """The fast entry runs (it does not decline these calls) and gives bit for bit what the
+    Python path gives: the same node, kernels and dropout mask (seed drawn the same way)."""
+    fast = _fast_or_skip()
+    if kind in ("plain", "3d", "multi"):
+        x, lo_, A, B = _lor2c_inputs("cpu", n=12, banked=kind == "multi")
+        if kind == "3d":
+            x, lo_ = (t.detach().view(3, 4, 16).requires_grad_() for t in (x, lo_))
+        ids = torch.tensor([0, 2, -1, 1] * 3) if kind == "multi" else None
+        leaves = [x, lo_, A, B]
+        args = (x, lo_, A, B, 1.5, p, True, None, "cpu", ids)
+
+        def fn():
+            return lo.lor2c_residual(x, lo_, A, B, 1.5, p, backend="cpu", adapter_ids=ids)
+
+        def direct():
+            return fast._lor2c(*args)
+    else:
+        x, W, b, A, B, C = _dcft_inputs("cpu", n=7)
+        b = None if kind == "dcft-nobias" else b
+        leaves = [x, A, B, C]
+        args = (x, W, b, A, B, C, 1.5, None, p, True, None, "cpu")
+
+        def fn():
+            return lo.dcft_linear(x, W, b, A, B, C, 1.5, dropout_p=p, backend="cpu")
+
+        def direct():
+            return fast._dcft(*args)
+
+    fused = _run(fn, leaves, 7)  # the first call also lets Python allow the fast entry
+    assert direct() is not None, "the fast entry declined a common call"
+    fused = _run(fn, leaves, 7)
+    monkeypatch.setattr(_common, "FAST", None)
+    python = _run(fn, leaves, 7)
+    for got, want in zip(fused, python):
+        assert torch.equal(got, want)
+
+
+def test_fast_entry_declines_what_the_python_path_must_see():
+    """Anything but the common case comes back None (the Python path then raises, or handles
+    it): bad shapes, dtypes and devices, other numbers, a generator, other backends, autocast,
+    forward-mode AD, tensor subclasses, out-of-range ids."""
+    fast = _fast_or_skip()
+    x, lo_, A, B = _lor2c_inputs("cpu", n=6)
+    lo.lor2c_residual(x, lo_, A, B, 1.0, 0.1, backend="cpu")  # Python allows the entry
+    ok = (x, lo_, A, B, 1.0, 0.1, True, None, "cpu", None)
+    assert fast._lor2c(*ok) is not None
+
+    def declines(**changes):
+        args = list(ok)
+        names = ["x", "lo", "A", "B", "scale", "p", "training", "generator", "backend", "ids"]
+        for name, value in changes.items():
+            args[names.index(name)] = value
+        return fast._lor2c(*args) is None
+
+    assert declines(x=x.detach()[:, :15])  # d_in does not match A
+    assert declines(lo=lo_.detach()[:5])  # layer_out's rows do not match
+    assert declines(A=A.detach()[None])  # a bank without ids
+    assert declines(x=x.detach().double(), lo=lo_.detach().double())
+    assert declines(A=A.detach().half(), B=B.detach().half())  # fp16 weights, fp32 activations
+    assert declines(scale=torch.tensor(1.0))
+    assert declines(scale=True)
+    assert declines(scale=float("inf"))
+    assert declines(p=1.0)
+    assert declines(p=-0.1)
+    assert declines(training=1)
+    assert declines(generator=torch.Generator())
+    assert declines(backend="reference")
+    assert declines(backend="cuda")
+    assert declines(x=x.detach().to("meta"))
+    banked = _lor2c_inputs("cpu", n=6, banked=True)
+    assert declines(A=banked[2], B=banked[3], ids=torch.tensor([0, 1, 2, 0, 1, 3]))  # id 3 >= G
+    assert declines(A=banked[2], B=banked[3], ids=torch.tensor([0.0] * 6))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert declines(x=x.detach().as_subclass(Sub))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast._lor2c(*ok) is None
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+        assert declines(x=dual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_entry_leaves_the_cpu_rule_to_python(dtype):
+    """backend=None without dropout: wherever backends.cpu_loses_to_eager may send a call to the
+    plain expression, the fast entry declines, so that Python applies the rule."""
+    from lor2c_ops import backends
+
+    fast = _fast_or_skip()
+    lo.lor2c_residual(*(t.to(dtype) for t in _lor2c_inputs("cpu", n=8)))  # allow (None, dtype)
+    for n in (1, 2, 4, 5, 8, 40, 64, 65, 130):
+        for r in (1, 4, 31, 32, 64):
+            x = torch.randn(n, 16, dtype=dtype)
+            A, B = torch.randn(r, 16, dtype=dtype), torch.randn(16, r, dtype=dtype)
+            out = fast._lor2c(x, x, A, B, 1.0, 0.0, True, None, None, None)
+            if backends.cpu_loses_to_eager(n, 16, 16, r, dtype, 0.0) is not None:
+                assert out is None, (n, r)

@@ -8,8 +8,10 @@ without ids A (r, d_in) and B (d_out, r) are one adapter; with ids they are bank
 that torch.compile traces it as an opaque node (fullgraph) and opcheck tests every backend.
 
 Two ways in, one set of kernels:
-  eager (the common case): `_LoR2CFunction`, a torch.autograd.Function calling the backend's
-      kernels directly: no custom-op dispatch on the host path (tens of microseconds saved);
+  eager (the common case): the extension's C++ autograd op lor2c_ops_ext::lor2c on the compiled
+      backends (reached in one C call from the fast entry, csrc/fast_entry.cpp, for common CPU
+      calls), else `_LoR2CFunction`, a torch.autograd.Function calling the backend's kernels
+      directly: no custom-op dispatch on the host path (tens of microseconds saved);
   torch.compile, and meta tensors: the library ops, with fake kernels and register_autograd.
 Saved for backward: x (the caller's tensor, not a copy), t = dropout(x) @ A.T (n x r, fp32),
 the weights, ids and the 2-element seed. The dropout mask is regenerated from the seed.
