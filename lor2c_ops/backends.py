@@ -163,7 +163,7 @@ def select(
 # AVX-512 and forced AVX2, one thread, CPU time of the thread (README, "CPU figures on a 2-core
 # AMD EPYC"): p=0 x1.47-2.46 at r=16, x4.0-5.5 at r=8, x1.07-1.61 at r=64 (lowest: n=2048
 # d=4096 r=64, x1.07 / x1.09); p=0.1 x1.6-6.0. Two threads, bench_lor2c.py: x1.8-7.8. So no
-# large fp32 shape loses and the rule below has no fp32 case beyond the host-bound one.
+# large fp32 shape loses, and (below) no small one does any more: the rule has no fp32 case.
 # So the cpu backend itself takes the GEMM path for one row, for fewer rows than the rank from
 # rank 32 on, and on the baseline instruction-set path from rank 16 on (csrc/cpu/lor2c.cpp
 # plan_for; cpu_plan below says which). That last rule is from issue 15's second pass (after the
@@ -177,9 +177,13 @@ def select(
 # backend is slower still: 0.21 ms at n=1 d=768 r=8 against eager's 0.10, 138 ms against 41 at
 # n=8192 r=64 bf16):
 #
-#  - host-bound calls: a few rows at any rank, and fewer than about 2r rows from rank 32 on
-#    (0.6-0.95x above): what is left is the op layer's host time per call (custom op, autograd
-#    node, checks: some 20-50 us more than the expression's), not the kernels;
+#  - (no longer) host-bound calls: a few rows at any rank, and fewer than about 2r rows from rank
+#    32 on, lost 0.6-0.95x (above) to the op layer's host time per call. Since the hand-written
+#    autograd nodes and the fast entry (issue 10, commit 22be05b) the cpu backend wins there too:
+#    fwd+bwd through torch.autograd.grad, fp32, one thread, p=0, eager / fused (backend="cpu"),
+#    commit 26ac9ae, load 1.2: n=1 d=64 r=4 1.53x, n=4 d=64 r=4 2.36x, n=4 d=768 r=16 1.56x, n=8
+#    d=768 r=64 1.27x, n=64 d=768 r=32 1.26x, n=64 d=768 r=64 1.10x, n=128 d=768 r=64 1.11x,
+#    n=32 d=4096 r=64 1.06x, n=128 d=4096 r=64 1.00x. So the rule no longer has that case;
 #  - bfloat16 at rank >= 32 without dropout, on a CPU with AVX512-BF16 (or AMX): the expression's
 #    bf16 matrix products (oneDNN) run at twice the rate of the kernel's fp32 multiply-adds.
 #    n=8192 d=768, eager / fused: r=8 1.0-1.5, r=16 1.0-1.2, r=32 0.8-1.0, r=64 0.59 (19 vs
@@ -211,12 +215,6 @@ def cpu_loses_to_eager(
     """Why the cpu backend is slower than the eager expression for a plain LoR2C call of this
     shape on this CPU (the measurements above), or None where it is not. Cheap: a few integer
     comparisons (and one cached CPU-feature query for bf16)."""
-    if n <= 4 or (r >= _GEMM_MIN_RANK and n <= 2 * r):
-        return (
-            f"host-bound: {n} rows at rank {r} take less time to compute than the op layer's "
-            f"host overhead per call (measured 0.6-0.95x eager below 2r rows from rank 32 on, "
-            f"and for up to 4 rows)"
-        )
     if dtype == torch.bfloat16 and p == 0.0 and r >= _GEMM_MIN_RANK and _bf16_products():
         return (
             f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "
