@@ -164,11 +164,12 @@ def select(
 # AMD EPYC"): p=0 x1.47-2.46 at r=16, x4.0-5.5 at r=8, x1.07-1.61 at r=64 (lowest: n=2048
 # d=4096 r=64, x1.07 / x1.09); p=0.1 x1.6-6.0. Two threads, bench_lor2c.py: x1.8-7.8. So no
 # large fp32 shape loses, and (below) no small one does any more: the rule has no fp32 case.
-# So the cpu backend itself takes the GEMM path for one row, for fewer rows than the rank from
-# rank 32 on, and on the baseline instruction-set path from rank 16 on (csrc/cpu/lor2c.cpp
-# plan_for; cpu_plan below says which). That last rule is from issue 15's second pass (after the
-# prefetching kernels, commit b93f48d), one thread, CPU time, fused vs eager, n=8192 d=768
-# r=16 / r=64 and n=2048 d=4096 r=16 / r=64, p=0: AVX-512 2.43x / 1.48x / 2.11x / 1.29x, forced
+# So the cpu backend itself takes the GEMM path for one row and for fewer rows than the rank from
+# rank 32 on, and on the baseline instruction-set path the blocked plan (BLAS products on blocks
+# of rows in one pass; the GEMM path where no BLAS is found) from rank 16 on (csrc/cpu/lor2c.cpp
+# plan_for, with the blocked plan's figures; cpu_plan below says which). The baseline rule is
+# from issue 15's second pass (the GEMM plan then; after the prefetching kernels, commit
+# b93f48d), one thread, CPU time, fused vs eager, n=8192 d=768 r=16 / r=64 and n=2048 d=4096 r=16 / r=64, p=0: AVX-512 2.43x / 1.48x / 2.11x / 1.29x, forced
 # AVX2 2.17x / 1.28x / 2.99x / 1.43x; forced baseline (SSE2, against eager's products on
 # AVX-512) 0.99x / 0.52x / 0.77x / 0.39x (p=0.1: 1.06x / 0.67x / 1.38x / 0.75x), while r <= 8
 # wins there (d=1024 r=8 3.9x, d=768 r=4 4.1x); the baseline path's GEMM plan: 1.07-1.57x eager
@@ -198,12 +199,22 @@ def select(
 
 def cpu_plan(n: int, r: int) -> str:
     """How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" (the single-pass
-    kernel) or "gemm" (ATen's matrix products, same contract), for the instruction-set path in
-    use (on the baseline path the GEMM plan from rank 16 on). LOR2C_CPU_PLAN=fused|gemm, read
-    when the extension loads, forces one (tests, measurements)."""
+    kernel), "blocked" (the same single pass over blocks of 128 rows whose rank products are BLAS
+    calls) or "gemm" (ATen's matrix products, same contract), for the instruction-set path in use
+    (on the baseline path the blocked plan from rank 16 on, the GEMM plan where the process has
+    no BLAS). LOR2C_CPU_PLAN=fused|blocked|gemm, read when the extension loads, forces one
+    (tests, measurements)."""
     if not _ext.loaded():
         return "unavailable"
     return torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r)
+
+
+def cpu_blas() -> Optional[str]:
+    """None where the cpu backend's blocked plan has a BLAS (torch's own, found in the process),
+    else why not; "unavailable" without the compiled extension."""
+    if not _ext.loaded():
+        return "unavailable: the compiled extension is not loaded"
+    return torch.ops.lor2c_ops_ext.cpu_blas_missing() or None
 
 
 _GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank

@@ -37,6 +37,11 @@ def report() -> str:
             )
         if device_type == "cpu":
             lines.append(f"  cpu kernels' instruction-set path: {cpu_isa_line()}")
+            blas = backends.cpu_blas()
+            lines.append(
+                "  cpu blocked plan's BLAS: "
+                + ("found (torch's sgemm)" if blas is None else "none: " + blas)
+            )
         else:
             lines.append(f"  cuda kernels' rank products: {cuda_mma_line()}")
     return "\n".join(lines)

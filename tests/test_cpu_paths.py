@@ -114,10 +114,12 @@ _ORACLE_TESTS = [
 
 
 # (path, plan): every path this CPU runs with every plain call on the fused kernel, and the
-# default path with every one on the GEMM path (LOR2C_CPU_PLAN, csrc/cpu/lor2c.cpp); the default
-# run mixes the two by the number of rows.
+# default path with every one on the GEMM path and on the blocked plan (LOR2C_CPU_PLAN,
+# csrc/cpu/lor2c.cpp); the default run mixes them by the number of rows.
 @pytest.mark.parametrize(
-    "path, plan", [(path, "fused") for path in PATHS] + [(None, "gemm")], ids=str
+    "path, plan",
+    [(path, "fused") for path in PATHS] + [(None, "gemm"), (None, "blocked")],
+    ids=str,
 )
 def test_cpu_every_path(path, plan):
     """Forced with LOR2C_CPU_ISA and LOR2C_CPU_PLAN in a fresh process: both are read when the
@@ -125,6 +127,8 @@ def test_cpu_every_path(path, plan):
     runnable = _runnable()
     if path is not None and path not in runnable:
         pytest.skip(f"this CPU does not run the {path} path (it runs {', '.join(runnable)})")
+    if plan == "blocked" and backends.cpu_blas() is not None:
+        pytest.skip(f"no blocked plan here: {backends.cpu_blas()}")
     env = dict(os.environ, LOR2C_CPU_PLAN=plan)
     if path is not None:
         env["LOR2C_CPU_ISA"] = path
@@ -180,7 +184,8 @@ def test_cpu_streamed_outputs(p):
 
 def _plan_cases(baseline: bool) -> dict:
     """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks, on the baseline path or another."""
-    wide = "gemm" if baseline else "fused"  # the baseline path: the GEMM plan from rank 16 on
+    # the baseline path: the blocked plan from rank 16 on (the GEMM plan without a BLAS)
+    wide = ("blocked" if backends.cpu_blas() is None else "gemm") if baseline else "fused"
     return {
         (1, 8): "gemm",
         (2, 8): "fused",
@@ -197,7 +202,8 @@ def _plan_cases(baseline: bool) -> dict:
 
 def test_cpu_plan_rule():
     """backend="cpu" runs one row, and fewer rows than the rank from rank 32 on, on the GEMM
-    path, and on the baseline instruction-set path every call from rank 16 on; lor2c_ops.backends
+    path, and on the baseline instruction-set path every other call from rank 16 on on the blocked
+    plan; lor2c_ops.backends
     reports the same plan. The baseline rule is checked again with the path forced."""
     skip_unless_runnable("cpu")
     if os.environ.get("LOR2C_CPU_PLAN", "auto") != "auto":

@@ -21,7 +21,12 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../lor2c_common.h"
+#include "blas.h"
 #include "dropout.h"
 #include "memory.h"
 #include "rank_products.h"
@@ -181,6 +186,79 @@ struct PackedWeights {
   }
 };
 
+// The backward's weight-gradient partial sums. The blocks are cut into `parts` contiguous ranges,
+// each summing its partials (per adapter: dA, r x d_in, then dB transposed, r x d_out) into a
+// buffer of its own; the threads take ranges as they get free and the buffers are summed in order
+// at the end (weight_grads), so the result depends on the number of parts (a function of the
+// shape and the thread count) only, not on which thread ran which part. Few blocks make one part:
+// their O(r * d) buffers (zeroed, summed, written out), not the rows, are then the cost (n = 1,
+// r = 64, d = 4096: 1.8 ms vs eager 0.5). A part's buffers cost about as much as two blocks of
+// kRows rows' products (zeroed, summed: three passes over r * (d_in + d_out) floats against
+// 4 * kRows multiply-adds per float): a part is worth its buffers from four such blocks on
+// (`blocks_per_part`; a blocked-plan block is worth one).
+constexpr int64_t kBlocksPerPart = 4;
+
+int64_t partial_parts(int64_t blocks, int64_t per_part, int64_t blocks_per_part, int64_t threads) {
+  // Two parts per thread where their buffers stay small (8 MiB in all), so that the threads,
+  // taking parts as they get free, can even out a slow one; one per thread otherwise.
+  constexpr int64_t kPartialBytes = int64_t{8} << 20;
+  const int64_t part_bytes = std::max<int64_t>(1, per_part * int64_t{sizeof(float)});
+  const int64_t want = 2 * threads * part_bytes <= kPartialBytes ? 2 * threads : threads;
+  return std::max<int64_t>(1, std::min(want, per_part == 0 ? blocks : blocks / blocks_per_part));
+}
+
+// The parts' buffers: the calling thread's reused buffer where small, else allocated. Zeroed by
+// the thread that runs each part (first touch), not here.
+struct Partials {
+  float* data;
+  std::unique_ptr<float[]> owned;
+  explicit Partials(int64_t count) : data(cpu::reusable_floats(cpu::kPartials, count)) {
+    if (data == nullptr) {
+      owned.reset(new float[static_cast<size_t>(count)]);
+      data = owned.get();
+    }
+  }
+};
+
+// dA and dB from the parts' partials (per adapter g: dA then s * the transpose of dB.T), summed in
+// order (deterministic for a part count) into the first part's, written out in the weights'
+// dtype: plain loops, no ATen ops (at small sizes their dispatch cost was most of the backward's
+// host time). A gradient not asked for is an empty tensor; the others have the weights' shapes (a
+// bank, or one adapter's 2-D matrices).
+std::tuple<at::Tensor, at::Tensor> weight_grads(float* partials, int64_t parts, int64_t G,
+                                                int64_t r, int64_t d_in, int64_t d_out, float s,
+                                                const at::Tensor& A_bank, const at::Tensor& B_bank,
+                                                bool need_dA, bool need_dB) {
+  const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
+  const int64_t per_part = G * (part_a + part_b);
+  at::Tensor dA =
+      cpu::empty_cpu(need_dA ? A_bank.sizes() : at::IntArrayRef{0}, A_bank.scalar_type());
+  at::Tensor dB =
+      cpu::empty_cpu(need_dB ? B_bank.sizes() : at::IntArrayRef{0}, B_bank.scalar_type());
+  if (!need_dA && !need_dB) return {dA, dB};
+  float* sum = partials;
+  if (parts > 1)
+    at::parallel_for(0, per_part, 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* other = partials + part * per_part;
+        for (int64_t i = begin; i < end; ++i) sum[i] += other[i];
+      }
+    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_bank.scalar_type(), "dA_dB", [&] {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pa = sum + g * (part_a + part_b);  // dA (r x d_in) then dB.T (r x d_out)
+      if (need_dA) {
+        scalar_t* out = dA.data_ptr<scalar_t>() + g * r * d_in;
+        for (int64_t i = 0; i < r * d_in; ++i) out[i] = static_cast<scalar_t>(pa[i]);
+      }
+      if (need_dB) {
+        transpose_into(pa + part_a, r, d_out, s, dB.data_ptr<scalar_t>() + g * d_out * r);
+      }
+    }
+  });
+  return {dA, dB};
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& layer_out,
                                                 const at::Tensor& A_bank, const at::Tensor& B_bank,
@@ -273,32 +351,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
   const bool stream = need_dx && streams(dx);
 
-  // The blocks are cut into `parts` contiguous ranges, each summing its weight-gradient partials
-  // (per adapter: dA, r x d_in, then dB transposed, r x d_out) into a buffer of its own; the
-  // threads take ranges as they get free and the buffers are summed in order at the end, so the
-  // result depends on the number of parts (a function of the shape and the thread count) only,
-  // not on which thread ran which part. Few blocks make one part: their O(r * d) buffers (zeroed,
-  // summed, written out), not the rows, are then the cost (n = 1, r = 64, d = 4096: 1.8 ms vs eager
-  // 0.5). A part's buffers cost about as much as two blocks' products (zeroed, summed: three passes
-  // over r * (d_in + d_out) floats against 4 * kRows multiply-adds per float): a part is worth
-  // its buffers from four blocks on.
-  constexpr int64_t kBlocksPerPart = 4;
   const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
   const int64_t per_part = G * (part_a + part_b);
   const int64_t threads = at::get_num_threads();
-  // Two parts per thread where their buffers stay small (8 MiB in all), so that the threads,
-  // taking parts as they get free, can even out a slow one; one per thread otherwise.
-  constexpr int64_t kPartialBytes = int64_t{8} << 20;
-  const int64_t part_bytes = std::max<int64_t>(1, per_part * int64_t{sizeof(float)});
-  const int64_t want = 2 * threads * part_bytes <= kPartialBytes ? 2 * threads : threads;
-  const int64_t parts =
-      std::max<int64_t>(1, std::min(want, per_part == 0 ? blocks : blocks / kBlocksPerPart));
-  // Zeroed by the thread that runs the part (first touch), not here. Small ones: the caller's
-  // reused buffer.
-  float* const reused = cpu::reusable_floats(cpu::kPartials, parts * per_part);
-  const std::unique_ptr<float[], void (*)(float*)> partials(
-      reused != nullptr ? reused : new float[static_cast<size_t>(parts * per_part)],
-      reused != nullptr ? +[](float*) {} : +[](float* p) { delete[] p; });
+  const int64_t parts = partial_parts(blocks, per_part, kBlocksPerPart, threads);
+  const Partials partials(parts * per_part);
 
   dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
     // The weight-gradient sums run over two blocks at once where they can (two consecutive full
@@ -318,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     int64_t idx[kRows], first_part, end_part;
     while (next_chunk(first_part, end_part))
       for (int64_t part = first_part; part < end_part; ++part) {
-        float* mine = partials.get() + part * per_part;
+        float* mine = partials.data + part * per_part;
         std::fill(mine, mine + per_part, 0.f);
         const int64_t part_end = blocks * (part + 1) / parts;
         int held = 0;  // 1: a block's rows wait in slot 0
@@ -383,37 +440,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       }
   });
 
-  // A gradient not asked for is an empty tensor; the others have the weights' shapes (a bank, or
-  // one adapter's 2-D matrices).
-  at::Tensor dA =
-      cpu::empty_cpu(need_dA ? A_bank.sizes() : at::IntArrayRef{0}, A_bank.scalar_type());
-  at::Tensor dB =
-      cpu::empty_cpu(need_dB ? B_bank.sizes() : at::IntArrayRef{0}, B_bank.scalar_type());
-  if (need_dA || need_dB) {
-    // The parts' partials summed in order (deterministic for a thread count) into the first
-    // one's, then written out in the weights' dtype: plain loops, no ATen ops (at small sizes
-    // their dispatch cost was most of the backward's host time).
-    float* sum = partials.get();
-    if (parts > 1)
-      at::parallel_for(0, per_part, 1 << 15, [&](int64_t begin, int64_t end) {
-        for (int64_t part = 1; part < parts; ++part) {
-          const float* other = partials.get() + part * per_part;
-          for (int64_t i = begin; i < end; ++i) sum[i] += other[i];
-        }
-      });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_bank.scalar_type(), "dA_dB", [&] {
-      for (int64_t g = 0; g < G; ++g) {
-        const float* pa = sum + g * (part_a + part_b);  // dA (r x d_in) then dB.T (r x d_out)
-        if (need_dA) {
-          scalar_t* out = dA.data_ptr<scalar_t>() + g * r * d_in;
-          for (int64_t i = 0; i < r * d_in; ++i) out[i] = static_cast<scalar_t>(pa[i]);
-        }
-        if (need_dB) {
-          transpose_into(pa + part_a, r, d_out, s, dB.data_ptr<scalar_t>() + g * d_out * r);
-        }
-      }
-    });
-  }
+  auto [dA, dB] =
+      weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
   return {dx, dA, dB};
 }
 
@@ -451,7 +479,7 @@ void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
 // in fp32, the mask of csrc/philox.h (drawn into an n x d_in tensor), outputs in the inputs'
 // dtypes. The rule (plan_for) and its figures: lor2c_ops/backends.py (the cpu backend's plans).
 
-enum class Plan { kFused, kGemm };
+enum class Plan { kFused, kGemm, kBlocked };
 
 // LOR2C_CPU_PLAN=fused|gemm (read once) forces one, for tests and measurements.
 int forced_plan() {
@@ -460,9 +488,12 @@ int forced_plan() {
     if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == 0) return -1;
     if (std::strcmp(env, "fused") == 0) return static_cast<int>(Plan::kFused);
     if (std::strcmp(env, "gemm") == 0) return static_cast<int>(Plan::kGemm);
+    if (std::strcmp(env, "blocked") == 0) return static_cast<int>(Plan::kBlocked);
     return -2;
   }();
-  TORCH_CHECK(forced != -2, "LOR2C_CPU_PLAN: expected fused, gemm or auto");
+  TORCH_CHECK(forced != -2, "LOR2C_CPU_PLAN: expected fused, gemm, blocked or auto");
+  TORCH_CHECK(forced != static_cast<int>(Plan::kBlocked) || cpu::blas_missing() == nullptr,
+              "LOR2C_CPU_PLAN=blocked: ", cpu::blas_missing());
   return forced;
 }
 
@@ -473,27 +504,38 @@ int forced_plan() {
 // d=4096 r=8: n=1 0.21 vs 0.17, n=2 0.21 vs 0.30; d=768 r=8: n=1 0.136 vs 0.134, n=2 0.136 vs
 // 0.159. Full table: lor2c_ops/backends.py.
 //
-// On the baseline path (SSE2: 4 lanes, no FMA) also from rank 16 on, whatever n: ATen's matrix
-// products run on the CPU's widest vectors whichever path the kernels take, and from rank 16
-// on they beat the fused SSE2 loops. Measured (fwd+bwd fp32, one thread, CPU time, vs the
-// eager expression, AMD EPYC Zen 4 with LOR2C_CPU_ISA=baseline; fused -> GEMM path):
-// n=8192 d=768 r=16 0.99x -> 1.39x (p=0), 1.06x -> 1.07x (p=0.1); r=64 0.52x -> 1.34x,
-// 0.67x -> 1.27x; n=2048 d=4096 r=64 0.39x -> 1.57x, 0.75x -> 1.20x; n=2048 d=768 r=16
-// 0.83x -> 1.07x, 0.85x -> 0.94x. Below rank 16 the fused loops win: d=1024 r=8 3.90x vs
-// 1.48x (p=0), 2.59x vs 1.09x (p=0.1); d=768 r=4 4.13x vs 0.99x. (Not measured on a CPU
-// without AVX2, where ATen's products would run on SSE2 too.)
-constexpr int64_t kBaselineGemmMinRank = 16;
+// On the baseline path (SSE2: 4 lanes, no FMA) the blocked plan from rank 16 on, whatever n
+// (where the process has a BLAS; else the GEMM plan): the BLAS runs on the CPU's widest vectors
+// whichever path the kernels take, and from rank 16 on its products beat the fused SSE2 loops.
+// Measured (fwd+bwd fp32, one thread, CPU time, vs the eager expression, AMD EPYC Zen 4 with
+// LOR2C_CPU_ISA=baseline; fused -> GEMM path): n=8192 d=768 r=16 0.99x -> 1.39x (p=0), 1.06x ->
+// 1.07x (p=0.1); r=64 0.52x -> 1.34x, 0.67x -> 1.27x; n=2048 d=4096 r=64 0.39x -> 1.57x, 0.75x ->
+// 1.20x; n=2048 d=768 r=16 0.83x -> 1.07x, 0.85x -> 0.94x. The blocked plan, same method, ms
+// (fused / GEMM / blocked, load 3, +-15%): n=8192 d=768 r=16 p=0 42 / 35 / 26, r=64 146 / 67 /
+// 63; n=2048 d=4096 r=16 69 / 65 / 48, r=64 271 / 118 / 108-140. Below rank 16 the fused loops
+// win or tie: d=1024 r=4 29 vs 39 ms, r=8 45 vs 42 (fused vs blocked), and against the GEMM plan
+// d=1024 r=8 3.90x vs 1.48x eager (p=0), 2.59x vs 1.09x (p=0.1). (Not measured on a CPU without
+// AVX2, where the BLAS would run on SSE2 too.)
+constexpr int64_t kBaselineBlockedMinRank = 16;
 
 Plan plan_for(int64_t n, int64_t r) {
   const int forced = forced_plan();
   if (forced >= 0) return static_cast<Plan>(forced);
   if (n <= 1 || (r >= kGemmMinRank && n < r)) return Plan::kGemm;
-  if (r >= kBaselineGemmMinRank && cpu::isa() == cpu::Isa::kBaseline) return Plan::kGemm;
+  if (r >= kBaselineBlockedMinRank && cpu::isa() == cpu::Isa::kBaseline)
+    return cpu::blas_missing() == nullptr ? Plan::kBlocked : Plan::kGemm;
   return Plan::kFused;
 }
 
 std::string cpu_lor2c_plan(int64_t n, int64_t r) {
-  return plan_for(n, r) == Plan::kGemm ? "gemm" : "fused";
+  switch (plan_for(n, r)) {
+    case Plan::kGemm:
+      return "gemm";
+    case Plan::kBlocked:
+      return "blocked";
+    default:
+      return "fused";
+  }
 }
 
 // The dropout multiplier of rows 0..n-1, (n, d) in dtype.
@@ -546,13 +588,256 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(
   return {dx, dA, dB};
 }
 
+// ---- The blocked plan --------------------------------------------------------------------------
+// One pass over blocks of rows, as the fused kernel, but a block is tens of rows and its rank-r
+// products are BLAS calls (csrc/cpu/blas.h): t = xd A^T and s t B^T forward; u = s g B, u A,
+// u^T xd and t^T g backward. The block's rows stay in L2 between the calls, so memory sees the
+// n x d data once per direction, as in the fused kernel; the products run on the widest vectors
+// the CPU has whichever instruction-set path the library's loops take. Where the plan is used:
+// plan_for. Same contract as the other plans (t saved in fp32, the mask of csrc/philox.h, never
+// stored).
+
+// Rows per block: 128, fewer where the block's x (or g) and output rows in fp32 would pass 4 MiB
+// (d_in + d_out > 8192), at least 16. Measured (fwd+bwd, one thread, LOR2C_CPU_ISA=baseline,
+// AMD EPYC Zen 4, loaded: +-15%), ms for 16 / 32 / 64 / 128 / 256 rows: n=8192 d=768 r=16
+// 27 / 35 / 27 / 28 / 30, r=64 81 / 70 / 63 / 68 / 64; n=2048 d=4096 r=16 44 / 44 / 46 / 45 /
+// 46, r=64 152 / 109 / 121 / 108 / 100: the outer products (dA, dB) want many rows per call, the
+// rest does not care. LOR2C_CPU_BLOCK_ROWS (read once) overrides it, for tuning.
+int64_t blocked_rows(int64_t d_in, int64_t d_out) {
+  static const int64_t forced = [] {
+    const char* v = std::getenv("LOR2C_CPU_BLOCK_ROWS");
+    return v == nullptr ? int64_t{0} : static_cast<int64_t>(std::atoll(v));
+  }();
+  if (forced > 0) return forced;
+  constexpr int64_t kBlockBytes = int64_t{4} << 20;
+  const int64_t rows = kBlockBytes / (int64_t{sizeof(float)} * std::max<int64_t>(1, d_in + d_out));
+  return std::clamp<int64_t>(rows / 16 * 16, 16, 128);
+}
+
+// Row `row` of x as fp32 with dropout applied into dst; the mask row is left in `mask`.
+template <typename T>
+void stage_row(const T* src, int64_t d, int64_t row, const DropoutParams& dp, float* mask,
+               float* dst) {
+  cpu::widen(src, dst, d);
+  if (!dp.enabled) return;
+  cpu::draw_dropout_row(row, d, dp, mask);
+  for (int64_t j = 0; j < d; ++j) dst[j] *= mask[j];
+}
+
+// out = a + b (T: the activations' type); fp32 with `stream` and 16-byte alignment: non-temporal
+// stores.
+template <typename T>
+void add_row(const T* a, const float* b, T* out, int64_t d, float* scratch, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__SSE2__)
+    if (stream && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+      int64_t j = 0;
+      for (; j + 4 <= d; j += 4)
+        _mm_stream_ps(out + j, _mm_add_ps(_mm_loadu_ps(a + j), _mm_loadu_ps(b + j)));
+      for (; j < d; ++j) out[j] = a[j] + b[j];
+      return;
+    }
+#endif
+    (void)scratch;
+    for (int64_t j = 0; j < d; ++j) out[j] = a[j] + b[j];
+  } else {
+    (void)stream;
+    cpu::widen(a, scratch, d);
+    for (int64_t j = 0; j < d; ++j) scratch[j] += b[j];
+    cpu::narrow(scratch, out, d);
+  }
+}
+
+// out = a * m (m: the mask row, or nullptr for none), stored as T.
+template <typename T>
+void mul_row(const float* a, const float* m, T* out, int64_t d, float* scratch, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)scratch;
+#if defined(__SSE2__)
+    if (stream && m != nullptr && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+      int64_t j = 0;
+      for (; j + 4 <= d; j += 4)
+        _mm_stream_ps(out + j, _mm_mul_ps(_mm_loadu_ps(a + j), _mm_loadu_ps(m + j)));
+      for (; j < d; ++j) out[j] = a[j] * m[j];
+      return;
+    }
+#endif
+    (void)stream;
+    if (m == nullptr) {
+      std::memcpy(out, a, d * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < d; ++j) out[j] = a[j] * m[j];
+    }
+  } else {
+    (void)stream;
+    if (m == nullptr) {
+      cpu::narrow(a, out, d);
+    } else {
+      for (int64_t j = 0; j < d; ++j) scratch[j] = a[j] * m[j];
+      cpu::narrow(scratch, out, d);
+    }
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at::Tensor& layer_out,
+                                                   const at::Tensor& A, const at::Tensor& B,
+                                                   double scale, const DropoutParams& dp) {
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A.size(0);
+  const PackedWeights w(A, B);
+  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
+  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
+  const T* xp = x.data_ptr<T>();
+  const T* lop = layer_out.data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  float* tp = t.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
+  const float s = static_cast<float>(scale);
+  const int64_t rows = blocked_rows(d_in, d_out), blocks = (n + rows - 1) / rows;
+  const bool x_direct = std::is_same_v<T, float> && !dp.enabled;
+  const bool stream = std::is_same_v<T, float> && streams(out);
+  dynamic_for(blocks, 1, at::get_num_threads(), [&](auto&& next_chunk) {
+    std::vector<float> xs(x_direct ? 0 : rows * d_in), ys(rows * d_out);
+    std::vector<float> mask(cpu::mask_padded(d_in)), row_scratch(std::max(d_in, d_out));
+    int64_t begin, end;
+    while (next_chunk(begin, end))
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t i0 = blk * rows, nb = std::min(rows, n - i0);
+        const float* xb = nullptr;
+        int64_t ldxb = d_in;
+        if constexpr (std::is_same_v<T, float>) {
+          xb = xp + i0 * ldx;
+          ldxb = ldx;
+        }
+        if (!x_direct) {
+          for (int64_t b = 0; b < nb; ++b)
+            stage_row(xp + (i0 + b) * ldx, d_in, i0 + b, dp, mask.data(), xs.data() + b * d_in);
+          xb = xs.data();
+          ldxb = d_in;
+        }
+        float* tb = tp + i0 * r;
+        cpu::gemm_rows(false, true, nb, r, d_in, 1.f, xb, ldxb, w.A(0, r, d_in), d_in, 0.f, tb, r);
+        cpu::gemm_rows(false, false, nb, d_out, r, s, tb, r, w.Bt(0, r, d_out), d_out, 0.f,
+                       ys.data(), d_out);
+        for (int64_t b = 0; b < nb; ++b)
+          add_row(lop + (i0 + b) * ldl, ys.data() + b * d_out, outp + (i0 + b) * d_out, d_out,
+                  row_scratch.data(), stream);
+      }
+  });
+  if (stream) asm volatile("sfence" ::: "memory");
+  return {out, t};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
+    const at::Tensor& B, double scale, const DropoutParams& dp, bool need_dx, bool need_dA,
+    bool need_dB) {
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1), r = A.size(0);
+  const PackedWeights w(A, B);
+  at::Tensor dx =
+      need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
+  const T* gp = grad.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+  const float* tp = t.data_ptr<float>();
+  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
+  const float s = static_cast<float>(scale);
+  const int64_t rows = blocked_rows(d_in, d_out), blocks = (n + rows - 1) / rows;
+  const bool stream = need_dx && std::is_same_v<T, float> && streams(dx);
+  constexpr bool is_float = std::is_same_v<T, float>;
+  // x rows are read for dA (dropped out) and, with dropout, for nothing else: dx needs only the
+  // mask, drawn per row either way.
+  const bool x_direct = is_float && !dp.enabled;
+  const bool masks = dp.enabled && (need_dx || need_dA);
+  const int64_t mstride = cpu::mask_padded(d_in);
+
+  const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
+  const int64_t per_part = part_a + part_b;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = partial_parts(blocks, per_part, 1, threads);
+  const Partials partials(parts * per_part);
+
+  dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
+    std::vector<float> gs(is_float ? 0 : rows * d_out), u(rows * r);
+    std::vector<float> xs(need_dA && !x_direct ? rows * d_in : 0);
+    std::vector<float> mask(masks ? rows * mstride : 0), dxs(need_dx ? rows * d_in : 0);
+    std::vector<float> row_scratch(d_in);
+    int64_t first_part, end_part;
+    while (next_chunk(first_part, end_part))
+      for (int64_t part = first_part; part < end_part; ++part) {
+        float* pa = partials.data + part * per_part;
+        float* pb = pa + part_a;
+        std::fill(pa, pa + per_part, 0.f);
+        for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
+          const int64_t i0 = blk * rows, nb = std::min(rows, n - i0);
+          const float* gb = nullptr;
+          int64_t ldgb = d_out;
+          if constexpr (is_float) {
+            gb = gp + i0 * ldg;
+            ldgb = ldg;
+          } else {
+            for (int64_t b = 0; b < nb; ++b)
+              cpu::widen(gp + (i0 + b) * ldg, gs.data() + b * d_out, d_out);
+            gb = gs.data();
+            ldgb = d_out;
+          }
+          // u = s g B (B^T packed as r x d_out)
+          cpu::gemm_rows(false, true, nb, r, d_out, s, gb, ldgb, w.Bt(0, r, d_out), d_out, 0.f,
+                         u.data(), r);
+          const float* xb = nullptr;
+          int64_t ldxb = d_in;
+          if (need_dA) {
+            if constexpr (is_float) {
+              xb = xp + i0 * ldx;
+              ldxb = ldx;
+            }
+            if (!x_direct) {
+              for (int64_t b = 0; b < nb; ++b)
+                stage_row(xp + (i0 + b) * ldx, d_in, i0 + b, dp, mask.data() + b * mstride,
+                          xs.data() + b * d_in);
+              xb = xs.data();
+              ldxb = d_in;
+            }
+          } else if (masks) {
+            for (int64_t b = 0; b < nb; ++b)
+              cpu::draw_dropout_row(i0 + b, d_in, dp, mask.data() + b * mstride);
+          }
+          if (need_dx) {  // dx = (u A) * mask
+            if (is_float && !dp.enabled) {
+              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, w.A(0, r, d_in), d_in,
+                             0.f, reinterpret_cast<float*>(dxp) + i0 * d_in, d_in);
+            } else {
+              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, w.A(0, r, d_in), d_in,
+                             0.f, dxs.data(), d_in);
+              for (int64_t b = 0; b < nb; ++b)
+                mul_row(dxs.data() + b * d_in, masks ? mask.data() + b * mstride : nullptr,
+                        dxp + (i0 + b) * d_in, d_in, row_scratch.data(), stream);
+            }
+          }
+          if (need_dA)  // dA += u^T xd
+            cpu::gemm_rows(true, false, r, d_in, nb, 1.f, u.data(), r, xb, ldxb, 1.f, pa, d_in);
+          if (need_dB)  // dB^T += t^T g
+            cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tp + i0 * r, r, gb, ldgb, 1.f, pb,
+                           d_out);
+        }
+      }
+  });
+  if (stream) asm volatile("sfence" ::: "memory");
+  auto [dA, dB] = weight_grads(partials.data, parts, 1, r, d_in, d_out, s, A, B, need_dA, need_dB);
+  return {dx, dA, dB};
+}
+
 std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
                                                  const at::Tensor& A, const at::Tensor& B,
                                                  double scale, double p, const at::Tensor& seed) {
   check_forward(x, layer_out, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
-  if (plan_for(x.size(0), A.size(0)) == Plan::kGemm)
-    return gemm_forward(x, layer_out, A, B, scale, dp);
+  const Plan how = plan_for(x.size(0), A.size(0));
+  if (how == Plan::kGemm) return gemm_forward(x, layer_out, A, B, scale, dp);
+  if (how == Plan::kBlocked)
+    return dispatch_activation(
+        x, [&](auto tag) { return blocked_forward<decltype(tag)>(x, layer_out, A, B, scale, dp); });
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {
     return forward_impl<decltype(tag)>(x, layer_out, A, B, plan, scale, dp);  // a bank of one
@@ -565,8 +850,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
     bool need_dB) {
   check_backward(grad, x, t, A, B, seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
-  if (plan_for(x.size(0), A.size(0)) == Plan::kGemm)
+  const Plan how = plan_for(x.size(0), A.size(0));
+  if (how == Plan::kGemm)
     return gemm_backward(grad, x, t, A, B, scale, dp, need_dx, need_dA, need_dB);
+  if (how == Plan::kBlocked)
+    return dispatch_activation(x, [&](auto tag) {
+      return blocked_backward<decltype(tag)>(grad, x, t, A, B, scale, dp, need_dx, need_dA,
+                                             need_dB);
+    });
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {  // a bank of one: dA, dB come back 2-D
     return backward_impl<decltype(tag)>(grad, x, t, A, B, plan, scale, dp, need_dx, need_dA,
@@ -608,6 +899,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" or "gemm".
   m.def("cpu_lor2c_plan(int n, int r) -> str", &lor2c::cpu_lor2c_plan);
+  // Why the blocked plan has no BLAS in this process, or "" where it has one (csrc/cpu/blas.h).
+  m.def("cpu_blas_missing() -> str", [] {
+    const char* why = cpu::blas_missing();
+    return std::string(why == nullptr ? "" : why);
+  });
 }
 
 TORCH_LIBRARY_IMPL(lor2c_ops_ext, CPU, m) {
