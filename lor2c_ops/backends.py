@@ -165,17 +165,18 @@ def select(
 # d=4096 r=64, x1.07 / x1.09); p=0.1 x1.6-6.0. Two threads, bench_lor2c.py: x1.8-7.8. So no
 # large fp32 shape loses, and (below) no small one does any more: the rule has no fp32 case.
 # So the cpu backend itself takes the GEMM path for one row and for fewer rows than the rank from
-# rank 32 on, and on the baseline instruction-set path the blocked plan (BLAS products on blocks
-# of rows in one pass; the GEMM path where no BLAS is found) from rank 16 on (csrc/cpu/lor2c.cpp
-# plan_for, with the blocked plan's figures; cpu_plan below says which). The baseline rule is
-# from issue 15's second pass (the GEMM plan then; after the prefetching kernels, commit
-# b93f48d), one thread, CPU time, fused vs eager, n=8192 d=768 r=16 / r=64 and n=2048 d=4096 r=16 / r=64, p=0: AVX-512 2.43x / 1.48x / 2.11x / 1.29x, forced
-# AVX2 2.17x / 1.28x / 2.99x / 1.43x; forced baseline (SSE2, against eager's products on
-# AVX-512) 0.99x / 0.52x / 0.77x / 0.39x (p=0.1: 1.06x / 0.67x / 1.38x / 0.75x), while r <= 8
-# wins there (d=1024 r=8 3.9x, d=768 r=4 4.1x); the baseline path's GEMM plan: 1.07-1.57x eager
-# at the same shapes (p=0 and 0.1; n=2048 d=768 r=16 p=0.1: 0.94x, within the noise of this
-# shared machine). What still loses after that, and where no other backend helps (the reference
-# backend is slower still: 0.21 ms at n=1 d=768 r=8 against eager's 0.10, 138 ms against 41 at
+# rank 32 on, and on the baseline instruction-set path the blocked plan (BLAS products on blocks of
+# rows in one pass; the GEMM path where no BLAS is found) from rank 16 on (csrc/cpu/lor2c.cpp
+# plan_for, with the blocked plan's figures; cpu_plan below says which). The baseline rule is from
+# issue 15's second pass (the GEMM plan then; after the prefetching kernels, commit b93f48d), one
+# thread, CPU time, fused vs eager, n=8192 d=768 r=16 / r=64 and n=2048 d=4096 r=16 / r=64, p=0:
+# AVX-512 2.43x / 1.48x / 2.11x / 1.29x, forced AVX2 2.17x / 1.28x / 2.99x / 1.43x; forced baseline
+# (SSE2, against eager's products on AVX-512) 0.99x / 0.52x / 0.77x / 0.39x (p=0.1: 1.06x / 0.67x /
+# 1.38x / 0.75x), while r <= 8 wins there (d=1024 r=8 3.9x, d=768 r=4 4.1x); the baseline path's
+# GEMM plan: 1.07-1.57x eager at the same shapes (p=0 and 0.1; n=2048 d=768 r=16 p=0.1: 0.94x,
+# within the noise of this shared machine). What still loses after that, and where no other backend
+# helps (the reference backend is slower still: 0.21 ms at n=1 d=768 r=8 against eager's 0.10, 138
+# ms against 41 at
 # n=8192 r=64 bf16):
 #
 #  - (no longer) host-bound calls: a few rows at any rank, and fewer than about 2r rows from rank
