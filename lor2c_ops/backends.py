@@ -175,9 +175,8 @@ def select(
 # 1.38x / 0.75x), while r <= 8 wins there (d=1024 r=8 3.9x, d=768 r=4 4.1x); the baseline path's
 # GEMM plan: 1.07-1.57x eager at the same shapes (p=0 and 0.1; n=2048 d=768 r=16 p=0.1: 0.94x,
 # within the noise of this shared machine). What still loses after that, and where no other backend
-# helps (the reference backend is slower still: 0.21 ms at n=1 d=768 r=8 against eager's 0.10, 138
-# ms against 41 at
-# n=8192 r=64 bf16):
+# helps (the reference backend is slower still: 0.21 ms at n=1 d=768 r=8 against eager's 0.10,
+# 138 ms against 41 at n=8192 r=64 bf16):
 #
 #  - (no longer) host-bound calls: a few rows at any rank, and fewer than about 2r rows from rank
 #    32 on, lost 0.6-0.95x (above) to the op layer's host time per call. Since the hand-written
