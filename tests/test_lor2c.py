@@ -333,6 +333,112 @@ def test_cpu_mask_fallback_paths(path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+# Every CPU mask path against the scalar code, bit for bit. A process dumps the multipliers its
+# mask code draws: dx of a rank-1 backward with A = B = g = 1 and scale 1 is 1 * m, exact on the
+# fused and the GEMM plan. Widths on both sides of the 32-column SSE2 step and the 64-column
+# kMaskStep; a column's draw does not depend on d, so the padding columns a narrow row draws
+# (up to mask_padded(d)) are real columns of the wide rows. Rates: thresholds 0 (p > 0 but
+# below 2^-16), 1, 0x7FFF, 0x8000 (the signed 16-bit edge), 0x8001 and 0xFFFF, besides 0.1 and
+# 0.999.
+# A keep flag hides most bits of its draw, so draws are also pinned exactly, each at threshold
+# == draw (kept) and draw + 1 (dropped): Random123's first Philox4x32-10 vector (seed (0, 0):
+# row 0's first call has counter and key 0), and the 128 columns of row 2 (every lane of every
+# path's step) for _MASK_SEED.
+_MASK_WIDTHS = (1, 7, 31, 33, 63, 64, 65, 127, 768, 1000)
+_MASK_RATES = (2.0**-17, 1 / 65536, 0x7FFF / 65536, 0.5, 0x8001 / 65536, 0xFFFF / 65536, 0.1, 0.999)
+_MASK_SEED = (-0x123456789ABCDEF, 0x1_0000_0007)
+_MASK_ROWS = 37
+_KAT_DRAWS = [(w >> (16 * h)) & 0xFFFF for w in PHILOX_KAT[0][2] for h in (0, 1)]  # row 0, 0..7
+_MASK_DUMP = """
+import sys, torch
+import lor2c_ops  # noqa: F401
+
+def mask(n, d, p, seed):
+    ones = torch.ones
+    return torch.ops.lor2c_ops_ext.lor2c_bwd(
+        ones(n, 1), ones(n, d), torch.zeros(n, 1), ones(1, d), ones(1, 1), 1.0, p,
+        torch.tensor(seed, dtype=torch.int64), True, False, False)[0]
+
+widths, rates, seed, rows, edges = eval(sys.argv[2])
+masks = {(d, p): mask(rows, d, p, seed) for d in widths for p in rates}
+edges = [{t: mask(n, d, t / 65536, s)[row] for t in ts} for s, n, row, d, ts in edges]
+torch.save({"isa": torch.ops.lor2c_ops_ext.cpu_isa(), "masks": masks, "edges": edges}, sys.argv[1])
+"""
+_MASK_DUMPS: dict = {}
+
+
+def _edge_draws() -> list:
+    """(seed, n, row, d, draws of the row): the draws pinned exactly (see above)."""
+    row2 = ref_philox.dropout_draws(torch.tensor(_MASK_SEED, dtype=torch.int64), 3, 128)[2]
+    return [((0, 0), 1, 0, 8, _KAT_DRAWS), (_MASK_SEED, 3, 2, 128, row2.tolist())]
+
+
+def _mask_dump(path: str, tmp_path) -> dict:
+    """The masks one process draws: "scalar" forces the scalar code (LOR2C_CPU_MASK_PATH=scalar,
+    on the baseline kernels), the others force that instruction-set path (LOR2C_CPU_ISA)."""
+    if path not in _MASK_DUMPS:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOR2C_CPU_")}
+        env["LOR2C_CPU_ISA"] = "baseline" if path == "scalar" else path
+        if path == "scalar":
+            env["LOR2C_CPU_MASK_PATH"] = "scalar"
+        edges = [
+            (s, n, row, d, sorted({t for x in draws for t in (x, x + 1) if 0 < t < 65536}))
+            for s, n, row, d, draws in _edge_draws()
+        ]
+        out = str(tmp_path / f"masks-{path}.pt")
+        args = repr((_MASK_WIDTHS, _MASK_RATES, _MASK_SEED, _MASK_ROWS, edges))
+        res = subprocess.run(
+            [sys.executable, "-c", _MASK_DUMP, out, args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, f"{path}: {res.stderr[-2000:]}"
+        _MASK_DUMPS[path] = torch.load(out)
+        assert _MASK_DUMPS[path]["isa"] == env["LOR2C_CPU_ISA"], _MASK_DUMPS[path]["isa"]
+    return _MASK_DUMPS[path]
+
+
+def _cpu_mask_path(path: str) -> None:
+    skip_unless_runnable("cpu")
+    runnable = torch.ops.lor2c_ops_ext.cpu_isa_runnable()
+    if path != "scalar" and path not in runnable:
+        pytest.skip(f"this CPU does not run the {path} path (it runs {', '.join(runnable)})")
+
+
+@pytest.mark.parametrize("path", ["baseline", "avx2", "avx512"])
+def test_cpu_mask_paths_match_scalar_bit_for_bit(path, tmp_path):
+    """The vector mask code of each instruction-set path (SSE2 on the baseline path) against
+    the scalar code, every bit of every multiplier, and the keep flags against the reference."""
+    _cpu_mask_path(path)
+    want, got = _mask_dump("scalar", tmp_path), _mask_dump(path, tmp_path)
+    seed = torch.tensor(_MASK_SEED, dtype=torch.int64)
+    for (d, p), m in want["masks"].items():
+        ref_dropped = dropout_mask(seed, _MASK_ROWS, d, p) == 0
+        assert torch.equal(m == 0, ref_dropped), f"scalar mask, d={d} p={p}"
+        bits_want = m.view(torch.int32)
+        bits_got = got["masks"][(d, p)].view(torch.int32)
+        bad = (bits_want != bits_got).nonzero()
+        assert bad.numel() == 0, (
+            f"{path} vs scalar, d={d} p={p}: {bad.shape[0]} multipliers differ, first at "
+            f"(row, col) = {tuple(bad[0].tolist())}"
+        )
+
+
+@pytest.mark.parametrize("path", ["scalar", "baseline", "avx2", "avx512"])
+def test_cpu_mask_exact_draws_per_path(path, tmp_path):
+    """Random123's first vector, then 128 columns of one row, through each CPU mask path: each
+    column is kept at threshold == its draw and dropped at draw + 1, so every bit counts."""
+    _cpu_mask_path(path)
+    dumped = _mask_dump(path, tmp_path)["edges"]
+    for (seed, _, row, _, draws), masks in zip(_edge_draws(), dumped):
+        for j, draw in enumerate(draws):
+            where = f"{path}: seed {seed} row {row} column {j} (draw {draw:#06x})"
+            assert draw == 0 or masks[draw][j] != 0, f"{where} dropped at threshold == draw"
+            assert draw == 0xFFFF or masks[draw + 1][j] == 0, f"{where} kept at draw + 1"
+
+
 def test_eval_mode_and_p_zero_need_no_mask(backend):
     device = skip_unless_runnable(backend)
     x, layer_out, A, B, _ = make((9,), 20, 20, 2, torch.float32, torch.float32, device)
