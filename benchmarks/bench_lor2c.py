@@ -170,7 +170,7 @@ def check_targets(rows, device_type, shape=None) -> list[str]:
         if device_type == "cpu" and shape is not None:
             n, d, rank, dtype = shape
             target = 2.5 if rank <= 16 else 1.5
-            loses = backends.cpu_loses_to_eager(n, d, d, rank, dtype, r["p"])
+            loses = backends.cpu_loses_to_eager(rank, dtype, r["p"])
             plan = r["provider"]
             if r["provider"] == "cpu":  # the plan and the instruction-set path it ran on
                 plan = f"{backends.cpu_plan(n, rank)}, {info.cpu_isa()[0]}"
@@ -223,7 +223,7 @@ def default_provider(n: int, d: int, r: int, dtype: torch.dtype, p: float) -> st
     selected backend, for the cpu backend with its plan and instruction-set path."""
     name = backends.select(None, torch.device("cpu"), dtype, "lor2c")
     if name == "cpu" and p == 0.0:
-        loses = backends.cpu_loses_to_eager(n, d, d, r, dtype, p)
+        loses = backends.cpu_loses_to_eager(r, dtype, p)
         if loses is not None:
             return f"the eager expression ({loses})"
     if name == "cpu":

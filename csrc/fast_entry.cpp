@@ -24,6 +24,7 @@
 
 #include <Python.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -38,6 +39,12 @@ constexpr int kDtypes = 3;       // float32, float16, bfloat16
 // "cpu" and the extension has the op's C++ autograd node (set by allow(), from
 // lor2c_ops/ops/_common.py, the first time Python makes that choice).
 bool allowed[kBackendArgs][kDtypes][kOps] = {};
+
+// expression_rank[backend argument][activation dtype][op], set with `allowed`: calls without
+// dropout, with the weights in the activations' dtype, at rank >= this, are declined, because
+// Python may run them as the plain expression instead (lor2c_ops/backends.py cpu_loses_to_eager;
+// the rank is its expression_min_rank, passed by ops/_common.py _allow_fast). 0: none.
+int64_t expression_rank[kBackendArgs][kDtypes][kOps] = {};
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -127,15 +134,6 @@ at::Tensor run(int64_t elements, F&& body) {
   return body();
 }
 
-// Whether lor2c_residual(backend=None) on the CPU may send this call to the plain expression
-// (lor2c_ops/backends.py cpu_loses_to_eager): a superset of the shapes where that rule fires, so
-// that Python, which applies the rule, sees all of them. Without dropout, one adapter, weights in
-// the activations' dtype only.
-bool expression_may_win(int64_t n, int64_t r) {
-  constexpr int64_t kHostBoundRows = 4, kGemmMinRank = 32;  // backends.py: n <= 4, r >= 32
-  return n <= kHostBoundRows || r >= kGemmMinRank;
-}
-
 // _C._lor2c(x, layer_out, A, B, scale, dropout_p, training, generator, backend, adapter_ids)
 PyObject* lor2c_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -172,9 +170,10 @@ PyObject* lor2c_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
   const int64_t n = x.numel() / std::max<int64_t>(d_in, 1);
   if (n >= kRowLimit || unusual_mode()) Py_RETURN_NONE;
-  if (backend == 0 && *p == 0.0 && !banked && A.scalar_type() == x.scalar_type() &&
-      expression_may_win(n, r))
-    Py_RETURN_NONE;
+  const int64_t expression_from = expression_rank[backend][dtype][op];
+  if (expression_from > 0 && *p == 0.0 && A.scalar_type() == x.scalar_type() &&
+      r >= expression_from)
+    Py_RETURN_NONE;  // Python's rule decides (see expression_rank)
   if (has_forward_grad(x) || has_forward_grad(layer_out) || has_forward_grad(A) ||
       has_forward_grad(B))
     Py_RETURN_NONE;
@@ -270,24 +269,37 @@ PyObject* dcft_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// _C._fast_allow(backend, dtype_code, op): see `allowed`.
+// _C._fast_allow(backend, dtype_code, op, expression_rank): see `allowed` and `expression_rank`
+// (None: no call is left to the expression; a rank below 1 counts as 1, every rank).
 PyObject* allow_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3 || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2])) {
-    PyErr_SetString(PyExc_TypeError, "_fast_allow(backend, dtype_code, op)");
+  if (nargs != 4 || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) ||
+      (args[3] != Py_None && !PyLong_CheckExact(args[3]))) {
+    PyErr_SetString(PyExc_TypeError, "_fast_allow(backend, dtype_code, op, expression_rank)");
     return nullptr;
   }
   const int backend = backend_code(args[0]);
   const long dtype = PyLong_AsLong(args[1]), op = PyLong_AsLong(args[2]);
-  if (backend >= 0 && dtype >= 0 && dtype < kDtypes && op >= 0 && op < kOps)
+  int64_t from = 0;
+  if (args[3] != Py_None) {
+    from = PyLong_AsLongLong(args[3]);
+    if (from == -1 && PyErr_Occurred()) return nullptr;  // too large for int64
+    from = std::max<int64_t>(from, 1);
+  }
+  if (backend >= 0 && dtype >= 0 && dtype < kDtypes && op >= 0 && op < kOps) {
+    expression_rank[backend][dtype][op] = from;  // before `allowed`: no call sees one without it
     allowed[backend][dtype][op] = true;
+  }
   Py_RETURN_NONE;
 }
 
 // _C._fast_reset(): forget every allowed choice (tests).
 PyObject* reset_entry(PyObject*, PyObject*) {
-  for (auto& per_backend : allowed)
-    for (auto& per_dtype : per_backend)
-      for (bool& op : per_dtype) op = false;
+  for (int b = 0; b < kBackendArgs; ++b)
+    for (int d = 0; d < kDtypes; ++d)
+      for (int o = 0; o < kOps; ++o) {
+        allowed[b][d][o] = false;
+        expression_rank[b][d][o] = 0;
+      }
   Py_RETURN_NONE;
 }
 
@@ -300,7 +312,7 @@ PyMethodDef* fast_entry_methods() {
       {"_dcft", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&dcft_entry)),
        METH_FASTCALL, "dcft_linear's fast entry on CPU tensors (None: take the Python path)"},
       {"_fast_allow", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&allow_entry)),
-       METH_FASTCALL, "allow the fast entry for (backend argument, dtype code, op code)"},
+       METH_FASTCALL, "allow the fast entry for (backend, dtype code, op code, expression rank)"},
       {"_fast_reset", &reset_entry, METH_NOARGS, "forget every allowed fast-entry choice"},
       {nullptr, nullptr, 0, nullptr}};
   return methods;

@@ -192,9 +192,12 @@ def select(
 #    r=64: the expression's dropout costs more). On CPUs without bf16 products eager bf16 is
 #    slow (float16 everywhere: x25 at r=64).
 #
-# cpu_loses_to_eager() states these (it takes the shape: n rows, ranks, dtype, p; the cached
-# select() does not see shapes). lor2c_residual with backend=None runs the plain expression
-# where it fires without dropout (ops/lor2c.py, _cpu_loses); with dropout the fused kernel stays.
+# cpu_loses_to_eager() states these (it takes what they depend on: rank, dtype and p; the cached
+# select() does not see ranks). lor2c_residual with backend=None runs the plain expression where
+# it fires without dropout (ops/lor2c.py); with dropout the fused kernel stays.
+# expression_min_rank() is the one place the rule's constants are written: cpu_loses_to_eager
+# reads it, and so does the extension's fast entry, told through ops/_common.py _allow_fast
+# (csrc/fast_entry.cpp declines the calls the rule may cover, so that Python applies it).
 
 
 def cpu_plan(n: int, r: int) -> str:
@@ -220,19 +223,27 @@ def cpu_blas() -> Optional[str]:
 _GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank
 
 
-def cpu_loses_to_eager(
-    n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, p: float
-) -> Optional[str]:
-    """Why the cpu backend is slower than the eager expression for a plain LoR2C call of this
-    shape on this CPU (the measurements above), or None where it is not. Cheap: a few integer
-    comparisons (and one cached CPU-feature query for bf16)."""
-    if dtype == torch.bfloat16 and p == 0.0 and r >= _GEMM_MIN_RANK and _bf16_products():
-        return (
-            f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "
-            f"expression's products run at twice the rate of the kernel's fp32 ones (measured "
-            f"0.59x at r=64, 0.8-1.0x at r=32)"
-        )
+def expression_min_rank(dtype: torch.dtype) -> Optional[int]:
+    """The rank from which cpu_loses_to_eager fires for `dtype` without dropout (at any number
+    of rows and any widths), or None where it never does. Cheap after the first call (one cached
+    CPU-feature query)."""
+    if dtype == torch.bfloat16 and _bf16_products():
+        return _GEMM_MIN_RANK
     return None
+
+
+def cpu_loses_to_eager(r: int, dtype: torch.dtype, p: float) -> Optional[str]:
+    """Why the cpu backend is slower than the eager expression for a plain LoR2C call of rank r
+    on this CPU (the measurements above), or None where it is not. The number of rows and the
+    widths no longer matter (see "no longer host-bound" above)."""
+    start = expression_min_rank(dtype) if p == 0.0 else None
+    if start is None or r < start:
+        return None
+    return (
+        f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "
+        f"expression's products run at twice the rate of the kernel's fp32 ones (measured "
+        f"0.59x at r=64, 0.8-1.0x at r=32)"
+    )
 
 
 _BF16_PRODUCTS: list = []

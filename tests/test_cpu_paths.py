@@ -28,6 +28,19 @@ def _runnable() -> list:
     return list(torch.ops.lor2c_ops_ext.cpu_isa_runnable())
 
 
+def _run_python(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process at the repository root, with `env` added to this
+    process's environment (the paths and plans are read when the library loads)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
+
+
 def _forced() -> str | None:
     value = os.environ.get("LOR2C_CPU_ISA", "").lower()
     return None if value in ("", "auto") else value
@@ -129,22 +142,11 @@ def test_cpu_every_path(path, plan):
         pytest.skip(f"this CPU does not run the {path} path (it runs {', '.join(runnable)})")
     if plan == "blocked" and backends.cpu_blas() is not None:
         pytest.skip(f"no blocked plan here: {backends.cpu_blas()}")
-    env = dict(os.environ, LOR2C_CPU_PLAN=plan)
+    env = {"LOR2C_CPU_PLAN": plan}
     if path is not None:
         env["LOR2C_CPU_ISA"] = path
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "cpu and not every_path",
-        *_ORACLE_TESTS,
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    args = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu and not every_path")
+    res = _run_python(*args, *_ORACLE_TESTS, timeout=900, **env)
     tail = res.stdout[-3000:] + res.stderr[-2000:]
     assert res.returncode == 0, f"LOR2C_CPU_ISA={path} LOR2C_CPU_PLAN={plan}:\n{tail}"
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
@@ -153,7 +155,8 @@ def test_cpu_every_path(path, plan):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_cpu_streamed_outputs(p):
     """Outputs of 16 MiB or more are written with non-temporal stores (csrc/cpu/lor2c.cpp
-    streams): a ragged last block (n not a multiple of the 8-row block) and a row width that is
+    streams): a ragged last block (n not a multiple of the 8-row block, nor of the blocked plan's
+    128 rows when test_cpu_every_path forces that plan) and a row width that is
     not a multiple of the vector, against the reference backend."""
     skip_unless_runnable("cpu")
     gen = torch.Generator().manual_seed(5)
@@ -216,14 +219,7 @@ def test_cpu_plan_rule():
         "from lor2c_ops import backends\n"
         f"print([backends.cpu_plan(n, r) for n, r in {list(_plan_cases(True))}])\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        timeout=300,
-        env=dict(os.environ, LOR2C_CPU_ISA="baseline"),
-        capture_output=True,
-        text=True,
-    )
+    res = _run_python("-c", code, LOR2C_CPU_ISA="baseline")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(list(_plan_cases(True).values())), res.stdout
 
@@ -231,14 +227,7 @@ def test_cpu_plan_rule():
 def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
     runnable = _runnable()
     path = runnable[-1]
-    res = subprocess.run(
-        [sys.executable, "-m", "lor2c_ops.info"],
-        cwd=ROOT,
-        timeout=300,
-        env=dict(os.environ, LOR2C_CPU_ISA=path),
-        capture_output=True,
-        text=True,
-    )
+    res = _run_python("-m", "lor2c_ops.info", LOR2C_CPU_ISA=path)
     assert res.returncode == 0, res.stderr
     assert f"instruction-set path: {path} (forced by LOR2C_CPU_ISA={path}" in res.stdout
     code = (
@@ -249,14 +238,7 @@ def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():
         "except RuntimeError as e:\n"
         "    print('refused:', e)\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        timeout=300,
-        env=dict(os.environ, LOR2C_CPU_ISA="sse9"),
-        capture_output=True,
-        text=True,
-    )
+    res = _run_python("-c", code, LOR2C_CPU_ISA="sse9")
     assert "refused: LOR2C_CPU_ISA=sse9: expected avx512, avx2, baseline or auto" in res.stdout, (
         res.stdout + res.stderr
     )

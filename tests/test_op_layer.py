@@ -275,7 +275,7 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
     # a few rows in fp32: once host-bound (sent to the expression), now the fused node
     x, layer_out = torch.randn(2, 16, generator=gen), torch.randn(2, 12, generator=gen)
     A, B = torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
-    assert backends.cpu_loses_to_eager(2, 16, 12, 4, torch.float32, 0.0) is None
+    assert backends.cpu_loses_to_eager(4, torch.float32, 0.0) is None
     out = lo.lor2c_residual(x, layer_out, A.requires_grad_(), B, 1.5)
     assert type(out.grad_fn).__name__ != "AddBackward0"
     if not backends._bf16_products():
@@ -287,7 +287,7 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
     )
     A, B = torch.randn(32, 16, generator=gen).to(dt), torch.randn(12, 32, generator=gen).to(dt)
     x, A, B = (t.requires_grad_() for t in (x, A, B))
-    assert backends.cpu_loses_to_eager(2, 16, 12, 32, dt, 0.0) is not None
+    assert backends.cpu_loses_to_eager(32, dt, 0.0) is not None
     plain = lo.lor2c_residual(x, layer_out, A, B, 1.5)
     fused = lo.lor2c_residual(x, layer_out, A, B, 1.5, backend="cpu")
     assert type(plain.grad_fn).__name__ == "AddBackward0"
@@ -300,7 +300,7 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
     dropped = lo.lor2c_residual(x, layer_out, A, B, 1.5, 0.1)
     assert type(dropped.grad_fn).__name__ != "AddBackward0"
     lower = lo.lor2c_residual(x, layer_out, A[:16], B[:, :16], 1.5)  # rank 16: the fused node
-    assert backends.cpu_loses_to_eager(2, 16, 12, 16, dt, 0.0) is None
+    assert backends.cpu_loses_to_eager(16, dt, 0.0) is None
     assert type(lower.grad_fn).__name__ != "AddBackward0"
 
 
@@ -408,18 +408,62 @@ def test_fast_entry_declines_what_the_python_path_must_see():
         assert declines(x=dual)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_entry_leaves_the_cpu_rule_to_python(dtype):
-    """backend=None without dropout: wherever backends.cpu_loses_to_eager may send a call to the
-    plain expression, the fast entry declines, so that Python applies the rule."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fast_entry_leaves_exactly_the_cpu_rule_to_python(dtype):
+    """backend=None without dropout: the fast entry declines a call exactly where
+    backends.cpu_loses_to_eager may send it to the plain expression (so that Python applies the
+    rule), and serves every other one: fp32 at a few rows and rank 32 too. With dropout, with
+    backend="cpu" and with a bank of adapters the rule never applies: served."""
     from lor2c_ops import backends
 
     fast = _fast_or_skip()
-    lo.lor2c_residual(*(t.to(dtype) for t in _lor2c_inputs("cpu", n=8)))  # allow (None, dtype)
+    for backend in (None, "cpu"):  # allow (backend, dtype) for one adapter and for banks
+        lo.lor2c_residual(*(t.to(dtype) for t in _lor2c_inputs("cpu", n=8)), backend=backend)
+        banked = [t.to(dtype) for t in _lor2c_inputs("cpu", n=2, banked=True)]
+        lo.lor2c_residual(*banked, backend=backend, adapter_ids=torch.tensor([0, 1]))
     for n in (1, 2, 4, 5, 8, 40, 64, 65, 130):
-        for r in (1, 4, 31, 32, 64):
+        for r in (1, 4, 16, 31, 32, 33, 64):
             x = torch.randn(n, 16, dtype=dtype)
             A, B = torch.randn(r, 16, dtype=dtype), torch.randn(16, r, dtype=dtype)
             out = fast._lor2c(x, x, A, B, 1.0, 0.0, True, None, None, None)
-            if backends.cpu_loses_to_eager(n, 16, 16, r, dtype, 0.0) is not None:
-                assert out is None, (n, r)
+            redirected = backends.cpu_loses_to_eager(r, dtype, 0.0) is not None
+            assert (out is None) == redirected, (n, r, "declined" if out is None else "served")
+            assert fast._lor2c(x, x, A, B, 1.0, 0.1, True, None, None, None) is not None, (n, r)
+            assert fast._lor2c(x, x, A, B, 1.0, 0.0, True, None, "cpu", None) is not None, (n, r)
+            ids = torch.zeros(n, dtype=torch.long)
+            out = fast._lor2c(x, x, A[None], B[None], 1.0, 0.0, True, None, None, ids)
+            assert out is not None, (n, r)
+
+
+class _CountingFast:
+    """The fast entry, counting the calls it served (returned an output for)."""
+
+    def __init__(self, fast):
+        self.fast, self.served = fast, 0
+
+    def _lor2c(self, *args):
+        out = self.fast._lor2c(*args)
+        self.served += out is not None
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.fast, name)
+
+
+def test_fast_entry_serves_small_fp32_calls_and_python_runs_the_rule(monkeypatch):
+    """Through lor2c_residual(backend=None, p=0): an fp32 call of 2 rows at rank 32 is served by
+    the fast entry; a bf16 one at rank 32 on a CPU with native bf16 products is declined and runs
+    as the plain expression (the rule), elsewhere served on the fused node."""
+    from lor2c_ops import backends
+
+    counting = _CountingFast(_fast_or_skip())
+    monkeypatch.setattr(_common, "FAST", counting)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, lo_, A, B = (t.to(dtype) for t in _lor2c_inputs("cpu", n=2, r=32))
+        lo.lor2c_residual(x, lo_, A, B)  # the first call lets Python allow the entry
+        before = counting.served
+        out = lo.lor2c_residual(x, lo_, A, B)
+        rule = backends.cpu_loses_to_eager(32, dtype, 0.0) is not None
+        assert rule == (dtype == torch.bfloat16 and backends._bf16_products())
+        assert counting.served == before + (not rule), (dtype, rule)
+        assert (type(out.grad_fn).__name__ == "AddBackward0") == rule, (dtype, out.grad_fn)

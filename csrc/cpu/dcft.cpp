@@ -462,18 +462,13 @@ Geometry geometry_of(const DcftSizes& z) {
   return geometry(z.n, z.d_in, z.d_out, z.r, z.k, z.stride, z.m_in, z.m_out);
 }
 
-DropoutParams seed_params(const at::Tensor& seed, double p) {
-  const at::Tensor s = seed.is_cpu() ? seed : seed.to(at::kCPU);
-  return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
-}
-
 std::tuple<at::Tensor, at::Tensor> dcft_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 const at::Tensor& A, const at::Tensor& B,
                                                 const at::Tensor& C, double scale, int64_t stride,
                                                 double p, const at::Tensor& seed) {
   const Geometry g = geometry_of(check_dcft(x, weight, bias, A, B, C, stride, seed, p));
-  const DropoutParams dp = seed_params(seed, p);
+  const DropoutParams dp = host_dropout_params(seed, p);
   const Factors f = factors(A, B, C, g);
   return dispatch_activation(
       x, [&](auto tag) { return forward_impl<decltype(tag)>(x, weight, bias, f, scale, g, dp); });
@@ -487,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcft_bwd_cpu(
   check_grad(grad, x, z);
   check_saved_t(t, z);
   const Geometry g = geometry_of(z);
-  const DropoutParams dp = seed_params(seed, p);
+  const DropoutParams dp = host_dropout_params(seed, p);
   const Factors f = factors(A, B, C, g);
   return dispatch_activation(x, [&](auto tag) {
     return backward_impl<decltype(tag)>(grad, x, t, weight, A, B, C, f, scale, g, dp, need_dx,

@@ -445,31 +445,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, dA, dB};
 }
 
+// (check_forward / check_backward, the argument checks, are ../lor2c_common.h's, shared with the
+// CUDA binding.)
 DropoutParams cpu_dropout_params(const at::Tensor& seed, double p) {
   (void)cpu::isa();  // a bad LOR2C_CPU_ISA is refused on every path, the GEMM path included
-  const at::Tensor s = seed.is_cpu() ? seed : seed.to(at::kCPU);
-  return dropout_params(p, s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]);
-}
-
-void check_forward(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
-                   const at::Tensor& B, const at::Tensor& seed, double p) {
-  check_common(x, A, B, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(layer_out, "layer_out", x.size(0), B.size(0));
-  TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
-              x.scalar_type(), ", got ", layer_out.scalar_type());
-}
-
-void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& seed, double p) {
-  check_common(x, A, B, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(grad, "grad", x.size(0), B.size(0));
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(),
-              ", got ", grad.scalar_type());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
-                  t.size(0) == x.size(0) && t.size(1) == A.size(0),
-              "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
+  return host_dropout_params(seed, p);
 }
 
 // ---- The GEMM path -----------------------------------------------------------------------------

@@ -26,19 +26,13 @@ using cuda::device_info;
 using cuda::dropout_args;
 using cuda::dtype_of;
 
-// Checks of a forward: x, layer_out and one adapter's A (r, d_in), B (d_out, r) (a bank's row 0
-// for a multi-adapter call), then that every tensor is on x's device. Returns x's device.
-// TODO(issue 12 item 4): from check_common to the dtype of layer_out (and of grad and t in
-// check_bwd) these are csrc/cpu/lor2c.cpp's check_forward / check_backward again; one definition
-// of each in ../lor2c_common.h, called by both entry points, would remove the copy.
+// Checks of a forward: x on a CUDA device, then ../lor2c_common.h's check_forward (the CPU entry
+// point's checks: x, layer_out and one adapter's A (r, d_in), B (d_out, r), a bank's row 0 for a
+// multi-adapter call), then that every tensor is on x's device. Returns x's device.
 at::Device check_fwd(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A,
                      const at::Tensor& B, const at::Tensor& seed, double p) {
   check_cuda(x);
-  check_common(x, A, B, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(layer_out, "layer_out", x.size(0), B.size(0));
-  TORCH_CHECK(layer_out.scalar_type() == x.scalar_type(), "layer_out: expected dtype ",
-              x.scalar_type(), ", got ", layer_out.scalar_type());
+  check_forward(x, layer_out, A, B, seed, p);
   dtype_of(x);
   check_device(layer_out, "layer_out", x.device());
   check_device(seed, "seed", x.device());
@@ -49,14 +43,7 @@ at::Device check_fwd(const at::Tensor& x, const at::Tensor& layer_out, const at:
 at::Device check_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& seed, double p) {
   check_cuda(x);
-  check_common(x, A, B, seed, p);
-  check_rows(x, "x", x.size(0), x.size(1));
-  check_rows(grad, "grad", x.size(0), B.size(0));
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(),
-              ", got ", grad.scalar_type());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
-                  t.size(0) == x.size(0) && t.size(1) == A.size(0),
-              "t: expected a contiguous float32 (", x.size(0), ", ", A.size(0), ") tensor");
+  check_backward(grad, x, t, A, B, seed, p);
   dtype_of(x);
   check_device(grad, "grad", x.device());
   check_device(t, "t", x.device());

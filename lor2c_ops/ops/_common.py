@@ -73,8 +73,10 @@ def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, op:
         name = backends.select(backend, device, dtype, op=op)
         _SELECTED[key] = name
     if name == "cpu" and key not in _FAST_ALLOWED and not torch.compiler.is_compiling():
-        _FAST_ALLOWED.add(key)  # (not while torch.compile traces: it cannot call the extension)
-        _allow_fast(backend, dtype, op)
+        # (not while torch.compile traces: it cannot call the extension). Remembered only once
+        # told: a choice made while FAST is None (tests) is told again when it is back.
+        if _allow_fast(backend, dtype, op):
+            _FAST_ALLOWED.add(key)
     return name
 
 
@@ -105,17 +107,33 @@ def _fast_module():
 FAST = _fast_module()
 
 
-def _allow_fast(backend: Optional[str], dtype: torch.dtype, op: str) -> None:
+def _allow_fast(backend: Optional[str], dtype: torch.dtype, op: str) -> bool:
     """Tell the fast entry that Python chose the cpu backend for (backend argument, dtype, op) on
-    CPU tensors (name == "cpu" implies CPU tensors: it refuses every other device)."""
+    CPU tensors (name == "cpu" implies CPU tensors: it refuses every other device), and from
+    which rank it must leave calls without dropout to Python (see expression_rank). Whether it
+    was told."""
     if (
-        FAST is not None
-        and backend in (None, "cpu")
-        and dtype in _FAST_DTYPES
-        and op in _FAST_OPS
-        and compiled_autograd(_FAST_AUTOGRAD[op])
+        FAST is None
+        or backend not in (None, "cpu")
+        or dtype not in _FAST_DTYPES
+        or op not in _FAST_OPS
+        or not compiled_autograd(_FAST_AUTOGRAD[op])
     ):
-        FAST._fast_allow(backend, _FAST_DTYPES[dtype], _FAST_OPS[op])
+        return False
+    FAST._fast_allow(
+        backend, _FAST_DTYPES[dtype], _FAST_OPS[op], expression_rank(backend, dtype, op)
+    )
+    return True
+
+
+def expression_rank(backend: Optional[str], dtype: torch.dtype, op: str) -> Optional[int]:
+    """The rank from which lor2c_residual may run a call without dropout (weights in the
+    activations' dtype) as the plain expression rather than the cpu backend, or None: where
+    ops/lor2c.py applies backends.cpu_loses_to_eager (backend=None, one adapter), the rank from
+    which that rule fires for this dtype. The fast entry declines those calls."""
+    if backend is None and op == "lor2c":
+        return backends.expression_min_rank(dtype)
+    return None
 
 
 def rows(t: Tensor, width: int) -> Tensor:

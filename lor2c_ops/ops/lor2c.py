@@ -398,7 +398,10 @@ def lor2c_residual(
     d_in, d_out = A.shape[-1], B.shape[-2]
     _common.check_rows(x, d_in)
     if name == "cpu" and backend is None and p == 0.0 and not banked and A.dtype is x.dtype:
-        if _cpu_loses(x, d_in, d_out, A.shape[0]):  # the measured rule: the expression is faster
+        if backends.cpu_loses_to_eager(A.shape[0], x.dtype, 0.0) is not None:
+            # the measured rule: the expression is faster. (With dropout the fused kernel stays:
+            # the expression would need this library's mask, and drawing it outside the kernels
+            # costs more than the kernels lose; the benchmarks' PASS/MISS lines show where.)
             with _common.no_autocast(device, autocast):
                 return layer_out + scale * (x @ A.T @ B.T)
     ids = _row_ids(adapter_ids, x, A.shape[0]) if banked else None
@@ -408,15 +411,6 @@ def lor2c_residual(
         with torch.autocast(device.type, enabled=False):
             return _apply(args, name, eager, d_in, d_out)
     return _apply(args, name, eager, d_in, d_out)
-
-
-def _cpu_loses(x: Tensor, d_in: int, d_out: int, r: int) -> bool:
-    """backend=None on the CPU without dropout: whether the measured rule of
-    backends.cpu_loses_to_eager sends this call to the plain expression. (With dropout the fused
-    kernel stays: the expression would need this library's mask, and drawing it outside the
-    kernels costs more than the kernels lose; the benchmarks' PASS/MISS lines show where.)"""
-    n = x.numel() // max(d_in, 1)
-    return backends.cpu_loses_to_eager(n, d_in, d_out, r, x.dtype, 0.0) is not None
 
 
 def _apply(args, name: str, eager: bool, d_in: int, d_out: int) -> Tensor:
