@@ -165,8 +165,9 @@ def select(
 # d=4096 r=64, x1.07 / x1.09); p=0.1 x1.6-6.0. Two threads, bench_lor2c.py: x1.8-7.8. So no
 # large fp32 shape loses, and (below) no small one does any more: the rule has no fp32 case.
 # So the cpu backend itself takes the GEMM path for one row and for fewer rows than the rank from
-# rank 32 on, and on the baseline instruction-set path the blocked plan (BLAS products on blocks of
-# rows in one pass; the GEMM path where no BLAS is found) from rank 16 on (csrc/cpu/lor2c.cpp
+# rank 32 on, the blocked plan (BLAS products on blocks of rows in one pass) on the baseline
+# instruction-set path from rank 16 on (the GEMM path where no BLAS is found) and on the AVX2 path
+# from rank 64 on (csrc/cpu/lor2c.cpp
 # plan_for, with the blocked plan's figures; cpu_plan below says which). The baseline rule is from
 # issue 15's second pass (the GEMM plan then; after the prefetching kernels, commit b93f48d), one
 # thread, CPU time, fused vs eager, n=8192 d=768 r=16 / r=64 and n=2048 d=4096 r=16 / r=64, p=0:
@@ -204,9 +205,10 @@ def cpu_plan(n: int, r: int) -> str:
     """How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" (the single-pass
     kernel), "blocked" (the same single pass over blocks of 128 rows whose rank products are BLAS
     calls) or "gemm" (ATen's matrix products, same contract), for the instruction-set path in use
-    (on the baseline path the blocked plan from rank 16 on, the GEMM plan where the process has
-    no BLAS). LOR2C_CPU_PLAN=fused|blocked|gemm, read when the extension loads, forces one
-    (tests, measurements)."""
+    (the blocked plan from rank 16 on on the baseline path, from rank 64 on on the AVX2 path;
+    without a BLAS in the process the GEMM plan on the baseline path, the fused one on AVX2).
+    LOR2C_CPU_PLAN=fused|blocked|gemm, read when the extension loads, forces one (tests,
+    measurements)."""
     if not _ext.loaded():
         return "unavailable"
     return torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r)

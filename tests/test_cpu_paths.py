@@ -185,43 +185,53 @@ def test_cpu_streamed_outputs(p):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=tol)
 
 
-def _plan_cases(baseline: bool) -> dict:
-    """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks, on the baseline path or another."""
-    # the baseline path: the blocked plan from rank 16 on (the GEMM plan without a BLAS)
-    wide = ("blocked" if backends.cpu_blas() is None else "gemm") if baseline else "fused"
+def _plan_cases(path: str) -> dict:
+    """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks on instruction-set path `path`."""
+    blocked = "blocked" if backends.cpu_blas() is None else None  # else the GEMM plan / fused
+    # from rank 16 on the baseline path, from rank 64 on the AVX2 path: the blocked plan
+    r16 = (blocked or "gemm") if path == "baseline" else "fused"
+    r64 = (blocked or "gemm") if path == "baseline" else (blocked or "fused")
+    if path == "avx512":
+        r64 = "fused"
     return {
         (1, 8): "gemm",
         (2, 8): "fused",
         (8192, 8): "fused",
         (31, 32): "gemm",
-        (32, 32): wide,
+        (32, 32): r16,
         (63, 64): "gemm",
-        (64, 64): wide,
-        (8192, 64): wide,
-        (2, 16): wide,
-        (8192, 16): wide,
+        (64, 64): r64,
+        (8192, 64): r64,
+        (8192, 128): r64,
+        (2, 16): r16,
+        (8192, 16): r16,
     }
 
 
 def test_cpu_plan_rule():
     """backend="cpu" runs one row, and fewer rows than the rank from rank 32 on, on the GEMM
-    path, and on the baseline instruction-set path every other call from rank 16 on on the blocked
-    plan; lor2c_ops.backends
-    reports the same plan. The baseline rule is checked again with the path forced."""
+    path; the other calls on the blocked plan from rank 16 on on the baseline instruction-set
+    path and from rank 64 on on the AVX2 path, else on the fused kernel. lor2c_ops.backends
+    reports the same plan. Checked in this process for its path and again in a fresh process
+    with each other path this CPU runs forced."""
     skip_unless_runnable("cpu")
     if os.environ.get("LOR2C_CPU_PLAN", "auto") != "auto":
         pytest.skip("LOR2C_CPU_PLAN forces the plan in this process")
-    cases = _plan_cases(info.cpu_isa()[0] == "baseline")
-    for (n, r), want in cases.items():
-        assert torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r) == want, (n, r)
-        assert backends.cpu_plan(n, r) == want, (n, r)
-    code = (
-        "from lor2c_ops import backends\n"
-        f"print([backends.cpu_plan(n, r) for n, r in {list(_plan_cases(True))}])\n"
-    )
-    res = _run_python("-c", code, LOR2C_CPU_ISA="baseline")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == str(list(_plan_cases(True).values())), res.stdout
+    here = info.cpu_isa()[0]
+    for (n, r), want in _plan_cases(here).items():
+        assert torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r) == want, (here, n, r)
+        assert backends.cpu_plan(n, r) == want, (here, n, r)
+    for path in _runnable():
+        if path == here:
+            continue
+        cases = _plan_cases(path)
+        code = (
+            "from lor2c_ops import backends\n"
+            f"print([backends.cpu_plan(n, r) for n, r in {list(cases)}])\n"
+        )
+        res = _run_python("-c", code, LOR2C_CPU_ISA=path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == str(list(cases.values())), (path, res.stdout)
 
 
 def test_cpu_info_names_a_forced_path_and_refuses_a_bad_one():

@@ -496,14 +496,28 @@ int forced_plan() {
 // win or tie: d=1024 r=4 29 vs 39 ms, r=8 45 vs 42 (fused vs blocked), and against the GEMM plan
 // d=1024 r=8 3.90x vs 1.48x eager (p=0), 2.59x vs 1.09x (p=0.1). (Not measured on a CPU without
 // AVX2, where the BLAS would run on SSE2 too.)
-constexpr int64_t kBaselineBlockedMinRank = 16;
+//
+// On the AVX2 path the blocked plan from rank 64 on: there the BLAS's products (MKL's AVX2
+// kernels on this AMD CPU, as on an AVX2-only one) beat the AVX2 register tiles (4 x 3, 16
+// registers). Measured (fwd+bwd fp32, p=0, ms, fused vs blocked, LOR2C_CPU_ISA=avx2, AMD EPYC
+// Zen 4, load 1.0-1.3; one thread, then two): n=8192 d=1024 r=64 114 vs 92, 92-126 vs 71-91;
+// n=2048 d=4096 r=64 126 vs 102, 82-85 vs 76-87; n=8192 d=768 r=64 58-63 vs 62, 43-45 vs 44-46
+// (a tie); below that it is mixed: r=48 d=1024 105 vs 97, d=768 47 vs 53; r=32 d=768 31 vs
+// 38-45, d=1024 66 vs 59, n=2048 d=4096 83 vs 86; r=16 d=1024 41-51 vs 41. On the AVX-512 path
+// the fused kernel stays ahead (n=8192 d=768 r=64 58 vs 64 ms, d=1024 81 vs 95, n=2048 d=4096
+// 90 vs 101; the BLAS here is MKL's AVX2 code: on an Intel CPU it would run AVX-512, not
+// measured).
+constexpr int64_t kBaselineBlockedMinRank = 16, kAvx2BlockedMinRank = 64;
 
 Plan plan_for(int64_t n, int64_t r) {
   const int forced = forced_plan();
   if (forced >= 0) return static_cast<Plan>(forced);
   if (n <= 1 || (r >= kGemmMinRank && n < r)) return Plan::kGemm;
-  if (r >= kBaselineBlockedMinRank && cpu::isa() == cpu::Isa::kBaseline)
+  const cpu::Isa path = cpu::isa();
+  if (path == cpu::Isa::kBaseline && r >= kBaselineBlockedMinRank)
     return cpu::blas_missing() == nullptr ? Plan::kBlocked : Plan::kGemm;
+  if (path == cpu::Isa::kAvx2 && r >= kAvx2BlockedMinRank && cpu::blas_missing() == nullptr)
+    return Plan::kBlocked;
   return Plan::kFused;
 }
 
