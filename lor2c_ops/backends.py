@@ -201,16 +201,20 @@ def select(
 # (csrc/fast_entry.cpp declines the calls the rule may cover, so that Python applies it).
 
 
-def cpu_plan(n: int, r: int) -> str:
+def cpu_plan(n: int, r: int, adapters: Optional[int] = None) -> str:
     """How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" (the single-pass
     kernel), "blocked" (the same single pass over blocks of 128 rows whose rank products are BLAS
     calls) or "gemm" (ATen's matrix products, same contract), for the instruction-set path in use
     (the blocked plan from rank 16 on on the baseline path, from rank 64 on on the AVX2 path;
     without a BLAS in the process the GEMM plan on the baseline path, the fused one on AVX2).
     LOR2C_CPU_PLAN=fused|blocked|gemm, read when the extension loads, forces one (tests,
-    measurements)."""
+    measurements). With `adapters` (G), a multi-adapter batch of n rows over G adapters:
+    "blocked" on the baseline path from rank 16 with 16 rows per adapter or more, else
+    "fused" (csrc/cpu/lor2c.cpp multi_plan_for)."""
     if not _ext.loaded():
         return "unavailable"
+    if adapters is not None:
+        return torch.ops.lor2c_ops_ext.cpu_lor2c_multi_plan(n, adapters, r)
     return torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r)
 
 

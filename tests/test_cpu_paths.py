@@ -205,6 +205,12 @@ def _plan_cases(path: str) -> dict:
         (8192, 128): r64,
         (2, 16): r16,
         (8192, 16): r16,
+        # multi-adapter batches (n, r, G): blocked on the baseline path from rank 16 with 16
+        # rows per adapter or more, else fused
+        (128, 16, 8): (blocked or "fused") if path == "baseline" else "fused",
+        (127, 16, 8): "fused",
+        (8192, 8, 8): "fused",
+        (8192, 64, 8): (blocked or "fused") if path == "baseline" else "fused",
     }
 
 
@@ -218,16 +224,15 @@ def test_cpu_plan_rule():
     if os.environ.get("LOR2C_CPU_PLAN", "auto") != "auto":
         pytest.skip("LOR2C_CPU_PLAN forces the plan in this process")
     here = info.cpu_isa()[0]
-    for (n, r), want in _plan_cases(here).items():
-        assert torch.ops.lor2c_ops_ext.cpu_lor2c_plan(n, r) == want, (here, n, r)
-        assert backends.cpu_plan(n, r) == want, (here, n, r)
+    for case, want in _plan_cases(here).items():
+        assert backends.cpu_plan(*case) == want, (here, case)
     for path in _runnable():
         if path == here:
             continue
         cases = _plan_cases(path)
         code = (
             "from lor2c_ops import backends\n"
-            f"print([backends.cpu_plan(n, r) for n, r in {list(cases)}])\n"
+            f"print([backends.cpu_plan(*case) for case in {list(cases)}])\n"
         )
         res = _run_python("-c", code, LOR2C_CPU_ISA=path)
         assert res.returncode == 0, res.stderr

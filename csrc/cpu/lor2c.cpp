@@ -48,32 +48,34 @@ using cpu::kRows;
 using cpu::narrow;
 using cpu::Scratch;
 
-// Blocks of up to kRows rows that share an adapter (a row of the weight banks), in the order the
-// kernels visit them. The plain op is one adapter over rows 0..n-1; a multi-adapter batch is
-// grouped by adapter id with a counting sort, so unsorted ids still give full blocks.
+// Blocks of up to kRows rows (the blocked plan: more) that share an adapter (a row of the weight
+// banks), in the order the kernels visit them. The plain op is one adapter over rows 0..n-1; a
+// multi-adapter batch is grouped by adapter id with a counting sort, so unsorted ids still give
+// full blocks.
 struct RowPlan {
   std::vector<int64_t> order;  // row visiting order; empty means 0, 1, ..., n-1
   struct Block {
     int64_t start;    // position in `order` of the block's first row
-    int32_t rows;     // 1..kRows
+    int32_t rows;     // 1..kRows (the blocked plan: 1..blocked_rows())
     int64_t adapter;  // bank row, or -1: these rows get no adapter
   };
   std::vector<Block> blocks;
 
   int64_t row(int64_t pos) const { return order.empty() ? pos : order[pos]; }
 
-  void add_segment(int64_t begin, int64_t end, int64_t adapter) {
-    for (int64_t i = begin; i < end; i += kRows)
-      blocks.push_back({i, static_cast<int32_t>(std::min<int64_t>(kRows, end - i)), adapter});
+  void add_segment(int64_t begin, int64_t end, int64_t adapter, int64_t block_rows) {
+    for (int64_t i = begin; i < end; i += block_rows)
+      blocks.push_back({i, static_cast<int32_t>(std::min(block_rows, end - i)), adapter});
   }
 
-  static RowPlan single(int64_t n) {
+  // block_rows: kRows for the fused kernel, blocked_rows() for the blocked plan.
+  static RowPlan single(int64_t n, int64_t block_rows = kRows) {
     RowPlan plan;
-    plan.add_segment(0, n, 0);
+    plan.add_segment(0, n, 0, block_rows);
     return plan;
   }
 
-  static RowPlan grouped(const at::Tensor& ids, int64_t adapters) {
+  static RowPlan grouped(const at::Tensor& ids, int64_t adapters, int64_t block_rows = kRows) {
     const at::Tensor ids64 = ids.to(at::kLong).contiguous();
     const int64_t* id = ids64.data_ptr<int64_t>();
     const int64_t n = ids64.numel();
@@ -88,7 +90,8 @@ struct RowPlan {
     plan.order.resize(n);
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < n; ++i) plan.order[next[id[i] + 1]++] = i;
-    for (int64_t g = -1; g < adapters; ++g) plan.add_segment(start[g + 1], start[g + 2], g);
+    for (int64_t g = -1; g < adapters; ++g)
+      plan.add_segment(start[g + 1], start[g + 2], g, block_rows);
     return plan;
   }
 };
@@ -509,20 +512,46 @@ int forced_plan() {
 // measured).
 constexpr int64_t kBaselineBlockedMinRank = 16, kAvx2BlockedMinRank = 64;
 
+// Whether the path in use wants the blocked plan at rank r (and the process has a BLAS).
+bool blocked_rank(int64_t r) {
+  if (cpu::blas_missing() != nullptr) return false;
+  const cpu::Isa path = cpu::isa();
+  return (path == cpu::Isa::kBaseline && r >= kBaselineBlockedMinRank) ||
+         (path == cpu::Isa::kAvx2 && r >= kAvx2BlockedMinRank);
+}
+
 Plan plan_for(int64_t n, int64_t r) {
   const int forced = forced_plan();
   if (forced >= 0) return static_cast<Plan>(forced);
   if (n <= 1 || (r >= kGemmMinRank && n < r)) return Plan::kGemm;
-  const cpu::Isa path = cpu::isa();
-  if (path == cpu::Isa::kBaseline && r >= kBaselineBlockedMinRank)
-    return cpu::blas_missing() == nullptr ? Plan::kBlocked : Plan::kGemm;
-  if (path == cpu::Isa::kAvx2 && r >= kAvx2BlockedMinRank && cpu::blas_missing() == nullptr)
-    return Plan::kBlocked;
+  if (blocked_rank(r)) return Plan::kBlocked;
+  if (cpu::isa() == cpu::Isa::kBaseline && r >= kBaselineBlockedMinRank) return Plan::kGemm;
   return Plan::kFused;
 }
 
-std::string cpu_lor2c_plan(int64_t n, int64_t r) {
-  switch (plan_for(n, r)) {
+// A multi-adapter batch of n rows, G adapters, rank r: its blocks hold one adapter's rows,
+// gathered into scratch (they are not consecutive), which costs the blocked plan more than a
+// plain call. Measured (fwd+bwd fp32, p=0, d=768, G=8, random ids, one thread, ms, fused vs
+// blocked, AMD EPYC Zen 4): baseline path r=16 n=16 0.33 vs 0.54, n=128 1.47 vs 0.90, n=1024
+// 7.4 vs 5.7, n=8192 47-100 vs 40-90; r=64 n=16 1.5 vs 2.0, n=128 5.0 vs 4.2, n=1024 21.8 vs
+// 12.3, n=8192 156 vs 78; AVX2 path r=64 n=16 1.8 vs 2.2, n=128 3.2 vs 4.8, n=1024 11.0 vs
+// 12.3-12.6, n=4096 35.6 vs 39.8, n=8192 109 vs 78. So: the blocked plan on the baseline path
+// from rank 16 with at least 16 rows per adapter on average, else the fused kernel (on AVX2 it
+// wins only from about 1024 rows per adapter: not taken). There is no GEMM plan for banks.
+// LOR2C_CPU_PLAN=blocked forces the blocked plan, =gemm leaves the fused kernel.
+constexpr int64_t kMultiBlockedRowsPerAdapter = 16;
+
+Plan multi_plan_for(int64_t n, int64_t G, int64_t r) {
+  const int forced = forced_plan();
+  if (forced == static_cast<int>(Plan::kBlocked)) return Plan::kBlocked;
+  if (forced >= 0) return Plan::kFused;
+  const bool wanted = cpu::isa() == cpu::Isa::kBaseline && r >= kBaselineBlockedMinRank &&
+                      n >= kMultiBlockedRowsPerAdapter * G && cpu::blas_missing() == nullptr;
+  return wanted ? Plan::kBlocked : Plan::kFused;
+}
+
+std::string plan_name(Plan plan) {
+  switch (plan) {
     case Plan::kGemm:
       return "gemm";
     case Plan::kBlocked:
@@ -530,6 +559,12 @@ std::string cpu_lor2c_plan(int64_t n, int64_t r) {
     default:
       return "fused";
   }
+}
+
+std::string cpu_lor2c_plan(int64_t n, int64_t r) { return plan_name(plan_for(n, r)); }
+
+std::string cpu_lor2c_multi_plan(int64_t n, int64_t G, int64_t r) {
+  return plan_name(multi_plan_for(n, G, r));
 }
 
 // The dropout multiplier of rows 0..n-1, (n, d) in dtype.
@@ -675,10 +710,11 @@ void mul_row(const float* a, const float* m, T* out, int64_t d, float* scratch, 
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at::Tensor& layer_out,
-                                                   const at::Tensor& A, const at::Tensor& B,
+                                                   const at::Tensor& A_bank,
+                                                   const at::Tensor& B_bank, const RowPlan& plan,
                                                    double scale, const DropoutParams& dp) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A.size(0);
-  const PackedWeights w(A, B);
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
+  const PackedWeights w(A_bank, B_bank);
   at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
   at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
   const T* xp = x.data_ptr<T>();
@@ -687,34 +723,52 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
   float* tp = t.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
   const float s = static_cast<float>(scale);
-  const int64_t rows = blocked_rows(d_in, d_out), blocks = (n + rows - 1) / rows;
-  const bool x_direct = std::is_same_v<T, float> && !dp.enabled;
+  const int64_t rows = blocked_rows(d_in, d_out);
+  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
+  // In place where the block's rows are consecutive rows of the tensors: x (fp32, no dropout) and
+  // t.
+  const bool in_order = plan.order.empty();
+  const bool x_direct = in_order && std::is_same_v<T, float> && !dp.enabled;
   const bool stream = std::is_same_v<T, float> && streams(out);
   dynamic_for(blocks, 1, at::get_num_threads(), [&](auto&& next_chunk) {
     std::vector<float> xs(x_direct ? 0 : rows * d_in), ys(rows * d_out);
-    std::vector<float> mask(cpu::mask_padded(d_in)), row_scratch(std::max(d_in, d_out));
+    std::vector<float> ts(in_order ? 0 : rows * r), mask(cpu::mask_padded(d_in));
+    std::vector<float> row_scratch(std::max(d_in, d_out));
     int64_t begin, end;
     while (next_chunk(begin, end))
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t i0 = blk * rows, nb = std::min(rows, n - i0);
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int64_t nb = block.rows;
+        auto row = [&](int64_t b) { return plan.row(block.start + b); };
+        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
+          for (int64_t b = 0; b < nb; ++b) {
+            cpu::widen(lop + row(b) * ldl, row_scratch.data(), d_out);
+            narrow(row_scratch.data(), outp + row(b) * d_out, d_out);
+            std::fill(tp + row(b) * r, tp + (row(b) + 1) * r, 0.f);
+          }
+          continue;
+        }
         const float* xb = nullptr;
         int64_t ldxb = d_in;
         if constexpr (std::is_same_v<T, float>) {
-          xb = xp + i0 * ldx;
+          xb = xp + block.start * ldx;
           ldxb = ldx;
         }
         if (!x_direct) {
           for (int64_t b = 0; b < nb; ++b)
-            stage_row(xp + (i0 + b) * ldx, d_in, i0 + b, dp, mask.data(), xs.data() + b * d_in);
+            stage_row(xp + row(b) * ldx, d_in, row(b), dp, mask.data(), xs.data() + b * d_in);
           xb = xs.data();
           ldxb = d_in;
         }
-        float* tb = tp + i0 * r;
-        cpu::gemm_rows(false, true, nb, r, d_in, 1.f, xb, ldxb, w.A(0, r, d_in), d_in, 0.f, tb, r);
-        cpu::gemm_rows(false, false, nb, d_out, r, s, tb, r, w.Bt(0, r, d_out), d_out, 0.f,
-                       ys.data(), d_out);
+        float* tb = in_order ? tp + block.start * r : ts.data();
+        cpu::gemm_rows(false, true, nb, r, d_in, 1.f, xb, ldxb, w.A(block.adapter, r, d_in), d_in,
+                       0.f, tb, r);
+        if (!in_order)
+          for (int64_t b = 0; b < nb; ++b) std::copy(tb + b * r, tb + (b + 1) * r, tp + row(b) * r);
+        cpu::gemm_rows(false, false, nb, d_out, r, s, tb, r, w.Bt(block.adapter, r, d_out), d_out,
+                       0.f, ys.data(), d_out);
         for (int64_t b = 0; b < nb; ++b)
-          add_row(lop + (i0 + b) * ldl, ys.data() + b * d_out, outp + (i0 + b) * d_out, d_out,
+          add_row(lop + row(b) * ldl, ys.data() + b * d_out, outp + row(b) * d_out, d_out,
                   row_scratch.data(), stream);
       }
   });
@@ -724,11 +778,12 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A,
-    const at::Tensor& B, double scale, const DropoutParams& dp, bool need_dx, bool need_dA,
-    bool need_dB) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1), r = A.size(0);
-  const PackedWeights w(A, B);
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
+    bool need_dx, bool need_dA, bool need_dB) {
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1);
+  const int64_t G = A_bank.dim() == 3 ? A_bank.size(0) : 1, r = A_bank.size(-2);
+  const PackedWeights w(A_bank, B_bank);
   at::Tensor dx =
       need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
   const T* gp = grad.data_ptr<T>();
@@ -737,88 +792,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   const float* tp = t.data_ptr<float>();
   const int64_t ldg = grad.stride(0), ldx = x.stride(0);
   const float s = static_cast<float>(scale);
-  const int64_t rows = blocked_rows(d_in, d_out), blocks = (n + rows - 1) / rows;
+  const int64_t rows = blocked_rows(d_in, d_out);
+  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
   const bool stream = need_dx && std::is_same_v<T, float> && streams(dx);
   constexpr bool is_float = std::is_same_v<T, float>;
-  // x rows are read for dA (dropped out) and, with dropout, for nothing else: dx needs only the
-  // mask, drawn per row either way.
-  const bool x_direct = is_float && !dp.enabled;
+  // In place where the block's rows are consecutive rows of the tensors (g, t, x and dx in fp32;
+  // x without dropout). x rows are read for dA only: with dropout dx needs the mask alone.
+  const bool in_order = plan.order.empty();
+  const bool g_direct = in_order && is_float, x_direct = g_direct && !dp.enabled;
   const bool masks = dp.enabled && (need_dx || need_dA);
   const int64_t mstride = cpu::mask_padded(d_in);
 
   const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
-  const int64_t per_part = part_a + part_b;
+  const int64_t per_part = G * (part_a + part_b);
   const int64_t threads = at::get_num_threads();
   const int64_t parts = partial_parts(blocks, per_part, 1, threads);
   const Partials partials(parts * per_part);
 
   dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
-    std::vector<float> gs(is_float ? 0 : rows * d_out), u(rows * r);
+    std::vector<float> gs(g_direct ? 0 : rows * d_out), u(rows * r), ts(in_order ? 0 : rows * r);
     std::vector<float> xs(need_dA && !x_direct ? rows * d_in : 0);
     std::vector<float> mask(masks ? rows * mstride : 0), dxs(need_dx ? rows * d_in : 0);
     std::vector<float> row_scratch(d_in);
     int64_t first_part, end_part;
     while (next_chunk(first_part, end_part))
       for (int64_t part = first_part; part < end_part; ++part) {
-        float* pa = partials.data + part * per_part;
-        float* pb = pa + part_a;
-        std::fill(pa, pa + per_part, 0.f);
+        float* mine = partials.data + part * per_part;
+        std::fill(mine, mine + per_part, 0.f);
         for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
-          const int64_t i0 = blk * rows, nb = std::min(rows, n - i0);
+          const RowPlan::Block& block = plan.blocks[blk];
+          const int64_t nb = block.rows;
+          auto row = [&](int64_t b) { return plan.row(block.start + b); };
+          if (block.adapter < 0) {  // no adapter: no gradient through x
+            if (need_dx)
+              for (int64_t b = 0; b < nb; ++b)
+                std::fill(dxp + row(b) * d_in, dxp + (row(b) + 1) * d_in, T(0));
+            continue;
+          }
+          float* pa = mine + block.adapter * (part_a + part_b);
+          float* pb = pa + part_a;
           const float* gb = nullptr;
           int64_t ldgb = d_out;
           if constexpr (is_float) {
-            gb = gp + i0 * ldg;
+            gb = gp + block.start * ldg;
             ldgb = ldg;
-          } else {
+          }
+          if (!g_direct) {
             for (int64_t b = 0; b < nb; ++b)
-              cpu::widen(gp + (i0 + b) * ldg, gs.data() + b * d_out, d_out);
+              cpu::widen(gp + row(b) * ldg, gs.data() + b * d_out, d_out);
             gb = gs.data();
             ldgb = d_out;
           }
           // u = s g B (B^T packed as r x d_out)
-          cpu::gemm_rows(false, true, nb, r, d_out, s, gb, ldgb, w.Bt(0, r, d_out), d_out, 0.f,
-                         u.data(), r);
+          cpu::gemm_rows(false, true, nb, r, d_out, s, gb, ldgb, w.Bt(block.adapter, r, d_out),
+                         d_out, 0.f, u.data(), r);
           const float* xb = nullptr;
           int64_t ldxb = d_in;
           if (need_dA) {
             if constexpr (is_float) {
-              xb = xp + i0 * ldx;
+              xb = xp + block.start * ldx;
               ldxb = ldx;
             }
             if (!x_direct) {
               for (int64_t b = 0; b < nb; ++b)
-                stage_row(xp + (i0 + b) * ldx, d_in, i0 + b, dp, mask.data() + b * mstride,
+                stage_row(xp + row(b) * ldx, d_in, row(b), dp, mask.data() + b * mstride,
                           xs.data() + b * d_in);
               xb = xs.data();
               ldxb = d_in;
             }
           } else if (masks) {
             for (int64_t b = 0; b < nb; ++b)
-              cpu::draw_dropout_row(i0 + b, d_in, dp, mask.data() + b * mstride);
+              cpu::draw_dropout_row(row(b), d_in, dp, mask.data() + b * mstride);
           }
+          const float* a = w.A(block.adapter, r, d_in);
           if (need_dx) {  // dx = (u A) * mask
-            if (is_float && !dp.enabled) {
-              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, w.A(0, r, d_in), d_in,
-                             0.f, reinterpret_cast<float*>(dxp) + i0 * d_in, d_in);
+            if (g_direct && !dp.enabled) {
+              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, a, d_in, 0.f,
+                             reinterpret_cast<float*>(dxp) + block.start * d_in, d_in);
             } else {
-              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, w.A(0, r, d_in), d_in,
-                             0.f, dxs.data(), d_in);
+              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, a, d_in, 0.f, dxs.data(),
+                             d_in);
               for (int64_t b = 0; b < nb; ++b)
                 mul_row(dxs.data() + b * d_in, masks ? mask.data() + b * mstride : nullptr,
-                        dxp + (i0 + b) * d_in, d_in, row_scratch.data(), stream);
+                        dxp + row(b) * d_in, d_in, row_scratch.data(), stream);
             }
           }
           if (need_dA)  // dA += u^T xd
             cpu::gemm_rows(true, false, r, d_in, nb, 1.f, u.data(), r, xb, ldxb, 1.f, pa, d_in);
-          if (need_dB)  // dB^T += t^T g
-            cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tp + i0 * r, r, gb, ldgb, 1.f, pb,
-                           d_out);
+          if (need_dB) {  // dB^T += t^T g
+            const float* tb = tp + block.start * r;
+            if (!in_order) {
+              for (int64_t b = 0; b < nb; ++b)
+                std::copy(tp + row(b) * r, tp + (row(b) + 1) * r, ts.data() + b * r);
+              tb = ts.data();
+            }
+            cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tb, r, gb, ldgb, 1.f, pb, d_out);
+          }
         }
       }
   });
   if (stream) asm volatile("sfence" ::: "memory");
-  auto [dA, dB] = weight_grads(partials.data, parts, 1, r, d_in, d_out, s, A, B, need_dA, need_dB);
+  auto [dA, dB] =
+      weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
   return {dx, dA, dB};
 }
 
@@ -829,9 +904,12 @@ std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::
   const DropoutParams dp = cpu_dropout_params(seed, p);
   const Plan how = plan_for(x.size(0), A.size(0));
   if (how == Plan::kGemm) return gemm_forward(x, layer_out, A, B, scale, dp);
-  if (how == Plan::kBlocked)
-    return dispatch_activation(
-        x, [&](auto tag) { return blocked_forward<decltype(tag)>(x, layer_out, A, B, scale, dp); });
+  if (how == Plan::kBlocked) {
+    const RowPlan plan = RowPlan::single(x.size(0), blocked_rows(x.size(1), layer_out.size(1)));
+    return dispatch_activation(x, [&](auto tag) {
+      return blocked_forward<decltype(tag)>(x, layer_out, A, B, plan, scale, dp);
+    });
+  }
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {
     return forward_impl<decltype(tag)>(x, layer_out, A, B, plan, scale, dp);  // a bank of one
@@ -847,11 +925,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_bwd_cpu(
   const Plan how = plan_for(x.size(0), A.size(0));
   if (how == Plan::kGemm)
     return gemm_backward(grad, x, t, A, B, scale, dp, need_dx, need_dA, need_dB);
-  if (how == Plan::kBlocked)
+  if (how == Plan::kBlocked) {
+    const RowPlan plan = RowPlan::single(x.size(0), blocked_rows(x.size(1), grad.size(1)));
     return dispatch_activation(x, [&](auto tag) {
-      return blocked_backward<decltype(tag)>(grad, x, t, A, B, scale, dp, need_dx, need_dA,
+      return blocked_backward<decltype(tag)>(grad, x, t, A, B, plan, scale, dp, need_dx, need_dA,
                                              need_dB);
     });
+  }
   const RowPlan plan = RowPlan::single(x.size(0));
   return dispatch_activation(x, [&](auto tag) {  // a bank of one: dA, dB come back 2-D
     return backward_impl<decltype(tag)>(grad, x, t, A, B, plan, scale, dp, need_dx, need_dA,
@@ -868,6 +948,13 @@ std::tuple<at::Tensor, at::Tensor> lor2c_multi_fwd_cpu(const at::Tensor& x,
   check_banks(A_bank, B_bank, ids, x.size(0));
   check_forward(x, layer_out, A_bank[0], B_bank[0], seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
+  if (multi_plan_for(x.size(0), A_bank.size(0), A_bank.size(-2)) == Plan::kBlocked) {
+    const RowPlan plan =
+        RowPlan::grouped(ids, A_bank.size(0), blocked_rows(x.size(1), layer_out.size(1)));
+    return dispatch_activation(x, [&](auto tag) {
+      return blocked_forward<decltype(tag)>(x, layer_out, A_bank, B_bank, plan, scale, dp);
+    });
+  }
   const RowPlan plan = RowPlan::grouped(ids, A_bank.size(0));
   return dispatch_activation(x, [&](auto tag) {
     return forward_impl<decltype(tag)>(x, layer_out, A_bank, B_bank, plan, scale, dp);
@@ -881,6 +968,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
   check_banks(A_bank, B_bank, ids, x.size(0));
   check_backward(grad, x, t, A_bank[0], B_bank[0], seed, p);
   const DropoutParams dp = cpu_dropout_params(seed, p);
+  if (multi_plan_for(x.size(0), A_bank.size(0), A_bank.size(-2)) == Plan::kBlocked) {
+    const RowPlan plan =
+        RowPlan::grouped(ids, A_bank.size(0), blocked_rows(x.size(1), grad.size(1)));
+    return dispatch_activation(x, [&](auto tag) {
+      return blocked_backward<decltype(tag)>(grad, x, t, A_bank, B_bank, plan, scale, dp, need_dx,
+                                             need_dA, need_dB);
+    });
+  }
   const RowPlan plan = RowPlan::grouped(ids, A_bank.size(0));
   return dispatch_activation(x, [&](auto tag) {
     return backward_impl<decltype(tag)>(grad, x, t, A_bank, B_bank, plan, scale, dp, need_dx,
@@ -891,8 +986,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lor2c_multi_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
-  // How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused" or "gemm".
+  // How the cpu backend runs a plain LoR2C call of n rows and rank r: "fused", "blocked" or
+  // "gemm".
   m.def("cpu_lor2c_plan(int n, int r) -> str", &lor2c::cpu_lor2c_plan);
+  // The same for a multi-adapter batch of n rows over G adapters: "fused" or "blocked".
+  m.def("cpu_lor2c_multi_plan(int n, int G, int r) -> str", &lor2c::cpu_lor2c_multi_plan);
   // Why the blocked plan has no BLAS in this process, or "" where it has one (csrc/cpu/blas.h).
   m.def("cpu_blas_missing() -> str", [] {
     const char* why = cpu::blas_missing();
