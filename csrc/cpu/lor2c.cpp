@@ -708,6 +708,27 @@ void mul_row(const float* a, const float* m, T* out, int64_t d, float* scratch, 
   }
 }
 
+// A thread's scratch operands for the BLAS calls, 64-byte aligned: the BLAS may pick its code
+// path, and so its rounding, by its operands' alignment, and a malloc'd buffer's alignment
+// changes from run to run; this keeps a call's results the same. Contents uninitialised.
+class BlasScratch {
+ public:
+  explicit BlasScratch(int64_t count)
+      : p_(count > 0
+               ? static_cast<float*>(std::aligned_alloc(
+                     64, static_cast<size_t>((count * int64_t{sizeof(float)} + 63) / 64 * 64)))
+               : nullptr) {
+    TORCH_CHECK(count <= 0 || p_ != nullptr, "out of memory for ", count, " floats of scratch");
+  }
+  ~BlasScratch() { std::free(p_); }
+  BlasScratch(const BlasScratch&) = delete;
+  BlasScratch& operator=(const BlasScratch&) = delete;
+  float* data() const { return p_; }
+
+ private:
+  float* p_;
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at::Tensor& layer_out,
                                                    const at::Tensor& A_bank,
@@ -731,9 +752,8 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
   const bool x_direct = in_order && std::is_same_v<T, float> && !dp.enabled;
   const bool stream = std::is_same_v<T, float> && streams(out);
   dynamic_for(blocks, 1, at::get_num_threads(), [&](auto&& next_chunk) {
-    std::vector<float> xs(x_direct ? 0 : rows * d_in), ys(rows * d_out);
-    std::vector<float> ts(in_order ? 0 : rows * r), mask(cpu::mask_padded(d_in));
-    std::vector<float> row_scratch(std::max(d_in, d_out));
+    const BlasScratch xs(x_direct ? 0 : rows * d_in), ys(rows * d_out), ts(in_order ? 0 : rows * r);
+    std::vector<float> mask(cpu::mask_padded(d_in)), row_scratch(std::max(d_in, d_out));
     int64_t begin, end;
     while (next_chunk(begin, end))
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -810,10 +830,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   const Partials partials(parts * per_part);
 
   dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
-    std::vector<float> gs(g_direct ? 0 : rows * d_out), u(rows * r), ts(in_order ? 0 : rows * r);
-    std::vector<float> xs(need_dA && !x_direct ? rows * d_in : 0);
-    std::vector<float> mask(masks ? rows * mstride : 0), dxs(need_dx ? rows * d_in : 0);
-    std::vector<float> row_scratch(d_in);
+    const BlasScratch gs(g_direct ? 0 : rows * d_out), u(rows * r), ts(in_order ? 0 : rows * r);
+    const BlasScratch xs(need_dA && !x_direct ? rows * d_in : 0), dxs(need_dx ? rows * d_in : 0);
+    std::vector<float> mask(masks ? rows * mstride : 0), row_scratch(d_in);
     int64_t first_part, end_part;
     while (next_chunk(first_part, end_part))
       for (int64_t part = first_part; part < end_part; ++part) {
