@@ -29,6 +29,7 @@ import common  # noqa: E402
 import summary  # noqa: E402
 
 import lor2c_ops as lo  # noqa: E402
+from lor2c_ops import backends, info  # noqa: E402
 from lor2c_ops.modules.share import ShareLoR2C  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -203,6 +204,12 @@ def multi_case(device, dtype, adapters, n, d, r, p, repeat):
     limit_ms, times = time_modes(providers, g, device, repeat, limit_case(x, layer_out))
     for name in providers:
         print(f"  multi {name:<11} {times[name, 'fwd+bwd'][0]:8.2f} ms", file=sys.stderr)
+    if device.type == "cpu":
+        print(
+            f"  multi: one launch runs the cpu backend's {backends.cpu_plan(n, r, adapters)} "
+            f"plan ({info.cpu_isa()[0]} path)",
+            file=sys.stderr,
+        )
     return mode_rows(
         f"{adapters} adapters in one batch",
         times,
