@@ -153,6 +153,51 @@ def test_cpu_every_path(path, plan):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_gradient_subsets(dtype, p):
+    """Every subset of x, A and B needing a gradient (the kernels skip the products of the others:
+    dx, dA and dB each have their own branch, and dropout's mask is drawn for dx and dA alone),
+    plain and banked, against the reference backend. test_cpu_every_path reruns it with each
+    path and plan forced."""
+    skip_unless_runnable("cpu")
+    gen = torch.Generator().manual_seed(11)
+    n, d_in, d_out, r, G = 300, 70, 45, 17, 3
+    ids = torch.randint(-1, G, (n,), generator=gen)
+    for banked in (False, True):
+        shape_a = (G, r, d_in) if banked else (r, d_in)
+        shape_b = (G, d_out, r) if banked else (d_out, r)
+        x0 = torch.randn(n, d_in, generator=gen).to(dtype)
+        lo0 = torch.randn(n, d_out, generator=gen).to(dtype)
+        A0 = (torch.randn(*shape_a, generator=gen) / d_in**0.5).to(dtype)
+        B0 = (torch.randn(*shape_b, generator=gen) * 0.1).to(dtype)
+        g = torch.randn(n, d_out, generator=gen).to(dtype)
+        for need in range(1, 8):  # bits: x, A, B (layer_out always)
+            results = []
+            for backend in ("cpu", "reference"):
+                leaves = [
+                    x0.clone().requires_grad_(bool(need & 1)),
+                    lo0.clone().requires_grad_(),
+                    A0.clone().requires_grad_(bool(need & 2)),
+                    B0.clone().requires_grad_(bool(need & 4)),
+                ]
+                out = lo.lor2c_residual(
+                    *leaves,
+                    scale=1.5,
+                    dropout_p=p,
+                    adapter_ids=ids if banked else None,
+                    generator=torch.Generator().manual_seed(2),
+                    backend=backend,
+                )
+                wanted = [t for t in leaves if t.requires_grad]
+                results.append((out, *torch.autograd.grad(out, wanted, g)))
+            for got, want in zip(*results):
+                tol = (1e-4 if dtype == torch.float32 else 3e-2) * want.abs().max().item()
+                torch.testing.assert_close(
+                    got.float(), want.float(), rtol=0, atol=tol, msg=lambda m: f"{need=} {m}"
+                )
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
 def test_cpu_streamed_outputs(p):
     """Outputs of 16 MiB or more are written with non-temporal stores (csrc/cpu/lor2c.cpp
     streams): a ragged last block (n not a multiple of the 8-row block, nor of the blocked plan's
