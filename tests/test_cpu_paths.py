@@ -232,12 +232,12 @@ def test_cpu_streamed_outputs(p):
 
 def _plan_cases(path: str) -> dict:
     """(n, r) -> the plan csrc/cpu/lor2c.cpp plan_for picks on instruction-set path `path`."""
-    blocked = "blocked" if backends.cpu_blas() is None else None  # else the GEMM plan / fused
-    # from rank 16 on the baseline path, from rank 64 on the AVX2 path: the blocked plan
-    r16 = (blocked or "gemm") if path == "baseline" else "fused"
-    r64 = (blocked or "gemm") if path == "baseline" else (blocked or "fused")
-    if path == "avx512":
-        r64 = "fused"
+    # The blocked plan from rank 16 on on the baseline path (without a BLAS: the GEMM plan),
+    # from rank 64 on on the AVX2 path (without a BLAS: fused); the fused kernel on AVX-512.
+    has_blas = backends.cpu_blas() is None
+    r16 = {"baseline": "blocked" if has_blas else "gemm"}.get(path, "fused")
+    r64 = {"baseline": r16, "avx2": "blocked" if has_blas else "fused"}.get(path, "fused")
+    banked = "blocked" if has_blas and path == "baseline" else "fused"
     return {
         (1, 8): "gemm",
         (2, 8): "fused",
@@ -252,10 +252,10 @@ def _plan_cases(path: str) -> dict:
         (8192, 16): r16,
         # multi-adapter batches (n, r, G): blocked on the baseline path from rank 16 with 16
         # rows per adapter or more, else fused
-        (128, 16, 8): (blocked or "fused") if path == "baseline" else "fused",
+        (128, 16, 8): banked,
         (127, 16, 8): "fused",
         (8192, 8, 8): "fused",
-        (8192, 64, 8): (blocked or "fused") if path == "baseline" else "fused",
+        (8192, 64, 8): banked,
     }
 
 

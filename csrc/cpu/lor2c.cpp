@@ -643,16 +643,6 @@ int64_t blocked_rows(int64_t d_in, int64_t d_out) {
   return std::clamp<int64_t>(rows / 16 * 16, 16, 128);
 }
 
-// Row `row` of x as fp32 with dropout applied into dst; the mask row is left in `mask`.
-template <typename T>
-void stage_row(const T* src, int64_t d, int64_t row, const DropoutParams& dp, float* mask,
-               float* dst) {
-  cpu::widen(src, dst, d);
-  if (!dp.enabled) return;
-  cpu::draw_dropout_row(row, d, dp, mask);
-  for (int64_t j = 0; j < d; ++j) dst[j] *= mask[j];
-}
-
 // out = a + b (T: the activations' type); fp32 with `stream` and 16-byte alignment: non-temporal
 // stores.
 template <typename T>
@@ -695,14 +685,14 @@ void mul_row(const float* a, const float* m, T* out, int64_t d, float* scratch, 
     if (m == nullptr) {
       std::memcpy(out, a, d * sizeof(float));
     } else {
-      for (int64_t j = 0; j < d; ++j) out[j] = a[j] * m[j];
+      cpu::multiply_into(out, a, m, d);
     }
   } else {
     (void)stream;
     if (m == nullptr) {
       cpu::narrow(a, out, d);
     } else {
-      for (int64_t j = 0; j < d; ++j) scratch[j] = a[j] * m[j];
+      cpu::multiply_into(scratch, a, m, d);
       cpu::narrow(scratch, out, d);
     }
   }
@@ -776,7 +766,8 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
         }
         if (!x_direct) {
           for (int64_t b = 0; b < nb; ++b)
-            stage_row(xp + row(b) * ldx, d_in, row(b), dp, mask.data(), xs.data() + b * d_in);
+            cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, mask.data(),
+                             xs.data() + b * d_in);
           xb = xs.data();
           ldxb = d_in;
         }
@@ -874,8 +865,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
             }
             if (!x_direct) {
               for (int64_t b = 0; b < nb; ++b)
-                stage_row(xp + row(b) * ldx, d_in, row(b), dp, mask.data() + b * mstride,
-                          xs.data() + b * d_in);
+                cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, mask.data() + b * mstride,
+                                 xs.data() + b * d_in);
               xb = xs.data();
               ldxb = d_in;
             }

@@ -90,17 +90,39 @@ void float_rows(const T* base, int64_t ld, const int64_t* idx, int nb, int64_t d
   }
 }
 
-// Rows of dropout(x) as floats; with dropout the mask rows are left in `mask`. The mask is a
+// Row `row` of dropout(x) as floats into dst (src: that row of x); with dropout its mask row is
+// left in `mask`. One pass for fp32 rows (x * mask); half rows are widened first. The mask is a
 // function of the row's index in x, whatever order the rows are visited in.
+template <typename T>
+void dropped_row(const T* src, int64_t row, int64_t d, const DropoutParams& dp, float* mask,
+                 float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!dp.enabled) {
+      std::copy(src, src + d, dst);
+      return;
+    }
+    draw_dropout_row(row, d, dp, mask);
+    multiply_into(dst, src, mask, d);
+  } else {
+    widen(src, dst, d);
+    if (!dp.enabled) return;
+    draw_dropout_row(row, d, dp, mask);
+    multiply_into(dst, dst, mask, d);
+  }
+}
+
+// Rows of dropout(x) as floats (dropped_row; without dropout float_rows: fp32 rows in place).
 template <typename T>
 void dropped_rows(const T* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
                   const DropoutParams& dp, Scratch& xs, Scratch& mask, const float* zero,
                   const float* rows[kRows]) {
-  float_rows(x, ld, idx, nb, d, xs, zero, rows);
-  if (!dp.enabled) return;
-  for (int b = 0; b < nb; ++b) {
-    draw_dropout_row(idx[b], d, dp, mask.row(b));
-    multiply_into(xs.row(b), rows[b], mask.row(b), d);
+  if (!dp.enabled) return float_rows(x, ld, idx, nb, d, xs, zero, rows);
+  for (int b = 0; b < kRows; ++b) {
+    if (b >= nb) {
+      rows[b] = zero;
+      continue;
+    }
+    dropped_row(x + idx[b] * ld, idx[b], d, dp, mask.row(b), xs.row(b));
     rows[b] = xs.row(b);
   }
 }
