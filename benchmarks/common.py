@@ -3,7 +3,9 @@
 Times are medians over repeated runs (triton.testing.do_bench on a GPU; on the CPU a
 perf_counter loop, round-robin over the providers so that load from other processes hits them
 alike), with the interquartile range as the spread. The memory-bound limit of an op is
-measured in the same run as the op: the time of out-of-place adds moving the same bytes.
+measured in the same run as the op: the time of out-of-place adds moving the same bytes. So is
+its compute limit (gemm_cases): the op's multiply-adds at the rate of a square matmul; the
+roofline is the larger of the two (docs/math.md section 1.2).
 """
 
 from __future__ import annotations
@@ -267,6 +269,45 @@ def memory_bound_ms(
         "bandwidth_ms": moved / bytes_per_add * into_ms,
         "bandwidth": bytes_per_add / (into_ms * 1e-3),
     }
+
+
+# The square matmul whose rate stands for "the machine's products" (docs/math.md section 1.2): large
+# enough for the BLAS to reach its steady rate (on the 2-core EPYC, fp32: 191 GFLOP/s at 512,
+# 182-193 at 768-1536), small enough to time in every round.
+GEMM_SIZE = {"cpu": 1024, "cuda": 4096}
+
+
+def gemm_cases(device: torch.device, dtype: torch.dtype) -> tuple[dict, int]:
+    """Cases {("gemm", dtype name): (fn, None)} to time beside the providers, and the flops of one
+    call. On a CPU fp32 is timed too when the op's dtype is narrower: the CPU kernels compute in
+    fp32, so the faster of the two rates is the limit."""
+    size = GEMM_SIZE[device.type]
+    dtypes = [dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        dtypes.append(torch.float32)
+    cases = {}
+    for dt in dtypes:
+        a = torch.randn(size, size, device=device).to(dt)
+        b = torch.randn(size, size, device=device).to(dt)
+        out = torch.empty_like(a)
+        cases["gemm", str(dt).removeprefix("torch.")] = (
+            (lambda a=a, b=b, out=out: torch.mm(a, b, out=out)),
+            None,
+        )
+    return cases, 2 * size**3
+
+
+def gemm_rate(times: dict, flops: int) -> float:
+    """The fastest matmul rate (flop/s) among the ("gemm", dtype) cases of a `timed` result."""
+    return max(flops / (ms * 1e-3) for key, (ms, _) in times.items() if key[0] == "gemm")
+
+
+def lor2c_flops(n: int, d_in: int, d_out: int, r: int) -> dict:
+    """Floating-point operations of the LoR2C products per mode (docs/math.md section 1.2):
+    forward t = xd A^T and t B^T, n r (d_in + d_out) multiply-adds; backward u = g B, dB, dA and
+    dx, twice that. Adds of layer_out and the mask's multiplies are not counted."""
+    fwd = 2 * n * r * (d_in + d_out)
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}
 
 
 def saved_bytes(run_forward: Callable[[], torch.Tensor], exclude: tuple) -> int:
