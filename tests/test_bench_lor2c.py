@@ -31,7 +31,11 @@ def test_gemm_cases_time_fp32_beside_a_narrower_cpu_dtype():
     cases, _ = common.gemm_cases(torch.device("cpu"), torch.float32)
     assert set(cases) == {("gemm", "float32")}
     # the faster case sets the rate
-    times = {("gemm", "bfloat16"): (2.0, 0.1), ("gemm", "float32"): (4.0, 0.1), ("add", "x"): (1, 0)}
+    times = {
+        ("gemm", "bfloat16"): (2.0, 0.1),
+        ("gemm", "float32"): (4.0, 0.1),
+        ("add", "x"): (1, 0),
+    }
     assert common.gemm_rate(times, 10**9) == pytest.approx(10**9 / 2e-3)
 
 
