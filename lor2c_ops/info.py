@@ -42,9 +42,25 @@ def report() -> str:
                 "  cpu blocked plan's BLAS: "
                 + ("found (torch's sgemm)" if blas is None else "none: " + blas)
             )
+            lines.append(f"  backend=None sends to the eager expression: {eager_rule_line()}")
         else:
             lines.append(f"  cuda kernels' rank products: {cuda_mma_line()}")
     return "\n".join(lines)
+
+
+def eager_rule_line() -> str:
+    """Which plain CPU calls lor2c_residual(backend=None) runs as the eager expression on this
+    CPU, per dtype (backends.expression_min_rank, the rule's one source)."""
+    rules = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        start = backends.expression_min_rank(dtype)
+        if start is not None:
+            name = str(dtype).removeprefix("torch.")
+            rules.append(
+                f"{name} calls without dropout from rank {start} "
+                f"({backends.cpu_loses_to_eager(start, dtype, 0.0)})"
+            )
+    return "; ".join(rules) if rules else "nothing (the cpu backend is faster at every rank here)"
 
 
 def cuda_mma_line() -> str:

@@ -70,3 +70,16 @@ def test_default_backend_per_device():
     assert backends.select(None, torch.device("cpu"), torch.bfloat16) == "cpu"
     if torch.cuda.is_available():
         assert backends.select(None, torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")
+
+
+def test_info_names_the_eager_rule_from_its_one_source(monkeypatch):
+    """The info line is backends.expression_min_rank's: a rule there shows, none shows none."""
+    monkeypatch.setattr(
+        backends, "expression_min_rank", lambda dtype: 24 if dtype == torch.float16 else None
+    )
+    line = info.eager_rule_line()
+    assert line.startswith("float16 calls without dropout from rank 24 (")
+    assert line.count("calls without dropout") == 1
+    monkeypatch.setattr(backends, "expression_min_rank", lambda dtype: None)
+    assert info.eager_rule_line().startswith("nothing")
+    assert "backend=None sends to the eager expression: nothing" in info.report()
