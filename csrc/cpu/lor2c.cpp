@@ -262,6 +262,97 @@ std::tuple<at::Tensor, at::Tensor> weight_grads(float* partials, int64_t parts, 
   return {dA, dB};
 }
 
+// What the two single-pass backward plans (the fused kernel's and the blocked plan's) share: the
+// sizes and pointers, dx, the weight-gradient parts and their buffers, the loop that hands the
+// parts to the threads (each zeroes its part's buffers and runs the part's blocks in order; rows
+// without an adapter get dx = 0) and the gradients summed from the parts at the end. A plan
+// constructs one, then calls run(make_state, body): make_state() builds a thread's scratch once,
+// body(state, blk, part_begin, part_end, pa, pb) runs block blk (one with an adapter) of the part
+// [part_begin, part_end), with pa / pb its adapter's dA / dB.T partial sums.
+template <typename T>
+struct BackwardPass {
+  const RowPlan& plan;
+  const int64_t n, d_in, d_out, G, r;
+  const bool need_dx, need_dA, need_dB;
+  const PackedWeights w;
+  at::Tensor dx;
+  const T* gp;
+  const T* xp;
+  T* dxp;
+  const float* tp;
+  const int64_t ldg, ldx;
+  const float s;
+  const int64_t blocks, part_a, part_b, per_part, threads, parts;
+  const Partials partials;
+  const at::Tensor& A_bank;
+  const at::Tensor& B_bank;
+
+  BackwardPass(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+               const at::Tensor& A_bank_, const at::Tensor& B_bank_, const RowPlan& plan_,
+               double scale, bool need_dx_, bool need_dA_, bool need_dB_, int64_t blocks_per_part)
+      : plan(plan_),
+        n(x.size(0)),
+        d_in(x.size(1)),
+        d_out(grad.size(1)),
+        G(A_bank_.dim() == 3 ? A_bank_.size(0) : 1),
+        r(A_bank_.size(-2)),
+        need_dx(need_dx_),
+        need_dA(need_dA_),
+        need_dB(need_dB_),
+        w(A_bank_, B_bank_),
+        dx(need_dx_ ? cpu::empty_output({n, d_in}, x.options())
+                    : cpu::empty_cpu({0}, x.scalar_type())),
+        gp(grad.data_ptr<T>()),
+        xp(x.data_ptr<T>()),
+        dxp(need_dx_ ? dx.data_ptr<T>() : nullptr),
+        tp(t.data_ptr<float>()),
+        ldg(grad.stride(0)),
+        ldx(x.stride(0)),
+        s(static_cast<float>(scale)),
+        blocks(static_cast<int64_t>(plan_.blocks.size())),
+        part_a(need_dA_ ? r * d_in : 0),
+        part_b(need_dB_ ? r * d_out : 0),
+        per_part(G * (part_a + part_b)),
+        threads(at::get_num_threads()),
+        parts(partial_parts(blocks, per_part, blocks_per_part, threads)),
+        partials(parts * per_part),
+        A_bank(A_bank_),
+        B_bank(B_bank_) {}
+
+  template <typename MakeState, typename Body>
+  void run(MakeState&& make_state, Body&& body) {
+    dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
+      auto state = make_state();
+      int64_t first_part, end_part;
+      while (next_chunk(first_part, end_part))
+        for (int64_t part = first_part; part < end_part; ++part) {
+          float* mine = partials.data + part * per_part;
+          std::fill(mine, mine + per_part, 0.f);
+          const int64_t part_begin = blocks * part / parts, part_end = blocks * (part + 1) / parts;
+          for (int64_t blk = part_begin; blk < part_end; ++blk) {
+            const RowPlan::Block& block = plan.blocks[blk];
+            if (block.adapter < 0) {  // no adapter: no gradient through x
+              if (need_dx)
+                for (int64_t b = 0; b < block.rows; ++b) {
+                  const int64_t row = plan.row(block.start + b);
+                  std::fill(dxp + row * d_in, dxp + (row + 1) * d_in, T(0));
+                }
+              continue;
+            }
+            float* pa = mine + block.adapter * (part_a + part_b);
+            body(state, blk, part_begin, part_end, pa, pa + part_a);
+          }
+        }
+    });
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish() {
+    auto [dA, dB] =
+        weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
+    return {dx, dA, dB};
+  }
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& layer_out,
                                                 const at::Tensor& A_bank, const at::Tensor& B_bank,
@@ -340,112 +431,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
     const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
     bool need_dx, bool need_dA, bool need_dB) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1);
-  const int64_t G = A_bank.dim() == 3 ? A_bank.size(0) : 1, r = A_bank.size(-2);
-  const PackedWeights w(A_bank, B_bank);
-  at::Tensor dx =
-      need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
-  const T* gp = grad.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
-  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
-  const float* tp = t.data_ptr<float>();
-  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
-  const float s = static_cast<float>(scale);
-  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
-  const bool stream = need_dx && streams(dx);
+  BackwardPass<T> bp(grad, x, t, A_bank, B_bank, plan, scale, need_dx, need_dA, need_dB,
+                     kBlocksPerPart);
+  const int64_t d_in = bp.d_in, d_out = bp.d_out, r = bp.r;
+  const bool stream = need_dx && streams(bp.dx);
 
-  const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
-  const int64_t per_part = G * (part_a + part_b);
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = partial_parts(blocks, per_part, kBlocksPerPart, threads);
-  const Partials partials(parts * per_part);
-
-  dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
-    // The weight-gradient sums run over two blocks at once where they can (two consecutive full
-    // blocks of one adapter in one part): the first block's rows and coefficients wait in slot 0
-    // while the second's fill slot 1, then one accumulate_outer call takes the 2 * kRows rows.
-    // That loads and stores the r x d partial sums once per 16 rows instead of 8. Measured (one
-    // core, AVX-512, backward): n=8192 d=768 r=64 34.6 -> 32.5 ms, r=16 9.9 -> 9.1 ms,
-    // n=2048 d=4096 r=64 57.1 -> 53.5 ms.
-    Scratch gs[2] = {Scratch(d_out, kRows), Scratch(d_out, kRows)};
-    Scratch xs[2] = {Scratch(d_in, kRows), Scratch(d_in, kRows)};
-    Scratch mask(d_in, kRows), dxs(d_in, kRows), zero(std::max(d_in, d_out), 1);
-    std::vector<float> u(kRows * r), tcoef(2 * kRows * r), ucoef(2 * kRows * r);
+  // The weight-gradient sums run over two blocks at once where they can (two consecutive full
+  // blocks of one adapter in one part): the first block's rows and coefficients wait in slot 0
+  // while the second's fill slot 1, then one accumulate_outer call takes the 2 * kRows rows.
+  // That loads and stores the r x d partial sums once per 16 rows instead of 8. Measured (one
+  // core, AVX-512, backward): n=8192 d=768 r=64 34.6 -> 32.5 ms, r=16 9.9 -> 9.1 ms,
+  // n=2048 d=4096 r=64 57.1 -> 53.5 ms.
+  struct State {
+    Scratch gs[2], xs[2], mask, dxs, zero;
+    std::vector<float> u, tcoef, ucoef;
     cpu::Prefetch pf;
     const float* grows[2 * kRows];
     const float* xrows[2 * kRows];
     float* dxrows[kRows];
-    int64_t idx[kRows], first_part, end_part;
-    while (next_chunk(first_part, end_part))
-      for (int64_t part = first_part; part < end_part; ++part) {
-        float* mine = partials.data + part * per_part;
-        std::fill(mine, mine + per_part, 0.f);
-        const int64_t part_end = blocks * (part + 1) / parts;
-        int held = 0;  // 1: a block's rows wait in slot 0
-        for (int64_t blk = blocks * part / parts; blk < part_end; ++blk) {
-          const RowPlan::Block& block = plan.blocks[blk];
-          const int nb = block.rows;
-          for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-          if (block.adapter < 0) {  // no adapter: no gradient through x
-            if (need_dx)
-              for (int b = 0; b < nb; ++b)
-                std::fill(dxp + idx[b] * d_in, dxp + (idx[b] + 1) * d_in, T(0));
-            continue;
-          }
-          float* pa = mine + block.adapter * (part_a + part_b);
-          float* pb = pa + part_a;
-          const int h = held;
-          const float** gr = grows + h * kRows;
-          const float** xr = xrows + h * kRows;
-          float* tc = tcoef.data() + h * kRows * r;
-          float* uc = ucoef.data() + h * kRows * r;
-          float_rows(gp, ldg, idx, nb, d_out, gs[h], zero.row(0), gr);
-          // Into L2 while this block computes: its x rows (read after the products with g),
-          // then the next block's grad rows.
-          pf.clear();
-          if (need_dA || need_dx)
-            for (int b = 0; b < nb; ++b) pf.add(xp + idx[b] * ldx, d_in * sizeof(T));
-          prefetch_rows(pf, plan, blk + 1, gp, ldg, d_out);
-          dot_rows(w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, u.data(), &pf);  // u = g B
-          for (int b = 0; b < kRows; ++b)
-            for (int64_t k = 0; k < r; ++k) {
-              tc[b * r + k] = b < nb ? tp[idx[b] * r + k] : 0.f;
-              uc[b * r + k] = b < nb ? s * u[b * r + k] : 0.f;
-            }
-          if (need_dA || need_dx)
-            dropped_rows(xp, ldx, idx, nb, d_in, dp, xs[h], mask, zero.row(0), xr);
-          if (need_dx) {  // dx = s (u A) * mask; fp32: straight into dx, else narrowed
-            constexpr bool direct = std::is_same_v<T, float>;
-            const float* mrows[kRows];
-            for (int b = 0; b < kRows; ++b) {
-              dxrows[b] =
-                  direct && b < nb ? reinterpret_cast<float*>(dxp + idx[b] * d_in) : dxs.row(b);
-              mrows[b] = mask.row(b);
-            }
-            combine_rows(w.A(block.adapter, r, d_in), r, d_in, uc, nullptr,
-                         dp.enabled ? mrows : nullptr, nb, dxrows, &pf, direct && stream);
-            if constexpr (!direct)
-              for (int b = 0; b < nb; ++b) narrow(dxrows[b], dxp + idx[b] * d_in, d_in);
-          }
-          if (!need_dA && !need_dB) continue;
-          if (h == 0 && nb == kRows && blk + 1 < part_end &&
-              plan.blocks[blk + 1].adapter == block.adapter) {
-            held = 1;
-            continue;
-          }
-          const int rows = h * kRows + nb;
-          if (need_dB)  // dB.T += t.T g
-            accumulate_outer(pb, r, d_out, tcoef.data(), grows, rows, &pf);
-          if (need_dA)  // dA += s u.T xd
-            accumulate_outer(pa, r, d_in, ucoef.data(), xrows, rows, &pf);
-          held = 0;
-        }
-      }
-  });
-
-  auto [dA, dB] =
-      weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
-  return {dx, dA, dB};
+    int64_t idx[kRows];
+    int held = 0;  // 1: a block's rows wait in slot 0
+    State(int64_t d_in, int64_t d_out, int64_t r)
+        : gs{Scratch(d_out, kRows), Scratch(d_out, kRows)},
+          xs{Scratch(d_in, kRows), Scratch(d_in, kRows)},
+          mask(d_in, kRows),
+          dxs(d_in, kRows),
+          zero(std::max(d_in, d_out), 1),
+          u(kRows * r),
+          tcoef(2 * kRows * r),
+          ucoef(2 * kRows * r) {}
+  };
+  bp.run([&] { return State(d_in, d_out, r); },
+         [&](State& st, int64_t blk, int64_t part_begin, int64_t part_end, float* pa, float* pb) {
+           const RowPlan::Block& block = plan.blocks[blk];
+           const int nb = block.rows;
+           if (blk == part_begin) st.held = 0;
+           for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
+           const int64_t* idx = st.idx;
+           const int h = st.held;
+           const float** gr = st.grows + h * kRows;
+           const float** xr = st.xrows + h * kRows;
+           float* tc = st.tcoef.data() + h * kRows * r;
+           float* uc = st.ucoef.data() + h * kRows * r;
+           float_rows(bp.gp, bp.ldg, idx, nb, d_out, st.gs[h], st.zero.row(0), gr);
+           // Into L2 while this block computes: its x rows (read after the products with g),
+           // then the next block's grad rows.
+           st.pf.clear();
+           if (need_dA || need_dx)
+             for (int b = 0; b < nb; ++b) st.pf.add(bp.xp + idx[b] * bp.ldx, d_in * sizeof(T));
+           prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
+           dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
+                    &st.pf);  // u = g B
+           for (int b = 0; b < kRows; ++b)
+             for (int64_t k = 0; k < r; ++k) {
+               tc[b * r + k] = b < nb ? bp.tp[idx[b] * r + k] : 0.f;
+               uc[b * r + k] = b < nb ? bp.s * st.u[b * r + k] : 0.f;
+             }
+           if (need_dA || need_dx)
+             dropped_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs[h], st.mask, st.zero.row(0), xr);
+           if (need_dx) {  // dx = s (u A) * mask; fp32: straight into dx, else narrowed
+             constexpr bool direct = std::is_same_v<T, float>;
+             const float* mrows[kRows];
+             for (int b = 0; b < kRows; ++b) {
+               st.dxrows[b] = direct && b < nb ? reinterpret_cast<float*>(bp.dxp + idx[b] * d_in)
+                                               : st.dxs.row(b);
+               mrows[b] = st.mask.row(b);
+             }
+             combine_rows(bp.w.A(block.adapter, r, d_in), r, d_in, uc, nullptr,
+                          dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf, direct && stream);
+             if constexpr (!direct)
+               for (int b = 0; b < nb; ++b) narrow(st.dxrows[b], bp.dxp + idx[b] * d_in, d_in);
+           }
+           if (!need_dA && !need_dB) return;
+           if (h == 0 && nb == kRows && blk + 1 < part_end &&
+               plan.blocks[blk + 1].adapter == block.adapter) {
+             st.held = 1;
+             return;
+           }
+           const int rows = h * kRows + nb;
+           if (need_dB)  // dB.T += t.T g
+             accumulate_outer(pb, r, d_out, st.tcoef.data(), st.grows, rows, &st.pf);
+           if (need_dA)  // dA += s u.T xd
+             accumulate_outer(pa, r, d_in, st.ucoef.data(), st.xrows, rows, &st.pf);
+           st.held = 0;
+         });
+  return bp.finish();
 }
 
 // (check_forward / check_backward, the argument checks, are ../lor2c_common.h's, shared with the
@@ -792,21 +862,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
     const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
     bool need_dx, bool need_dA, bool need_dB) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = grad.size(1);
-  const int64_t G = A_bank.dim() == 3 ? A_bank.size(0) : 1, r = A_bank.size(-2);
-  const PackedWeights w(A_bank, B_bank);
-  at::Tensor dx =
-      need_dx ? cpu::empty_output({n, d_in}, x.options()) : cpu::empty_cpu({0}, x.scalar_type());
-  const T* gp = grad.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
-  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
-  const float* tp = t.data_ptr<float>();
-  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
-  const float s = static_cast<float>(scale);
+  BackwardPass<T> bp(grad, x, t, A_bank, B_bank, plan, scale, need_dx, need_dA, need_dB, 1);
+  const int64_t d_in = bp.d_in, d_out = bp.d_out, r = bp.r;
+  const T* gp = bp.gp;
+  const T* xp = bp.xp;
+  T* dxp = bp.dxp;
+  const float* tp = bp.tp;
+  const int64_t ldg = bp.ldg, ldx = bp.ldx;
   const int64_t rows = blocked_rows(d_in, d_out);
-  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
-  const bool stream = need_dx && std::is_same_v<T, float> && streams(dx);
   constexpr bool is_float = std::is_same_v<T, float>;
+  const bool stream = need_dx && is_float && streams(bp.dx);
   // In place where the block's rows are consecutive rows of the tensors (g, t, x and dx in fp32;
   // x without dropout). x rows are read for dA only: with dropout dx needs the mask alone.
   const bool in_order = plan.order.empty();
@@ -814,97 +879,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   const bool masks = dp.enabled && (need_dx || need_dA);
   const int64_t mstride = cpu::mask_padded(d_in);
 
-  const int64_t part_a = need_dA ? r * d_in : 0, part_b = need_dB ? r * d_out : 0;
-  const int64_t per_part = G * (part_a + part_b);
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = partial_parts(blocks, per_part, 1, threads);
-  const Partials partials(parts * per_part);
-
-  dynamic_for(parts, 1, threads, [&](auto&& next_chunk) {
-    const BlasScratch gs(g_direct ? 0 : rows * d_out), u(rows * r), ts(in_order ? 0 : rows * r);
-    const BlasScratch xs(need_dA && !x_direct ? rows * d_in : 0), dxs(need_dx ? rows * d_in : 0);
-    std::vector<float> mask(masks ? rows * mstride : 0), row_scratch(d_in);
-    int64_t first_part, end_part;
-    while (next_chunk(first_part, end_part))
-      for (int64_t part = first_part; part < end_part; ++part) {
-        float* mine = partials.data + part * per_part;
-        std::fill(mine, mine + per_part, 0.f);
-        for (int64_t blk = blocks * part / parts; blk < blocks * (part + 1) / parts; ++blk) {
-          const RowPlan::Block& block = plan.blocks[blk];
-          const int64_t nb = block.rows;
-          auto row = [&](int64_t b) { return plan.row(block.start + b); };
-          if (block.adapter < 0) {  // no adapter: no gradient through x
-            if (need_dx)
-              for (int64_t b = 0; b < nb; ++b)
-                std::fill(dxp + row(b) * d_in, dxp + (row(b) + 1) * d_in, T(0));
-            continue;
-          }
-          float* pa = mine + block.adapter * (part_a + part_b);
-          float* pb = pa + part_a;
-          const float* gb = nullptr;
-          int64_t ldgb = d_out;
+  struct State {
+    BlasScratch gs, u, ts, xs, dxs;
+    std::vector<float> mask, row_scratch;
+  };
+  bp.run(
+      [&] {
+        return State{BlasScratch(g_direct ? 0 : rows * d_out),
+                     BlasScratch(rows * r),
+                     BlasScratch(in_order ? 0 : rows * r),
+                     BlasScratch(need_dA && !x_direct ? rows * d_in : 0),
+                     BlasScratch(need_dx ? rows * d_in : 0),
+                     std::vector<float>(masks ? rows * mstride : 0),
+                     std::vector<float>(d_in)};
+      },
+      [&](State& st, int64_t blk, int64_t, int64_t, float* pa, float* pb) {
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int64_t nb = block.rows;
+        auto row = [&](int64_t b) { return plan.row(block.start + b); };
+        float* mask = st.mask.data();
+        const float* gb = nullptr;
+        int64_t ldgb = d_out;
+        if constexpr (is_float) {
+          gb = gp + block.start * ldg;
+          ldgb = ldg;
+        }
+        if (!g_direct) {
+          for (int64_t b = 0; b < nb; ++b)
+            cpu::widen(gp + row(b) * ldg, st.gs.data() + b * d_out, d_out);
+          gb = st.gs.data();
+          ldgb = d_out;
+        }
+        // u = s g B (B^T packed as r x d_out)
+        cpu::gemm_rows(false, true, nb, r, d_out, bp.s, gb, ldgb, bp.w.Bt(block.adapter, r, d_out),
+                       d_out, 0.f, st.u.data(), r);
+        const float* xb = nullptr;
+        int64_t ldxb = d_in;
+        if (need_dA) {
           if constexpr (is_float) {
-            gb = gp + block.start * ldg;
-            ldgb = ldg;
+            xb = xp + block.start * ldx;
+            ldxb = ldx;
           }
-          if (!g_direct) {
+          if (!x_direct) {
             for (int64_t b = 0; b < nb; ++b)
-              cpu::widen(gp + row(b) * ldg, gs.data() + b * d_out, d_out);
-            gb = gs.data();
-            ldgb = d_out;
+              cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, mask + b * mstride,
+                               st.xs.data() + b * d_in);
+            xb = st.xs.data();
+            ldxb = d_in;
           }
-          // u = s g B (B^T packed as r x d_out)
-          cpu::gemm_rows(false, true, nb, r, d_out, s, gb, ldgb, w.Bt(block.adapter, r, d_out),
-                         d_out, 0.f, u.data(), r);
-          const float* xb = nullptr;
-          int64_t ldxb = d_in;
-          if (need_dA) {
-            if constexpr (is_float) {
-              xb = xp + block.start * ldx;
-              ldxb = ldx;
-            }
-            if (!x_direct) {
-              for (int64_t b = 0; b < nb; ++b)
-                cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, mask.data() + b * mstride,
-                                 xs.data() + b * d_in);
-              xb = xs.data();
-              ldxb = d_in;
-            }
-          } else if (masks) {
+        } else if (masks) {
+          for (int64_t b = 0; b < nb; ++b)
+            cpu::draw_dropout_row(row(b), d_in, dp, mask + b * mstride);
+        }
+        const float* a = bp.w.A(block.adapter, r, d_in);
+        if (need_dx) {  // dx = (u A) * mask
+          if (g_direct && !dp.enabled) {
+            cpu::gemm_rows(false, false, nb, d_in, r, 1.f, st.u.data(), r, a, d_in, 0.f,
+                           reinterpret_cast<float*>(dxp) + block.start * d_in, d_in);
+          } else {
+            cpu::gemm_rows(false, false, nb, d_in, r, 1.f, st.u.data(), r, a, d_in, 0.f,
+                           st.dxs.data(), d_in);
             for (int64_t b = 0; b < nb; ++b)
-              cpu::draw_dropout_row(row(b), d_in, dp, mask.data() + b * mstride);
-          }
-          const float* a = w.A(block.adapter, r, d_in);
-          if (need_dx) {  // dx = (u A) * mask
-            if (g_direct && !dp.enabled) {
-              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, a, d_in, 0.f,
-                             reinterpret_cast<float*>(dxp) + block.start * d_in, d_in);
-            } else {
-              cpu::gemm_rows(false, false, nb, d_in, r, 1.f, u.data(), r, a, d_in, 0.f, dxs.data(),
-                             d_in);
-              for (int64_t b = 0; b < nb; ++b)
-                mul_row(dxs.data() + b * d_in, masks ? mask.data() + b * mstride : nullptr,
-                        dxp + row(b) * d_in, d_in, row_scratch.data(), stream);
-            }
-          }
-          if (need_dA)  // dA += u^T xd
-            cpu::gemm_rows(true, false, r, d_in, nb, 1.f, u.data(), r, xb, ldxb, 1.f, pa, d_in);
-          if (need_dB) {  // dB^T += t^T g
-            const float* tb = tp + block.start * r;
-            if (!in_order) {
-              for (int64_t b = 0; b < nb; ++b)
-                std::copy(tp + row(b) * r, tp + (row(b) + 1) * r, ts.data() + b * r);
-              tb = ts.data();
-            }
-            cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tb, r, gb, ldgb, 1.f, pb, d_out);
+              mul_row(st.dxs.data() + b * d_in, masks ? mask + b * mstride : nullptr,
+                      dxp + row(b) * d_in, d_in, st.row_scratch.data(), stream);
           }
         }
-      }
-  });
+        if (need_dA)  // dA += u^T xd
+          cpu::gemm_rows(true, false, r, d_in, nb, 1.f, st.u.data(), r, xb, ldxb, 1.f, pa, d_in);
+        if (need_dB) {  // dB^T += t^T g
+          const float* tb = tp + block.start * r;
+          if (!in_order) {
+            for (int64_t b = 0; b < nb; ++b)
+              std::copy(tp + row(b) * r, tp + (row(b) + 1) * r, st.ts.data() + b * r);
+            tb = st.ts.data();
+          }
+          cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tb, r, gb, ldgb, 1.f, pb, d_out);
+        }
+      });
   if (stream) asm volatile("sfence" ::: "memory");
-  auto [dA, dB] =
-      weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
-  return {dx, dA, dB};
+  return bp.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor> lor2c_fwd_cpu(const at::Tensor& x, const at::Tensor& layer_out,
