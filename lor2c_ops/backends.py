@@ -192,6 +192,11 @@ def select(
 #    32 ms; the GEMM path in bf16 reached 0.75); with p=0.1 the fused kernel wins (x1.7 at
 #    r=64: the expression's dropout costs more). On CPUs without bf16 products eager bf16 is
 #    slow (float16 everywhere: x25 at r=64).
+#    With the bf16 product kernels (vdpbf16ps in the register tiles, csrc/cpu/bf16_products.h;
+#    2 threads, n=8192 d=768, bench_lor2c.py, eager / fused, p=0 | p=0.1): r=16 1.24x | 4.64x,
+#    r=32 1.16x | 3.59x, r=64 0.96x | 3.09x (fp32 kernels: 1.10x | 3.79x, -, 0.63x | 1.77x). So
+#    from rank 64 where they run, from rank 32 where they do not (LOR2C_CPU_BF16_DOT=0, a forced
+#    AVX2 or baseline path).
 #
 # cpu_loses_to_eager() states these (it takes what they depend on: rank, dtype and p; the cached
 # select() does not see ranks). lor2c_residual with backend=None runs the plain expression where
@@ -226,7 +231,23 @@ def cpu_blas() -> Optional[str]:
     return torch.ops.lor2c_ops_ext.cpu_blas_missing() or None
 
 
+def cpu_bf16_kernels() -> Optional[str]:
+    """None where bfloat16 calls (bf16 weights too) run the cpu backend's bf16 product kernels
+    (AVX512-BF16: products in bf16, sums in fp32; csrc/cpu/bf16_products.h), else why they run
+    the fp32 kernels: the AVX-512 path not in use, a CPU without AVX512-BF16, or
+    LOR2C_CPU_BF16_DOT=0 (read once)."""
+    if not _ext.loaded():
+        return "unavailable: the compiled extension is not loaded"
+    ops = torch.ops.lor2c_ops_ext
+    if not hasattr(ops, "cpu_bf16_dot_missing"):
+        return "the compiled extension predates the bf16 kernels: rebuild it from these sources"
+    return ops.cpu_bf16_dot_missing() or None
+
+
 _GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank
+# With the bf16 product kernels the fused op keeps up with eager's native bf16 products further:
+# measured below (the bfloat16 item), eager / fused at rank 64 0.96x-1.0x, at rank 32 1.16x.
+_BF16_KERNELS_MIN_RANK = 64
 
 
 def expression_min_rank(dtype: torch.dtype) -> Optional[int]:
@@ -234,7 +255,7 @@ def expression_min_rank(dtype: torch.dtype) -> Optional[int]:
     of rows and any widths), or None where it never does. Cheap after the first call (one cached
     CPU-feature query)."""
     if dtype == torch.bfloat16 and _bf16_products():
-        return _GEMM_MIN_RANK
+        return _BF16_KERNELS_MIN_RANK if cpu_bf16_kernels() is None else _GEMM_MIN_RANK
     return None
 
 
@@ -245,10 +266,16 @@ def cpu_loses_to_eager(r: int, dtype: torch.dtype, p: float) -> Optional[str]:
     start = expression_min_rank(dtype) if p == 0.0 else None
     if start is None or r < start:
         return None
+    if cpu_bf16_kernels() is None:
+        return (
+            f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), and from "
+            f"rank {start} the eager expression's bf16 products keep up with the kernel's "
+            f"(measured 0.96x at r=64, the kernel ahead at r=32: 1.16x)"
+        )
     return (
         f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "
         f"expression's products run at twice the rate of the kernel's fp32 ones (measured "
-        f"0.59x at r=64, 0.8-1.0x at r=32)"
+        f"0.59x at r=64, 0.8-1.0x at r=32; the bf16 kernels do not run: {cpu_bf16_kernels()})"
     )
 
 

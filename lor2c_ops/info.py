@@ -42,6 +42,15 @@ def report() -> str:
                 "  cpu blocked plan's BLAS: "
                 + ("found (torch's sgemm)" if blas is None else "none: " + blas)
             )
+            bf16 = backends.cpu_bf16_kernels()
+            lines.append(
+                "  cpu bf16 products: "
+                + (
+                    "bf16 kernels (AVX512-BF16, fp32 sums; LOR2C_CPU_BF16_DOT=0 turns them off)"
+                    if bf16 is None
+                    else "widened to fp32 (" + bf16 + ")"
+                )
+            )
             lines.append(f"  backend=None sends to the eager expression: {eager_rule_line()}")
         else:
             lines.append(f"  cuda kernels' rank products: {cuda_mma_line()}")

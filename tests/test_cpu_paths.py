@@ -330,3 +330,77 @@ def test_cpu_half_rows_round_as_torch(dtype):
     want_dx = (g.float() * s).to(dtype)
     assert torch.equal(xr.grad.isnan(), want_dx.isnan())
     assert torch.equal(xr.grad.nan_to_num(), want_dx.nan_to_num())
+
+
+def _bf16_kernels_run() -> bool:
+    return backends.cpu_bf16_kernels() is None
+
+
+def test_cpu_bf16_kernels_run_where_the_cpu_multiplies_bf16():
+    """The bf16 product kernels run on the AVX-512 path of a CPU with AVX512-BF16 unless
+    LOR2C_CPU_BF16_DOT=0, and info says which products bf16 calls use."""
+    skip_unless_runnable("cpu")
+    has = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    path = torch.ops.lor2c_ops_ext.cpu_isa()
+    off = os.environ.get("LOR2C_CPU_BF16_DOT") == "0"
+    assert _bf16_kernels_run() == (has and path == "avx512" and not off), (
+        backends.cpu_bf16_kernels()
+    )
+    assert ("cpu bf16 products: bf16 kernels" in info.report()) == _bf16_kernels_run()
+
+
+def test_cpu_bf16_results_rounded_as_torch_rounds():
+    """Integer-valued operands small enough that every product and sum is exact in fp32 (and t
+    and u fit bf16), layer_out fractional: out, dx, dA and dB must equal the exact result rounded
+    to bf16 as torch rounds, bit for bit (the kernels' one rounding, to nearest even), on odd
+    widths (masked column tails) and an odd rank (a half-empty rank pair). A NaN in layer_out
+    stays a NaN in its place."""
+    skip_unless_runnable("cpu")
+    gen = torch.Generator().manual_seed(5)
+    n, d_in, d_out, r, s = 37, 40, 50, 3, 0.5
+    x = torch.randint(-2, 3, (n, d_in), generator=gen).to(torch.bfloat16)
+    A = torch.randint(-1, 2, (r, d_in), generator=gen).to(torch.bfloat16)
+    B = torch.randint(-1, 2, (d_out, r), generator=gen).to(torch.bfloat16)
+    g = torch.randint(-2, 3, (n, d_out), generator=gen).to(torch.bfloat16)
+    layer_out = (torch.randn(n, d_out, generator=gen) * 50).to(torch.bfloat16)
+    layer_out[3, 7] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
+    out = lo.lor2c_residual(*leaves, scale=s, dropout_p=0.0, backend="cpu")
+    out.backward(g)
+    x64, l64, A64, B64, g64 = (t.double() for t in (x, layer_out, A, B, g))
+    t64 = x64 @ A64.T
+    u64 = g64 @ B64
+    want = {
+        "out": l64 + s * t64 @ B64.T,
+        "dx": s * u64 @ A64,
+        "dA": s * u64.T @ x64,
+        "dB": s * g64.T @ t64,
+    }
+    got = {"out": out, "dx": leaves[0].grad, "dA": leaves[2].grad, "dB": leaves[3].grad}
+    for name, w in want.items():
+        w = w.float().to(torch.bfloat16)  # exact in fp32, so one rounding: torch's
+        nan = torch.isnan(w)
+        assert torch.equal(torch.isnan(got[name]), nan), name
+        assert torch.equal(got[name][~nan], w[~nan]), (
+            name,
+            (got[name].float() - w.float()).abs().max(),
+        )
+
+
+def test_cpu_every_path_bf16_kernels_off():
+    """LOR2C_CPU_BF16_DOT=0 in a fresh process (named *every_path* so that the forced-path runs,
+    which select "not every_path", do not nest it): bf16 calls take the fp32 kernels of the AVX-512
+    path, which the default run no longer reaches on a CPU where the bf16 kernels run."""
+    if not _bf16_kernels_run():
+        pytest.skip(f"the bf16 kernels do not run here: {backends.cpu_bf16_kernels()}")
+    args = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu and not every_path")
+    res = _run_python(
+        *args,
+        "tests/test_cpu_paths.py",
+        "tests/test_lor2c.py::test_matches_fp64_oracle",
+        "tests/test_share.py::test_multi_adapter_matches_loop",
+        timeout=900,
+        LOR2C_CPU_BF16_DOT="0",
+    )
+    tail = res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and " passed" in res.stdout, tail

@@ -265,8 +265,8 @@ def test_dcft_rows_and_gradient_subsets(backend, lead, bias, needs):
 def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster():
     """backends.cpu_loses_to_eager is applied by lor2c_residual(backend=None) on the CPU without
     dropout: the plain expression's graph, the same values; with dropout, or with a forced
-    backend, the fused node. The rule fires for bfloat16 at rank >= 32 on CPUs that multiply
-    bf16 natively, and nowhere else."""
+    backend, the fused node. The rule fires for bfloat16 from backends.expression_min_rank (64
+    with the bf16 kernels, 32 without) on CPUs that multiply bf16 natively, and nowhere else."""
     from lor2c_ops import backends
 
     if backends.available("cpu")["cpu"] is not None:
@@ -285,9 +285,13 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
         torch.randn(2, 16, generator=gen).to(dt),
         torch.randn(2, 12, generator=gen).to(dt),
     )
-    A, B = torch.randn(32, 16, generator=gen).to(dt), torch.randn(12, 32, generator=gen).to(dt)
+    k = backends.expression_min_rank(dt)
+    assert k == (64 if backends.cpu_bf16_kernels() is None else 32)
+    # scaled so that the outputs stay of order one at any k (the tolerances below are absolute)
+    A = (torch.randn(k, 16, generator=gen) / 4).to(dt)
+    B = (torch.randn(12, k, generator=gen) / k**0.5).to(dt)
     x, A, B = (t.requires_grad_() for t in (x, A, B))
-    assert backends.cpu_loses_to_eager(32, dt, 0.0) is not None
+    assert backends.cpu_loses_to_eager(k, dt, 0.0) is not None
     plain = lo.lor2c_residual(x, layer_out, A, B, 1.5)
     fused = lo.lor2c_residual(x, layer_out, A, B, 1.5, backend="cpu")
     assert type(plain.grad_fn).__name__ == "AddBackward0"
@@ -299,8 +303,9 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
         torch.testing.assert_close(g, w, rtol=2e-2, atol=5e-2)
     dropped = lo.lor2c_residual(x, layer_out, A, B, 1.5, 0.1)
     assert type(dropped.grad_fn).__name__ != "AddBackward0"
-    lower = lo.lor2c_residual(x, layer_out, A[:16], B[:, :16], 1.5)  # rank 16: the fused node
-    assert backends.cpu_loses_to_eager(16, dt, 0.0) is None
+    lower = lo.lor2c_residual(x, layer_out, A[: k // 2], B[:, : k // 2], 1.5)  # the fused node
+    assert backends.cpu_loses_to_eager(k // 2, dt, 0.0) is None
+    assert backends.cpu_loses_to_eager(k - 1, dt, 0.0) is None
     assert type(lower.grad_fn).__name__ != "AddBackward0"
 
 
@@ -451,19 +456,19 @@ class _CountingFast:
 
 
 def test_fast_entry_serves_small_fp32_calls_and_python_runs_the_rule(monkeypatch):
-    """Through lor2c_residual(backend=None, p=0): an fp32 call of 2 rows at rank 32 is served by
-    the fast entry; a bf16 one at rank 32 on a CPU with native bf16 products is declined and runs
+    """Through lor2c_residual(backend=None, p=0): an fp32 call of 2 rows at rank 64 is served by
+    the fast entry; a bf16 one at rank 64 on a CPU with native bf16 products is declined and runs
     as the plain expression (the rule), elsewhere served on the fused node."""
     from lor2c_ops import backends
 
     counting = _CountingFast(_fast_or_skip())
     monkeypatch.setattr(_common, "FAST", counting)
     for dtype in (torch.float32, torch.bfloat16):
-        x, lo_, A, B = (t.to(dtype) for t in _lor2c_inputs("cpu", n=2, r=32))
+        x, lo_, A, B = (t.to(dtype) for t in _lor2c_inputs("cpu", n=2, r=64))
         lo.lor2c_residual(x, lo_, A, B)  # the first call lets Python allow the entry
         before = counting.served
         out = lo.lor2c_residual(x, lo_, A, B)
-        rule = backends.cpu_loses_to_eager(32, dtype, 0.0) is not None
+        rule = backends.cpu_loses_to_eager(64, dtype, 0.0) is not None
         assert rule == (dtype == torch.bfloat16 and backends._bf16_products())
         assert counting.served == before + (not rule), (dtype, rule)
         assert (type(out.grad_fn).__name__ == "AddBackward0") == rule, (dtype, out.grad_fn)

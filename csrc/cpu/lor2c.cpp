@@ -26,6 +26,7 @@
 #endif
 
 #include "../lor2c_common.h"
+#include "bf16_products.h"
 #include "blas.h"
 #include "dropout.h"
 #include "memory.h"
@@ -353,11 +354,24 @@ struct BackwardPass {
   }
 };
 
+bool bf16_kernels(const at::Tensor& x, const at::Tensor& A_bank, const at::Tensor& B_bank);
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::Tensor& layer_out,
+                                                const at::Tensor& A_bank, const at::Tensor& B_bank,
+                                                const RowPlan& plan, double scale,
+                                                const DropoutParams& dp);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
+    bool need_dx, bool need_dA, bool need_dB);
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& layer_out,
                                                 const at::Tensor& A_bank, const at::Tensor& B_bank,
                                                 const RowPlan& plan, double scale,
                                                 const DropoutParams& dp) {
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_kernels(x, A_bank, B_bank))
+      return forward_bf16(x, layer_out, A_bank, B_bank, plan, scale, dp);
   const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
   const PackedWeights w(A_bank, B_bank);
   at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
@@ -431,6 +445,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
     const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
     bool need_dx, bool need_dA, bool need_dB) {
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_kernels(x, A_bank, B_bank))
+      return backward_bf16(grad, x, t, A_bank, B_bank, plan, scale, dp, need_dx, need_dA, need_dB);
   BackwardPass<T> bp(grad, x, t, A_bank, B_bank, plan, scale, need_dx, need_dA, need_dB,
                      kBlocksPerPart);
   const int64_t d_in = bp.d_in, d_out = bp.d_out, r = bp.r;
@@ -514,6 +531,241 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
            if (need_dA)  // dA += s u.T xd
              accumulate_outer(pa, r, d_in, st.ucoef.data(), st.xrows, rows, &st.pf);
            st.held = 0;
+         });
+  return bp.finish();
+}
+
+// ---- bf16 activations and weights on CPUs with native bf16 products (csrc/cpu/bf16_products.h)
+// The fused single pass of forward_impl / backward_impl with the products in bf16 (fp32 sums):
+// x and grad rows are read as bf16 in place (dropout(x) is rounded to bf16 as eager's is), t is
+// saved in fp32 as on every path, and t, u and their scaled copies are rounded to bf16 where
+// they feed a product, as eager's bf16 tensors are. The weight-gradient partial sums, their
+// parts and dA / dB are the other plans' (BackwardPass, weight_grads).
+
+// Whether a call takes it: bf16 activations and weights, and the kernels run on this CPU.
+bool bf16_kernels(const at::Tensor& x, const at::Tensor& A_bank, const at::Tensor& B_bank) {
+  return x.scalar_type() == at::kBFloat16 && A_bank.scalar_type() == at::kBFloat16 &&
+         B_bank.scalar_type() == at::kBFloat16 && cpu::bf16_dot();
+}
+
+// The weights as bf16 bits, A as (G, r, d_in) and B transposed to (G, r, d_out), each also as
+// rank pairs (cpu::pack_rank_pairs) for the products summed over the ranks.
+struct Bf16Weights {
+  int64_t r, d_in, d_out, pairs;
+  std::vector<uint16_t> a, bt;
+  std::vector<uint32_t> a_pairs, bt_pairs;
+  Bf16Weights(const at::Tensor& A_bank, const at::Tensor& B_bank)
+      : r(A_bank.size(-2)), d_in(A_bank.size(-1)), d_out(B_bank.size(-2)), pairs((r + 1) / 2) {
+    const at::Tensor A = A_bank.contiguous(), B = B_bank.contiguous();
+    const int64_t G = A.dim() == 3 ? A.size(0) : 1;
+    const auto* ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+    const auto* bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+    a.assign(ap, ap + G * r * d_in);
+    bt.resize(G * r * d_out);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < d_out; ++j)
+        for (int64_t k = 0; k < r; ++k) bt[(g * r + k) * d_out + j] = bp[(g * d_out + j) * r + k];
+    a_pairs.resize(G * pairs * d_in);
+    bt_pairs.resize(G * pairs * d_out);
+    for (int64_t g = 0; g < G; ++g) {
+      cpu::pack_rank_pairs(A_(g), r, d_in, a_pairs.data() + g * pairs * d_in);
+      cpu::pack_rank_pairs(Bt(g), r, d_out, bt_pairs.data() + g * pairs * d_out);
+    }
+  }
+  const uint16_t* A_(int64_t g) const { return a.data() + g * r * d_in; }
+  const uint16_t* Bt(int64_t g) const { return bt.data() + g * r * d_out; }
+  const uint32_t* A_pairs(int64_t g) const { return a_pairs.data() + g * pairs * d_in; }
+  const uint32_t* Bt_pairs(int64_t g) const { return bt_pairs.data() + g * pairs * d_out; }
+};
+
+// cp[b * pairs + k / 2] = (c(b, k), c(b, k + 1)) for b < nb (0 past r), 0 for the other rows of
+// the block: the coefficients of a product summed over the ranks.
+template <typename C>
+void rank_pair_coefs(int nb, int64_t r, C&& c, uint32_t* cp) {
+  const int64_t pairs = (r + 1) / 2;
+  for (int b = 0; b < kRows; ++b)
+    for (int64_t k = 0; k < r; k += 2)
+      cp[b * pairs + k / 2] = b < nb ? cpu::bf16_pair(c(b, k), k + 1 < r ? c(b, k + 1) : 0.f) : 0u;
+}
+
+// The row pairs of a product summed over the rows: rp[q] = (rows[2q], rows[2q + 1]) interleaved
+// and cp[q * r + k] = (c(2q, k), c(2q + 1, k)), for the (nb + 1) / 2 pairs (an odd last row with
+// zeros). Returns the number of pairs.
+template <typename C>
+int row_pairs(int nb, int64_t r, int64_t d, const uint16_t* const* rows, C&& c, uint32_t* scratch,
+              const uint32_t** rp, uint32_t* cp) {
+  const int pairs = (nb + 1) / 2;
+  for (int q = 0; q < pairs; ++q) {
+    const bool two = 2 * q + 1 < nb;
+    cpu::interleave_rows(rows[2 * q], two ? rows[2 * q + 1] : nullptr, d, scratch + q * d);
+    rp[q] = scratch + q * d;
+    for (int64_t k = 0; k < r; ++k)
+      cp[q * r + k] = cpu::bf16_pair(c(2 * q, k), two ? c(2 * q + 1, k) : 0.f);
+  }
+  return pairs;
+}
+
+// Rows idx[0..nb) of x as bf16 (dropout(x) rounded to bf16, the mask rows into `mask`; without
+// dropout x's own rows), `zero` for the rest of the block.
+void bf16_x_rows(const at::BFloat16* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
+                 const DropoutParams& dp, Scratch& xs, Scratch& mask, uint16_t* x16,
+                 const uint16_t* zero, const uint16_t* rows[kRows]) {
+  for (int b = 0; b < kRows; ++b) {
+    if (b >= nb) {
+      rows[b] = zero;
+    } else if (!dp.enabled) {
+      rows[b] = reinterpret_cast<const uint16_t*>(x + idx[b] * ld);
+    } else {
+      cpu::dropped_row(x + idx[b] * ld, idx[b], d, dp, mask.row(b), xs.row(b));
+      cpu::narrow_bf16(xs.row(b), x16 + b * d, d);
+      rows[b] = x16 + b * d;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::Tensor& layer_out,
+                                                const at::Tensor& A_bank, const at::Tensor& B_bank,
+                                                const RowPlan& plan, double scale,
+                                                const DropoutParams& dp) {
+  using T = at::BFloat16;
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
+  const Bf16Weights w(A_bank, B_bank);
+  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
+  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
+  const T* xp = x.data_ptr<T>();
+  const T* lop = layer_out.data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  float* tp = t.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
+  const float s = static_cast<float>(scale);
+  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max(grain_blocks(r, d_in + d_out), blocks / (16 * threads));
+  const auto* lop16 = reinterpret_cast<const uint16_t*>(lop);
+  auto* outp16 = reinterpret_cast<uint16_t*>(outp);
+  dynamic_for(blocks, chunk, threads, [&](auto&& next_chunk) {
+    Scratch xs(d_in, kRows), mask(d_in, kRows);
+    std::vector<uint16_t> x16(kRows * d_in), zero16(d_in, 0);
+    std::vector<float> tbuf(kRows * r);
+    std::vector<uint32_t> cp(kRows * w.pairs);
+    const uint16_t* xrows[kRows];
+    const uint16_t* lrows[kRows];
+    uint16_t* orows[kRows];
+    int64_t idx[kRows], begin, end;
+    while (next_chunk(begin, end))
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int nb = block.rows;
+        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
+        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
+          for (int b = 0; b < nb; ++b) {
+            std::copy(lop16 + idx[b] * ldl, lop16 + idx[b] * ldl + d_out, outp16 + idx[b] * d_out);
+            std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
+          }
+          continue;
+        }
+        bf16_x_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, x16.data(), zero16.data(), xrows);
+        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, xrows, nb, tbuf.data());
+        for (int b = 0; b < nb; ++b)
+          std::copy(tbuf.data() + b * r, tbuf.data() + (b + 1) * r, tp + idx[b] * r);
+        rank_pair_coefs(nb, r, [&](int b, int64_t k) { return s * tbuf[b * r + k]; }, cp.data());
+        for (int b = 0; b < nb; ++b) {
+          lrows[b] = lop16 + idx[b] * ldl;
+          orows[b] = outp16 + idx[b] * d_out;
+        }
+        cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), r, d_out, cp.data(), lrows, nullptr, nb,
+                               orows);
+      }
+  });
+  return {out, t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const at::Tensor& A_bank,
+    const at::Tensor& B_bank, const RowPlan& plan, double scale, const DropoutParams& dp,
+    bool need_dx, bool need_dA, bool need_dB) {
+  using T = at::BFloat16;
+  BackwardPass<T> bp(grad, x, t, A_bank, B_bank, plan, scale, need_dx, need_dA, need_dB,
+                     kBlocksPerPart);
+  const Bf16Weights w(A_bank, B_bank);
+  const int64_t d_in = bp.d_in, d_out = bp.d_out, r = bp.r;
+  const auto* gp = reinterpret_cast<const uint16_t*>(bp.gp);
+  // The weight-gradient sums take the row pairs of up to kSumBlocks consecutive blocks of one
+  // adapter at once (buffered, then one accumulate_outer_bf16 call per gradient): each call loads
+  // and stores the r x d partial sums once, so more rows per call is less of that traffic.
+  constexpr int kSumBlocks = 4, kMaxPairs = kSumBlocks * kRows / 2;
+  struct State {
+    Scratch xs, mask;
+    std::vector<uint16_t> x16, zero16;
+    std::vector<float> u;
+    std::vector<uint32_t> ucp, t_cp, u_cp, g_pairs, x_pairs;
+    const uint16_t* grows[kRows];
+    const uint16_t* xrows[kRows];
+    uint16_t* dxrows[kRows];
+    const uint32_t* g_rp[kMaxPairs];
+    const uint32_t* x_rp[kMaxPairs];
+    int64_t idx[kRows];
+    int pending = 0, pending_blocks = 0;  // row pairs and blocks buffered for the sums
+    State(int64_t d_in, int64_t d_out, int64_t r)
+        : xs(d_in, kRows),
+          mask(d_in, kRows),
+          x16(kRows * d_in),
+          zero16(std::max(d_in, d_out), 0),
+          u(kRows * r),
+          ucp(kRows * ((r + 1) / 2)),
+          t_cp(kMaxPairs * r),
+          u_cp(kMaxPairs * r),
+          g_pairs(kMaxPairs * d_out),
+          x_pairs(kMaxPairs * d_in) {}
+  };
+  bp.run([&] { return State(d_in, d_out, r); },
+         [&](State& st, int64_t blk, int64_t part_begin, int64_t part_end, float* pa, float* pb) {
+           const RowPlan::Block& block = plan.blocks[blk];
+           const int nb = block.rows;
+           const int64_t* idx = st.idx;
+           if (blk == part_begin) st.pending = st.pending_blocks = 0;
+           for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
+           for (int b = 0; b < kRows; ++b)
+             st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
+           cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb,
+                              st.u.data());  // u = g B
+           const float s = bp.s;
+           if (need_dA || (need_dx && dp.enabled))
+             bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
+                         st.zero16.data(), st.xrows);
+           if (need_dx) {  // dx = s (u A) * mask, narrowed
+             rank_pair_coefs(
+                 nb, r, [&](int b, int64_t k) { return s * st.u[b * r + k]; }, st.ucp.data());
+             const float* mrows[kRows];
+             for (int b = 0; b < kRows; ++b) {
+               st.dxrows[b] =
+                   b < nb ? reinterpret_cast<uint16_t*>(bp.dxp + idx[b] * d_in) : nullptr;
+               mrows[b] = st.mask.row(b);
+             }
+             cpu::combine_rows_bf16(w.A_pairs(block.adapter), r, d_in, st.ucp.data(), nullptr,
+                                    dp.enabled ? mrows : nullptr, nb, st.dxrows);
+           }
+           if (!need_dA && !need_dB) return;
+           const int at = st.pending;
+           int pairs = 0;
+           if (need_dB)  // rows of g, coefficients t
+             pairs = row_pairs(
+                 nb, r, d_out, st.grows, [&](int b, int64_t k) { return bp.tp[idx[b] * r + k]; },
+                 st.g_pairs.data() + at * d_out, st.g_rp + at, st.t_cp.data() + at * r);
+           if (need_dA)  // rows of dropout(x), coefficients s u
+             pairs = row_pairs(
+                 nb, r, d_in, st.xrows, [&](int b, int64_t k) { return s * st.u[b * r + k]; },
+                 st.x_pairs.data() + at * d_in, st.x_rp + at, st.u_cp.data() + at * r);
+           st.pending += pairs;
+           ++st.pending_blocks;
+           if (st.pending_blocks < kSumBlocks && blk + 1 < part_end &&
+               plan.blocks[blk + 1].adapter == block.adapter)
+             return;
+           if (need_dB)  // dB.T += t.T g
+             cpu::accumulate_outer_bf16(pb, r, d_out, st.t_cp.data(), st.g_rp, st.pending);
+           if (need_dA)  // dA += s u.T xd
+             cpu::accumulate_outer_bf16(pa, r, d_in, st.u_cp.data(), st.x_rp, st.pending);
+           st.pending = st.pending_blocks = 0;
          });
   return bp.finish();
 }
@@ -1057,6 +1309,12 @@ TORCH_LIBRARY_FRAGMENT(lor2c_ops_ext, m) {
   // Why the blocked plan has no BLAS in this process, or "" where it has one (csrc/cpu/blas.h).
   m.def("cpu_blas_missing() -> str", [] {
     const char* why = cpu::blas_missing();
+    return std::string(why == nullptr ? "" : why);
+  });
+  // Why bfloat16 calls do not run the bf16 product kernels here, or "" where they do
+  // (csrc/cpu/bf16_products.h).
+  m.def("cpu_bf16_dot_missing() -> str", [] {
+    const char* why = cpu::bf16_dot_missing();
     return std::string(why == nullptr ? "" : why);
   });
 }
