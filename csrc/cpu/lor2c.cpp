@@ -263,6 +263,67 @@ std::tuple<at::Tensor, at::Tensor> weight_grads(float* partials, int64_t parts, 
   return {dA, dB};
 }
 
+// What the single-pass forward plans (the fused kernel's, the bf16 kernels', the blocked plan's)
+// share: the sizes and pointers, out and the fp32 t, and the loop that hands chunks of blocks to
+// the threads. Rows without an adapter get out = layer_out (a copy: the two share a dtype) and
+// t = 0; body(state, blk) runs every other block, with state a thread's scratch (make_state(),
+// once per thread).
+template <typename T>
+struct ForwardPass {
+  const RowPlan& plan;
+  const int64_t n, d_in, d_out, r;
+  at::Tensor out, t;
+  const T* xp;
+  const T* lop;
+  T* outp;
+  float* tp;
+  const int64_t ldx, ldl;
+  const float s;
+  const int64_t blocks;
+
+  ForwardPass(const at::Tensor& x, const at::Tensor& layer_out, const at::Tensor& A_bank,
+              const RowPlan& plan_, double scale)
+      : plan(plan_),
+        n(x.size(0)),
+        d_in(x.size(1)),
+        d_out(layer_out.size(1)),
+        r(A_bank.size(-2)),
+        out(cpu::empty_output({n, d_out}, layer_out.options())),
+        t(cpu::empty_cpu({n, r}, at::kFloat)),
+        xp(x.data_ptr<T>()),
+        lop(layer_out.data_ptr<T>()),
+        outp(out.data_ptr<T>()),
+        tp(t.data_ptr<float>()),
+        ldx(x.stride(0)),
+        ldl(layer_out.stride(0)),
+        s(static_cast<float>(scale)),
+        blocks(static_cast<int64_t>(plan_.blocks.size())) {}
+
+  // Chunks of `chunk` blocks, taken by the threads as they get free.
+  template <typename MakeState, typename Body>
+  void run(int64_t chunk, MakeState&& make_state, Body&& body) {
+    dynamic_for(blocks, chunk, at::get_num_threads(), [&](auto&& next_chunk) {
+      auto state = make_state();
+      int64_t begin, end;
+      while (next_chunk(begin, end))
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const RowPlan::Block& block = plan.blocks[blk];
+          if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
+            for (int64_t b = 0; b < block.rows; ++b) {
+              const int64_t row = plan.row(block.start + b);
+              std::copy(lop + row * ldl, lop + row * ldl + d_out, outp + row * d_out);
+              std::fill(tp + row * r, tp + (row + 1) * r, 0.f);
+            }
+            continue;
+          }
+          body(state, blk);
+        }
+    });
+  }
+
+  std::tuple<at::Tensor, at::Tensor> finish() { return {out, t}; }
+};
+
 // What the two single-pass backward plans (the fused kernel's and the blocked plan's) share: the
 // sizes and pointers, dx, the weight-gradient parts and their buffers, the loop that hands the
 // parts to the threads (each zeroes its part's buffers and runs the part's blocks in order; rows
@@ -372,72 +433,66 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
   if constexpr (std::is_same_v<T, at::BFloat16>)
     if (bf16_kernels(x, A_bank, B_bank))
       return forward_bf16(x, layer_out, A_bank, B_bank, plan, scale, dp);
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
+  ForwardPass<T> fp(x, layer_out, A_bank, plan, scale);
+  const int64_t d_in = fp.d_in, d_out = fp.d_out, r = fp.r;
   const PackedWeights w(A_bank, B_bank);
-  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
-  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
-  const T* xp = x.data_ptr<T>();
-  const T* lop = layer_out.data_ptr<T>();
-  T* outp = out.data_ptr<T>();
-  float* tp = t.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
-  const float s = static_cast<float>(scale);
-  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
-  const bool stream = std::is_same_v<T, float> && streams(out);
-
-  // Chunks of at least grain_blocks, about 16 per thread, taken by the threads as they get free.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max(grain_blocks(r, d_in + d_out), blocks / (16 * threads));
-  dynamic_for(blocks, chunk, threads, [&](auto&& next_chunk) {
-    Scratch xs(d_in, kRows), mask(d_in, kRows), ys(d_out, kRows), zero(std::max(d_in, d_out), 1);
-    std::vector<float> tbuf(kRows * r, 0.f), coef(kRows * r, 0.f);
+  const bool stream = std::is_same_v<T, float> && streams(fp.out);
+  struct State {
+    Scratch xs, mask, ys, zero;
+    std::vector<float> tbuf, coef;
     const float* xrows[kRows];
     const float* lrows[kRows];
     float* orows[kRows];
     cpu::Prefetch pf;
-    int64_t idx[kRows], begin, end;
-    while (next_chunk(begin, end))
-      for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t idx[kRows];
+    State(int64_t d_in, int64_t d_out, int64_t r)
+        : xs(d_in, kRows),
+          mask(d_in, kRows),
+          ys(d_out, kRows),
+          zero(std::max(d_in, d_out), 1),
+          tbuf(kRows * r, 0.f),
+          coef(kRows * r, 0.f) {}
+  };
+  // Chunks of at least grain_blocks, about 16 per thread.
+  const int64_t chunk =
+      std::max(grain_blocks(r, d_in + d_out), fp.blocks / (16 * at::get_num_threads()));
+  fp.run(
+      chunk, [&] { return State(d_in, d_out, r); },
+      [&](State& st, int64_t blk) {
         const RowPlan::Block& block = plan.blocks[blk];
         const int nb = block.rows;
-        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-        float_rows(lop, ldl, idx, nb, d_out, ys, zero.row(0), lrows);
-        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
-          for (int b = 0; b < nb; ++b) {
-            narrow(lrows[b], outp + idx[b] * d_out, d_out);
-            std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
-          }
-          continue;
-        }
-        dropped_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, zero.row(0), xrows);
-        // Into L2 while this block computes: its layer_out rows (read by combine_rows; the half
-        // types widened them above, so then the next block's), then the next block's x rows.
-        pf.clear();
+        const int64_t* idx = st.idx;
+        for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
+        float_rows(fp.lop, fp.ldl, idx, nb, d_out, st.ys, st.zero.row(0), st.lrows);
+        dropped_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.zero.row(0), st.xrows);
+        // Into L2 while this block computes: its layer_out rows (read by combine_rows; the
+        // half types widened them above, so then the next block's), then the next block's x
+        // rows.
+        st.pf.clear();
         if constexpr (std::is_same_v<T, float>) {
-          for (int b = 0; b < nb; ++b) pf.add(lop + idx[b] * ldl, d_out * sizeof(T));
+          for (int b = 0; b < nb; ++b) st.pf.add(fp.lop + idx[b] * fp.ldl, d_out * sizeof(T));
         } else {
-          prefetch_rows(pf, plan, blk + 1, lop, ldl, d_out);
+          prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
         }
-        prefetch_rows(pf, plan, blk + 1, xp, ldx, d_in);
-        dot_rows(w.A(block.adapter, r, d_in), r, d_in, xrows, nb, tbuf.data(), &pf);
+        prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
+        dot_rows(w.A(block.adapter, r, d_in), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
-          for (int64_t k = 0; k < r; ++k) tp[idx[b] * r + k] = tbuf[b * r + k];
-        for (int64_t q = 0; q < kRows * r; ++q) coef[q] = s * tbuf[q];
+          for (int64_t k = 0; k < r; ++k) fp.tp[idx[b] * r + k] = st.tbuf[b * r + k];
+        for (int64_t q = 0; q < kRows * r; ++q) st.coef[q] = fp.s * st.tbuf[q];
         for (int b = 0; b < kRows; ++b) {
           if constexpr (std::is_same_v<T, float>) {
-            orows[b] = b < nb ? outp + idx[b] * d_out : ys.row(b);
+            st.orows[b] = b < nb ? fp.outp + idx[b] * d_out : st.ys.row(b);
           } else {
-            orows[b] = ys.row(b);
+            st.orows[b] = st.ys.row(b);
           }
         }
-        combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, coef.data(), lrows, nullptr, nb,
-                     orows, &pf, stream);
+        combine_rows(w.Bt(block.adapter, r, d_out), r, d_out, st.coef.data(), st.lrows, nullptr, nb,
+                     st.orows, &st.pf, stream);
         if constexpr (!std::is_same_v<T, float>) {
-          for (int b = 0; b < nb; ++b) narrow(ys.row(b), outp + idx[b] * d_out, d_out);
+          for (int b = 0; b < nb; ++b) narrow(st.ys.row(b), fp.outp + idx[b] * d_out, d_out);
         }
-      }
-  });
-  return {out, t};
+      });
+  return fp.finish();
 }
 
 template <typename T>
@@ -627,57 +682,52 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
                                                 const at::Tensor& A_bank, const at::Tensor& B_bank,
                                                 const RowPlan& plan, double scale,
                                                 const DropoutParams& dp) {
-  using T = at::BFloat16;
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
+  ForwardPass<at::BFloat16> fp(x, layer_out, A_bank, plan, scale);
+  const int64_t d_in = fp.d_in, d_out = fp.d_out, r = fp.r;
   const Bf16Weights w(A_bank, B_bank);
-  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
-  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
-  const T* xp = x.data_ptr<T>();
-  const T* lop = layer_out.data_ptr<T>();
-  T* outp = out.data_ptr<T>();
-  float* tp = t.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
-  const float s = static_cast<float>(scale);
-  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max(grain_blocks(r, d_in + d_out), blocks / (16 * threads));
-  const auto* lop16 = reinterpret_cast<const uint16_t*>(lop);
-  auto* outp16 = reinterpret_cast<uint16_t*>(outp);
-  dynamic_for(blocks, chunk, threads, [&](auto&& next_chunk) {
-    Scratch xs(d_in, kRows), mask(d_in, kRows);
-    std::vector<uint16_t> x16(kRows * d_in), zero16(d_in, 0);
-    std::vector<float> tbuf(kRows * r);
-    std::vector<uint32_t> cp(kRows * w.pairs);
+  const auto* lop16 = reinterpret_cast<const uint16_t*>(fp.lop);
+  auto* outp16 = reinterpret_cast<uint16_t*>(fp.outp);
+  struct State {
+    Scratch xs, mask;
+    std::vector<uint16_t> x16, zero16;
+    std::vector<float> tbuf;
+    std::vector<uint32_t> cp;
     const uint16_t* xrows[kRows];
     const uint16_t* lrows[kRows];
     uint16_t* orows[kRows];
-    int64_t idx[kRows], begin, end;
-    while (next_chunk(begin, end))
-      for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t idx[kRows];
+    State(int64_t d_in, int64_t r, int64_t pairs)
+        : xs(d_in, kRows),
+          mask(d_in, kRows),
+          x16(kRows * d_in),
+          zero16(d_in, 0),
+          tbuf(kRows * r),
+          cp(kRows * pairs) {}
+  };
+  const int64_t chunk =
+      std::max(grain_blocks(r, d_in + d_out), fp.blocks / (16 * at::get_num_threads()));
+  fp.run(
+      chunk, [&] { return State(d_in, r, w.pairs); },
+      [&](State& st, int64_t blk) {
         const RowPlan::Block& block = plan.blocks[blk];
         const int nb = block.rows;
-        for (int b = 0; b < nb; ++b) idx[b] = plan.row(block.start + b);
-        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
-          for (int b = 0; b < nb; ++b) {
-            std::copy(lop16 + idx[b] * ldl, lop16 + idx[b] * ldl + d_out, outp16 + idx[b] * d_out);
-            std::fill(tp + idx[b] * r, tp + (idx[b] + 1) * r, 0.f);
-          }
-          continue;
-        }
-        bf16_x_rows(xp, ldx, idx, nb, d_in, dp, xs, mask, x16.data(), zero16.data(), xrows);
-        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, xrows, nb, tbuf.data());
+        const int64_t* idx = st.idx;
+        for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
+        bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
+                    st.zero16.data(), st.xrows);
+        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data());
         for (int b = 0; b < nb; ++b)
-          std::copy(tbuf.data() + b * r, tbuf.data() + (b + 1) * r, tp + idx[b] * r);
-        rank_pair_coefs(nb, r, [&](int b, int64_t k) { return s * tbuf[b * r + k]; }, cp.data());
+          std::copy(st.tbuf.data() + b * r, st.tbuf.data() + (b + 1) * r, fp.tp + idx[b] * r);
+        rank_pair_coefs(
+            nb, r, [&](int b, int64_t k) { return fp.s * st.tbuf[b * r + k]; }, st.cp.data());
         for (int b = 0; b < nb; ++b) {
-          lrows[b] = lop16 + idx[b] * ldl;
-          orows[b] = outp16 + idx[b] * d_out;
+          st.lrows[b] = lop16 + idx[b] * fp.ldl;
+          st.orows[b] = outp16 + idx[b] * d_out;
         }
-        cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), r, d_out, cp.data(), lrows, nullptr, nb,
-                               orows);
-      }
-  });
-  return {out, t};
+        cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), r, d_out, st.cp.data(), st.lrows, nullptr,
+                               nb, st.orows);
+      });
+  return fp.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
@@ -1046,40 +1096,36 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
                                                    const at::Tensor& A_bank,
                                                    const at::Tensor& B_bank, const RowPlan& plan,
                                                    double scale, const DropoutParams& dp) {
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = layer_out.size(1), r = A_bank.size(-2);
+  ForwardPass<T> fp(x, layer_out, A_bank, plan, scale);
+  const int64_t d_in = fp.d_in, d_out = fp.d_out, r = fp.r;
   const PackedWeights w(A_bank, B_bank);
-  at::Tensor out = cpu::empty_output({n, d_out}, layer_out.options());
-  at::Tensor t = cpu::empty_cpu({n, r}, at::kFloat);
-  const T* xp = x.data_ptr<T>();
-  const T* lop = layer_out.data_ptr<T>();
-  T* outp = out.data_ptr<T>();
-  float* tp = t.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldl = layer_out.stride(0);
-  const float s = static_cast<float>(scale);
+  const T* xp = fp.xp;
+  const T* lop = fp.lop;
+  T* outp = fp.outp;
+  float* tp = fp.tp;
+  const int64_t ldx = fp.ldx, ldl = fp.ldl;
   const int64_t rows = blocked_rows(d_in, d_out);
-  const int64_t blocks = static_cast<int64_t>(plan.blocks.size());
   // In place where the block's rows are consecutive rows of the tensors: x (fp32, no dropout) and
   // t.
   const bool in_order = plan.order.empty();
   const bool x_direct = in_order && std::is_same_v<T, float> && !dp.enabled;
-  const bool stream = std::is_same_v<T, float> && streams(out);
-  dynamic_for(blocks, 1, at::get_num_threads(), [&](auto&& next_chunk) {
-    const BlasScratch xs(x_direct ? 0 : rows * d_in), ys(rows * d_out), ts(in_order ? 0 : rows * r);
-    std::vector<float> mask(cpu::mask_padded(d_in)), row_scratch(std::max(d_in, d_out));
-    int64_t begin, end;
-    while (next_chunk(begin, end))
-      for (int64_t blk = begin; blk < end; ++blk) {
+  const bool stream = std::is_same_v<T, float> && streams(fp.out);
+  struct State {
+    BlasScratch xs, ys, ts;
+    std::vector<float> mask, row_scratch;
+  };
+  fp.run(
+      1,
+      [&] {
+        return State{BlasScratch(x_direct ? 0 : rows * d_in), BlasScratch(rows * d_out),
+                     BlasScratch(in_order ? 0 : rows * r),
+                     std::vector<float>(cpu::mask_padded(d_in)),
+                     std::vector<float>(std::max(d_in, d_out))};
+      },
+      [&](State& st, int64_t blk) {
         const RowPlan::Block& block = plan.blocks[blk];
         const int64_t nb = block.rows;
         auto row = [&](int64_t b) { return plan.row(block.start + b); };
-        if (block.adapter < 0) {  // no adapter: out = layer_out, t = 0
-          for (int64_t b = 0; b < nb; ++b) {
-            cpu::widen(lop + row(b) * ldl, row_scratch.data(), d_out);
-            narrow(row_scratch.data(), outp + row(b) * d_out, d_out);
-            std::fill(tp + row(b) * r, tp + (row(b) + 1) * r, 0.f);
-          }
-          continue;
-        }
         const float* xb = nullptr;
         int64_t ldxb = d_in;
         if constexpr (std::is_same_v<T, float>) {
@@ -1088,25 +1134,24 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
         }
         if (!x_direct) {
           for (int64_t b = 0; b < nb; ++b)
-            cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, mask.data(),
-                             xs.data() + b * d_in);
-          xb = xs.data();
+            cpu::dropped_row(xp + row(b) * ldx, row(b), d_in, dp, st.mask.data(),
+                             st.xs.data() + b * d_in);
+          xb = st.xs.data();
           ldxb = d_in;
         }
-        float* tb = in_order ? tp + block.start * r : ts.data();
+        float* tb = in_order ? tp + block.start * r : st.ts.data();
         cpu::gemm_rows(false, true, nb, r, d_in, 1.f, xb, ldxb, w.A(block.adapter, r, d_in), d_in,
                        0.f, tb, r);
         if (!in_order)
           for (int64_t b = 0; b < nb; ++b) std::copy(tb + b * r, tb + (b + 1) * r, tp + row(b) * r);
-        cpu::gemm_rows(false, false, nb, d_out, r, s, tb, r, w.Bt(block.adapter, r, d_out), d_out,
-                       0.f, ys.data(), d_out);
+        cpu::gemm_rows(false, false, nb, d_out, r, fp.s, tb, r, w.Bt(block.adapter, r, d_out),
+                       d_out, 0.f, st.ys.data(), d_out);
         for (int64_t b = 0; b < nb; ++b)
-          add_row(lop + row(b) * ldl, ys.data() + b * d_out, outp + row(b) * d_out, d_out,
-                  row_scratch.data(), stream);
-      }
-  });
+          add_row(lop + row(b) * ldl, st.ys.data() + b * d_out, outp + row(b) * d_out, d_out,
+                  st.row_scratch.data(), stream);
+      });
   if (stream) asm volatile("sfence" ::: "memory");
-  return {out, t};
+  return fp.finish();
 }
 
 template <typename T>
