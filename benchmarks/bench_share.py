@@ -291,10 +291,13 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.0)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="of the --d cases (default fp32)"
+    )
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    cases = [(d, "fp32") for d in (args.d or [768])]
+    cases = [(d, args.dtype) for d in (args.d or [768])]
     if device.type == "cuda" and not args.d:
         cases.append((4096, "bf16"))
     if args.quick:
