@@ -238,10 +238,15 @@ def cpu_bf16_kernels() -> Optional[str]:
     LOR2C_CPU_BF16_DOT=0 (read once)."""
     if not _ext.loaded():
         return "unavailable: the compiled extension is not loaded"
-    ops = torch.ops.lor2c_ops_ext
-    if not hasattr(ops, "cpu_bf16_dot_missing"):
-        return "the compiled extension predates the bf16 kernels: rebuild it from these sources"
-    return ops.cpu_bf16_dot_missing() or None
+    if not _BF16_KERNELS:  # fixed for the process (read once in C++): asked once, not per call
+        ops = torch.ops.lor2c_ops_ext
+        if not hasattr(ops, "cpu_bf16_dot_missing"):
+            return "the compiled extension predates the bf16 kernels: rebuild it from these sources"
+        _BF16_KERNELS.append(ops.cpu_bf16_dot_missing() or None)
+    return _BF16_KERNELS[0]
+
+
+_BF16_KERNELS: list = []
 
 
 _GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank

@@ -10,6 +10,8 @@
 // weights packed as rank pairs, pack_rank_pairs), accumulate_outer along the rows (row pairs
 // interleaved, interleave_rows). A pair is one uint32: the first element in the low half.
 #pragma once
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace lor2c {
@@ -21,15 +23,10 @@ namespace cpu {
 bool bf16_dot();
 const char* bf16_dot_missing();
 
-// The bf16 bits of x, rounded as c10 rounds (to nearest even; a NaN to 0x7FC0).
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  __builtin_memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+// The pair (lo, hi) of bf16 values rounded from fp32 as torch rounds (c10::BFloat16: to nearest
+// even, a NaN to 0x7FC0).
 inline uint32_t bf16_pair(float lo, float hi) {
-  return uint32_t{bf16_bits(lo)} | (uint32_t{bf16_bits(hi)} << 16);
+  return uint32_t{c10::BFloat16(lo).x} | (uint32_t{c10::BFloat16(hi).x} << 16);
 }
 
 // out[b * r + k] = sum_j M[k * d + j] * rows[b][j]   (t = xd A.T, u = g B), b < used; M is r x d

@@ -603,32 +603,43 @@ bool bf16_kernels(const at::Tensor& x, const at::Tensor& A_bank, const at::Tenso
          B_bank.scalar_type() == at::kBFloat16 && cpu::bf16_dot();
 }
 
-// The weights as bf16 bits, A as (G, r, d_in) and B transposed to (G, r, d_out), each also as
-// rank pairs (cpu::pack_rank_pairs) for the products summed over the ranks.
+// The weights as the bf16 kernels read them: for the forward A (G, r, d_in) in place and B^T as
+// rank pairs (cpu::pack_rank_pairs; y sums over the ranks), for the backward B^T (G, r, d_out)
+// and A as rank pairs (dx sums over the ranks). B^T is transposed with transpose_into, as the
+// fp32 kernels' PackedWeights does.
 struct Bf16Weights {
   int64_t r, d_in, d_out, pairs;
-  std::vector<uint16_t> a, bt;
+  at::Tensor A;  // contiguous
+  std::vector<at::BFloat16> bt;
   std::vector<uint32_t> a_pairs, bt_pairs;
-  Bf16Weights(const at::Tensor& A_bank, const at::Tensor& B_bank)
-      : r(A_bank.size(-2)), d_in(A_bank.size(-1)), d_out(B_bank.size(-2)), pairs((r + 1) / 2) {
-    const at::Tensor A = A_bank.contiguous(), B = B_bank.contiguous();
+  Bf16Weights(const at::Tensor& A_bank, const at::Tensor& B_bank, bool forward)
+      : r(A_bank.size(-2)),
+        d_in(A_bank.size(-1)),
+        d_out(B_bank.size(-2)),
+        pairs((r + 1) / 2),
+        A(A_bank.contiguous()) {
+    const at::Tensor B = B_bank.contiguous();
     const int64_t G = A.dim() == 3 ? A.size(0) : 1;
-    const auto* ap = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
-    const auto* bp = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
-    a.assign(ap, ap + G * r * d_in);
     bt.resize(G * r * d_out);
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t j = 0; j < d_out; ++j)
-        for (int64_t k = 0; k < r; ++k) bt[(g * r + k) * d_out + j] = bp[(g * d_out + j) * r + k];
-    a_pairs.resize(G * pairs * d_in);
-    bt_pairs.resize(G * pairs * d_out);
+      transpose_into(B.data_ptr<at::BFloat16>() + g * d_out * r, d_out, r, 1.f,
+                     bt.data() + g * r * d_out);
     for (int64_t g = 0; g < G; ++g) {
-      cpu::pack_rank_pairs(A_(g), r, d_in, a_pairs.data() + g * pairs * d_in);
-      cpu::pack_rank_pairs(Bt(g), r, d_out, bt_pairs.data() + g * pairs * d_out);
+      if (forward) {
+        bt_pairs.resize(G * pairs * d_out);
+        cpu::pack_rank_pairs(Bt(g), r, d_out, bt_pairs.data() + g * pairs * d_out);
+      } else {
+        a_pairs.resize(G * pairs * d_in);
+        cpu::pack_rank_pairs(A_(g), r, d_in, a_pairs.data() + g * pairs * d_in);
+      }
     }
   }
-  const uint16_t* A_(int64_t g) const { return a.data() + g * r * d_in; }
-  const uint16_t* Bt(int64_t g) const { return bt.data() + g * r * d_out; }
+  const uint16_t* A_(int64_t g) const {
+    return reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()) + g * r * d_in;
+  }
+  const uint16_t* Bt(int64_t g) const {
+    return reinterpret_cast<const uint16_t*>(bt.data()) + g * r * d_out;
+  }
   const uint32_t* A_pairs(int64_t g) const { return a_pairs.data() + g * pairs * d_in; }
   const uint32_t* Bt_pairs(int64_t g) const { return bt_pairs.data() + g * pairs * d_out; }
 };
@@ -684,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
                                                 const DropoutParams& dp) {
   ForwardPass<at::BFloat16> fp(x, layer_out, A_bank, plan, scale);
   const int64_t d_in = fp.d_in, d_out = fp.d_out, r = fp.r;
-  const Bf16Weights w(A_bank, B_bank);
+  const Bf16Weights w(A_bank, B_bank, /*forward=*/true);
   const auto* lop16 = reinterpret_cast<const uint16_t*>(fp.lop);
   auto* outp16 = reinterpret_cast<uint16_t*>(fp.outp);
   struct State {
@@ -737,7 +748,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
   using T = at::BFloat16;
   BackwardPass<T> bp(grad, x, t, A_bank, B_bank, plan, scale, need_dx, need_dA, need_dB,
                      kBlocksPerPart);
-  const Bf16Weights w(A_bank, B_bank);
+  const Bf16Weights w(A_bank, B_bank, /*forward=*/false);
   const int64_t d_in = bp.d_in, d_out = bp.d_out, r = bp.r;
   const auto* gp = reinterpret_cast<const uint16_t*>(bp.gp);
   // The weight-gradient sums take the row pairs of up to kSumBlocks consecutive blocks of one
@@ -780,9 +791,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb,
                               st.u.data());  // u = g B
            const float s = bp.s;
-           if (need_dA || (need_dx && dp.enabled))
+           if (need_dA)  // dropout(x) as bf16 rows (and the mask rows)
              bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
                          st.zero16.data(), st.xrows);
+           else if (need_dx && dp.enabled)  // dx needs the mask alone
+             for (int b = 0; b < nb; ++b) cpu::draw_dropout_row(idx[b], d_in, dp, st.mask.row(b));
            if (need_dx) {  // dx = s (u A) * mask, narrowed
              rank_pair_coefs(
                  nb, r, [&](int b, int64_t k) { return s * st.u[b * r + k]; }, st.ucp.data());
