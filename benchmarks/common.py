@@ -23,6 +23,12 @@ from typing import Callable
 
 import torch
 
+# The lor2c_ops measured is the one in this checkout, never another copy that an environment's
+# editable install or site-packages happens to point at: the scripts import common first.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(REPO, "lor2c_ops")) and REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 # Hidden sizes named after the models that have them (the suite's job labels).
 MODELS = {384: "MiniLM-L6", 768: "BERT-base", 1024: "BERT-large", 4096: "LLaMA-2-7B"}
 

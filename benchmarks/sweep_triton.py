@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import common  # noqa: F401  (first: puts this checkout's lor2c_ops on the path)
 from lor2c_ops.ref.philox import dropout_threshold  # noqa: F401  (kept importable)
 from lor2c_ops.triton import lor2c as tk
 

@@ -42,14 +42,17 @@ template <int MR, int NK>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint16_t* M, int64_t r,
                                                                       int64_t d, int64_t k0,
                                                                       const uint16_t* const* rows,
-                                                                      int used, float* out) {
+                                                                      int used, float* out,
+                                                                      Prefetch* pf) {
   __m512 acc[MR * NK];
 #pragma GCC unroll 16
   for (int i = 0; i < MR * NK; ++i) acc[i] = _mm512_setzero_ps();
   const uint16_t* m[NK];
 #pragma GCC unroll 16
   for (int q = 0; q < NK; ++q) m[q] = M + (k0 + q) * d;
-  for (int64_t j = 0; j < d; j += 32) {
+  const PrefetchLines<> lines(pf, (d + 31) / 32, MR * ((d + 31) / 32));  // MR rows of d
+  for (int64_t j = 0, s = 0; j < d; j += 32, ++s) {
+    lines.step(s);
     const int64_t left = d - j;
     const __mmask32 mask =
         left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
@@ -88,7 +91,8 @@ LOR2C_TARGET_BF16 inline __m512 widen16(__mmask16 mk, const uint16_t* p) {
 template <int MR, int NC>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
     const uint32_t* Mp, int64_t pairs, int64_t d, int64_t j0, int64_t ncols, const uint32_t* cp,
-    const uint16_t* const* base, const float* const* mul, int rows_here, uint16_t* const* out) {
+    const uint16_t* const* base, const float* const* mul, int rows_here, uint16_t* const* out,
+    Prefetch* pf) {
   __m512 acc[MR * NC];
   __mmask16 mk[NC];
 #pragma GCC unroll 16
@@ -100,7 +104,10 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
       acc[b * NC + c] =
           base && b < rows_here ? widen16(mk[c], base[b] + j0 + 16 * c) : _mm512_setzero_ps();
   const uint32_t* m = Mp + j0;
+  // MR x 16 NC bf16 of out (and of base)
+  const PrefetchLines<> lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
   for (int64_t q = 0; q < pairs; ++q, m += d) {
+    lines.step(q);
     __m512i w[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_epi32(mk[c], m + 16 * c);
@@ -124,7 +131,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
 template <int NK, int NC>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
     float* P, int64_t r, int64_t d, int64_t k0, int64_t j0, int64_t ncols, const uint32_t* cp,
-    const uint32_t* const* Rp, int pairs) {
+    const uint32_t* const* Rp, int pairs, Prefetch* pf) {
   __m512 acc[NK * NC];
   __mmask16 mk[NC];
 #pragma GCC unroll 16
@@ -134,7 +141,9 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = _mm512_maskz_loadu_ps(mk[c], p + q * d + 16 * c);
+  const PrefetchLines<> lines(pf, pairs, pairs * NC);  // the pairs' 16 NC uint32
   for (int b = 0; b < pairs; ++b) {
+    lines.step(b);
     __m512i x[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) x[c] = _mm512_maskz_loadu_epi32(mk[c], Rp[b] + j0 + 16 * c);
@@ -153,66 +162,66 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
 
 // Tiles of NK' = rem < NK ranks.
 template <int NK>
-LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_rest(int rem, const uint16_t* M,
-                                                                      int64_t r, int64_t d,
-                                                                      int64_t k0,
-                                                                      const uint16_t* const* rows,
-                                                                      int used, float* out) {
+LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_rest(
+    int rem, const uint16_t* M, int64_t r, int64_t d, int64_t k0, const uint16_t* const* rows,
+    int used, float* out, Prefetch* pf) {
   if constexpr (NK > 0) {
-    if (rem == NK) return dot_tile<kDotMR, NK>(M, r, d, k0, rows, used, out);
-    dot_rest<NK - 1>(rem, M, r, d, k0, rows, used, out);
+    if (rem == NK) return dot_tile<kDotMR, NK>(M, r, d, k0, rows, used, out, pf);
+    dot_rest<NK - 1>(rem, M, r, d, k0, rows, used, out, pf);
   }
 }
 
 template <int NK>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_ranks(
     float* P, int64_t r, int64_t d, int64_t k0, const uint32_t* cp, const uint32_t* const* Rp,
-    int pairs) {
+    int pairs, Prefetch* pf) {
   for (int64_t j = 0; j < d; j += 16 * kAccNC)
-    accumulate_tile<NK, kAccNC>(P, r, d, k0, j, d - j, cp, Rp, pairs);
+    accumulate_tile<NK, kAccNC>(P, r, d, k0, j, d - j, cp, Rp, pairs, pf);
 }
 
 template <int NK>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_rest(
     int rem, float* P, int64_t r, int64_t d, int64_t k0, const uint32_t* cp,
-    const uint32_t* const* Rp, int pairs) {
+    const uint32_t* const* Rp, int pairs, Prefetch* pf) {
   if constexpr (NK > 0) {
-    if (rem == NK) return accumulate_ranks<NK>(P, r, d, k0, cp, Rp, pairs);
-    accumulate_rest<NK - 1>(rem, P, r, d, k0, cp, Rp, pairs);
+    if (rem == NK) return accumulate_ranks<NK>(P, r, d, k0, cp, Rp, pairs, pf);
+    accumulate_rest<NK - 1>(rem, P, r, d, k0, cp, Rp, pairs, pf);
   }
 }
 
 LOR2C_TARGET_BF16 __attribute__((noinline)) void dot_rows_impl(const uint16_t* M, int64_t r,
                                                                int64_t d,
                                                                const uint16_t* const* rows,
-                                                               int used, float* out) {
+                                                               int used, float* out, Prefetch* pf) {
   int64_t k = 0;
   for (; k + kDotNK <= r; k += kDotNK)
     for (int b = 0; b < used; b += kDotMR)
-      dot_tile<kDotMR, kDotNK>(M, r, d, k, rows + b, used - b, out + b * r);
+      dot_tile<kDotMR, kDotNK>(M, r, d, k, rows + b, used - b, out + b * r, pf);
   if (k < r)
     for (int b = 0; b < used; b += kDotMR)
-      dot_rest<kDotNK - 1>(static_cast<int>(r - k), M, r, d, k, rows + b, used - b, out + b * r);
+      dot_rest<kDotNK - 1>(static_cast<int>(r - k), M, r, d, k, rows + b, used - b, out + b * r,
+                           pf);
 }
 
-LOR2C_TARGET_BF16 __attribute__((noinline)) void combine_rows_impl(const uint32_t* Mp, int64_t r,
-                                                                   int64_t d, const uint32_t* cp,
-                                                                   const uint16_t* const* base,
-                                                                   const float* const* mul,
-                                                                   int used, uint16_t* const* out) {
+LOR2C_TARGET_BF16 __attribute__((noinline)) void combine_rows_impl(
+    const uint32_t* Mp, int64_t r, int64_t d, const uint32_t* cp, const uint16_t* const* base,
+    const float* const* mul, int used, uint16_t* const* out, Prefetch* pf) {
   const int64_t pairs = (r + 1) / 2;
   for (int b = 0; b < used; b += kCombMR)
     for (int64_t j = 0; j < d; j += 16 * kCombNC)
       combine_tile<kCombMR, kCombNC>(Mp, pairs, d, j, d - j, cp + b * pairs,
                                      base ? base + b : nullptr, mul ? mul + b : nullptr, used - b,
-                                     out + b);
+                                     out + b, pf);
 }
 
-LOR2C_TARGET_BF16 __attribute__((noinline)) void accumulate_outer_impl(
-    float* P, int64_t r, int64_t d, const uint32_t* cp, const uint32_t* const* Rp, int pairs) {
+LOR2C_TARGET_BF16 __attribute__((noinline)) void accumulate_outer_impl(float* P, int64_t r,
+                                                                       int64_t d,
+                                                                       const uint32_t* cp,
+                                                                       const uint32_t* const* Rp,
+                                                                       int pairs, Prefetch* pf) {
   int64_t k = 0;
-  for (; k + kAccNK <= r; k += kAccNK) accumulate_ranks<kAccNK>(P, r, d, k, cp, Rp, pairs);
-  if (k < r) accumulate_rest<kAccNK - 1>(static_cast<int>(r - k), P, r, d, k, cp, Rp, pairs);
+  for (; k + kAccNK <= r; k += kAccNK) accumulate_ranks<kAccNK>(P, r, d, k, cp, Rp, pairs, pf);
+  if (k < r) accumulate_rest<kAccNK - 1>(static_cast<int>(r - k), P, r, d, k, cp, Rp, pairs, pf);
 }
 
 const char* detect_missing() {
@@ -235,33 +244,35 @@ const char* bf16_dot_missing() {
 bool bf16_dot() { return bf16_dot_missing() == nullptr; }
 
 void dot_rows_bf16(const uint16_t* M, int64_t r, int64_t d, const uint16_t* const* rows, int used,
-                   float* out) {
-  dot_rows_impl(M, r, d, rows, used, out);
+                   float* out, Prefetch* pf) {
+  dot_rows_impl(M, r, d, rows, used, out, pf);
 }
 
 void combine_rows_bf16(const uint32_t* Mp, int64_t r, int64_t d, const uint32_t* cp,
                        const uint16_t* const* base, const float* const* mul, int used,
-                       uint16_t* const* out) {
-  combine_rows_impl(Mp, r, d, cp, base, mul, used, out);
+                       uint16_t* const* out, Prefetch* pf) {
+  combine_rows_impl(Mp, r, d, cp, base, mul, used, out, pf);
 }
 
 void accumulate_outer_bf16(float* P, int64_t r, int64_t d, const uint32_t* cp,
-                           const uint32_t* const* Rp, int pairs) {
-  accumulate_outer_impl(P, r, d, cp, Rp, pairs);
+                           const uint32_t* const* Rp, int pairs, Prefetch* pf) {
+  accumulate_outer_impl(P, r, d, cp, Rp, pairs, pf);
 }
 
 #else  // not x86-64 with GCC/Clang: never selected
 
 const char* bf16_dot_missing() { return "not an x86-64 build"; }
 bool bf16_dot() { return false; }
-void dot_rows_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int, float*) {
+void dot_rows_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int, float*,
+                   Prefetch*) {
   TORCH_CHECK(false, "dot_rows_bf16: ", bf16_dot_missing());
 }
 void combine_rows_bf16(const uint32_t*, int64_t, int64_t, const uint32_t*, const uint16_t* const*,
-                       const float* const*, int, uint16_t* const*) {
+                       const float* const*, int, uint16_t* const*, Prefetch*) {
   TORCH_CHECK(false, "combine_rows_bf16: ", bf16_dot_missing());
 }
-void accumulate_outer_bf16(float*, int64_t, int64_t, const uint32_t*, const uint32_t* const*, int) {
+void accumulate_outer_bf16(float*, int64_t, int64_t, const uint32_t*, const uint32_t* const*, int,
+                           Prefetch*) {
   TORCH_CHECK(false, "accumulate_outer_bf16: ", bf16_dot_missing());
 }
 

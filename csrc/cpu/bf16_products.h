@@ -9,10 +9,13 @@
 // reduction: dot_rows along d (consecutive columns of a row), combine_rows along the ranks (the
 // weights packed as rank pairs, pack_rank_pairs), accumulate_outer along the rows (row pairs
 // interleaved, interleave_rows). A pair is one uint32: the first element in the low half.
+// pf: lines to bring into L2 as the tiles run (rank_products.h), paced as the fp32 kernels'.
 #pragma once
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+
+#include "rank_products.h"  // Prefetch
 
 namespace lor2c {
 namespace cpu {
@@ -32,7 +35,7 @@ inline uint32_t bf16_pair(float lo, float hi) {
 // out[b * r + k] = sum_j M[k * d + j] * rows[b][j]   (t = xd A.T, u = g B), b < used; M is r x d
 // bf16, rows[0..used) are bf16 rows of d elements.
 void dot_rows_bf16(const uint16_t* M, int64_t r, int64_t d, const uint16_t* const* rows, int used,
-                   float* out);
+                   float* out, Prefetch* pf = nullptr);
 
 // out[b][j] = bf16(((base ? base[b][j] : 0) + sum_k coef_k(b) * M[k][j]) * (mul ? mul[b][j] :
 // 1)), b < used (y; dx, with mul the dropout mask): base and out are bf16 rows, the sum is fp32
@@ -40,13 +43,13 @@ void dot_rows_bf16(const uint16_t* M, int64_t r, int64_t d, const uint16_t* cons
 // cp[b * ((r + 1) / 2) + k / 2]: the pair (coef[b][k], coef[b][k + 1]) (0 past r).
 void combine_rows_bf16(const uint32_t* Mp, int64_t r, int64_t d, const uint32_t* cp,
                        const uint16_t* const* base, const float* const* mul, int used,
-                       uint16_t* const* out);
+                       uint16_t* const* out, Prefetch* pf = nullptr);
 
 // P[k * d + j] += sum_b coef[b][k] * rows[b][j]   (dA, dB.T partial sums) over `pairs` row
 // pairs: Rp[q][j] is the pair (rows[2q][j], rows[2q + 1][j]) (interleave_rows), cp[q * r + k]
 // the pair (coef[2q][k], coef[2q + 1][k]).
 void accumulate_outer_bf16(float* P, int64_t r, int64_t d, const uint32_t* cp,
-                           const uint32_t* const* Rp, int pairs);
+                           const uint32_t* const* Rp, int pairs, Prefetch* pf = nullptr);
 
 // Mp[(k / 2) * d + j] = (M[k][j], M[k + 1][j]) for the (r + 1) / 2 rank pairs of an r x d bf16
 // matrix (the second of an odd r's last pair is 0).

@@ -706,6 +706,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
     const uint16_t* xrows[kRows];
     const uint16_t* lrows[kRows];
     uint16_t* orows[kRows];
+    cpu::Prefetch pf;
     int64_t idx[kRows];
     State(int64_t d_in, int64_t r, int64_t pairs)
         : xs(d_in, kRows),
@@ -726,7 +727,11 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
         bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
                     st.zero16.data(), st.xrows);
-        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data());
+        // Into L2 while this block computes: the next block's x and layer_out rows.
+        st.pf.clear();
+        prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
+        prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
+        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
           std::copy(st.tbuf.data() + b * r, st.tbuf.data() + (b + 1) * r, fp.tp + idx[b] * r);
         rank_pair_coefs(
@@ -736,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
           st.orows[b] = outp16 + idx[b] * d_out;
         }
         cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), r, d_out, st.cp.data(), st.lrows, nullptr,
-                               nb, st.orows);
+                               nb, st.orows, &st.pf);
       });
   return fp.finish();
 }
@@ -765,6 +770,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
     uint16_t* dxrows[kRows];
     const uint32_t* g_rp[kMaxPairs];
     const uint32_t* x_rp[kMaxPairs];
+    cpu::Prefetch pf;
     int64_t idx[kRows];
     int pending = 0, pending_blocks = 0;  // row pairs and blocks buffered for the sums
     State(int64_t d_in, int64_t d_out, int64_t r)
@@ -788,8 +794,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
            for (int b = 0; b < kRows; ++b)
              st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
-           cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb,
-                              st.u.data());  // u = g B
+           // Into L2 while this block computes: the next block's grad rows, and its x rows where
+           // dA reads them.
+           st.pf.clear();
+           prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
+           if (need_dA) prefetch_rows(st.pf, plan, blk + 1, bp.xp, bp.ldx, d_in);
+           cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb, st.u.data(),
+                              &st.pf);  // u = g B
            const float s = bp.s;
            if (need_dA)  // dropout(x) as bf16 rows (and the mask rows)
              bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
@@ -806,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                mrows[b] = st.mask.row(b);
              }
              cpu::combine_rows_bf16(w.A_pairs(block.adapter), r, d_in, st.ucp.data(), nullptr,
-                                    dp.enabled ? mrows : nullptr, nb, st.dxrows);
+                                    dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf);
            }
            if (!need_dA && !need_dB) return;
            const int at = st.pending;
@@ -825,9 +836,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                plan.blocks[blk + 1].adapter == block.adapter)
              return;
            if (need_dB)  // dB.T += t.T g
-             cpu::accumulate_outer_bf16(pb, r, d_out, st.t_cp.data(), st.g_rp, st.pending);
+             cpu::accumulate_outer_bf16(pb, r, d_out, st.t_cp.data(), st.g_rp, st.pending, &st.pf);
            if (need_dA)  // dA += s u.T xd
-             cpu::accumulate_outer_bf16(pa, r, d_in, st.u_cp.data(), st.x_rp, st.pending);
+             cpu::accumulate_outer_bf16(pa, r, d_in, st.u_cp.data(), st.x_rp, st.pending, &st.pf);
            st.pending = st.pending_blocks = 0;
          });
   return bp.finish();

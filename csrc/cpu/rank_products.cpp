@@ -89,30 +89,6 @@ LOR2C_INLINE void in_register(V& v) {
   asm("" : "+v"(v));
 }
 
-// ---- prefetch pacing ---------------------------------------------------------------------------
-
-// The lines a tile of `steps` vector steps prefetches: kPrefetchPerStep per step, taken from pf.
-// Measured (n=8192 d=768, one core, AVX-512): one line per step covered too little of the next
-// block in the forward (two products for three streams); prefetcht0 and prefetchnta into L1
-// evicted the block's own rows (no gain); prefetcht2 (into L2) at two lines per step took the
-// r=16 forward + backward from 20.5 to 16.2 ms, with the non-temporal stores below.
-constexpr int kPrefetchPerStep = 2;
-
-struct PrefetchLines {
-  const char* p = nullptr;
-  int64_t n = 0;
-  LOR2C_INLINE PrefetchLines(Prefetch* pf, int64_t steps) {
-    if (pf) p = pf->take(kPrefetchPerStep * steps, &n);
-  }
-  // The lines of step s.
-  LOR2C_INLINE void step(int64_t s) const {
-#pragma GCC unroll 4
-    for (int q = 0; q < kPrefetchPerStep; ++q)
-      if (kPrefetchPerStep * s + q < n)
-        __builtin_prefetch(p + 64 * (kPrefetchPerStep * s + q), 0, 1);  // prefetcht2
-  }
-};
-
 // ---- lane sums: W vectors -> one vector of their W horizontal sums -------------------------
 
 // One level of the tree: a and b hold groups of 2H lanes, each the partial sums of one input;
@@ -160,7 +136,7 @@ LOR2C_INLINE void dot_tile(const float* __restrict M, int64_t r, int64_t d, int6
   const float* x[MR];
   for (int b = 0; b < MR; ++b) x[b] = rows[b];
   V acc[G * W] = {};  // input i = b * NK + q at group i / W, position bitrev(i % W)
-  const PrefetchLines lines(pf, dv / W);
+  const PrefetchLines<> lines(pf, dv / W, MR * dv / 16);  // MR rows of dv floats
   for (int64_t j = 0, s = 0; j < dv; j += W, ++s) {
     lines.step(s);
     V w[NK];
@@ -232,7 +208,7 @@ LOR2C_INLINE void combine_tile(const float* __restrict M, int64_t r, int64_t d, 
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[b * NC + c] = base ? vload<W>(base[b] + j0 + c * W) : V{};
   const float* m = M + j0;
-  const PrefetchLines lines(pf, r);
+  const PrefetchLines<> lines(pf, r, (base ? 2 : 1) * MR * NC * W / 16);  // out (and base)
   for (int64_t k = 0; k < r; ++k, m += d) {
     lines.step(k);
     V w[NC];
@@ -308,7 +284,7 @@ LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = vload<W>(p + q * d + c * W);
-  const PrefetchLines lines(pf, used);
+  const PrefetchLines<> lines(pf, used, used * NC * W / 16);  // the rows' NC * W floats
   for (int b = 0; b < used; ++b) {
     lines.step(b);
     V x[NC];
