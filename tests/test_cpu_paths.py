@@ -354,7 +354,9 @@ def test_cpu_bf16_results_rounded_as_torch_rounds():
     and u fit bf16), layer_out fractional: out, dx, dA and dB must equal the exact result rounded
     to bf16 as torch rounds, bit for bit (the kernels' one rounding, to nearest even), on odd
     widths (masked column tails) and an odd rank (a half-empty rank pair). A NaN in layer_out
-    stays a NaN in its place."""
+    stays a NaN in its place, and denormal layer_out values where the products are zero (a row of
+    x of zeros) come out as they went in (vdpbf16ps flushes denormal sums: the bf16 kernels must
+    not carry layer_out through it)."""
     skip_unless_runnable("cpu")
     gen = torch.Generator().manual_seed(5)
     n, d_in, d_out, r, s = 37, 40, 50, 3, 0.5
@@ -364,6 +366,9 @@ def test_cpu_bf16_results_rounded_as_torch_rounds():
     g = torch.randint(-2, 3, (n, d_out), generator=gen).to(torch.bfloat16)
     layer_out = (torch.randn(n, d_out, generator=gen) * 50).to(torch.bfloat16)
     layer_out[3, 7] = float("nan")
+    x[5] = 0
+    layer_out[5] = torch.linspace(-3e-39, 3e-39, d_out).to(torch.bfloat16)  # denormals and zero
+    assert (layer_out[5].float().abs() < torch.finfo(torch.float32).tiny).all()
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer_out, A, B)]
     out = lo.lor2c_residual(*leaves, scale=s, dropout_p=0.0, backend="cpu")
     out.backward(g)

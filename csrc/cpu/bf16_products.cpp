@@ -72,8 +72,9 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint
     for (int q = 0; q < NK; ++q) out[b * r + k0 + q] = _mm512_reduce_add_ps(acc[b * NK + q]);
 }
 
-// The bf16 bits of 16 fp32 lanes, rounded as c10 rounds (to nearest even; a NaN to 0x7FC0).
-LOR2C_TARGET_BF16 inline __m256i narrow16(__m512 v) {
+// The bf16 bits of 16 fp32 lanes, rounded as c10 rounds (to nearest even; a NaN to 0x7FC0), by
+// hand: the bits plus 0x7fff plus the kept half's lowest bit, shifted.
+LOR2C_TARGET_BF16 inline __m256i narrow16_by_hand(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded =
@@ -82,12 +83,26 @@ LOR2C_TARGET_BF16 inline __m256i narrow16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc0)));
 }
 
+// The same with vcvtneps2bf16, which rounds to nearest even too but reads a denormal as zero and
+// keeps a NaN's sign and payload: a vector with a NaN or a denormal lane (rare) takes
+// narrow16_by_hand. Measured in the forward's combine_rows (one core, rank 16, rows in cache):
+// 3-8% faster than narrow16_by_hand alone, which pays for adding base last (combine_tile).
+LOR2C_TARGET_BF16 inline __m256i narrow16(__m512 v) {
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, kNanOrDenormal) != 0, 0))
+    return narrow16_by_hand(v);
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
 // 16 bf16 values widened to fp32 (exact: the bits in the high halves).
 LOR2C_TARGET_BF16 inline __m512 widen16(__mmask16 mk, const uint16_t* p) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
 }
 
+// Columns j0 .. j0 + 16 NC (ncols where fewer are left) of rows b < MR. The sum starts from the
+// products and adds base last, in fp32: vdpbf16ps flushes a denormal sum to zero, so a denormal
+// base carried through the products would be lost (eager's add keeps it).
 template <int MR, int NC>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
     const uint32_t* Mp, int64_t pairs, int64_t d, int64_t j0, int64_t ncols, const uint32_t* cp,
@@ -100,9 +115,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
 #pragma GCC unroll 16
   for (int b = 0; b < MR; ++b)
 #pragma GCC unroll 16
-    for (int c = 0; c < NC; ++c)
-      acc[b * NC + c] =
-          base && b < rows_here ? widen16(mk[c], base[b] + j0 + 16 * c) : _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[b * NC + c] = _mm512_setzero_ps();
   const uint32_t* m = Mp + j0;
   // MR x 16 NC bf16 of out (and of base)
   const PrefetchLines<> lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
@@ -123,6 +136,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       __m512 v = acc[b * NC + c];
+      if (base) v = _mm512_add_ps(v, widen16(mk[c], base[b] + j0 + 16 * c));
       if (mul) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk[c], mul[b] + j0 + 16 * c));
       _mm256_mask_storeu_epi16(out[b] + j0 + 16 * c, mk[c], narrow16(v));
     }
