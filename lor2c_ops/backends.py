@@ -196,7 +196,9 @@ def select(
 #    2 threads, n=8192 d=768, bench_lor2c.py, eager / fused, p=0 | p=0.1): r=16 1.24x | 4.64x,
 #    r=32 1.16x | 3.59x, r=64 0.96x | 3.09x (fp32 kernels: 1.10x | 3.79x, -, 0.63x | 1.77x). So
 #    from rank 64 where they run, from rank 32 where they do not (LOR2C_CPU_BF16_DOT=0, a forced
-#    AVX2 or baseline path).
+#    AVX2 or baseline path). Since the bf16 kernels prefetch their rows (commit 11cdcec): r=16
+#    1.80x, r=32 1.33x, r=64 1.10-1.15x, r=96 0.91-1.28x, r=128 0.86-0.95x, so from rank 96
+#    where they run (_BF16_KERNELS_MIN_RANK).
 #
 # cpu_loses_to_eager() states these (it takes what they depend on: rank, dtype and p; the cached
 # select() does not see ranks). lor2c_residual with backend=None runs the plain expression where
@@ -250,9 +252,11 @@ _BF16_KERNELS: list = []
 
 
 _GEMM_MIN_RANK = 32  # csrc/cpu/lor2c.cpp kGemmMinRank
-# With the bf16 product kernels the fused op keeps up with eager's native bf16 products further:
-# measured below (the bfloat16 item), eager / fused at rank 64 0.96x-1.0x, at rank 32 1.16x.
-_BF16_KERNELS_MIN_RANK = 64
+# With the bf16 product kernels the fused op keeps up with eager's native bf16 products further.
+# Measured (2-core AMD EPYC Zen 4, 2 threads, p=0, fused / eager fwd+bwd, README "Fifth pass"):
+# rank 64 1.13-1.15x at n=8192 d=768 and 1.10x at n=2048 d=4096; rank 96 1.28x and 0.91x; rank
+# 128 0.95x and 0.86x. (At 64 before the bf16 kernels prefetched their rows: 0.96-1.0x.)
+_BF16_KERNELS_MIN_RANK = 96
 
 
 def expression_min_rank(dtype: torch.dtype) -> Optional[int]:
@@ -275,7 +279,8 @@ def cpu_loses_to_eager(r: int, dtype: torch.dtype, p: float) -> Optional[str]:
         return (
             f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), and from "
             f"rank {start} the eager expression's bf16 products keep up with the kernel's "
-            f"(measured 0.96x at r=64, the kernel ahead at r=32: 1.16x)"
+            f"(measured 0.91x at r=96 and 0.86-0.95x at r=128, the kernel ahead at r=64: "
+            f"1.10-1.15x)"
         )
     return (
         f"bfloat16 at rank {r}: this CPU multiplies bf16 natively (AVX512-BF16), the eager "

@@ -286,7 +286,9 @@ def test_backend_none_runs_the_expression_where_the_cpu_rule_says_it_is_faster()
         torch.randn(2, 12, generator=gen).to(dt),
     )
     k = backends.expression_min_rank(dt)
-    assert k == (64 if backends.cpu_bf16_kernels() is None else 32)
+    bf16_kernels = backends.cpu_bf16_kernels() is None
+    assert k == (backends._BF16_KERNELS_MIN_RANK if bf16_kernels else backends._GEMM_MIN_RANK)
+    assert backends.cpu_loses_to_eager(k - 1, dt, 0.0) is None
     # scaled so that the outputs stay of order one at any k (the tolerances below are absolute)
     A = (torch.randn(k, 16, generator=gen) / 4).to(dt)
     B = (torch.randn(12, k, generator=gen) / k**0.5).to(dt)
@@ -456,19 +458,20 @@ class _CountingFast:
 
 
 def test_fast_entry_serves_small_fp32_calls_and_python_runs_the_rule(monkeypatch):
-    """Through lor2c_residual(backend=None, p=0): an fp32 call of 2 rows at rank 64 is served by
-    the fast entry; a bf16 one at rank 64 on a CPU with native bf16 products is declined and runs
-    as the plain expression (the rule), elsewhere served on the fused node."""
+    """Through lor2c_residual(backend=None, p=0): an fp32 call of 2 rows at rank 128 is served by
+    the fast entry; a bf16 one at rank 128 (past the rule's rank, backends.expression_min_rank) on
+    a CPU with native bf16 products is declined and runs as the plain expression (the rule),
+    elsewhere served on the fused node."""
     from lor2c_ops import backends
 
     counting = _CountingFast(_fast_or_skip())
     monkeypatch.setattr(_common, "FAST", counting)
     for dtype in (torch.float32, torch.bfloat16):
-        x, lo_, A, B = (t.to(dtype) for t in _lor2c_inputs("cpu", n=2, r=64))
+        x, lo_, A, B = (t.to(dtype) for t in _lor2c_inputs("cpu", n=2, r=128))
         lo.lor2c_residual(x, lo_, A, B)  # the first call lets Python allow the entry
         before = counting.served
         out = lo.lor2c_residual(x, lo_, A, B)
-        rule = backends.cpu_loses_to_eager(64, dtype, 0.0) is not None
+        rule = backends.cpu_loses_to_eager(128, dtype, 0.0) is not None
         assert rule == (dtype == torch.bfloat16 and backends._bf16_products())
         assert counting.served == before + (not rule), (dtype, rule)
         assert (type(out.grad_fn).__name__ == "AddBackward0") == rule, (dtype, out.grad_fn)
