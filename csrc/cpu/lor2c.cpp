@@ -465,16 +465,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
         float_rows(fp.lop, fp.ldl, idx, nb, d_out, st.ys, st.zero.row(0), st.lrows);
         dropped_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.zero.row(0), st.xrows);
-        // Into L2 while this block computes: its layer_out rows (read by combine_rows; the
-        // half types widened them above, so then the next block's), then the next block's x
-        // rows.
+        // Into L2 while this block computes: the next block's layer_out, x and (unless streamed)
+        // out rows, as forward_bf16's. Measured (one core, n=4096 d=768, fp32): r=16 3.3-3.5 ->
+        // 2.9-3.0 ms, r=1 2.2 -> 1.9 ms against this block's layer_out and the next x only.
         st.pf.clear();
-        if constexpr (std::is_same_v<T, float>) {
-          for (int b = 0; b < nb; ++b) st.pf.add(fp.lop + idx[b] * fp.ldl, d_out * sizeof(T));
-        } else {
-          prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
-        }
+        prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
         prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
+        if (!stream) prefetch_rows(st.pf, plan, blk + 1, fp.outp, d_out, d_out);
         dot_rows(w.A(block.adapter, r, d_in), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
           for (int64_t k = 0; k < r; ++k) fp.tp[idx[b] * r + k] = st.tbuf[b * r + k];
@@ -546,12 +543,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
            float* tc = st.tcoef.data() + h * kRows * r;
            float* uc = st.ucoef.data() + h * kRows * r;
            float_rows(bp.gp, bp.ldg, idx, nb, d_out, st.gs[h], st.zero.row(0), gr);
-           // Into L2 while this block computes: its x rows (read after the products with g),
-           // then the next block's grad rows.
+           // Into L2 while this block computes: the next block's grad, x and (unless streamed)
+           // dx rows, as backward_bf16's.
            st.pf.clear();
-           if (need_dA || need_dx)
-             for (int b = 0; b < nb; ++b) st.pf.add(bp.xp + idx[b] * bp.ldx, d_in * sizeof(T));
            prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
+           if (need_dA || need_dx) prefetch_rows(st.pf, plan, blk + 1, bp.xp, bp.ldx, d_in);
+           if (need_dx && !stream) prefetch_rows(st.pf, plan, blk + 1, bp.dxp, d_in, d_in);
            dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
                     &st.pf);  // u = g B
            for (int b = 0; b < kRows; ++b)
@@ -727,10 +724,13 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
         bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
                     st.zero16.data(), st.xrows);
-        // Into L2 while this block computes: the next block's x and layer_out rows.
+        // Into L2 while this block computes: the next block's x, layer_out and out rows (the
+        // stores would read each out line first, stalled; fetched early they do not: forward
+        // n=8192 d=768 r=16, 2 threads, 2.1 -> 1.8 ms).
         st.pf.clear();
         prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
         prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
+        prefetch_rows(st.pf, plan, blk + 1, fp.outp, d_out, d_out);
         cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
           std::copy(st.tbuf.data() + b * r, st.tbuf.data() + (b + 1) * r, fp.tp + idx[b] * r);
@@ -794,11 +794,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
            for (int b = 0; b < kRows; ++b)
              st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
-           // Into L2 while this block computes: the next block's grad rows, and its x rows where
-           // dA reads them.
+           // Into L2 while this block computes: the next block's grad rows, its x rows where dA
+           // reads them and its dx rows (as the forward's out rows).
            st.pf.clear();
            prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
            if (need_dA) prefetch_rows(st.pf, plan, blk + 1, bp.xp, bp.ldx, d_in);
+           if (need_dx) prefetch_rows(st.pf, plan, blk + 1, bp.dxp, d_in, d_in);
            cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb, st.u.data(),
                               &st.pf);  // u = g B
            const float s = bp.s;
