@@ -251,6 +251,16 @@ LOR2C_TARGET_BF16 __attribute__((noinline)) void accumulate_outer_impl(float* P,
   if (k < r) accumulate_rest<kAccNK - 1>(static_cast<int>(r - k), P, r, d, k, cp, Rp, pairs, pf);
 }
 
+LOR2C_TARGET_BF16 __attribute__((noinline)) void dropout_bf16_impl(const uint16_t* x,
+                                                                   const float* mask, int64_t d,
+                                                                   uint16_t* out) {
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 mk = lanes(d - j);
+    const __m512 v = _mm512_mul_ps(widen16(mk, x + j), _mm512_maskz_loadu_ps(mk, mask + j));
+    _mm256_mask_storeu_epi16(out + j, mk, narrow16(v));
+  }
+}
+
 const char* detect_missing() {
   if (isa() != Isa::kAvx512) return "the AVX-512 path is not in use (LOR2C_CPU_ISA or the CPU)";
   if (!__builtin_cpu_supports("avx512bf16")) return "this CPU has no AVX512-BF16";
@@ -286,6 +296,10 @@ void accumulate_outer_bf16(float* P, int64_t r, int64_t d, const uint32_t* cp,
   accumulate_outer_impl(P, r, d, cp, Rp, pairs, pf);
 }
 
+void dropout_bf16(const uint16_t* x, const float* mask, int64_t d, uint16_t* out) {
+  dropout_bf16_impl(x, mask, d, out);
+}
+
 #else  // not x86-64 with GCC/Clang: never selected
 
 const char* bf16_dot_missing() { return "not an x86-64 build"; }
@@ -301,6 +315,10 @@ void combine_rows_bf16(const uint32_t*, int64_t, int64_t, const uint32_t*, const
 void accumulate_outer_bf16(float*, int64_t, int64_t, const uint32_t*, const uint32_t* const*, int,
                            Prefetch*) {
   TORCH_CHECK(false, "accumulate_outer_bf16: ", bf16_dot_missing());
+}
+
+void dropout_bf16(const uint16_t*, const float*, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "dropout_bf16: ", bf16_dot_missing());
 }
 
 #endif

@@ -51,6 +51,10 @@ void combine_rows_bf16(const uint32_t* Mp, int64_t r, int64_t d, const uint32_t*
 void accumulate_outer_bf16(float* P, int64_t r, int64_t d, const uint32_t* cp,
                            const uint32_t* const* Rp, int pairs, Prefetch* pf = nullptr);
 
+// out[j] = bf16(float(x[j]) * mask[j]) for j < d, rounded as c10 rounds: dropout(x) in bf16 in one
+// pass (x bf16, the mask row fp32, csrc/cpu/dropout.h), as eager's bf16 x * mask is rounded.
+void dropout_bf16(const uint16_t* x, const float* mask, int64_t d, uint16_t* out);
+
 // Mp[(k / 2) * d + j] = (M[k][j], M[k + 1][j]) for the (r + 1) / 2 rank pairs of an r x d bf16
 // matrix (the second of an odd r's last pair is 0).
 void pack_rank_pairs(const uint16_t* M, int64_t r, int64_t d, uint32_t* Mp);

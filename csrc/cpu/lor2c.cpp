@@ -668,19 +668,22 @@ int row_pairs(int nb, int64_t r, int64_t d, const uint16_t* const* rows, C&& c, 
   return pairs;
 }
 
-// Rows idx[0..nb) of x as bf16 (dropout(x) rounded to bf16, the mask rows into `mask`; without
-// dropout x's own rows), `zero` for the rest of the block.
+// Rows idx[0..nb) of x as bf16 (dropout(x) rounded to bf16 in one pass, cpu::dropout_bf16, the
+// mask rows into `mask`; without dropout x's own rows), `zero` for the rest of the block.
 void bf16_x_rows(const at::BFloat16* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
-                 const DropoutParams& dp, Scratch& xs, Scratch& mask, uint16_t* x16,
-                 const uint16_t* zero, const uint16_t* rows[kRows]) {
+                 const DropoutParams& dp, Scratch& mask, uint16_t* x16, const uint16_t* zero,
+                 const uint16_t* rows[kRows]) {
   for (int b = 0; b < kRows; ++b) {
     if (b >= nb) {
       rows[b] = zero;
-    } else if (!dp.enabled) {
-      rows[b] = reinterpret_cast<const uint16_t*>(x + idx[b] * ld);
+      continue;
+    }
+    const auto* row = reinterpret_cast<const uint16_t*>(x + idx[b] * ld);
+    if (!dp.enabled) {
+      rows[b] = row;
     } else {
-      cpu::dropped_row(x + idx[b] * ld, idx[b], d, dp, mask.row(b), xs.row(b));
-      cpu::narrow_bf16(xs.row(b), x16 + b * d, d);
+      cpu::draw_dropout_row(idx[b], d, dp, mask.row(b));
+      cpu::dropout_bf16(row, mask.row(b), d, x16 + b * d);
       rows[b] = x16 + b * d;
     }
   }
@@ -696,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
   const auto* lop16 = reinterpret_cast<const uint16_t*>(fp.lop);
   auto* outp16 = reinterpret_cast<uint16_t*>(fp.outp);
   struct State {
-    Scratch xs, mask;
+    Scratch mask;
     std::vector<uint16_t> x16, zero16;
     std::vector<float> tbuf;
     std::vector<uint32_t> cp;
@@ -706,8 +709,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
     cpu::Prefetch pf;
     int64_t idx[kRows];
     State(int64_t d_in, int64_t r, int64_t pairs)
-        : xs(d_in, kRows),
-          mask(d_in, kRows),
+        : mask(d_in, kRows),
           x16(kRows * d_in),
           zero16(d_in, 0),
           tbuf(kRows * r),
@@ -722,8 +724,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
         const int nb = block.rows;
         const int64_t* idx = st.idx;
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
-        bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
-                    st.zero16.data(), st.xrows);
+        bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.mask, st.x16.data(), st.zero16.data(),
+                    st.xrows);
         // Into L2 while this block computes: the next block's x, layer_out and out rows (the
         // stores would read each out line first, stalled; fetched early they do not: forward
         // n=8192 d=768 r=16, 2 threads, 2.1 -> 1.8 ms).
@@ -761,7 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
   // and stores the r x d partial sums once, so more rows per call is less of that traffic.
   constexpr int kSumBlocks = 4, kMaxPairs = kSumBlocks * kRows / 2;
   struct State {
-    Scratch xs, mask;
+    Scratch mask;
     std::vector<uint16_t> x16, zero16;
     std::vector<float> u;
     std::vector<uint32_t> ucp, t_cp, u_cp, g_pairs, x_pairs;
@@ -774,8 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
     int64_t idx[kRows];
     int pending = 0, pending_blocks = 0;  // row pairs and blocks buffered for the sums
     State(int64_t d_in, int64_t d_out, int64_t r)
-        : xs(d_in, kRows),
-          mask(d_in, kRows),
+        : mask(d_in, kRows),
           x16(kRows * d_in),
           zero16(std::max(d_in, d_out), 0),
           u(kRows * r),
@@ -804,8 +805,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                               &st.pf);  // u = g B
            const float s = bp.s;
            if (need_dA)  // dropout(x) as bf16 rows (and the mask rows)
-             bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.x16.data(),
-                         st.zero16.data(), st.xrows);
+             bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.mask, st.x16.data(), st.zero16.data(),
+                         st.xrows);
            else if (need_dx && dp.enabled)  // dx needs the mask alone
              for (int b = 0; b < nb; ++b) cpu::draw_dropout_row(idx[b], d_in, dp, st.mask.row(b));
            if (need_dx) {  // dx = s (u A) * mask, narrowed
