@@ -1,11 +1,12 @@
 // bf16 rank products with AVX512-BF16 (csrc/cpu/bf16_products.h).
 //
 // Register tiles as in rank_products.cpp, each vdpbf16ps doing 32 multiply-adds (16 fp32 lanes,
-// a pair each): dot_rows 8 rows x 2 ranks (16 accumulators, one horizontal sum each at the end),
-// combine_rows 8 rows x 3 vectors of 16 columns (24 accumulators; per rank pair 3 loads and 8
-// broadcasts), accumulate_outer 4 ranks x 5 vectors of 16 columns (20 accumulators; per row
-// pair 5 loads and 4 broadcasts). Column tails are masked loads and stores (AVX-512 BW), so any
-// d runs without a scalar loop.
+// a pair each): dot_rows 8 rows x 2 ranks (16 accumulators, summed at the end by one shuffle
+// tree, lane_sums.h), combine_rows 8 rows x 3 vectors of 16 columns (24 accumulators; per rank
+// pair 3 loads and 8 broadcasts), accumulate_outer 4 ranks x 5 vectors of 16 columns (20
+// accumulators; per row pair 5 loads and 4 broadcasts). Column tails are masked loads and stores (AVX-512 BW), so any
+// d runs without a scalar loop. Every tile prefetches its share of the lines in pf
+// (PrefetchLines, rank_products.h), as the fp32 tiles do.
 #include "bf16_products.h"
 
 #include <c10/util/Exception.h>
@@ -316,7 +317,6 @@ void accumulate_outer_bf16(float*, int64_t, int64_t, const uint32_t*, const uint
                            Prefetch*) {
   TORCH_CHECK(false, "accumulate_outer_bf16: ", bf16_dot_missing());
 }
-
 void dropout_bf16(const uint16_t*, const float*, int64_t, uint16_t*) {
   TORCH_CHECK(false, "dropout_bf16: ", bf16_dot_missing());
 }
