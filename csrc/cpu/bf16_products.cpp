@@ -52,7 +52,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint
   const uint16_t* m[NK];
 #pragma GCC unroll 16
   for (int q = 0; q < NK; ++q) m[q] = M + (k0 + q) * d;
-  const PrefetchLines<> lines(pf, (d + 31) / 32, MR * ((d + 31) / 32));  // MR rows of d
+  const PrefetchLines lines(pf, (d + 31) / 32, MR * ((d + 31) / 32));  // MR rows of d
   for (int64_t j = 0, s = 0; j < d; j += 32, ++s) {
     lines.step(s);
     const int64_t left = d - j;
@@ -132,7 +132,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
     for (int c = 0; c < NC; ++c) acc[b * NC + c] = _mm512_setzero_ps();
   const uint32_t* m = Mp + j0;
   // MR x 16 NC bf16 of out (and of base)
-  const PrefetchLines<> lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
+  const PrefetchLines lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
   for (int64_t q = 0; q < pairs; ++q, m += d) {
     lines.step(q);
     __m512i w[NC];
@@ -169,7 +169,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = _mm512_maskz_loadu_ps(mk[c], p + q * d + 16 * c);
-  const PrefetchLines<> lines(pf, pairs, pairs * NC);  // the pairs' 16 NC uint32
+  const PrefetchLines lines(pf, pairs, pairs * NC);  // the pairs' 16 NC uint32
   for (int b = 0; b < pairs; ++b) {
     lines.step(b);
     __m512i x[NC];

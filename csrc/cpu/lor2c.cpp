@@ -321,6 +321,18 @@ struct ForwardPass {
     });
   }
 
+  // Into L2 while block blk computes: the next block's layer_out, x and (out_rows, unless written
+  // non-temporally) out rows. An output row is fetched too
+  // because a store reads its line first. Measured: bf16 forward n=8192 d=768 r=16, 2 threads,
+  // 2.1 -> 1.8 ms with the out rows; fp32 n=4096 d=768, one core, r=16 3.3-3.5 -> 2.9-3.0 ms
+  // and r=1 2.2 -> 1.9 ms against this block's layer_out and the next x only.
+  void prefetch_next(cpu::Prefetch& pf, int64_t blk, bool out_rows) const {
+    pf.clear();
+    prefetch_rows(pf, plan, blk + 1, lop, ldl, d_out);
+    prefetch_rows(pf, plan, blk + 1, xp, ldx, d_in);
+    if (out_rows) prefetch_rows(pf, plan, blk + 1, outp, d_out, d_out);
+  }
+
   std::tuple<at::Tensor, at::Tensor> finish() { return {out, t}; }
 };
 
@@ -408,6 +420,16 @@ struct BackwardPass {
     });
   }
 
+  // Into L2 while block blk computes: the next block's grad rows, and its x rows (x_rows: where
+  // the plan reads them) and dx rows (dx_rows: unless written non-temporally), as
+  // ForwardPass::prefetch_next.
+  void prefetch_next(cpu::Prefetch& pf, int64_t blk, bool x_rows, bool dx_rows) const {
+    pf.clear();
+    prefetch_rows(pf, plan, blk + 1, gp, ldg, d_out);
+    if (x_rows) prefetch_rows(pf, plan, blk + 1, xp, ldx, d_in);
+    if (dx_rows) prefetch_rows(pf, plan, blk + 1, dxp, d_in, d_in);
+  }
+
   std::tuple<at::Tensor, at::Tensor, at::Tensor> finish() {
     auto [dA, dB] =
         weight_grads(partials.data, parts, G, r, d_in, d_out, s, A_bank, B_bank, need_dA, need_dB);
@@ -465,13 +487,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
         float_rows(fp.lop, fp.ldl, idx, nb, d_out, st.ys, st.zero.row(0), st.lrows);
         dropped_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.xs, st.mask, st.zero.row(0), st.xrows);
-        // Into L2 while this block computes: the next block's layer_out, x and (unless streamed)
-        // out rows, as forward_bf16's. Measured (one core, n=4096 d=768, fp32): r=16 3.3-3.5 ->
-        // 2.9-3.0 ms, r=1 2.2 -> 1.9 ms against this block's layer_out and the next x only.
-        st.pf.clear();
-        prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
-        prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
-        if (!stream) prefetch_rows(st.pf, plan, blk + 1, fp.outp, d_out, d_out);
+        fp.prefetch_next(st.pf, blk, /*out_rows=*/!stream);
         dot_rows(w.A(block.adapter, r, d_in), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
           for (int64_t k = 0; k < r; ++k) fp.tp[idx[b] * r + k] = st.tbuf[b * r + k];
@@ -530,60 +546,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
           tcoef(2 * kRows * r),
           ucoef(2 * kRows * r) {}
   };
-  bp.run([&] { return State(d_in, d_out, r); },
-         [&](State& st, int64_t blk, int64_t part_begin, int64_t part_end, float* pa, float* pb) {
-           const RowPlan::Block& block = plan.blocks[blk];
-           const int nb = block.rows;
-           if (blk == part_begin) st.held = 0;
-           for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
-           const int64_t* idx = st.idx;
-           const int h = st.held;
-           const float** gr = st.grows + h * kRows;
-           const float** xr = st.xrows + h * kRows;
-           float* tc = st.tcoef.data() + h * kRows * r;
-           float* uc = st.ucoef.data() + h * kRows * r;
-           float_rows(bp.gp, bp.ldg, idx, nb, d_out, st.gs[h], st.zero.row(0), gr);
-           // Into L2 while this block computes: the next block's grad, x and (unless streamed)
-           // dx rows, as backward_bf16's.
-           st.pf.clear();
-           prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
-           if (need_dA || need_dx) prefetch_rows(st.pf, plan, blk + 1, bp.xp, bp.ldx, d_in);
-           if (need_dx && !stream) prefetch_rows(st.pf, plan, blk + 1, bp.dxp, d_in, d_in);
-           dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
-                    &st.pf);  // u = g B
-           for (int b = 0; b < kRows; ++b)
-             for (int64_t k = 0; k < r; ++k) {
-               tc[b * r + k] = b < nb ? bp.tp[idx[b] * r + k] : 0.f;
-               uc[b * r + k] = b < nb ? bp.s * st.u[b * r + k] : 0.f;
-             }
-           if (need_dA || need_dx)
-             dropped_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs[h], st.mask, st.zero.row(0), xr);
-           if (need_dx) {  // dx = s (u A) * mask; fp32: straight into dx, else narrowed
-             constexpr bool direct = std::is_same_v<T, float>;
-             const float* mrows[kRows];
-             for (int b = 0; b < kRows; ++b) {
-               st.dxrows[b] = direct && b < nb ? reinterpret_cast<float*>(bp.dxp + idx[b] * d_in)
-                                               : st.dxs.row(b);
-               mrows[b] = st.mask.row(b);
-             }
-             combine_rows(bp.w.A(block.adapter, r, d_in), r, d_in, uc, nullptr,
-                          dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf, direct && stream);
-             if constexpr (!direct)
-               for (int b = 0; b < nb; ++b) narrow(st.dxrows[b], bp.dxp + idx[b] * d_in, d_in);
-           }
-           if (!need_dA && !need_dB) return;
-           if (h == 0 && nb == kRows && blk + 1 < part_end &&
-               plan.blocks[blk + 1].adapter == block.adapter) {
-             st.held = 1;
-             return;
-           }
-           const int rows = h * kRows + nb;
-           if (need_dB)  // dB.T += t.T g
-             accumulate_outer(pb, r, d_out, st.tcoef.data(), st.grows, rows, &st.pf);
-           if (need_dA)  // dA += s u.T xd
-             accumulate_outer(pa, r, d_in, st.ucoef.data(), st.xrows, rows, &st.pf);
-           st.held = 0;
-         });
+  bp.run(
+      [&] { return State(d_in, d_out, r); },
+      [&](State& st, int64_t blk, int64_t part_begin, int64_t part_end, float* pa, float* pb) {
+        const RowPlan::Block& block = plan.blocks[blk];
+        const int nb = block.rows;
+        if (blk == part_begin) st.held = 0;
+        for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
+        const int64_t* idx = st.idx;
+        const int h = st.held;
+        const float** gr = st.grows + h * kRows;
+        const float** xr = st.xrows + h * kRows;
+        float* tc = st.tcoef.data() + h * kRows * r;
+        float* uc = st.ucoef.data() + h * kRows * r;
+        float_rows(bp.gp, bp.ldg, idx, nb, d_out, st.gs[h], st.zero.row(0), gr);
+        bp.prefetch_next(st.pf, blk, /*x_rows=*/need_dA || need_dx, /*dx_rows=*/need_dx && !stream);
+        dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
+                 &st.pf);  // u = g B
+        for (int b = 0; b < kRows; ++b)
+          for (int64_t k = 0; k < r; ++k) {
+            tc[b * r + k] = b < nb ? bp.tp[idx[b] * r + k] : 0.f;
+            uc[b * r + k] = b < nb ? bp.s * st.u[b * r + k] : 0.f;
+          }
+        if (need_dA || need_dx)
+          dropped_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs[h], st.mask, st.zero.row(0), xr);
+        if (need_dx) {  // dx = s (u A) * mask; fp32: straight into dx, else narrowed
+          constexpr bool direct = std::is_same_v<T, float>;
+          const float* mrows[kRows];
+          for (int b = 0; b < kRows; ++b) {
+            st.dxrows[b] =
+                direct && b < nb ? reinterpret_cast<float*>(bp.dxp + idx[b] * d_in) : st.dxs.row(b);
+            mrows[b] = st.mask.row(b);
+          }
+          combine_rows(bp.w.A(block.adapter, r, d_in), r, d_in, uc, nullptr,
+                       dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf, direct && stream);
+          if constexpr (!direct)
+            for (int b = 0; b < nb; ++b) narrow(st.dxrows[b], bp.dxp + idx[b] * d_in, d_in);
+        }
+        if (!need_dA && !need_dB) return;
+        if (h == 0 && nb == kRows && blk + 1 < part_end &&
+            plan.blocks[blk + 1].adapter == block.adapter) {
+          st.held = 1;
+          return;
+        }
+        const int rows = h * kRows + nb;
+        if (need_dB)  // dB.T += t.T g
+          accumulate_outer(pb, r, d_out, st.tcoef.data(), st.grows, rows, &st.pf);
+        if (need_dA)  // dA += s u.T xd
+          accumulate_outer(pa, r, d_in, st.ucoef.data(), st.xrows, rows, &st.pf);
+        st.held = 0;
+      });
   return bp.finish();
 }
 
@@ -726,13 +738,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
         for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
         bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.mask, st.x16.data(), st.zero16.data(),
                     st.xrows);
-        // Into L2 while this block computes: the next block's x, layer_out and out rows (the
-        // stores would read each out line first, stalled; fetched early they do not: forward
-        // n=8192 d=768 r=16, 2 threads, 2.1 -> 1.8 ms).
-        st.pf.clear();
-        prefetch_rows(st.pf, plan, blk + 1, fp.xp, fp.ldx, d_in);
-        prefetch_rows(st.pf, plan, blk + 1, fp.lop, fp.ldl, d_out);
-        prefetch_rows(st.pf, plan, blk + 1, fp.outp, d_out, d_out);
+        fp.prefetch_next(st.pf, blk, /*out_rows=*/true);
         cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
         for (int b = 0; b < nb; ++b)
           std::copy(st.tbuf.data() + b * r, st.tbuf.data() + (b + 1) * r, fp.tp + idx[b] * r);
@@ -795,12 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            for (int b = 0; b < nb; ++b) st.idx[b] = plan.row(block.start + b);
            for (int b = 0; b < kRows; ++b)
              st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
-           // Into L2 while this block computes: the next block's grad rows, its x rows where dA
-           // reads them and its dx rows (as the forward's out rows).
-           st.pf.clear();
-           prefetch_rows(st.pf, plan, blk + 1, bp.gp, bp.ldg, d_out);
-           if (need_dA) prefetch_rows(st.pf, plan, blk + 1, bp.xp, bp.ldx, d_in);
-           if (need_dx) prefetch_rows(st.pf, plan, blk + 1, bp.dxp, d_in, d_in);
+           bp.prefetch_next(st.pf, blk, /*x_rows=*/need_dA, /*dx_rows=*/need_dx);
            cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb, st.u.data(),
                               &st.pf);  // u = g B
            const float s = bp.s;

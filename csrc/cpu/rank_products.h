@@ -48,8 +48,8 @@ struct Prefetch {
 };
 
 // The lines a tile of `steps` vector steps prefetches, taken from pf and spread evenly over the
-// steps: PerStep per step, or as many lines as the tile itself reads and writes of its rows
-// (tile_lines) where that is more. The first keeps a step's prefetches few where the tile has
+// steps: kPrefetchPerStep per step, or as many lines as the tile itself reads and writes of its
+// rows (tile_lines) where that is more. The first keeps a step's prefetches few where the tile has
 // many steps (the ranks' products): measured (n=8192 d=768, one core, AVX-512, fp32), one line
 // per step covered too little of the next block in the forward, prefetcht0 and prefetchnta (into
 // L1) evicted the block's own rows, and prefetcht2 (into L2) at two lines per step took the r=16
@@ -59,14 +59,13 @@ struct Prefetch {
 // fp32 r=4 5.0 -> 4.5 ms; r >= 16 unchanged.
 constexpr int kPrefetchPerStep = 2;
 
-template <int PerStep = kPrefetchPerStep>
 struct PrefetchLines {
   const char* p = nullptr;
   int64_t n = 0, rate = 0;
   inline __attribute__((always_inline)) PrefetchLines(Prefetch* pf, int64_t steps,
                                                       int64_t tile_lines) {
     if (pf != nullptr && steps > 0) {
-      p = pf->take(std::max<int64_t>(PerStep * steps, tile_lines), &n);
+      p = pf->take(std::max<int64_t>(kPrefetchPerStep * steps, tile_lines), &n);
       rate = (n + steps - 1) / steps;
     }
   }
