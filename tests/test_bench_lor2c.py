@@ -83,3 +83,15 @@ def test_target_line_says_what_it_asks_of_the_matmul_rate():
     row = _row(ms=10.0, vs_eager=4.0, limit_ms=3.0, compute_ms=6.0)
     (target,) = [line for line in _lines(row, r=16) if "issue 15" in line]
     assert target.startswith("PASS") and "needs 38%)" in target
+
+
+def test_mask_share_compares_with_p0_timed_in_the_same_rounds():
+    """The mask's share (issue 15 item 4) uses the p = 0 time taken beside the p > 0 one when the
+    row has it, else the p = 0 row of the run; over 35% is a MISS."""
+    plain = _row(10.0, 2.0, 1.0, 1.0)
+    dropped = dict(_row(16.0, 2.0, 1.0, 1.0, p=0.1), p0_ms=12.0)  # 25% beside, 37.5% apart
+    (line,) = bench_lor2c.mask_share_lines([plain, dropped])
+    assert line.startswith("PASS") and "25%" in line and "same rounds" in line, line
+    (line,) = bench_lor2c.mask_share_lines([plain, dict(dropped, p0_ms=None)])
+    assert line.startswith("MISS") and "38%" in line and "same rounds" not in line, line
+    assert bench_lor2c.mask_share_lines([dict(dropped, p0_ms=None)]) == []

@@ -336,7 +336,8 @@ def test_cpu_mask_fallback_paths(path):
 # Every CPU mask path against the scalar code, bit for bit. A process dumps the multipliers its
 # mask code draws: dx of a rank-1 backward with A = B = g = 1 and scale 1 is 1 * m, exact on the
 # fused and the GEMM plan. Widths on both sides of the 32-column SSE2 step and the 64-column
-# kMaskStep; a column's draw does not depend on d, so the padding columns a narrow row draws
+# kMaskStep, and ones that end each path's steps every way (AVX-512: 256 columns per step, then
+# 128 and 64; AVX2: 96 per step, then 32: 447 pads to 448 = 256 + 128 + 64 = 4 * 96 + 2 * 32); a column's draw does not depend on d, so the padding columns a narrow row draws
 # (up to mask_padded(d)) are real columns of the wide rows. Rates: thresholds 0 (p > 0 but
 # below 2^-16), 1, 0x7FFF, 0x8000 (the signed 16-bit edge), 0x8001 and 0xFFFF, besides 0.1 and
 # 0.999.
@@ -344,7 +345,7 @@ def test_cpu_mask_fallback_paths(path):
 # == draw (kept) and draw + 1 (dropped): Random123's first Philox4x32-10 vector (seed (0, 0):
 # row 0's first call has counter and key 0), and the 128 columns of row 2 (every lane of every
 # path's step) for _MASK_SEED.
-_MASK_WIDTHS = (1, 7, 31, 33, 63, 64, 65, 127, 768, 1000)
+_MASK_WIDTHS = (1, 7, 31, 33, 63, 64, 65, 127, 191, 447, 768, 1000)
 _MASK_RATES = (2.0**-17, 1 / 65536, 0x7FFF / 65536, 0.5, 0x8001 / 65536, 0xFFFF / 65536, 0.1, 0.999)
 _MASK_SEED = (-0x123456789ABCDEF, 0x1_0000_0007)
 _MASK_ROWS = 37

@@ -9,8 +9,7 @@ namespace lor2c {
 namespace cpu {
 
 // Mask buffers are padded to a multiple of this many columns: 8 Philox counters of 8 columns
-// (the AVX2 step; the AVX-512 path does 16 counters, 128 columns, and a 64-column last step; the
-// SSE2 path two 32-column steps).
+// (the AVX-512 path's smallest step; it runs 256 columns per step, AVX2 96 and then 32, SSE2 32).
 constexpr int64_t kMaskStep = 64;
 
 inline int64_t mask_padded(int64_t d) { return (d + kMaskStep - 1) / kMaskStep * kMaskStep; }
