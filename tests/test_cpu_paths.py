@@ -349,7 +349,15 @@ def test_cpu_bf16_kernels_run_where_the_cpu_multiplies_bf16():
     assert ("cpu bf16 products: bf16 kernels" in info.report()) == _bf16_kernels_run()
 
 
-def test_cpu_bf16_results_rounded_as_torch_rounds():
+# (n, d_in, d_out, r, fraction of x and g not zero): odd widths, and wide rows that the dot
+# products take in 1024-column chunks (2100 = 2 * 1024 + 52) and whose weight copies get a
+# padded row stride (1536, a multiple of 512: cpu::bf16_row_stride); sparse there, so that t and
+# u stay small integers.
+_BF16_EXACT_SHAPES = [(37, 40, 50, 3, 1.0), (21, 2100, 1536, 5, 0.03)]
+
+
+@pytest.mark.parametrize("n,d_in,d_out,r,dense", _BF16_EXACT_SHAPES)
+def test_cpu_bf16_results_rounded_as_torch_rounds(n, d_in, d_out, r, dense):
     """Integer-valued operands small enough that every product and sum is exact in fp32 (and t
     and u fit bf16), layer_out fractional: out, dx, dA and dB must equal the exact result rounded
     to bf16 as torch rounds, bit for bit (the kernels' one rounding, to nearest even), on odd
@@ -359,11 +367,16 @@ def test_cpu_bf16_results_rounded_as_torch_rounds():
     not carry layer_out through it)."""
     skip_unless_runnable("cpu")
     gen = torch.Generator().manual_seed(5)
-    n, d_in, d_out, r, s = 37, 40, 50, 3, 0.5
-    x = torch.randint(-2, 3, (n, d_in), generator=gen).to(torch.bfloat16)
+    s = 0.5
+
+    def sparse(shape):
+        keep = torch.rand(shape, generator=gen) < dense
+        return (torch.randint(-2, 3, shape, generator=gen) * keep).to(torch.bfloat16)
+
+    x = sparse((n, d_in))
     A = torch.randint(-1, 2, (r, d_in), generator=gen).to(torch.bfloat16)
     B = torch.randint(-1, 2, (d_out, r), generator=gen).to(torch.bfloat16)
-    g = torch.randint(-2, 3, (n, d_out), generator=gen).to(torch.bfloat16)
+    g = sparse((n, d_out))
     layer_out = (torch.randn(n, d_out, generator=gen) * 50).to(torch.bfloat16)
     layer_out[3, 7] = float("nan")
     x[5] = 0
@@ -375,6 +388,7 @@ def test_cpu_bf16_results_rounded_as_torch_rounds():
     x64, l64, A64, B64, g64 = (t.double() for t in (x, layer_out, A, B, g))
     t64 = x64 @ A64.T
     u64 = g64 @ B64
+    assert t64.abs().max() <= 256 and u64.abs().max() <= 256  # integers bf16 holds exactly
     want = {
         "out": l64 + s * t64 @ B64.T,
         "dx": s * u64 @ A64,

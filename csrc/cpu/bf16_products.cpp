@@ -11,6 +11,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -40,22 +41,25 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// Columns [j0, j0 + len) of the MR rows against ranks k0 .. k0 + NK - 1 of M (row stride ldm); the
+// sums go to out, or are added to it (add: a later chunk of the columns, dot_rows_impl).
 template <int MR, int NK>
-LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint16_t* M, int64_t r,
-                                                                      int64_t d, int64_t k0,
-                                                                      const uint16_t* const* rows,
-                                                                      int used, float* out,
-                                                                      Prefetch* pf) {
+LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(
+    const uint16_t* M, int64_t ldm, int64_t r, int64_t j0, int64_t len, int64_t k0,
+    const uint16_t* const* rows, int used, float* out, bool add, Prefetch* pf) {
   __m512 acc[MR * NK];
 #pragma GCC unroll 16
   for (int i = 0; i < MR * NK; ++i) acc[i] = _mm512_setzero_ps();
   const uint16_t* m[NK];
 #pragma GCC unroll 16
-  for (int q = 0; q < NK; ++q) m[q] = M + (k0 + q) * d;
-  const PrefetchLines lines(pf, (d + 31) / 32, MR * ((d + 31) / 32));  // MR rows of d
-  for (int64_t j = 0, s = 0; j < d; j += 32, ++s) {
+  for (int q = 0; q < NK; ++q) m[q] = M + (k0 + q) * ldm + j0;
+  const uint16_t* x[MR];
+#pragma GCC unroll 16
+  for (int b = 0; b < MR; ++b) x[b] = rows[b] + j0;
+  const PrefetchLines lines(pf, (len + 31) / 32, MR * ((len + 31) / 32));  // MR rows of len
+  for (int64_t j = 0, s = 0; j < len; j += 32, ++s) {
     lines.step(s);
-    const int64_t left = d - j;
+    const int64_t left = len - j;
     const __mmask32 mask =
         left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
     __m512i w[NK];
@@ -63,7 +67,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint
     for (int q = 0; q < NK; ++q) w[q] = _mm512_maskz_loadu_epi16(mask, m[q] + j);
 #pragma GCC unroll 16
     for (int b = 0; b < MR; ++b) {
-      const __m512i v = _mm512_maskz_loadu_epi16(mask, rows[b] + j);
+      const __m512i v = _mm512_maskz_loadu_epi16(mask, x[b] + j);
 #pragma GCC unroll 16
       for (int q = 0; q < NK; ++q) acc[b * NK + q] = dp(acc[b * NK + q], v, w[q]);
     }
@@ -83,7 +87,10 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(const uint
   __builtin_memcpy(lane, &sums[0], sizeof(lane));
   for (int b = 0; b < MR && b < used; ++b)
 #pragma GCC unroll 16
-    for (int q = 0; q < NK; ++q) out[b * r + k0 + q] = lane[b * NK + q];
+    for (int q = 0; q < NK; ++q) {
+      float& o = out[b * r + k0 + q];
+      o = add ? o + lane[b * NK + q] : lane[b * NK + q];
+    }
 }
 
 // The bf16 bits of 16 fp32 lanes, rounded as c10 rounds (to nearest even; a NaN to 0x7FC0), by
@@ -119,7 +126,7 @@ LOR2C_TARGET_BF16 inline __m512 widen16(__mmask16 mk, const uint16_t* p) {
 // base carried through the products would be lost (eager's add keeps it).
 template <int MR, int NC>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
-    const uint32_t* Mp, int64_t pairs, int64_t d, int64_t j0, int64_t ncols, const uint32_t* cp,
+    const uint32_t* Mp, int64_t pairs, int64_t ldm, int64_t j0, int64_t ncols, const uint32_t* cp,
     const uint16_t* const* base, const float* const* mul, int rows_here, uint16_t* const* out,
     Prefetch* pf) {
   __m512 acc[MR * NC];
@@ -133,7 +140,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
   const uint32_t* m = Mp + j0;
   // MR x 16 NC bf16 of out (and of base)
   const PrefetchLines lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
-  for (int64_t q = 0; q < pairs; ++q, m += d) {
+  for (int64_t q = 0; q < pairs; ++q, m += ldm) {
     lines.step(q);
     __m512i w[NC];
 #pragma GCC unroll 16
@@ -191,11 +198,11 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
 // Tiles of NK' = rem < NK ranks.
 template <int NK>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_rest(
-    int rem, const uint16_t* M, int64_t r, int64_t d, int64_t k0, const uint16_t* const* rows,
-    int used, float* out, Prefetch* pf) {
+    int rem, const uint16_t* M, int64_t ldm, int64_t r, int64_t j0, int64_t len, int64_t k0,
+    const uint16_t* const* rows, int used, float* out, bool add, Prefetch* pf) {
   if constexpr (NK > 0) {
-    if (rem == NK) return dot_tile<kDotMR, NK>(M, r, d, k0, rows, used, out, pf);
-    dot_rest<NK - 1>(rem, M, r, d, k0, rows, used, out, pf);
+    if (rem == NK) return dot_tile<kDotMR, NK>(M, ldm, r, j0, len, k0, rows, used, out, add, pf);
+    dot_rest<NK - 1>(rem, M, ldm, r, j0, len, k0, rows, used, out, add, pf);
   }
 }
 
@@ -217,27 +224,39 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_rest(
   }
 }
 
-LOR2C_TARGET_BF16 __attribute__((noinline)) void dot_rows_impl(const uint16_t* M, int64_t r,
-                                                               int64_t d,
+// Rows wider than kDotChunk columns run chunk by chunk (every rank of one chunk, then the next),
+// so that the 8 rows' chunk stays in L1 while the ranks go by: a whole 4096-column row block
+// (64 KB) does not fit, and was read from L2 once per rank pair. Measured (one core, AMD EPYC
+// Zen 4, rank 64, 8-row blocks streamed from memory): 110 GFLOP/s at d = 4096 unchunked against
+// 183 at d = 768. The chunks' partial sums add up in fp32.
+constexpr int64_t kDotChunk = 1024;
+
+LOR2C_TARGET_BF16 __attribute__((noinline)) void dot_rows_impl(const uint16_t* M, int64_t ldm,
+                                                               int64_t r, int64_t d,
                                                                const uint16_t* const* rows,
                                                                int used, float* out, Prefetch* pf) {
-  int64_t k = 0;
-  for (; k + kDotNK <= r; k += kDotNK)
-    for (int b = 0; b < used; b += kDotMR)
-      dot_tile<kDotMR, kDotNK>(M, r, d, k, rows + b, used - b, out + b * r, pf);
-  if (k < r)
-    for (int b = 0; b < used; b += kDotMR)
-      dot_rest<kDotNK - 1>(static_cast<int>(r - k), M, r, d, k, rows + b, used - b, out + b * r,
-                           pf);
+  for (int64_t j0 = 0; j0 < d; j0 += kDotChunk) {
+    const int64_t len = std::min(kDotChunk, d - j0);
+    const bool add = j0 > 0;
+    int64_t k = 0;
+    for (; k + kDotNK <= r; k += kDotNK)
+      for (int b = 0; b < used; b += kDotMR)
+        dot_tile<kDotMR, kDotNK>(M, ldm, r, j0, len, k, rows + b, used - b, out + b * r, add, pf);
+    if (k < r)
+      for (int b = 0; b < used; b += kDotMR)
+        dot_rest<kDotNK - 1>(static_cast<int>(r - k), M, ldm, r, j0, len, k, rows + b, used - b,
+                             out + b * r, add, pf);
+  }
 }
 
 LOR2C_TARGET_BF16 __attribute__((noinline)) void combine_rows_impl(
-    const uint32_t* Mp, int64_t r, int64_t d, const uint32_t* cp, const uint16_t* const* base,
-    const float* const* mul, int used, uint16_t* const* out, Prefetch* pf) {
+    const uint32_t* Mp, int64_t ldm, int64_t r, int64_t d, const uint32_t* cp,
+    const uint16_t* const* base, const float* const* mul, int used, uint16_t* const* out,
+    Prefetch* pf) {
   const int64_t pairs = (r + 1) / 2;
   for (int b = 0; b < used; b += kCombMR)
     for (int64_t j = 0; j < d; j += 16 * kCombNC)
-      combine_tile<kCombMR, kCombNC>(Mp, pairs, d, j, d - j, cp + b * pairs,
+      combine_tile<kCombMR, kCombNC>(Mp, pairs, ldm, j, d - j, cp + b * pairs,
                                      base ? base + b : nullptr, mul ? mul + b : nullptr, used - b,
                                      out + b, pf);
 }
@@ -281,15 +300,15 @@ const char* bf16_dot_missing() {
 
 bool bf16_dot() { return bf16_dot_missing() == nullptr; }
 
-void dot_rows_bf16(const uint16_t* M, int64_t r, int64_t d, const uint16_t* const* rows, int used,
-                   float* out, Prefetch* pf) {
-  dot_rows_impl(M, r, d, rows, used, out, pf);
+void dot_rows_bf16(const uint16_t* M, int64_t ldm, int64_t r, int64_t d,
+                   const uint16_t* const* rows, int used, float* out, Prefetch* pf) {
+  dot_rows_impl(M, ldm, r, d, rows, used, out, pf);
 }
 
-void combine_rows_bf16(const uint32_t* Mp, int64_t r, int64_t d, const uint32_t* cp,
+void combine_rows_bf16(const uint32_t* Mp, int64_t ldm, int64_t r, int64_t d, const uint32_t* cp,
                        const uint16_t* const* base, const float* const* mul, int used,
                        uint16_t* const* out, Prefetch* pf) {
-  combine_rows_impl(Mp, r, d, cp, base, mul, used, out, pf);
+  combine_rows_impl(Mp, ldm, r, d, cp, base, mul, used, out, pf);
 }
 
 void accumulate_outer_bf16(float* P, int64_t r, int64_t d, const uint32_t* cp,
@@ -305,12 +324,13 @@ void dropout_bf16(const uint16_t* x, const float* mask, int64_t d, uint16_t* out
 
 const char* bf16_dot_missing() { return "not an x86-64 build"; }
 bool bf16_dot() { return false; }
-void dot_rows_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int, float*,
+void dot_rows_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t* const*, int, float*,
                    Prefetch*) {
   TORCH_CHECK(false, "dot_rows_bf16: ", bf16_dot_missing());
 }
-void combine_rows_bf16(const uint32_t*, int64_t, int64_t, const uint32_t*, const uint16_t* const*,
-                       const float* const*, int, uint16_t* const*, Prefetch*) {
+void combine_rows_bf16(const uint32_t*, int64_t, int64_t, int64_t, const uint32_t*,
+                       const uint16_t* const*, const float* const*, int, uint16_t* const*,
+                       Prefetch*) {
   TORCH_CHECK(false, "combine_rows_bf16: ", bf16_dot_missing());
 }
 void accumulate_outer_bf16(float*, int64_t, int64_t, const uint32_t*, const uint32_t* const*, int,
@@ -323,9 +343,9 @@ void dropout_bf16(const uint16_t*, const float*, int64_t, uint16_t*) {
 
 #endif
 
-void pack_rank_pairs(const uint16_t* M, int64_t r, int64_t d, uint32_t* Mp) {
+void pack_rank_pairs(const uint16_t* M, int64_t r, int64_t d, uint32_t* Mp, int64_t ldp) {
   for (int64_t k = 0; k < r; k += 2)
-    interleave_rows(M + k * d, k + 1 < r ? M + (k + 1) * d : nullptr, d, Mp + (k / 2) * d);
+    interleave_rows(M + k * d, k + 1 < r ? M + (k + 1) * d : nullptr, d, Mp + (k / 2) * ldp);
 }
 
 #if defined(LOR2C_X86)

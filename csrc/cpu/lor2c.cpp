@@ -612,45 +612,61 @@ bool bf16_kernels(const at::Tensor& x, const at::Tensor& A_bank, const at::Tenso
          B_bank.scalar_type() == at::kBFloat16 && cpu::bf16_dot();
 }
 
-// The weights as the bf16 kernels read them: for the forward A (G, r, d_in) in place and B^T as
-// rank pairs (cpu::pack_rank_pairs; y sums over the ranks), for the backward B^T (G, r, d_out)
-// and A as rank pairs (dx sums over the ranks). B^T is transposed with transpose_into, as the
-// fp32 kernels' PackedWeights does.
+// The weights as the bf16 kernels read them: for the forward A (G, r, d_in) and B^T as rank
+// pairs (cpu::pack_rank_pairs; y sums over the ranks), for the backward B^T (G, r, d_out) and A
+// as rank pairs (dx sums over the ranks). Rows are lda = bf16_row_stride(d_in) and ldb =
+// bf16_row_stride(d_out) elements apart (A in place where lda == d_in). B^T is transposed with
+// transpose_into, as the fp32 kernels' PackedWeights does.
 struct Bf16Weights {
-  int64_t r, d_in, d_out, pairs;
+  int64_t r, d_in, d_out, pairs, lda, ldb;
   at::Tensor A;  // contiguous
-  std::vector<at::BFloat16> bt;
+  std::vector<at::BFloat16> a16, bt;
   std::vector<uint32_t> a_pairs, bt_pairs;
   Bf16Weights(const at::Tensor& A_bank, const at::Tensor& B_bank, bool forward)
       : r(A_bank.size(-2)),
         d_in(A_bank.size(-1)),
         d_out(B_bank.size(-2)),
         pairs((r + 1) / 2),
+        lda(cpu::bf16_row_stride(d_in)),
+        ldb(cpu::bf16_row_stride(d_out)),
         A(A_bank.contiguous()) {
     const at::Tensor B = B_bank.contiguous();
     const int64_t G = A.dim() == 3 ? A.size(0) : 1;
-    bt.resize(G * r * d_out);
+    std::vector<at::BFloat16> dense(G * r * d_out);  // B^T, rows of d_out
     for (int64_t g = 0; g < G; ++g)
       transpose_into(B.data_ptr<at::BFloat16>() + g * d_out * r, d_out, r, 1.f,
-                     bt.data() + g * r * d_out);
-    for (int64_t g = 0; g < G; ++g) {
-      if (forward) {
-        bt_pairs.resize(G * pairs * d_out);
-        cpu::pack_rank_pairs(Bt(g), r, d_out, bt_pairs.data() + g * pairs * d_out);
-      } else {
-        a_pairs.resize(G * pairs * d_in);
-        cpu::pack_rank_pairs(A_(g), r, d_in, a_pairs.data() + g * pairs * d_in);
-      }
+                     dense.data() + g * r * d_out);
+    const auto* a = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+    const auto* b = reinterpret_cast<const uint16_t*>(dense.data());
+    if (forward) {
+      bt_pairs.resize(G * pairs * ldb);
+      for (int64_t g = 0; g < G; ++g)
+        cpu::pack_rank_pairs(b + g * r * d_out, r, d_out, bt_pairs.data() + g * pairs * ldb, ldb);
+      if (lda != d_in) a16 = strided(A.data_ptr<at::BFloat16>(), G * r, d_in, lda);
+    } else {
+      bt = strided(dense.data(), G * r, d_out, ldb);
+      a_pairs.resize(G * pairs * lda);
+      for (int64_t g = 0; g < G; ++g)
+        cpu::pack_rank_pairs(a + g * r * d_in, r, d_in, a_pairs.data() + g * pairs * lda, lda);
     }
   }
+  // `rows` rows of d elements, ld apart.
+  static std::vector<at::BFloat16> strided(const at::BFloat16* src, int64_t rows, int64_t d,
+                                           int64_t ld) {
+    std::vector<at::BFloat16> out(rows * ld);
+    for (int64_t i = 0; i < rows; ++i)
+      std::copy(src + i * d, src + (i + 1) * d, out.data() + i * ld);
+    return out;
+  }
   const uint16_t* A_(int64_t g) const {
-    return reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>()) + g * r * d_in;
+    const at::BFloat16* base = a16.empty() ? A.data_ptr<at::BFloat16>() : a16.data();
+    return reinterpret_cast<const uint16_t*>(base) + g * r * lda;
   }
   const uint16_t* Bt(int64_t g) const {
-    return reinterpret_cast<const uint16_t*>(bt.data()) + g * r * d_out;
+    return reinterpret_cast<const uint16_t*>(bt.data()) + g * r * ldb;
   }
-  const uint32_t* A_pairs(int64_t g) const { return a_pairs.data() + g * pairs * d_in; }
-  const uint32_t* Bt_pairs(int64_t g) const { return bt_pairs.data() + g * pairs * d_out; }
+  const uint32_t* A_pairs(int64_t g) const { return a_pairs.data() + g * pairs * lda; }
+  const uint32_t* Bt_pairs(int64_t g) const { return bt_pairs.data() + g * pairs * ldb; }
 };
 
 // cp[b * pairs + k / 2] = (c(b, k), c(b, k + 1)) for b < nb (0 past r), 0 for the other rows of
@@ -665,15 +681,16 @@ void rank_pair_coefs(int nb, int64_t r, C&& c, uint32_t* cp) {
 
 // The row pairs of a product summed over the rows: rp[q] = (rows[2q], rows[2q + 1]) interleaved
 // and cp[q * r + k] = (c(2q, k), c(2q + 1, k)), for the (nb + 1) / 2 pairs (an odd last row with
-// zeros). Returns the number of pairs.
+// zeros); rp[q] = scratch + q * bf16_row_stride(d). Returns the number of pairs.
 template <typename C>
 int row_pairs(int nb, int64_t r, int64_t d, const uint16_t* const* rows, C&& c, uint32_t* scratch,
               const uint32_t** rp, uint32_t* cp) {
   const int pairs = (nb + 1) / 2;
   for (int q = 0; q < pairs; ++q) {
     const bool two = 2 * q + 1 < nb;
-    cpu::interleave_rows(rows[2 * q], two ? rows[2 * q + 1] : nullptr, d, scratch + q * d);
-    rp[q] = scratch + q * d;
+    const int64_t ld = cpu::bf16_row_stride(d);
+    cpu::interleave_rows(rows[2 * q], two ? rows[2 * q + 1] : nullptr, d, scratch + q * ld);
+    rp[q] = scratch + q * ld;
     for (int64_t k = 0; k < r; ++k)
       cp[q * r + k] = cpu::bf16_pair(c(2 * q, k), two ? c(2 * q + 1, k) : 0.f);
   }
@@ -739,7 +756,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
         bf16_x_rows(fp.xp, fp.ldx, idx, nb, d_in, dp, st.mask, st.x16.data(), st.zero16.data(),
                     st.xrows);
         fp.prefetch_next(st.pf, blk, /*out_rows=*/true);
-        cpu::dot_rows_bf16(w.A_(block.adapter), r, d_in, st.xrows, nb, st.tbuf.data(), &st.pf);
+        cpu::dot_rows_bf16(w.A_(block.adapter), w.lda, r, d_in, st.xrows, nb, st.tbuf.data(),
+                           &st.pf);
         for (int b = 0; b < nb; ++b)
           std::copy(st.tbuf.data() + b * r, st.tbuf.data() + (b + 1) * r, fp.tp + idx[b] * r);
         rank_pair_coefs(
@@ -748,8 +766,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
           st.lrows[b] = lop16 + idx[b] * fp.ldl;
           st.orows[b] = outp16 + idx[b] * d_out;
         }
-        cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), r, d_out, st.cp.data(), st.lrows, nullptr,
-                               nb, st.orows, &st.pf);
+        cpu::combine_rows_bf16(w.Bt_pairs(block.adapter), w.ldb, r, d_out, st.cp.data(), st.lrows,
+                               nullptr, nb, st.orows, &st.pf);
       });
   return fp.finish();
 }
@@ -789,8 +807,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
           ucp(kRows * ((r + 1) / 2)),
           t_cp(kMaxPairs * r),
           u_cp(kMaxPairs * r),
-          g_pairs(kMaxPairs * d_out),
-          x_pairs(kMaxPairs * d_in) {}
+          g_pairs(kMaxPairs * cpu::bf16_row_stride(d_out)),
+          x_pairs(kMaxPairs * cpu::bf16_row_stride(d_in)) {}
   };
   bp.run([&] { return State(d_in, d_out, r); },
          [&](State& st, int64_t blk, int64_t part_begin, int64_t part_end, float* pa, float* pb) {
@@ -802,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            for (int b = 0; b < kRows; ++b)
              st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
            bp.prefetch_next(st.pf, blk, /*x_rows=*/need_dA, /*dx_rows=*/need_dx);
-           cpu::dot_rows_bf16(w.Bt(block.adapter), r, d_out, st.grows, nb, st.u.data(),
+           cpu::dot_rows_bf16(w.Bt(block.adapter), w.ldb, r, d_out, st.grows, nb, st.u.data(),
                               &st.pf);  // u = g B
            const float s = bp.s;
            if (need_dA)  // dropout(x) as bf16 rows (and the mask rows)
@@ -819,8 +837,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                    b < nb ? reinterpret_cast<uint16_t*>(bp.dxp + idx[b] * d_in) : nullptr;
                mrows[b] = st.mask.row(b);
              }
-             cpu::combine_rows_bf16(w.A_pairs(block.adapter), r, d_in, st.ucp.data(), nullptr,
-                                    dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf);
+             cpu::combine_rows_bf16(w.A_pairs(block.adapter), w.lda, r, d_in, st.ucp.data(),
+                                    nullptr, dp.enabled ? mrows : nullptr, nb, st.dxrows, &st.pf);
            }
            if (!need_dA && !need_dB) return;
            const int at = st.pending;
@@ -828,11 +846,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            if (need_dB)  // rows of g, coefficients t
              pairs = row_pairs(
                  nb, r, d_out, st.grows, [&](int b, int64_t k) { return bp.tp[idx[b] * r + k]; },
-                 st.g_pairs.data() + at * d_out, st.g_rp + at, st.t_cp.data() + at * r);
+                 st.g_pairs.data() + at * w.ldb, st.g_rp + at, st.t_cp.data() + at * r);
            if (need_dA)  // rows of dropout(x), coefficients s u
              pairs = row_pairs(
                  nb, r, d_in, st.xrows, [&](int b, int64_t k) { return s * st.u[b * r + k]; },
-                 st.x_pairs.data() + at * d_in, st.x_rp + at, st.u_cp.data() + at * r);
+                 st.x_pairs.data() + at * w.lda, st.x_rp + at, st.u_cp.data() + at * r);
            st.pending += pairs;
            ++st.pending_blocks;
            if (st.pending_blocks < kSumBlocks && blk + 1 < part_end &&
