@@ -41,6 +41,24 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// One 32-column step of dot_tile: columns j .. j + 31 (those in mask) of the MR rows x and NK
+// weight rows m into the MR x NK accumulators.
+template <int MR, int NK>
+LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_step(__m512* acc,
+                                                                      const uint16_t* const* m,
+                                                                      const uint16_t* const* x,
+                                                                      int64_t j, __mmask32 mask) {
+  __m512i w[NK];
+#pragma GCC unroll 16
+  for (int q = 0; q < NK; ++q) w[q] = _mm512_maskz_loadu_epi16(mask, m[q] + j);
+#pragma GCC unroll 16
+  for (int b = 0; b < MR; ++b) {
+    const __m512i v = _mm512_maskz_loadu_epi16(mask, x[b] + j);
+#pragma GCC unroll 16
+    for (int q = 0; q < NK; ++q) acc[b * NK + q] = dp(acc[b * NK + q], v, w[q]);
+  }
+}
+
 // Columns [j0, j0 + len) of the MR rows against ranks k0 .. k0 + NK - 1 of M (row stride ldm); the
 // sums go to out, or are added to it (add: a later chunk of the columns, dot_rows_impl).
 template <int MR, int NK>
@@ -57,20 +75,14 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(
 #pragma GCC unroll 16
   for (int b = 0; b < MR; ++b) x[b] = rows[b] + j0;
   const PrefetchLines lines(pf, (len + 31) / 32, MR * ((len + 31) / 32));  // MR rows of len
-  for (int64_t j = 0, s = 0; j < len; j += 32, ++s) {
+  const int64_t full = len / 32;
+  for (int64_t s = 0; s < full; ++s) {
     lines.step(s);
-    const int64_t left = len - j;
-    const __mmask32 mask =
-        left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
-    __m512i w[NK];
-#pragma GCC unroll 16
-    for (int q = 0; q < NK; ++q) w[q] = _mm512_maskz_loadu_epi16(mask, m[q] + j);
-#pragma GCC unroll 16
-    for (int b = 0; b < MR; ++b) {
-      const __m512i v = _mm512_maskz_loadu_epi16(mask, x[b] + j);
-#pragma GCC unroll 16
-      for (int q = 0; q < NK; ++q) acc[b * NK + q] = dp(acc[b * NK + q], v, w[q]);
-    }
+    dot_step<MR, NK>(acc, m, x, 32 * s, static_cast<__mmask32>(0xffffffffu));
+  }
+  if (const int64_t left = len - 32 * full; left > 0) {
+    lines.step(full);
+    dot_step<MR, NK>(acc, m, x, 32 * full, static_cast<__mmask32>((1u << left) - 1));
   }
   // The MR x NK horizontal sums at once, by the shuffle tree (lane_sums.h): input i = b NK + q
   // at position bitrev(i) leaves its sum in lane i. One _mm512_reduce_add_ps per accumulator
