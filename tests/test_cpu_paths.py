@@ -48,7 +48,7 @@ def _forced() -> str | None:
 
 # (n, d_in, d_out, r): ranks and widths on both sides of every path's vector width (4, 8, 16
 # floats), of its register tiles (rows x ranks, rows x vectors, ranks x vectors) and of their
-# remainders; fewer rows than a block, and a ragged last block.
+# remainders; fewer rows than a block, and a ragged last block; wide rows (below).
 EDGE_SHAPES = [
     (1, 1, 1, 1),
     (5, 7, 9, 2),
@@ -64,6 +64,10 @@ EDGE_SHAPES = [
     (10, 33, 200, 33),
     (12, 97, 64, 64),
     (9, 48, 113, 70),
+    # wide rows: the bf16 dot products take them in 1024-column chunks (a ragged last one), and
+    # the bf16 kernels' weight and scratch rows of 2048 get a padded stride (bf16_row_stride)
+    (12, 1283, 512, 5),
+    (10, 2048, 256, 19),
     # rank >= 32 with fewer than r rows runs the GEMM path (csrc/cpu/lor2c.cpp plan_for): these
     # keep the fused kernel's large ranks in the default run
     (40, 33, 200, 33),

@@ -698,7 +698,8 @@ int row_pairs(int nb, int64_t r, int64_t d, const uint16_t* const* rows, C&& c, 
 }
 
 // Rows idx[0..nb) of x as bf16 (dropout(x) rounded to bf16 in one pass, cpu::dropout_bf16, the
-// mask rows into `mask`; without dropout x's own rows), `zero` for the rest of the block.
+// mask rows into `mask`; x16's rows bf16_row_stride(d) apart; without dropout x's own rows),
+// `zero` for the rest of the block.
 void bf16_x_rows(const at::BFloat16* x, int64_t ld, const int64_t* idx, int nb, int64_t d,
                  const DropoutParams& dp, Scratch& mask, uint16_t* x16, const uint16_t* zero,
                  const uint16_t* rows[kRows]) {
@@ -712,8 +713,9 @@ void bf16_x_rows(const at::BFloat16* x, int64_t ld, const int64_t* idx, int nb, 
       rows[b] = row;
     } else {
       cpu::draw_dropout_row(idx[b], d, dp, mask.row(b));
-      cpu::dropout_bf16(row, mask.row(b), d, x16 + b * d);
-      rows[b] = x16 + b * d;
+      uint16_t* dst = x16 + b * cpu::bf16_row_stride(d);
+      cpu::dropout_bf16(row, mask.row(b), d, dst);
+      rows[b] = dst;
     }
   }
 }
@@ -739,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& x, const at::T
     int64_t idx[kRows];
     State(int64_t d_in, int64_t r, int64_t pairs)
         : mask(d_in, kRows),
-          x16(kRows * d_in),
+          x16(kRows * cpu::bf16_row_stride(d_in)),
           zero16(d_in, 0),
           tbuf(kRows * r),
           cp(kRows * pairs) {}
@@ -801,7 +803,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
     int pending = 0, pending_blocks = 0;  // row pairs and blocks buffered for the sums
     State(int64_t d_in, int64_t d_out, int64_t r)
         : mask(d_in, kRows),
-          x16(kRows * d_in),
+          x16(kRows * cpu::bf16_row_stride(d_in)),
           zero16(std::max(d_in, d_out), 0),
           u(kRows * r),
           ucp(kRows * ((r + 1) / 2)),
