@@ -60,11 +60,11 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_step(__m512* ac
 }
 
 // Columns [j0, j0 + len) of the MR rows against ranks k0 .. k0 + NK - 1 of M (row stride ldm); the
-// sums go to out, or are added to it (add: a later chunk of the columns, dot_rows_impl).
-template <int MR, int NK>
+// sums go to out, or are added to it (kAdd: a later chunk of the columns, dot_rows_impl).
+template <int MR, int NK, bool kAdd>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(
     const uint16_t* M, int64_t ldm, int64_t r, int64_t j0, int64_t len, int64_t k0,
-    const uint16_t* const* rows, int used, float* out, bool add, Prefetch* pf) {
+    const uint16_t* const* rows, int used, float* out, Prefetch* pf) {
   __m512 acc[MR * NK];
 #pragma GCC unroll 16
   for (int i = 0; i < MR * NK; ++i) acc[i] = _mm512_setzero_ps();
@@ -101,7 +101,7 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(
 #pragma GCC unroll 16
     for (int q = 0; q < NK; ++q) {
       float& o = out[b * r + k0 + q];
-      o = add ? o + lane[b * NK + q] : lane[b * NK + q];
+      o = kAdd ? o + lane[b * NK + q] : lane[b * NK + q];
     }
 }
 
@@ -208,14 +208,29 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
 }
 
 // Tiles of NK' = rem < NK ranks.
-template <int NK>
+template <int NK, bool kAdd>
 LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_rest(
     int rem, const uint16_t* M, int64_t ldm, int64_t r, int64_t j0, int64_t len, int64_t k0,
-    const uint16_t* const* rows, int used, float* out, bool add, Prefetch* pf) {
+    const uint16_t* const* rows, int used, float* out, Prefetch* pf) {
   if constexpr (NK > 0) {
-    if (rem == NK) return dot_tile<kDotMR, NK>(M, ldm, r, j0, len, k0, rows, used, out, add, pf);
-    dot_rest<NK - 1>(rem, M, ldm, r, j0, len, k0, rows, used, out, add, pf);
+    if (rem == NK) return dot_tile<kDotMR, NK, kAdd>(M, ldm, r, j0, len, k0, rows, used, out, pf);
+    dot_rest<NK - 1, kAdd>(rem, M, ldm, r, j0, len, k0, rows, used, out, pf);
   }
+}
+
+// Every rank of columns [j0, j0 + len).
+template <bool kAdd>
+LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_chunk(
+    const uint16_t* M, int64_t ldm, int64_t r, int64_t j0, int64_t len, const uint16_t* const* rows,
+    int used, float* out, Prefetch* pf) {
+  int64_t k = 0;
+  for (; k + kDotNK <= r; k += kDotNK)
+    for (int b = 0; b < used; b += kDotMR)
+      dot_tile<kDotMR, kDotNK, kAdd>(M, ldm, r, j0, len, k, rows + b, used - b, out + b * r, pf);
+  if (k < r)
+    for (int b = 0; b < used; b += kDotMR)
+      dot_rest<kDotNK - 1, kAdd>(static_cast<int>(r - k), M, ldm, r, j0, len, k, rows + b, used - b,
+                                 out + b * r, pf);
 }
 
 template <int NK>
@@ -248,18 +263,9 @@ LOR2C_TARGET_BF16 __attribute__((noinline)) void dot_rows_impl(const uint16_t* M
                                                                int64_t r, int64_t d,
                                                                const uint16_t* const* rows,
                                                                int used, float* out, Prefetch* pf) {
-  for (int64_t j0 = 0; j0 < d; j0 += kDotChunk) {
-    const int64_t len = std::min(kDotChunk, d - j0);
-    const bool add = j0 > 0;
-    int64_t k = 0;
-    for (; k + kDotNK <= r; k += kDotNK)
-      for (int b = 0; b < used; b += kDotMR)
-        dot_tile<kDotMR, kDotNK>(M, ldm, r, j0, len, k, rows + b, used - b, out + b * r, add, pf);
-    if (k < r)
-      for (int b = 0; b < used; b += kDotMR)
-        dot_rest<kDotNK - 1>(static_cast<int>(r - k), M, ldm, r, j0, len, k, rows + b, used - b,
-                             out + b * r, add, pf);
-  }
+  dot_chunk<false>(M, ldm, r, 0, std::min(kDotChunk, d), rows, used, out, pf);
+  for (int64_t j0 = kDotChunk; j0 < d; j0 += kDotChunk)
+    dot_chunk<true>(M, ldm, r, j0, std::min(kDotChunk, d - j0), rows, used, out, pf);
 }
 
 LOR2C_TARGET_BF16 __attribute__((noinline)) void combine_rows_impl(
