@@ -561,12 +561,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         float* uc = st.ucoef.data() + h * kRows * r;
         float_rows(bp.gp, bp.ldg, idx, nb, d_out, st.gs[h], st.zero.row(0), gr);
         bp.prefetch_next(st.pf, blk, /*x_rows=*/need_dA || need_dx, /*dx_rows=*/need_dx && !stream);
-        dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
-                 &st.pf);  // u = g B
+        const bool need_u = need_dA || need_dx;  // dB alone sums t and g
+        if (need_u)
+          dot_rows(bp.w.Bt(block.adapter, r, d_out), r, d_out, gr, nb, st.u.data(),
+                   &st.pf);  // u = g B
         for (int b = 0; b < kRows; ++b)
           for (int64_t k = 0; k < r; ++k) {
             tc[b * r + k] = b < nb ? bp.tp[idx[b] * r + k] : 0.f;
-            uc[b * r + k] = b < nb ? bp.s * st.u[b * r + k] : 0.f;
+            uc[b * r + k] = b < nb && need_u ? bp.s * st.u[b * r + k] : 0.f;
           }
         if (need_dA || need_dx)
           dropped_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.xs[h], st.mask, st.zero.row(0), xr);
@@ -822,8 +824,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
            for (int b = 0; b < kRows; ++b)
              st.grows[b] = b < nb ? gp + idx[b] * bp.ldg : st.zero16.data();
            bp.prefetch_next(st.pf, blk, /*x_rows=*/need_dA, /*dx_rows=*/need_dx);
-           cpu::dot_rows_bf16(w.Bt(block.adapter), w.ldb, r, d_out, st.grows, nb, st.u.data(),
-                              &st.pf);  // u = g B
+           if (need_dA || need_dx)  // u = g B (dB alone sums t and g)
+             cpu::dot_rows_bf16(w.Bt(block.adapter), w.ldb, r, d_out, st.grows, nb, st.u.data(),
+                                &st.pf);
            const float s = bp.s;
            if (need_dA)  // dropout(x) as bf16 rows (and the mask rows)
              bf16_x_rows(bp.xp, bp.ldx, idx, nb, d_in, dp, st.mask, st.x16.data(), st.zero16.data(),
@@ -1254,9 +1257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
           gb = st.gs.data();
           ldgb = d_out;
         }
-        // u = s g B (B^T packed as r x d_out)
-        cpu::gemm_rows(false, true, nb, r, d_out, bp.s, gb, ldgb, bp.w.Bt(block.adapter, r, d_out),
-                       d_out, 0.f, st.u.data(), r);
+        // u = s g B (B^T packed as r x d_out); dB alone sums t and g
+        if (need_dA || need_dx)
+          cpu::gemm_rows(false, true, nb, r, d_out, bp.s, gb, ldgb,
+                         bp.w.Bt(block.adapter, r, d_out), d_out, 0.f, st.u.data(), r);
         const float* xb = nullptr;
         int64_t ldxb = d_in;
         if (need_dA) {
