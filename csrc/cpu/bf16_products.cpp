@@ -5,8 +5,9 @@
 // tree, lane_sums.h), combine_rows 8 rows x 3 vectors of 16 columns (24 accumulators; per rank
 // pair 3 loads and 8 broadcasts), accumulate_outer 4 ranks x 5 vectors of 16 columns (20
 // accumulators; per row pair 5 loads and 4 broadcasts). Column tails are masked loads and stores
-// (AVX-512 BW), so any d runs without a scalar loop. Every tile prefetches its share of the lines
-// in pf (PrefetchLines, rank_products.h), as the fp32 tiles do.
+// (AVX-512 BW), so any d runs without a scalar loop; dot_rows takes rows over 1024 columns in
+// chunks (kDotChunk). Every tile prefetches its share of the lines in pf (PrefetchLines,
+// rank_products.h), as the fp32 tiles do.
 #include "bf16_products.h"
 
 #include <c10/util/Exception.h>

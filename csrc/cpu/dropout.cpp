@@ -198,9 +198,10 @@ __attribute__((target("avx2"))) void draw_avx2(int64_t row, int64_t d, const Dro
 // compare or max before SSE4.1; threshold <= 65535, so it fits the lane as it is).
 // Measured (mask of 8192 x 1024 on one thread, fused forward at p = 0.1 minus p = 0, CPU time,
 // median of 11 in each of 3 processes, AMD EPYC (Zen 4) shared at load 3-4): scalar code
-// 27.1-27.6 ms, this 6.1-6.6 ms (4.3x), AVX2 4.8 ms. Two independent chains (a*, b*) keep the
-// multiplier busy; a step of 8 counters spills the 16 xmm registers: 8.1-8.7 ms against this
-// code's 6.1-6.5 ms in a standalone loop over the same rows (wall time).
+// 27.1-27.6 ms, this 6.1-6.6 ms (4.3x), AVX2 4.8 ms (3.1-3.4 ms with the layout above). Two
+// independent chains (a*, b*) keep the multiplier busy; a step of 8 counters spills the 16 xmm
+// registers: 8.1-8.7 ms against this code's 6.1-6.5 ms in a standalone loop over the same rows
+// (wall time).
 void draw_sse2(int64_t row, int64_t d, const DropoutParams& dp, float* mask) {
   const __m128i m0 = _mm_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m128i m1 = _mm_set1_epi32(static_cast<int>(kPhiloxM1));
