@@ -337,8 +337,9 @@ def test_cpu_mask_fallback_paths(path):
 # mask code draws: dx of a rank-1 backward with A = B = g = 1 and scale 1 is 1 * m, exact on the
 # fused and the GEMM plan. Widths on both sides of the 32-column SSE2 step and the 64-column
 # kMaskStep, and ones that end each path's steps every way (AVX-512: 256 columns per step, then
-# 128 and 64; AVX2: 96 per step, then 32: 447 pads to 448 = 256 + 128 + 64 = 4 * 96 + 2 * 32); a column's draw does not depend on d, so the padding columns a narrow row draws
-# (up to mask_padded(d)) are real columns of the wide rows. Rates: thresholds 0 (p > 0 but
+# 128 and 64; AVX2: 96 per step, then 32: 447 pads to 448 = 256 + 128 + 64 = 4 * 96 + 2 * 32);
+# a column's draw does not depend on d, so the padding columns a narrow row draws (up to
+# mask_padded(d)) are real columns of the wide rows. Rates: thresholds 0 (p > 0 but
 # below 2^-16), 1, 0x7FFF, 0x8000 (the signed 16-bit edge), 0x8001 and 0xFFFF, besides 0.1 and
 # 0.999.
 # A keep flag hides most bits of its draw, so draws are also pinned exactly, each at threshold
