@@ -646,7 +646,7 @@ struct Bf16Weights {
         cpu::pack_rank_pairs(b + g * r * d_out, r, d_out, bt_pairs.data() + g * pairs * ldb, ldb);
       if (lda != d_in) a16 = strided(A.data_ptr<at::BFloat16>(), G * r, d_in, lda);
     } else {
-      bt = strided(dense.data(), G * r, d_out, ldb);
+      bt = ldb == d_out ? std::move(dense) : strided(dense.data(), G * r, d_out, ldb);
       a_pairs.resize(G * pairs * lda);
       for (int64_t g = 0; g < G; ++g)
         cpu::pack_rank_pairs(a + g * r * d_in, r, d_in, a_pairs.data() + g * pairs * lda, lda);
@@ -688,9 +688,9 @@ template <typename C>
 int row_pairs(int nb, int64_t r, int64_t d, const uint16_t* const* rows, C&& c, uint32_t* scratch,
               const uint32_t** rp, uint32_t* cp) {
   const int pairs = (nb + 1) / 2;
+  const int64_t ld = cpu::bf16_row_stride(d);
   for (int q = 0; q < pairs; ++q) {
     const bool two = 2 * q + 1 < nb;
-    const int64_t ld = cpu::bf16_row_stride(d);
     cpu::interleave_rows(rows[2 * q], two ? rows[2 * q + 1] : nullptr, d, scratch + q * ld);
     rp[q] = scratch + q * ld;
     for (int64_t k = 0; k < r; ++k)
