@@ -75,14 +75,14 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void dot_tile(
   const uint16_t* x[MR];
 #pragma GCC unroll 16
   for (int b = 0; b < MR; ++b) x[b] = rows[b] + j0;
-  const PrefetchLines lines(pf, (len + 31) / 32, MR * ((len + 31) / 32));  // MR rows of len
+  PrefetchLines lines(pf, (len + 31) / 32, MR * ((len + 31) / 32));  // MR rows of len
   const int64_t full = len / 32;
   for (int64_t s = 0; s < full; ++s) {
-    lines.step(s);
+    lines.next();
     dot_step<MR, NK>(acc, m, x, 32 * s, static_cast<__mmask32>(0xffffffffu));
   }
   if (const int64_t left = len - 32 * full; left > 0) {
-    lines.step(full);
+    lines.next();
     dot_step<MR, NK>(acc, m, x, 32 * full, static_cast<__mmask32>((1u << left) - 1));
   }
   // The MR x NK horizontal sums at once, by the shuffle tree (lane_sums.h): input i = b NK + q
@@ -152,9 +152,9 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void combine_tile(
     for (int c = 0; c < NC; ++c) acc[b * NC + c] = _mm512_setzero_ps();
   const uint32_t* m = Mp + j0;
   // MR x 16 NC bf16 of out (and of base)
-  const PrefetchLines lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
+  PrefetchLines lines(pf, pairs, (base ? 2 : 1) * MR * NC / 2);
   for (int64_t q = 0; q < pairs; ++q, m += ldm) {
-    lines.step(q);
+    lines.next();
     __m512i w[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) w[c] = _mm512_maskz_loadu_epi32(mk[c], m + 16 * c);
@@ -189,9 +189,9 @@ LOR2C_TARGET_BF16 __attribute__((always_inline)) inline void accumulate_tile(
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = _mm512_maskz_loadu_ps(mk[c], p + q * d + 16 * c);
-  const PrefetchLines lines(pf, pairs, pairs * NC);  // the pairs' 16 NC uint32
+  PrefetchLines lines(pf, pairs, pairs * NC);  // the pairs' 16 NC uint32
   for (int b = 0; b < pairs; ++b) {
-    lines.step(b);
+    lines.next();
     __m512i x[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) x[c] = _mm512_maskz_loadu_epi32(mk[c], Rp[b] + j0 + 16 * c);

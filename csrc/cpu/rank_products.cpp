@@ -98,9 +98,9 @@ LOR2C_INLINE void dot_tile(const float* __restrict M, int64_t r, int64_t d, int6
   const float* x[MR];
   for (int b = 0; b < MR; ++b) x[b] = rows[b];
   V acc[G * W] = {};  // input i = b * NK + q at group i / W, position bitrev(i % W)
-  const PrefetchLines lines(pf, dv / W, MR * dv / 16);  // MR rows of dv floats
-  for (int64_t j = 0, s = 0; j < dv; j += W, ++s) {
-    lines.step(s);
+  PrefetchLines lines(pf, dv / W, MR * dv / 16);  // MR rows of dv floats
+  for (int64_t j = 0; j < dv; j += W) {
+    lines.next();
     V w[NK];
 #pragma GCC unroll 16
     for (int q = 0; q < NK; ++q) w[q] = vload<W>(m[q] + j);
@@ -170,9 +170,9 @@ LOR2C_INLINE void combine_tile(const float* __restrict M, int64_t r, int64_t d, 
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[b * NC + c] = base ? vload<W>(base[b] + j0 + c * W) : V{};
   const float* m = M + j0;
-  const PrefetchLines lines(pf, r, (base ? 2 : 1) * MR * NC * W / 16);  // out (and base)
+  PrefetchLines lines(pf, r, (base ? 2 : 1) * MR * NC * W / 16);  // out (and base)
   for (int64_t k = 0; k < r; ++k, m += d) {
-    lines.step(k);
+    lines.next();
     V w[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) w[c] = vload<W>(m + c * W);
@@ -246,9 +246,9 @@ LOR2C_INLINE void accumulate_tile(float* __restrict P, int64_t r, int64_t d, int
   for (int q = 0; q < NK; ++q)
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[q * NC + c] = vload<W>(p + q * d + c * W);
-  const PrefetchLines lines(pf, used, used * NC * W / 16);  // the rows' NC * W floats
+  PrefetchLines lines(pf, used, used * NC * W / 16);  // the rows' NC * W floats
   for (int b = 0; b < used; ++b) {
-    lines.step(b);
+    lines.next();
     V x[NC];
 #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) x[c] = vload<W>(rows[b] + j0 + c * W);

@@ -60,19 +60,26 @@ struct Prefetch {
 constexpr int kPrefetchPerStep = 2;
 
 struct PrefetchLines {
-  const char* p = nullptr;
-  int64_t n = 0, rate = 0;
+  const char* p = nullptr;    // the next line to prefetch
+  const char* end = nullptr;  // past the last one
+  int64_t rate = 0;           // bytes per step
   inline __attribute__((always_inline)) PrefetchLines(Prefetch* pf, int64_t steps,
                                                       int64_t tile_lines) {
     if (pf != nullptr && steps > 0) {
+      int64_t n = 0;
       p = pf->take(std::max<int64_t>(kPrefetchPerStep * steps, tile_lines), &n);
-      rate = (n + steps - 1) / steps;
+      rate = 64 * ((n + steps - 1) / steps);
+      end = p + 64 * n;
     }
   }
-  // The lines of step s.
-  inline __attribute__((always_inline)) void step(int64_t s) const {
-    for (int64_t q = s * rate, e = std::min(n, q + rate); q < e; ++q)
-      __builtin_prefetch(p + 64 * q, 0, 1);  // prefetcht2
+  // The next step's lines (steps in order from the first). A running pointer, not the step's
+  // index: the index form (lines [s * rate, min(n, (s + 1) * rate))) kept four more integers live
+  // beside the tiles' pointers, spilled one to the stack per step and cost the AVX2 dot tiles a
+  // third of their rate on an AMD EPYC Zen 3 (one core, r=16 d=768, rows in L1: 35 -> 52-68
+  // GFLOP/s without it).
+  inline __attribute__((always_inline)) void next() {
+    const char* e = std::min(end, p + rate);
+    for (; p < e; p += 64) __builtin_prefetch(p, 0, 1);  // prefetcht2
   }
 };
 
