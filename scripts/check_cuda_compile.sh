@@ -109,9 +109,7 @@ for src in "${SOURCES[@]}"; do
     ) &
     pids+=($!)
   done
-  for i in 0 1; do
-    wait "${pids[$i]}" || status=1
-  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   for variant in plain torch; do cat "$TMP/$name.$variant.log"; done
 done
 exit $status

@@ -73,10 +73,10 @@ struct PrefetchLines {
     }
   }
   // The next step's lines (steps in order from the first). A running pointer, not the step's
-  // index: the index form (lines [s * rate, min(n, (s + 1) * rate))) kept four more integers live
-  // beside the tiles' pointers, spilled one to the stack per step and cost the AVX2 dot tiles a
-  // third of their rate on an AMD EPYC Zen 3 (one core, r=16 d=768, rows in L1: 35 -> 52-68
-  // GFLOP/s without it).
+  // index: the index form (lines [s * rate, min(n, (s + 1) * rate))) kept more integers live
+  // beside the tiles' pointers and spilled one to the stack per step of the AVX2 dot loop. AMD
+  // EPYC Zen 3, one core, dot_rows r=16 d=768 in cache: 34-44 -> 45-49 GFLOP/s (52-68 with no
+  // prefetch code at all); end to end within that machine's noise.
   inline __attribute__((always_inline)) void next() {
     const char* e = std::min(end, p + rate);
     for (; p < e; p += 64) __builtin_prefetch(p, 0, 1);  // prefetcht2
