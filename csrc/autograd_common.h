@@ -14,9 +14,24 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace lor2c {
+
+// A new autograd node of type NodeT, held the way this torch holds graph nodes: by
+// c10::intrusive_ptr where Node is an intrusive_ptr_target (torch 2.13), else by std::shared_ptr
+// (torch 2.9 and earlier). Decided by the type, not a version number, so any torch in between
+// builds too.
+template <typename NodeT>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    return c10::make_intrusive<NodeT>();
+  } else {
+    return std::make_shared<NodeT>();
+  }
+}
 
 // t as (rows, width) with unit column stride: a view whenever the layout allows one. The ops take
 // rows inside their autograd node, so that N-D activations cost the graph no view nodes. Called

@@ -132,7 +132,7 @@ at::Tensor dcft_autograd(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor no_bias;
   const at::Tensor& b = bias.has_value() ? *bias : no_bias;
   if (torch::autograd::compute_requires_grad(x, weight, b, A, B, C)) {
-    auto node = c10::make_intrusive<DCFTBackward>();
+    auto node = lor2c::make_node<DCFTBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, weight, b, A, B, C));
     node->x_ = SavedVariable(x, false);
     node->t_ = SavedVariable(t, false);

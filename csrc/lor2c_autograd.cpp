@@ -121,7 +121,7 @@ at::Tensor lor2c_autograd(const at::Tensor& x, const at::Tensor& layer_out, cons
                           double p, const at::Tensor& seed) {
   auto [out, t] = forward_rows(x, layer_out, A, B, ids, scale, p, seed);
   if (torch::autograd::compute_requires_grad(x, layer_out, A, B)) {
-    auto node = c10::make_intrusive<LoR2CBackward>();
+    auto node = lor2c::make_node<LoR2CBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, layer_out, A, B));
     node->x_ = SavedVariable(x, false);
     node->t_ = SavedVariable(t, false);

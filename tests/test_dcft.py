@@ -2,6 +2,7 @@
 for the output and all six gradients, dropout, registration (opcheck, torch.compile), a memory
 probe proving D is never formed, bad sizes, and the DCFTLinear module (merging, parameters)."""
 
+import collections
 import math
 
 import pytest
@@ -254,22 +255,22 @@ def test_eval_mode_needs_no_mask(backend):
 # --- memory: D (d_in x d_out) is never saved nor allocated --------------------------------------
 
 
-def _largest_allocation(fn, device):
-    """The largest single allocation (bytes) made while fn runs, kernels' own included."""
+def _allocations(fn, device):
+    """The sizes (bytes) of the allocations made while fn runs, kernels' own included."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True) as prof:
         fn()
-    largest = 0
+    sizes = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None:
-            largest = max(largest, size)
-    return largest
+        if size is not None and size > 0:
+            sizes.append(size)
+    return sizes
 
 
 def test_memory_probe_no_d_in_x_d_out_tensor(backend):
@@ -285,15 +286,23 @@ def test_memory_probe_no_d_in_x_d_out_tensor(backend):
     g = torch.randn(n, d, generator=gen).to(device)
     d_bytes = d * d * 4
 
-    def step(fn):
-        return lambda: torch.autograd.grad(fn(), (x, A, B, C), g)
+    def step(fn, *inputs):
+        return lambda: torch.autograd.grad(fn(), inputs or (x, A, B, C), g)
 
     fused = step(lambda: lo.dcft_linear(x, W, b, A, B, C, dropout_p=0.1, backend=backend))
     naive = step(lambda: ref.eager(x, W, b, A, B, C, 1.0, k))
-    fused(), naive()  # warm up (allocator caches, library workspaces)
-    assert _largest_allocation(naive, device) >= d_bytes, "the probe must see the published D"
-    largest = _largest_allocation(fused, device)
-    assert largest < d_bytes // 4, f"a {largest}-byte allocation (D would be {d_bytes})"
+    linear = step(lambda: F.linear(x, W, b), x)  # the frozen layer alone
+    fused(), naive(), linear()  # warm up (allocator caches, library workspaces)
+
+    def large(fn):
+        return collections.Counter(s for s in _allocations(fn, device) if s >= d_bytes // 4)
+
+    assert max(_allocations(naive, device)) >= d_bytes, "the probe must see the published D"
+    # Some BLAS builds pack the frozen W (d_in x d_out) into a workspace of its size inside
+    # addmm (seen: torch 2.9.1 on aarch64, oneDNN), whoever calls it: the op may make the
+    # allocations the frozen layer alone makes, and no other of a quarter of D or more.
+    extra = large(fused) - large(linear)
+    assert not extra, f"allocations of D / 4 or more (D: {d_bytes} bytes): {dict(extra)}"
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

@@ -1203,7 +1203,7 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(const at::Tensor& x, const at
           add_row(lop + row(b) * ldl, st.ys.data() + b * d_out, outp + row(b) * d_out, d_out,
                   st.row_scratch.data(), stream);
       });
-  if (stream) asm volatile("sfence" ::: "memory");
+  if (stream) cpu::stream_fence();
   return fp.finish();
 }
 
@@ -1307,7 +1307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
           cpu::gemm_rows(true, false, r, d_out, nb, 1.f, tb, r, gb, ldgb, 1.f, pb, d_out);
         }
       });
-  if (stream) asm volatile("sfence" ::: "memory");
+  if (stream) cpu::stream_fence();
   return bp.finish();
 }
 

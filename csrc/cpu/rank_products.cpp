@@ -37,13 +37,17 @@ LOR2C_INLINE void vstore(float* p, typename Vec<W>::f v) {
 }
 
 // A store that bypasses the caches (the line is written whole, not read first); p aligned to
-// the vector.
+// the vector. Off x86 a plain store.
 template <int W>
 LOR2C_INLINE void vstream(float* p, typename Vec<W>::f v) {
+#ifdef LOR2C_X86
   if constexpr (W == 4)
     asm("movntps %1, %0" : "=m"(*reinterpret_cast<typename Vec<W>::f*>(p)) : "x"(v));
   else
     asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<typename Vec<W>::f*>(p)) : "v"(v));
+#else
+  vstore<W>(p, v);
+#endif
 }
 
 template <typename Arch>
@@ -79,9 +83,15 @@ LOR2C_INLINE const float* opaque(const float* p) {
 
 // Makes the compiler hold v in a register: otherwise it may fold the load that made v into
 // each multiply-add using it, and load it once per use (seen in dot_tile: 17 loads for 16 FMAs).
+// x86 only (its loads fold into arithmetic; elsewhere they do not, and a 64-byte vector of the
+// unused wide paths fits no register).
 template <typename V>
 LOR2C_INLINE void in_register(V& v) {
+#ifdef LOR2C_X86
   asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
 }
 
 // ---- dot_rows ------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ LOR2C_INLINE void combine_rows_impl_body(const float* __restrict M, int64_t r, i
       out[b][j] = mul ? acc * mul[b][j] : acc;
     }
   // Non-temporal stores are weakly ordered: make them visible before the rows are handed over.
-  if (stream) asm volatile("sfence" ::: "memory");
+  if (stream) stream_fence();
 }
 
 // ---- accumulate_outer ----------------------------------------------------------------------

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Cross-compiles the extension's C++ sources (csrc/*.cpp and csrc/cpu/*.cpp: the CPU kernels, the
+# ops' registration and autograd) for aarch64 Linux, the host CPU of NVIDIA Grace (GH200) and AWS
+# Graviton machines, so that x86-only code (vector intrinsics, inline assembly) that is not
+# behind LOR2C_X86 (csrc/cpu/isa.h) fails here instead of at a user's `pip install`. There the
+# CPU kernels run their baseline path (portable vector code) and the scalar dropout mask.
+#
+# Two passes:
+#   1. object files (-O0: inline assembly and intrinsics are checked at every level; -O3 takes
+#      minutes longer), against the headers of the torch that scripts/setup.sh set up;
+#   2. syntax only, against the headers of the oldest torch pyproject.toml admits
+#      ("torch>=X.Y": X.Y.0), taken from its aarch64 wheel (about 90 MB, downloaded once into
+#      build/, git-ignored); skipped with a message when the wheel cannot be downloaded.
+# Needs aarch64-linux-gnu-g++ (Debian: g++-aarch64-linux-gnu), installed with apt-get when it is
+# missing and this runs as root; exits 0 with a skip message when it cannot be had. No aarch64
+# machine is needed: nothing is linked or run (the tests under emulation: docs/verified.md).
+#
+#   scripts/check_aarch64_compile.sh                        # every source
+#   scripts/check_aarch64_compile.sh csrc/cpu/lor2c.cpp     # these only
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CXX=aarch64-linux-gnu-g++
+
+if ! command -v "$CXX" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "check_aarch64_compile: installing g++-aarch64-linux-gnu"
+    apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1; } ||
+      true
+  fi
+fi
+if ! command -v "$CXX" >/dev/null 2>&1; then
+  echo "check_aarch64_compile: SKIPPED: $CXX not found (Debian: apt-get install g++-aarch64-linux-gnu)"
+  exit 0
+fi
+
+PY="$(bash scripts/setup.sh)"
+# Python's headers are the host's: the sources use only its C API, whose layout is the same on
+# both 64-bit Linux ABIs.
+PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+FLAGS=(-std=c++17 -fno-math-errno -ffp-contract=fast -Wno-psabi -fopenmp -fPIC
+       -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -w)
+if [ "$#" -gt 0 ]; then
+  SOURCES=("$@")
+else
+  mapfile -t SOURCES < <(git ls-files 'csrc/*.cpp' | grep -v '^csrc/cuda/')
+fi
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# compile <label> <mode flags> <torch include dir>: every source, two at a time; prints FAIL and
+# the compiler's errors per failing source.
+compile() {
+  local label="$1" mode="$2" inc="$3" status=0 src i=0
+  local incs=(-I "$inc" -I "$inc/torch/csrc/api/include" -I "$PY_INC")
+  local pids=() names=()
+  for src in "${SOURCES[@]}"; do
+    local log="$TMP/$label.$(echo "$src" | tr / _).log"
+    # shellcheck disable=SC2086  # mode: one or two flags
+    "$CXX" "${FLAGS[@]}" "${incs[@]}" $mode "$src" -o "$TMP/$i.o" >"$log" 2>&1 &
+    pids+=($!)
+    names+=("$src")
+    i=$((i + 1))
+    if [ "${#pids[@]}" -ge 2 ]; then
+      wait_first
+    fi
+  done
+  while [ "${#pids[@]}" -gt 0 ]; do wait_first; done
+  return $status
+}
+# Waits for the oldest job of compile()'s list and reports it.
+wait_first() {
+  local pid="${pids[0]}" name="${names[0]}"
+  pids=("${pids[@]:1}")
+  names=("${names[@]:1}")
+  local log="$TMP/$label.$(echo "$name" | tr / _).log"
+  if wait "$pid"; then
+    echo "check_aarch64_compile: ok   [$label] $name"
+  else
+    echo "check_aarch64_compile: FAIL [$label] $name"
+    grep -E "error|Error" "$log" | head -n 20 || tail -n 20 "$log"
+    status=1
+  fi
+}
+
+echo "check_aarch64_compile: $("$CXX" --version | head -n 1)"
+status_all=0
+TORCH_INC="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')"
+TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__)')"
+compile "torch $TORCH_VER" "-c -O0" "$TORCH_INC" || status_all=1
+
+OLD="$(sed -n 's/.*"torch>=\([0-9]*\.[0-9]*\)".*/\1.0/p' pyproject.toml)"
+if [ -z "$OLD" ]; then
+  echo "check_aarch64_compile: FAIL pyproject.toml names no \"torch>=X.Y\" dependency"
+  exit 1
+fi
+OLD_DIR="build/aarch64-torch-$OLD"
+if [ ! -d "$OLD_DIR/torch/include" ]; then
+  mkdir -p "$OLD_DIR"
+  if "$PY" -m pip download -q --retries 1 --timeout 30 --no-deps --only-binary=:all: \
+      --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --python-version 3.11 "torch==$OLD" -d "$TMP/wheel" \
+      >/dev/null 2>&1; then
+    "$PY" - "$TMP/wheel" "$OLD_DIR" <<'EOF'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/torch-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("torch/include/")])
+EOF
+  fi
+fi
+if [ -d "$OLD_DIR/torch/include" ]; then
+  compile "torch $OLD" -fsyntax-only "$OLD_DIR/torch/include" || status_all=1
+else
+  echo "check_aarch64_compile: SKIPPED [torch $OLD]: its aarch64 wheel could not be downloaded"
+fi
+
+if [ "$status_all" != 0 ]; then
+  echo "check_aarch64_compile: FAILED"
+  exit 1
+fi
+echo "check_aarch64_compile: all sources compile for aarch64"
