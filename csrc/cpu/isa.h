@@ -6,7 +6,9 @@
 // read when the library is loaded, forces one (so that the AVX2 and baseline code can be tested
 // and benchmarked on an AVX-512 machine). Asking for a path the CPU cannot run is an error at
 // the first kernel call, never a silent fallback. Python: torch.ops.lor2c_ops_ext.cpu_isa()
-// names the path in use, cpu_isa_runnable() the paths this CPU runs.
+// names the path in use, cpu_isa_runnable() the paths this CPU runs. Off x86 (aarch64) the
+// three copies are the same portable vector code and the path is always baseline; x86-only code
+// (intrinsics, inline assembly) stays behind LOR2C_X86 (scripts/check_aarch64_compile.sh).
 #pragma once
 #include <cstdint>
 
