@@ -39,6 +39,16 @@ PY="$(bash scripts/setup.sh)"
 # Python's headers are the host's: the sources use only its C API, whose layout is the same on
 # both 64-bit Linux ABIs.
 PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+# A Debian python's pyconfig.h only includes <$MULTIARCH/pythonX.Y/pyconfig.h>, which for
+# aarch64 would need its aarch64 dev package: the host's arch-specific one stands in for it.
+SHIM="$TMP/pyconfig-shim"
+read -r MULTIARCH PYVER < <("$PY" -c 'import sys, sysconfig
+print(sysconfig.get_config_var("MULTIARCH") or "-", "python%d.%d" % sys.version_info[:2])')
+HOST_CONFIG="$(dirname "$PY_INC")/$MULTIARCH/$PYVER/pyconfig.h"
+mkdir -p "$SHIM/aarch64-linux-gnu/$PYVER"
+if [ -f "$HOST_CONFIG" ]; then cp "$HOST_CONFIG" "$SHIM/aarch64-linux-gnu/$PYVER/pyconfig.h"; fi
 FLAGS=(-std=c++17 -fno-math-errno -ffp-contract=fast -Wno-psabi -fopenmp -fPIC
        -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -w)
 if [ "$#" -gt 0 ]; then
@@ -46,14 +56,11 @@ if [ "$#" -gt 0 ]; then
 else
   mapfile -t SOURCES < <(git ls-files 'csrc/*.cpp' | grep -v '^csrc/cuda/')
 fi
-TMP="$(mktemp -d)"
-trap 'rm -rf "$TMP"' EXIT
-
 # compile <label> <mode flags> <torch include dir>: every source, two at a time; prints FAIL and
 # the compiler's errors per failing source.
 compile() {
   local label="$1" mode="$2" inc="$3" status=0 src i=0
-  local incs=(-I "$inc" -I "$inc/torch/csrc/api/include" -I "$PY_INC")
+  local incs=(-I "$inc" -I "$inc/torch/csrc/api/include" -I "$PY_INC" -I "$SHIM")
   local pids=() names=()
   for src in "${SOURCES[@]}"; do
     local log="$TMP/$label.$(echo "$src" | tr / _).log"
