@@ -56,39 +56,20 @@ if [ "$#" -gt 0 ]; then
 else
   mapfile -t SOURCES < <(git ls-files 'csrc/*.cpp' | grep -v '^csrc/cuda/')
 fi
-# compile <label> <mode flags> <torch include dir>: every source, two at a time; prints FAIL and
-# the compiler's errors per failing source.
+# shellcheck source=lib_jobs.sh
+source "$ROOT/scripts/lib_jobs.sh"
+JOBS_TAG=check_aarch64_compile
+JOBS_DIR="$TMP"
+# compile <label> <mode flags> <torch include dir>: every source, two at a time (lib_jobs.sh).
 compile() {
-  local label="$1" mode="$2" inc="$3" status=0 src i=0
+  local label="$1" mode="$2" inc="$3" src i=0
   local incs=(-I "$inc" -I "$inc/torch/csrc/api/include" -I "$PY_INC" -I "$SHIM")
-  local pids=() names=()
   for src in "${SOURCES[@]}"; do
-    local log="$TMP/$label.$(echo "$src" | tr / _).log"
     # shellcheck disable=SC2086  # mode: one or two flags
-    "$CXX" "${FLAGS[@]}" "${incs[@]}" $mode "$src" -o "$TMP/$i.o" >"$log" 2>&1 &
-    pids+=($!)
-    names+=("$src")
+    jobs_run "[$label] $src" "$CXX" "${FLAGS[@]}" "${incs[@]}" $mode "$src" -o "$TMP/$i.o"
     i=$((i + 1))
-    if [ "${#pids[@]}" -ge 2 ]; then
-      wait_first
-    fi
   done
-  while [ "${#pids[@]}" -gt 0 ]; do wait_first; done
-  return $status
-}
-# Waits for the oldest job of compile()'s list and reports it.
-wait_first() {
-  local pid="${pids[0]}" name="${names[0]}"
-  pids=("${pids[@]:1}")
-  names=("${names[@]:1}")
-  local log="$TMP/$label.$(echo "$name" | tr / _).log"
-  if wait "$pid"; then
-    echo "check_aarch64_compile: ok   [$label] $name"
-  else
-    echo "check_aarch64_compile: FAIL [$label] $name"
-    grep -E "error|Error" "$log" | head -n 20 || tail -n 20 "$log"
-    status=1
-  fi
+  jobs_wait_all
 }
 
 echo "check_aarch64_compile: $("$CXX" --version | head -n 1)"

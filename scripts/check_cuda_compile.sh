@@ -87,29 +87,20 @@ if [ $# -gt 0 ]; then
 else
   SOURCES=("$CUDA_DIR"/*.cu)
 fi
-# The two variants of a source compile side by side (nvcc is single-threaded; CI has 2 cores):
-# on a 2-core AMD EPYC Zen 3 the serial loop took 15 min of a 32-min CI run. Each job's output
-# and status go to files, printed in order once both are done.
+# The two variants of every source compile two at a time (nvcc is single-threaded; CI has 2
+# cores): on a 2-core AMD EPYC Zen 3 the serial loop took 15 min of a 32-min CI run.
+# shellcheck source=lib_jobs.sh
+source "$ROOT/scripts/lib_jobs.sh"
+JOBS_TAG=check_cuda_compile
+JOBS_DIR="$TMP"
 for src in "${SOURCES[@]}"; do
   name="$(basename "$src" .cu)"
-  pids=()
   for variant in plain torch; do
     flags=("${BASE[@]}")
     [ "$variant" = torch ] && flags+=("${TORCH_MACROS[@]}")
-    (
-      start=$SECONDS
-      if nvcc -c "${flags[@]}" "${ARCHS[@]}" "${EXTRA[@]}" "$src" -o "$TMP/$name.$variant.o" \
-           > "$TMP/$name.$variant.log" 2>&1; then
-        echo "check_cuda_compile: OK   ${src#$ROOT/} ($variant, sm_80+sm_90, $((SECONDS - start)) s)" \
-          >> "$TMP/$name.$variant.log"
-      else
-        echo "check_cuda_compile: FAIL ${src#$ROOT/} ($variant)" >> "$TMP/$name.$variant.log"
-        exit 1
-      fi
-    ) &
-    pids+=($!)
+    jobs_run "${src#$ROOT/} ($variant, sm_80+sm_90)" \
+      nvcc -c "${flags[@]}" "${ARCHS[@]}" "${EXTRA[@]}" "$src" -o "$TMP/$name.$variant.o"
   done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  for variant in plain torch; do cat "$TMP/$name.$variant.log"; done
 done
+jobs_wait_all || status=1
 exit $status
