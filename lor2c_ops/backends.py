@@ -6,6 +6,7 @@ can it run these particular inputs (`refuses`). Both return None for yes, or the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -78,9 +79,47 @@ def _cuda_device(device: torch.device) -> Optional[str]:
     return None if device.type == "cuda" else f"it runs on CUDA tensors, not {device.type}"
 
 
+# Triton 3.0 and 3.1 (torch 2.4, 2.5) crash (a segmentation fault in their TTGIR passes) compiling
+# the backward kernel `_grad_pass` for sm_90; they compile everything for sm_80. 3.2 and later
+# compile all kernels for sm_90 (scripts/check_triton_compile.py, run with each: docs/verified.md
+# 2.10). So the triton backend refuses Hopper and newer GPUs under an older Triton.
+TRITON_MIN_FOR_SM90 = (3, 2)
+
+
+def _version(text: str) -> tuple:
+    """(major, minor) of a version string such as "3.1.0" or "3.2.0+git1234"."""
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def triton_refuses_capability(capability: tuple) -> Optional[str]:
+    """Why the installed Triton cannot compile these kernels for a GPU of this compute
+    capability, or None."""
+    import triton
+
+    have = _version(triton.__version__)
+    if tuple(capability) >= (9, 0) and have < TRITON_MIN_FOR_SM90:
+        need = ".".join(map(str, TRITON_MIN_FOR_SM90))
+        return (
+            f"Triton {triton.__version__} crashes compiling its backward kernel for "
+            f"sm_{capability[0]}{capability[1]} (fixed in Triton {need}, which torch 2.6 and "
+            f"later ship): upgrade triton, or use backend='cuda'"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_cuda_device(index: int) -> Optional[str]:
+    return triton_refuses_capability(torch.cuda.get_device_capability(index))
+
+
 def _triton_device(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
-        return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _triton_cuda_device(index)
     if device.type == "cpu":
         if triton_interpreting():
             return None

@@ -15,6 +15,7 @@ variant has no tensor-core instruction.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -96,11 +97,44 @@ def _signature(fn, args, kwargs):
     return sig, consts, attrs, options
 
 
+def _source(fn, sig, consts, attrs):
+    """The ASTSource of one launch, in the form of the Triton at hand: 3.3 and later take names,
+    constexprs and attrs by index tuple; 3.2 names and an AttrsDescriptor from hints; 3.0-3.1
+    (torch 2.4-2.5) argument indices and an AttrsDescriptor of divisible indices."""
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    divisible = sorted(key[0] for key, spec in attrs.items() if ["tt.divisibility", 16] in spec)
+    runtime = {n: t for n, t in sig.items() if t != "constexpr"}
+    try:  # 3.2
+        from triton.backends.compiler import AttrsDescriptor
+
+        return ASTSource(
+            fn,
+            runtime,
+            {fn.arg_names[key[0]]: value for key, value in consts.items()},
+            AttrsDescriptor.from_hints({i: 16 for i in divisible}),
+        )
+    except ImportError:  # 3.0, 3.1
+        from triton.compiler.compiler import AttrsDescriptor
+
+        return ASTSource(
+            fn,
+            {index[n]: t for n, t in runtime.items()},
+            {key[0]: value for key, value in consts.items()},
+            AttrsDescriptor(divisible_by_16=tuple(divisible)),
+        )
+
+
 def _ptxas(arch: int) -> str:
     """The ptxas Triton itself uses for this architecture (its PTX version needs that one)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia import compiler
 
-    return get_ptxas(arch).path
+    if not hasattr(compiler, "get_ptxas"):  # 3.0-3.2
+        return compiler._path_to_binary("ptxas")[0]
+    params = inspect.signature(compiler.get_ptxas).parameters
+    tool = compiler.get_ptxas(arch) if params else compiler.get_ptxas()  # 3.4: no argument
+    return tool.path if hasattr(tool, "path") else tool[0]  # 3.3: a (path, version) tuple
 
 
 def _resources(ptx: str, arch: int) -> dict:
@@ -200,7 +234,7 @@ def main(argv=None) -> int:
             name = fn.__name__
             try:
                 k = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                    _source(fn, sig, consts, attrs),
                     target=target,
                     options=options,
                 )

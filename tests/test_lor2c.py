@@ -533,8 +533,12 @@ def test_torch_compile_fullgraph(backend, compiler):
     y.square().sum().backward()
     grads = [p.grad for p in model.parameters()] + [h.grad]
     torch.testing.assert_close(y_c, y)
+    # Inductor compiles the layers around the op its own way (its tanh, the order of the fp32
+    # sums): with torch 2.4 one element of a weight gradient was off by 1.9e-6 relative and one of
+    # h's by 1.5e-5 absolute (values of order 1), against assert_close's 1.3e-6 and 1e-5. So
+    # the gradients are compared to 1e-5 of their largest element.
     for a, b in zip(grads_c, grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_compile_with_dropout_traces_without_graph_break(backend):
@@ -708,6 +712,28 @@ def test_triton_refuses_cpu_tensors_without_interpreter(monkeypatch):
     x, layer_out, A, B = _good()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         lo.lor2c_residual(x, layer_out, A, B, backend="triton")
+
+
+def test_triton_refuses_hopper_under_a_triton_that_crashes_there(monkeypatch):
+    """Triton 3.0 and 3.1 segfault compiling _grad_pass for sm_90 (backends.TRITON_MIN_FOR_SM90):
+    the backend says so, for that GPU only, before anything is compiled."""
+    triton = pytest.importorskip("triton")
+    from lor2c_ops import backends
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    backends._triton_cuda_device.cache_clear()
+    try:
+        monkeypatch.setattr(triton, "__version__", "3.1.0")
+        reason = backends.BACKENDS["triton"].device_refusal(torch.device("cuda", 0))
+        assert reason is not None and "3.1.0" in reason and "sm_90" in reason
+        assert "Triton 3.2" in reason and "backend='cuda'" in reason
+        assert backends.triton_refuses_capability((10, 0)) is not None
+        assert backends.triton_refuses_capability((8, 0)) is None  # it compiles for sm_80
+        for version in ("3.2.0", "3.2.0+git8f1c0f9", "3.10.1"):
+            monkeypatch.setattr(triton, "__version__", version)
+            assert backends.triton_refuses_capability((9, 0)) is None, version
+    finally:
+        backends._triton_cuda_device.cache_clear()
 
 
 def test_default_backend_on_cpu_is_the_compiled_one():

@@ -475,3 +475,24 @@ def test_fast_entry_serves_small_fp32_calls_and_python_runs_the_rule(monkeypatch
         assert rule == (dtype == torch.bfloat16 and backends._bf16_products())
         assert counting.served == before + (not rule), (dtype, rule)
         assert (type(out.grad_fn).__name__ == "AddBackward0") == rule, (dtype, out.grad_fn)
+
+
+def test_op_and_kernel_modules_keep_their_annotations_as_objects():
+    """pyproject.toml admits torch 2.4 (with triton 3.0): its custom_op cannot infer a schema from
+    annotations stored as strings, nor does triton 3.0 see a string `tl.constexpr` (the kernels
+    then fail in its interpreter). So no module that defines a library op or a Triton kernel may
+    use `from __future__ import annotations` (found on torch 2.4.0: the package did not import)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(lo.__file__).parent
+    markers = ("torch.library.custom_op", "@triton.jit")
+    checked, offenders = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if any(m in text for m in markers):
+            checked.append(path.relative_to(root).as_posix())
+            if re.search(r"^from __future__ import .*\bannotations\b", text, re.M):
+                offenders.append(path.relative_to(root).as_posix())
+    assert {"ops/lor2c.py", "ops/dcft.py", "triton/lor2c.py"} <= set(checked), checked
+    assert not offenders, f"string annotations in {offenders}: torch 2.4 / triton 3.0 break"

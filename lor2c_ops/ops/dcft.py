@@ -16,8 +16,8 @@ and the 2-element seed; the dropout mask is regenerated from the seed with the c
 csrc/philox.h on x viewed as (n, d_in), so a seed gives the same mask as lor2c_residual's.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the ops' schemas
+# from these annotations, and torch before 2.5 cannot read them as strings.
 from typing import Optional
 
 import torch

@@ -17,8 +17,8 @@ Saved for backward: x (the caller's tensor, not a copy), t = dropout(x) @ A.T (n
 the weights, ids and the 2-element seed. The dropout mask is regenerated from the seed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the ops' schemas
+# from these annotations, and torch before 2.5 cannot read them as strings.
 from typing import Optional
 
 import torch

@@ -27,8 +27,8 @@ Grids are sized by the upper bound cdiv(n, rows) + G + 1; programs past the end 
 Rows with id -1 get out = layer_out and dx = 0.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Triton 3.0 (torch 2.4's) does not see a
+# `tl.constexpr` annotation read as a string, in its interpreter at least.
 from dataclasses import dataclass
 
 import torch
