@@ -326,6 +326,10 @@ def check_equivalence(base, which, args, loss_fn, device, dtype) -> list[str]:
     for m in base.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        # attention dropout given to SDPA as a float (transformers 4's BERT: dropout_prob)
+        for name in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
     lines = []
     for fused_name, ref_name, names in (
         ("lor2c-fused", "lor2c-reference", ("lora_A", "lora_B")),

@@ -5,8 +5,10 @@ first in a tuple / list).
 A span adapter puts a forward hook on block `end` that adds its residual, and, when the span
 covers several blocks, a forward pre-hook on block `start` that keeps h_start until then. An
 injected LoRA puts a forward hook on its Linear / Conv1D. Hooks run outside Hugging Face's
-gradient checkpointing (which checkpoints `forward`), and torch.compile of the whole model traces
-them.
+gradient checkpointing in transformers 5 (which checkpoints `forward`); transformers 4 checkpoints
+`Module.__call__`, hooks included, and recomputes each block alone in backward: there a span of
+one block works, and a longer span raises, saying so (AddResidual). torch.compile of the whole
+model traces the hooks.
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ class AddResidual:
             x = hidden_input(args, kwargs, self.kwarg, a.start)
         else:
             x = self.store.pop(a.start, None)
+            if x is None and torch._C._current_graph_task_id() != -1:
+                # Run again inside backward: gradient checkpointing that wraps the block's hooks
+                # (transformers before 5 checkpoints its layers' Module.__call__, hooks and all;
+                # 5 checkpoints `forward`, and the hooks run outside) recomputes this block alone.
+                raise RuntimeError(
+                    f"LoR2C: block {a.end} is being recomputed by gradient checkpointing that "
+                    f"includes its forward hooks (as transformers before 5.0 does), and the "
+                    f"span ({a.start}, {a.end}) needs h_{a.start}, which is not kept for that: "
+                    f"with such checkpointing use spans of one block each (LoR2CConfig("
+                    f"spans=None), the default), or checkpoint without the hooks (transformers 5)"
+                )
             if x is None:
                 raise RuntimeError(
                     f"LoR2C: block {a.end} ran without block {a.start} before it; "
