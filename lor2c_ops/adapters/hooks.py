@@ -56,6 +56,12 @@ def replace_hidden(output, new, index: int):
     raise _not_hidden(output, index)
 
 
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass (a checkpoint's recomputation)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private: torch 2.0+
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 class CaptureInput:
     """Forward pre-hook on block `start` of a multi-block span: keeps h_start until block `end`."""
 
@@ -79,7 +85,7 @@ class AddResidual:
             x = hidden_input(args, kwargs, self.kwarg, a.start)
         else:
             x = self.store.pop(a.start, None)
-            if x is None and torch._C._current_graph_task_id() != -1:
+            if x is None and _in_backward():
                 # Run again inside backward: gradient checkpointing that wraps the block's hooks
                 # (transformers before 5 checkpoints its layers' Module.__call__, hooks and all;
                 # 5 checkpoints `forward`, and the hooks run outside) recomputes this block alone.
