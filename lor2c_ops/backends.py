@@ -86,22 +86,13 @@ def _cuda_device(device: torch.device) -> Optional[str]:
 TRITON_MIN_FOR_SM90 = (3, 2)
 
 
-def _version(text: str) -> tuple:
-    """(major, minor) of a version string such as "3.1.0" or "3.2.0+git1234"."""
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (2 - len(parts)))
-
-
 def triton_refuses_capability(capability: tuple) -> Optional[str]:
     """Why the installed Triton cannot compile these kernels for a GPU of this compute
     capability, or None."""
     import triton
+    from torch.torch_version import TorchVersion  # compares "3.2.0+git..." with a tuple
 
-    have = _version(triton.__version__)
-    if tuple(capability) >= (9, 0) and have < TRITON_MIN_FOR_SM90:
+    if tuple(capability) >= (9, 0) and TorchVersion(triton.__version__) < TRITON_MIN_FOR_SM90:
         need = ".".join(map(str, TRITON_MIN_FOR_SM90))
         return (
             f"Triton {triton.__version__} crashes compiling its backward kernel for "

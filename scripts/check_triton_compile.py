@@ -103,7 +103,6 @@ def _source(fn, sig, consts, attrs):
     (torch 2.4-2.5) argument indices and an AttrsDescriptor of divisible indices."""
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
         return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    index = {name: i for i, name in enumerate(fn.arg_names)}
     divisible = sorted(key[0] for key, spec in attrs.items() if ["tt.divisibility", 16] in spec)
     runtime = {n: t for n, t in sig.items() if t != "constexpr"}
     try:  # 3.2
@@ -118,6 +117,7 @@ def _source(fn, sig, consts, attrs):
     except ImportError:  # 3.0, 3.1
         from triton.compiler.compiler import AttrsDescriptor
 
+        index = {name: i for i, name in enumerate(fn.arg_names)}
         return ASTSource(
             fn,
             {index[n]: t for n, t in runtime.items()},

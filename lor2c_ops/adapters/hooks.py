@@ -96,7 +96,7 @@ class AddResidual:
                     f"with such checkpointing use spans of one block each (LoR2CConfig("
                     f"spans=None), the default), or checkpoint without the hooks (transformers 5)"
                 )
-            if x is None:
+            if x is None:  # a forward that skipped block start
                 raise RuntimeError(
                     f"LoR2C: block {a.end} ran without block {a.start} before it; "
                     f"the span ({a.start}, {a.end}) needs h_{a.start}"
